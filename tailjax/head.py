@@ -1,0 +1,310 @@
+"""Per-token losses from hidden states and the unembedding, blockwise over the vocabulary.
+
+A model's logits ``hidden @ unembedding`` are ``[tokens, vocab]``: 8192 tokens of a
+152k vocabulary are 5 GB in float32, more than the model. Here the vocabulary is
+scanned in blocks of ``block_size`` columns; each block's logits live only inside
+one scan step and feed the mergeable states of ``tailjax.online``. Peak temporary
+memory is ``[tokens, block_size]``, whatever the vocabulary.
+
+Shapes: ``hidden: [..., T, d]``; ``unembedding: [d, V]`` (for a tied embedding
+``[V, d]`` pass its transpose); ``targets``/``where``: ``[..., T]``. Results are
+float32 ``[..., T]`` and match ``tailjax.losses`` on the materialized logits to
+float32 rounding. ``vocab_size`` restricts a padded unembedding to the true
+vocabulary.
+
+Training paths have custom VJPs whose backward passes are blockwise too: the
+gradient never materializes ``[tokens, vocab]`` either.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from tailjax import losses, online
+from tailjax.losses import TopK, TopKNormalization
+
+Array = jax.Array
+
+DEFAULT_BLOCK_SIZE = 4096
+
+
+class TokenStats(NamedTuple):
+  """Everything ``tailjax eval`` needs per token, from one pass over the vocabulary; each ``[..., T]``."""
+
+  kld: Array  # KL(ref || cand)
+  ref_ce: Array  # -log p_ref(target)
+  cand_ce: Array  # -log p_cand(target)
+  top1_agreement: Array  # 1.0 where both arg-max tokens agree
+  logprob_delta: Array  # log p_cand(target) - log p_ref(target)
+
+
+class _Vocab(NamedTuple):
+  """How a vocabulary of ``size`` ids is cut into ``count`` blocks of ``block`` columns."""
+
+  size: int
+  block: int
+  count: int
+
+  def columns(self, b: Array) -> tuple[Array, Array]:
+    """Block ``b`` -> (first column it reads, ``[block]`` mask of columns it owns).
+
+    The last block is shifted left to stay inside the vocabulary, so every block
+    reads exactly ``block`` columns; columns an earlier block owns are masked.
+    """
+    nominal = b * self.block
+    start = jnp.minimum(nominal, self.size - self.block)
+    return start, start + jnp.arange(self.block) >= nominal
+
+
+def _vocab(unembedding: Array, vocab_size: int | None, block_size: int, min_block: int = 1) -> _Vocab:
+  if unembedding.ndim != 2:
+    raise ValueError(f"unembedding must be [d, V], got shape {unembedding.shape}")
+  size = unembedding.shape[1] if vocab_size is None else vocab_size
+  if size > unembedding.shape[1]:
+    raise ValueError(f"unembedding has {unembedding.shape[1]} columns, fewer than vocab_size={size}")
+  block = min(max(block_size, min_block), size)
+  return _Vocab(size, block, -(-size // block))
+
+
+def _block_logits(hidden: Array, unembedding: Array, vocab: _Vocab, b: Array,
+                  temperature: float = 1.0) -> tuple[Array, Array, Array]:
+  """``[N, d]`` x block ``b`` -> (``[N, block]`` float32 logits, ``-inf`` where not owned; start; mask)."""
+  start, owned = vocab.columns(b)
+  w = jax.lax.dynamic_slice_in_dim(unembedding, start, vocab.block, axis=1)
+  z = jnp.dot(hidden, w, preferred_element_type=jnp.float32)
+  if temperature != 1.0:
+    z = z / temperature
+  return jnp.where(owned, z, -jnp.inf), start, owned
+
+
+def _reduce_blocks(vocab: _Vocab, block_state, merge):
+  """``merge``-fold of ``block_state(b)`` over all blocks, in vocabulary order."""
+  first = block_state(jnp.asarray(0))
+  out, _ = jax.lax.scan(lambda acc, b: (merge(acc, block_state(b)), None), first, jnp.arange(1, vocab.count))
+  return out
+
+
+def _gather_owned(z: Array, ids: Array, start: Array, vocab: _Vocab, b: Array) -> Array:
+  """Values of ``z: [N, block]`` at global ``ids: [N, K]`` this block owns, else 0."""
+  local = ids - start
+  owned = (ids >= b * vocab.block) & (local < vocab.block)
+  picked = jnp.take_along_axis(z, jnp.clip(local, 0, vocab.block - 1), axis=-1)
+  return jnp.where(owned, picked, 0.0)
+
+
+def _flatten(hidden: Array, *per_token: Array | None):
+  lead = hidden.shape[:-1]
+  flat = [None if x is None else jnp.reshape(x, (-1,) + x.shape[len(lead):]) for x in per_token]
+  return lead, jnp.reshape(hidden, (-1, hidden.shape[-1])), flat
+
+
+def _finish(lead: tuple[int, ...], values: Array, where: Array | None) -> Array:
+  values = jnp.reshape(values, lead)
+  return values if where is None else jnp.where(where, values, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Student log-probabilities at chosen ids (CE: the target; top-K KL: the teacher's ids).
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gathered_logprobs(hidden: Array, unembedding: Array, ids: Array, vocab: _Vocab, temperature: float) -> Array:
+  """``log_softmax(hidden @ unembedding / temperature)`` at ``ids: [N, K]`` -> ``[N, K]``."""
+  return _gathered_logprobs_fwd(hidden, unembedding, ids, vocab, temperature)[0]
+
+
+def _gathered_logprobs_fwd(hidden, unembedding, ids, vocab, temperature):
+
+  def block_state(b):
+    z, start, _ = _block_logits(hidden, unembedding, vocab, b, temperature)
+    return online.lse_block(z), _gather_owned(z, ids, start, vocab, b)
+
+  lse_state, picked = _reduce_blocks(vocab, block_state, lambda s, t: (online.lse_merge(s[0], t[0]), s[1] + t[1]))
+  lse = online.lse_finish(lse_state)
+  return picked - lse[:, None], (hidden, unembedding, ids, lse)
+
+
+def _gathered_logprobs_bwd(vocab, temperature, residuals, g_logprobs):
+  """d/dz_v of ``sum_k G_k (z_{id_k} - lse(z))`` is ``G`` scattered to the ids minus ``q_v sum_k G_k``."""
+  hidden, unembedding, ids, lse = residuals
+  n = hidden.shape[0]
+  g_total = jnp.sum(g_logprobs, axis=-1, keepdims=True)
+
+  def step(b, grads):
+    z, start, _ = _block_logits(hidden, unembedding, vocab, b, temperature)
+    q = jnp.exp(z - lse[:, None])
+    local = ids - start
+    owned = (ids >= b * vocab.block) & (local < vocab.block)
+    g_z = (-q * g_total).at[jnp.arange(n)[:, None], jnp.clip(local, 0, vocab.block - 1)].add(
+        jnp.where(owned, g_logprobs, 0.0))
+    return _accumulate(grads, hidden, unembedding, g_z / temperature, start, vocab)
+
+  d_hidden, d_unembedding = jax.lax.fori_loop(0, vocab.count, step, _zero_grads(hidden, unembedding))
+  return d_hidden.astype(hidden.dtype), d_unembedding.astype(unembedding.dtype), None
+
+
+_gathered_logprobs.defvjp(_gathered_logprobs_fwd, _gathered_logprobs_bwd)
+
+
+def _zero_grads(hidden: Array, unembedding: Array) -> tuple[Array, Array]:
+  return jnp.zeros(hidden.shape, jnp.float32), jnp.zeros(unembedding.shape, jnp.float32)
+
+
+def _accumulate(grads, hidden, unembedding, g_z, start, vocab):
+  """Adds block ``g_z = dL/dlogits: [N, block]`` to (d_hidden, d_unembedding)."""
+  d_hidden, d_unembedding = grads
+  w = jax.lax.dynamic_slice_in_dim(unembedding, start, vocab.block, axis=1)
+  d_hidden = d_hidden + jnp.dot(g_z.astype(w.dtype), w.T, preferred_element_type=jnp.float32)
+  d_w = jnp.dot(hidden.T, g_z.astype(hidden.dtype), preferred_element_type=jnp.float32)
+  block_grad = jax.lax.dynamic_slice_in_dim(d_unembedding, start, vocab.block, axis=1) + d_w
+  return d_hidden, jax.lax.dynamic_update_slice_in_dim(d_unembedding, block_grad, start, axis=1)
+
+
+def cross_entropy(hidden: Array, unembedding: Array, targets: Array, *, where: Array | None = None,
+                  vocab_size: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE) -> Array:
+  """``-log softmax(hidden @ unembedding)[target]`` -> ``[..., T]``; differentiable, blockwise both ways."""
+  lead, h, (t,) = _flatten(hidden, targets)
+  vocab = _vocab(unembedding, vocab_size, block_size)
+  logprobs = _gathered_logprobs(h, unembedding, t.astype(jnp.int32)[:, None], vocab, 1.0)
+  return _finish(lead, -logprobs[:, 0], where)
+
+
+def topk_kl_divergence(student_hidden: Array, student_unembedding: Array, teacher: TopK, *,
+                       normalization: TopKNormalization = "full", temperature: float = 1.0,
+                       where: Array | None = None, vocab_size: int | None = None,
+                       block_size: int = DEFAULT_BLOCK_SIZE) -> Array:
+  """Top-K KL of a student against a cached teacher ``TopK`` (see ``tailjax.losses``) -> ``[..., T]``.
+
+  Differentiable in the student's hidden states and unembedding, blockwise both ways.
+  """
+  lead, h, (ids, teacher_logprobs) = _flatten(student_hidden, teacher.ids, teacher.logprobs)
+  vocab = _vocab(student_unembedding, vocab_size, block_size)
+  student_logprobs = _gathered_logprobs(h, student_unembedding, ids.astype(jnp.int32), vocab, temperature)
+  kl = losses.topk_kl_from_logprobs(TopK(ids, teacher_logprobs), student_logprobs, normalization)
+  return _finish(lead, kl, where)
+
+
+# ---------------------------------------------------------------------------------------------
+# Full KL between two models, differentiable in the candidate (student).
+
+
+def _kl_state(ref_hidden, ref_unembedding, cand_hidden, cand_unembedding, vocab, temperature) -> online.KLState:
+
+  def block_state(b):
+    a, _, _ = _block_logits(ref_hidden, ref_unembedding, vocab, b, temperature)
+    c, _, _ = _block_logits(cand_hidden, cand_unembedding, vocab, b, temperature)
+    return online.kl_block(a, c)
+
+  return _reduce_blocks(vocab, block_state, online.kl_merge)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _kl(ref_hidden, ref_unembedding, cand_hidden, cand_unembedding, vocab, temperature):
+  return online.kl_finish(_kl_state(ref_hidden, ref_unembedding, cand_hidden, cand_unembedding, vocab, temperature))
+
+
+def _kl_fwd(ref_hidden, ref_unembedding, cand_hidden, cand_unembedding, vocab, temperature):
+  state = _kl_state(ref_hidden, ref_unembedding, cand_hidden, cand_unembedding, vocab, temperature)
+  lse = (online.lse_finish(state.ref), online.lse_finish(state.cand))
+  return online.kl_finish(state), (ref_hidden, ref_unembedding, cand_hidden, cand_unembedding, lse)
+
+
+def _kl_bwd(vocab, temperature, residuals, g_kl):
+  """dKL/dz_cand = q - p; the reference is held fixed (its cotangents are zero)."""
+  ref_hidden, ref_unembedding, cand_hidden, cand_unembedding, (lse_ref, lse_cand) = residuals
+
+  def step(b, grads):
+    a, _, _ = _block_logits(ref_hidden, ref_unembedding, vocab, b, temperature)
+    c, start, _ = _block_logits(cand_hidden, cand_unembedding, vocab, b, temperature)
+    g_z = (jnp.exp(c - lse_cand[:, None]) - jnp.exp(a - lse_ref[:, None])) * g_kl[:, None]
+    return _accumulate(grads, cand_hidden, cand_unembedding, g_z / temperature, start, vocab)
+
+  d_hidden, d_unembedding = jax.lax.fori_loop(0, vocab.count, step, _zero_grads(cand_hidden, cand_unembedding))
+  return (jnp.zeros_like(ref_hidden), jnp.zeros_like(ref_unembedding), d_hidden.astype(cand_hidden.dtype),
+          d_unembedding.astype(cand_unembedding.dtype))
+
+
+_kl.defvjp(_kl_fwd, _kl_bwd)
+
+
+def kl_divergence(ref_hidden: Array, ref_unembedding: Array, cand_hidden: Array, cand_unembedding: Array, *,
+                  temperature: float = 1.0, where: Array | None = None, vocab_size: int | None = None,
+                  block_size: int = DEFAULT_BLOCK_SIZE) -> Array:
+  """``KL(softmax(ref / T) || softmax(cand / T))`` per token -> ``[..., T]``, precise as ``tailjax.losses``.
+
+  Differentiable in the candidate (student) only: the reference is a frozen teacher
+  and is treated as a constant (``stop_gradient``).
+  """
+  lead, h_ref, _ = _flatten(ref_hidden)
+  _, h_cand, _ = _flatten(cand_hidden)
+  vocab = _vocab_pair(ref_unembedding, cand_unembedding, vocab_size, block_size)
+  kl = _kl(jax.lax.stop_gradient(h_ref), jax.lax.stop_gradient(ref_unembedding), h_cand, cand_unembedding,
+           vocab, temperature)
+  return _finish(lead, kl, where)
+
+
+def _vocab_pair(ref_unembedding: Array, cand_unembedding: Array, vocab_size: int | None, block_size: int) -> _Vocab:
+  v_ref, v_cand = ref_unembedding.shape[-1], cand_unembedding.shape[-1]
+  if vocab_size is None and v_ref != v_cand:
+    raise ValueError(f"vocabulary mismatch: reference unembedding has {v_ref} columns, candidate has {v_cand}; "
+                     "if one is only padded, pass the true vocab_size")
+  _vocab(ref_unembedding, vocab_size, block_size)
+  return _vocab(cand_unembedding, vocab_size, block_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and teacher extraction (no gradients).
+
+
+def token_stats(ref_hidden: Array, ref_unembedding: Array, cand_hidden: Array, cand_unembedding: Array,
+                targets: Array, *, where: Array | None = None, vocab_size: int | None = None,
+                block_size: int = DEFAULT_BLOCK_SIZE) -> TokenStats:
+  """KLD, both CEs, top-1 agreement and the target log-prob delta in one pass over the vocabulary."""
+  lead, h_ref, (t,) = _flatten(ref_hidden, targets)
+  _, h_cand, _ = _flatten(cand_hidden)
+  vocab = _vocab_pair(ref_unembedding, cand_unembedding, vocab_size, block_size)
+  ids = t.astype(jnp.int32)[:, None]
+
+  def block_state(b):
+    a, start, _ = _block_logits(h_ref, ref_unembedding, vocab, b)
+    c, _, _ = _block_logits(h_cand, cand_unembedding, vocab, b)
+    return (online.kl_block(a, c), online.argmax_block(a, start), online.argmax_block(c, start),
+            _gather_owned(a, ids, start, vocab, b)[:, 0], _gather_owned(c, ids, start, vocab, b)[:, 0])
+
+  def merge(s, t):
+    return (online.kl_merge(s[0], t[0]), online.argmax_merge(s[1], t[1]), online.argmax_merge(s[2], t[2]),
+            s[3] + t[3], s[4] + t[4])
+
+  kl, arg_ref, arg_cand, target_ref, target_cand = _reduce_blocks(vocab, block_state, merge)
+  ref_ce = online.lse_finish(kl.ref) - target_ref
+  cand_ce = online.lse_finish(kl.cand) - target_cand
+  agree = (arg_ref.index == arg_cand.index).astype(jnp.float32)
+  values = (online.kl_finish(kl), ref_ce, cand_ce, agree, ref_ce - cand_ce)
+  return TokenStats(*(_finish(lead, v, where) for v in values))
+
+
+def teacher_topk(hidden: Array, unembedding: Array, k: int, *, temperature: float = 1.0,
+                 vocab_size: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE) -> TopK:
+  """A teacher's top-``k`` ids and full-vocabulary log-probs -> ``TopK`` with ``[..., T, k]`` fields."""
+  lead, h, _ = _flatten(hidden)
+  vocab = _vocab(unembedding, vocab_size, block_size, min_block=k)
+  if not 0 < k <= vocab.size:
+    raise ValueError(f"k={k} must lie in [1, {vocab.size}] (the teacher's vocabulary)")
+
+  def block_state(b):
+    z, start, _ = _block_logits(h, unembedding, vocab, b, temperature)
+    values, local = jax.lax.top_k(z, k)
+    return online.lse_block(z), values, local.astype(jnp.int32) + start
+
+  def merge(s, t):
+    values, pos = jax.lax.top_k(jnp.concatenate([s[1], t[1]], axis=-1), k)
+    ids = jnp.take_along_axis(jnp.concatenate([s[2], t[2]], axis=-1), pos, axis=-1)
+    return online.lse_merge(s[0], t[0]), values, ids
+
+  lse_state, values, ids = _reduce_blocks(vocab, block_state, merge)
+  logprobs = values - online.lse_finish(lse_state)[:, None]
+  return TopK(jnp.reshape(ids, lead + (k,)), jnp.reshape(logprobs, lead + (k,)))

@@ -1,0 +1,182 @@
+"""Mergeable softmax statistics over vocabulary blocks.
+
+Everything tailjax computes per token (log-sum-exp, KL divergence, arg-max) is a
+reduction over the vocabulary. Written as *block state -> merge -> finish*, the
+same arithmetic serves the materialized losses (one block holding the whole
+vocabulary) and the fused head (a scan over blocks of the unembedding), so both
+paths agree to rounding and share one precise KL.
+
+Precise KL. With ``a`` and ``b`` the reference and candidate logits, ``p = softmax(a)``
+and ``delta = a - b``::
+
+    KL(p || q) = E_p[delta] + log E_p[exp(-delta)]          (exact for any logits)
+
+Centring ``e = delta - c`` at ``c ~ E_p[delta]`` and writing
+``phi(e) = exp(-e) - 1 + e >= 0`` gives, with ``m = E_p[e]`` and ``S = E_p[phi(e)]``::
+
+    KL = m + log1p(S - m)
+
+``phi`` is evaluated by its Taylor series near zero, so ``S`` carries full float32
+relative precision however small the KL is; the rounding residual ``m`` cancels to
+first order. The textbook ``sum p (log p - log q)`` subtracts numbers of size ~1 to
+get ~1e-8 and returns noise (often negative). Block states merge by re-centring
+(a Chan-style parallel update of the exponential moment), which adds only
+non-negative terms. Where the KL is large (> 1) the textbook form is already
+accurate and cannot overflow, so it is used there.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Largest exponent used in the small-KL form; beyond it the textbook form takes over.
+_MAX_EXP = 80.0
+# |e| below which phi(e) is evaluated by its Taylor series.
+_SERIES_RADIUS = 0.25
+# KL above which the textbook form is accurate to float32 rounding and is used.
+_LARGE_KL = 1.0
+
+
+def _two_diff(a: Array, b: Array) -> tuple[Array, Array]:
+  """Error-free ``a - b = hi + lo`` (Knuth's TwoSum), so large logit offsets lose nothing."""
+  hi = a - b
+  b_virtual = a - hi
+  a_virtual = hi + b_virtual
+  lo = (a - a_virtual) + (b_virtual - b)
+  return hi, lo
+
+
+def _phi_series(e: Array) -> Array:
+  """``exp(-e) - 1 + e`` by Horner's rule on its Taylor series (for |e| <= 0.25)."""
+  # e^2/2! - e^3/3! + ... + e^10/10!: truncation error < 1e-12 relative at |e| = 0.25.
+  coeffs = (1 / 3628800, -1 / 362880, 1 / 40320, -1 / 5040, 1 / 720, -1 / 120, 1 / 24, -1 / 6, 1 / 2)
+  acc = jnp.zeros_like(e)
+  for c in coeffs:
+    acc = acc * e + c
+  return acc * e * e
+
+
+class LseState(NamedTuple):
+  """Running log-sum-exp: ``lse = max + log(sum)``; shapes ``[...]``."""
+
+  max: Array
+  sum: Array
+
+
+class KLState(NamedTuple):
+  """Running KL(ref || cand) moments over part of the vocabulary; shapes ``[...]``.
+
+  ``w = sum exp(a - ref.max)`` is the reference's normaliser; ``center`` is the
+  weighted mean of ``delta`` it was centred on; ``phi`` and ``resid`` are the
+  ``w``-weighted sums of ``phi(delta - center)`` and ``delta - center``.
+  """
+
+  ref: LseState
+  cand: LseState
+  center: Array
+  phi: Array
+  resid: Array
+
+
+class ArgmaxState(NamedTuple):
+  """Running (max, first index of the max); shapes ``[...]``."""
+
+  value: Array
+  index: Array
+
+
+def lse_block(z: Array) -> LseState:
+  """``z: [..., B]`` float32 logits (``-inf`` where invalid) -> state."""
+  m = jax.lax.stop_gradient(jnp.max(z, axis=-1))
+  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+  return LseState(m, jnp.sum(jnp.exp(z - m_safe[..., None]), axis=-1))
+
+
+def lse_merge(s: LseState, t: LseState) -> LseState:
+  m = jnp.maximum(s.max, t.max)
+  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+  return LseState(m, s.sum * jnp.exp(s.max - m_safe) + t.sum * jnp.exp(t.max - m_safe))
+
+
+def lse_finish(s: LseState) -> Array:
+  return s.max + jnp.log(s.sum)
+
+
+def kl_block(a: Array, b: Array) -> KLState:
+  """``a, b: [..., B]`` float32 reference / candidate logits (``-inf`` where invalid) -> state."""
+  ref, cand = lse_block(a), lse_block(b)
+  m = jnp.where(jnp.isfinite(ref.max), ref.max, 0.0)[..., None]
+  log_w = a - m
+  w = jnp.exp(log_w)
+  comparable = (a > -jnp.inf) & (b > -jnp.inf)
+  hi, lo = _two_diff(a, b)
+  hi = jnp.where(comparable, hi, 0.0)
+  # Any centre gives the same KL; the weighted mean keeps e small. No gradient flows through it.
+  center = jax.lax.stop_gradient(jnp.sum(w * hi, axis=-1) / ref.sum)[..., None]
+  e = jnp.where(comparable, (hi - center) + lo, 0.0)
+  # w exp(-e) = exp(b - m + center) as one exponent: finite where w underflows, and where the
+  # reference rules a token out (a = -inf) that the candidate still gives mass to.
+  w_exp = jnp.exp(jnp.minimum(jnp.where(comparable, log_w - e, b - m + center), _MAX_EXP))
+  small = comparable & (jnp.abs(e) <= _SERIES_RADIUS)
+  term = jnp.where(small, w * _phi_series(jnp.where(small, e, 0.0)), w_exp - w + w * e)
+  # A candidate that rules out (-inf) a token the reference allows is infinitely far away.
+  term = jnp.where((a > -jnp.inf) & (b == -jnp.inf), jnp.inf, term)
+  center = center[..., 0]
+  return KLState(ref, cand, center, jnp.sum(term, axis=-1), jnp.sum(w * e, axis=-1))
+
+
+def _phi(e: Array) -> Array:
+  """``exp(-e) - 1 + e``: series near zero, ``expm1`` form elsewhere (exponent capped)."""
+  small = jnp.abs(e) <= _SERIES_RADIUS
+  return jnp.where(small, _phi_series(jnp.where(small, e, 0.0)), jnp.expm1(jnp.minimum(-e, _MAX_EXP)) + e)
+
+
+def _recenter(s: KLState, scale: Array, center: Array) -> tuple[Array, Array]:
+  """``(phi, resid)`` sums of ``s``, rescaled by ``scale`` and re-centred on ``center``.
+
+  Uses ``phi(e - x) = exp(x) phi(e) + phi(-x) - expm1(x) e`` with ``x = center - s.center``.
+  """
+  x = center - s.center
+  w = s.ref.sum * scale
+  resid = s.resid * scale
+  grow = jnp.minimum(x, _MAX_EXP)
+  phi = jnp.exp(grow) * (s.phi * scale) + w * _phi(-x) - jnp.expm1(grow) * resid
+  return phi, resid - w * x
+
+
+def kl_merge(s: KLState, t: KLState) -> KLState:
+  ref = lse_merge(s.ref, t.ref)
+  m = jnp.where(jnp.isfinite(ref.max), ref.max, 0.0)
+  scale_s, scale_t = jnp.exp(s.ref.max - m), jnp.exp(t.ref.max - m)
+  ws, wt = s.ref.sum * scale_s, t.ref.sum * scale_t
+  center = (ws * s.center + wt * t.center) / (ws + wt)
+  phi_s, resid_s = _recenter(s, scale_s, center)
+  phi_t, resid_t = _recenter(t, scale_t, center)
+  return KLState(ref, lse_merge(s.cand, t.cand), center, phi_s + phi_t, resid_s + resid_t)
+
+
+def kl_finish(s: KLState) -> Array:
+  """State -> ``[...]`` KL(ref || cand) >= 0 (``inf`` where the candidate rules out a reference token)."""
+  w = s.ref.sum
+  mean_e, mean_phi = s.resid / w, s.phi / w
+  small_form = mean_e + jnp.log1p(mean_phi - mean_e)
+  textbook = s.center + mean_e + lse_finish(s.cand) - lse_finish(s.ref)
+  use_textbook = (textbook > _LARGE_KL) | ~jnp.isfinite(small_form)
+  kl = jnp.where(use_textbook, textbook, small_form)
+  return jnp.where(s.phi == jnp.inf, jnp.inf, jnp.maximum(kl, 0.0))
+
+
+def argmax_block(z: Array, offset: Array | int = 0) -> ArgmaxState:
+  """``z: [..., B]`` -> (max, offset + first arg-max)."""
+  return ArgmaxState(jnp.max(z, axis=-1), jnp.argmax(z, axis=-1).astype(jnp.int32) + offset)
+
+
+def argmax_merge(s: ArgmaxState, t: ArgmaxState) -> ArgmaxState:
+  """``t`` covers later vocabulary ids than ``s``: ties keep ``s`` (first occurrence wins)."""
+  take_t = t.value > s.value
+  return ArgmaxState(jnp.where(take_t, t.value, s.value), jnp.where(take_t, t.index, s.index))

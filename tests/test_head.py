@@ -1,0 +1,178 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference as ref
+from tailjax import head, losses
+
+
+def model_pair(rng, n=(2, 19), d=24, v=1000, noise=0.05):
+  h = rng.standard_normal(n + (d,)).astype(np.float32)
+  w = (rng.standard_normal((d, v)) / np.sqrt(d) * 3).astype(np.float32)
+  h_c = (h + noise * rng.standard_normal(h.shape)).astype(np.float32)
+  w_c = (w + noise * rng.standard_normal(w.shape) / np.sqrt(d)).astype(np.float32)
+  return h, w, h_c, w_c
+
+
+def logits(h, w):
+  return jnp.einsum("...d,dv->...v", h, w, precision="highest")
+
+
+@pytest.mark.parametrize("block_size", [1, 128, 333, 1000, 4096])
+def test_token_stats_match_materialized_losses(rng, block_size):
+  h, w, h_c, w_c = model_pair(rng)
+  targets = rng.integers(0, 1000, (2, 19))
+  a, c = logits(h, w), logits(h_c, w_c)
+  with jax.default_matmul_precision("highest"):
+    got = head.token_stats(h, w, h_c, w_c, targets, block_size=block_size)
+  np.testing.assert_allclose(got.kld, ref.kl(a, c), rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(got.ref_ce, ref.cross_entropy(a, targets), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got.cand_ce, ref.cross_entropy(c, targets), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got.top1_agreement, losses.top1_agreement(a, c))
+  np.testing.assert_allclose(got.logprob_delta, losses.target_logprob_delta(a, c, targets), atol=2e-5)
+  assert got.kld.shape == (2, 19)
+
+
+def exact_model_pair(rng, n=48, d=64, v=5000, flips=1):
+  """Weights on a 2^-12 grid and hidden states in {-1, 0, 1}: every float32 logit is exact,
+  so materialized and blockwise paths see identical logits, and float64 is the truth."""
+  h = rng.integers(-1, 2, (n, d)).astype(np.float32)
+  w = (rng.integers(-4096, 4097, (d, v)) / 4096).astype(np.float32)
+  w_c = w.copy()
+  rows, cols = rng.integers(0, d, flips * v), rng.integers(0, v, flips * v)
+  w_c[rows, cols] += rng.choice([-1, 1], flips * v) / 4096
+  return h, w, w_c
+
+
+def test_fused_kl_keeps_precision_down_to_1e_minus_8(rng):
+  h, w, w_c = exact_model_pair(rng)
+  a, c = h @ w.astype(np.float64), h @ w_c.astype(np.float64)
+  assert np.array_equal(a, np.asarray(logits(h, w), np.float64))  # the construction is exact
+  want = ref.kl(a, c)
+  assert want.min() < 1e-8 < want.max()
+  for fn in (lambda: head.token_stats(h, w, h, w_c, np.zeros(48, np.int32), block_size=512).kld,
+             lambda: head.kl_divergence(h, w, h, w_c, block_size=700)):
+    got = np.asarray(fn())
+    assert np.all(got >= 0)
+    assert np.max(np.abs(got - want) / want) < 0.01
+
+
+def test_argmax_ties_across_blocks():
+  h = jnp.ones((1, 1))
+  w = jnp.array([[0.0, 5.0, 1.0, 5.0, 5.0, 2.0]])
+  w_c = jnp.array([[0.0, 4.0, 1.0, 5.0, 5.0, 2.0]])
+  for block in (1, 2, 4):
+    stats = head.token_stats(h, w, h, w_c, jnp.zeros(1, jnp.int32), block_size=block)
+    np.testing.assert_array_equal(stats.top1_agreement, [0.0])  # ref picks id 1, cand id 3
+    stats = head.token_stats(h, w, h, w, jnp.zeros(1, jnp.int32), block_size=block)
+    np.testing.assert_array_equal(stats.top1_agreement, [1.0])
+    top = head.teacher_topk(h, w, 3, block_size=block)
+    np.testing.assert_array_equal(top.ids, [[1, 3, 4]])
+
+
+def test_padded_vocabulary_and_mismatch(rng):
+  h, w, h_c, w_c = model_pair(rng, v=300)
+  targets = rng.integers(0, 300, (2, 19))
+  padded = np.concatenate([w_c, rng.standard_normal((w_c.shape[0], 20)).astype(np.float32) * 9], axis=1)
+  with jax.default_matmul_precision("highest"):
+    want = head.token_stats(h, w, h_c, w_c, targets, block_size=64)
+    got = head.token_stats(h, w, h_c, padded, targets, vocab_size=300, block_size=64)
+  for g, x in zip(got, want):
+    np.testing.assert_allclose(g, x, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="reference unembedding has 300 columns, candidate has 320"):
+    head.token_stats(h, w, h_c, padded, targets)
+  with pytest.raises(ValueError, match="fewer than vocab_size=400"):
+    head.cross_entropy(h, w, targets, vocab_size=400)
+  with pytest.raises(ValueError, match=r"must be \[d, V\]"):
+    head.cross_entropy(h, w[None], targets)
+
+
+def test_masks(rng):
+  h, w, h_c, w_c = model_pair(rng)
+  targets = rng.integers(0, 1000, (2, 19))
+  where = rng.random((2, 19)) > 0.3
+  full = head.token_stats(h, w, h_c, w_c, targets)
+  masked = head.token_stats(h, w, h_c, w_c, targets, where=where)
+  for f, m in zip(full, masked):
+    np.testing.assert_array_equal(m, np.where(where, f, 0.0))
+  np.testing.assert_array_equal(head.cross_entropy(h, w, targets, where=np.zeros((2, 19), bool)), 0.0)
+
+
+@pytest.mark.parametrize("normalization", ["full", "topk", "tail"])
+def test_topk_kl_value_and_gradient_match_materialized(rng, normalization):
+  h, w, h_s, w_s = model_pair(rng, v=700, noise=0.3)
+  teacher = head.teacher_topk(h, w, 9, temperature=1.5, block_size=128)
+  fused = lambda hs, ws: head.topk_kl_divergence(hs, ws, teacher, normalization=normalization, temperature=1.5,
+                                                 block_size=128).sum()
+  plain = lambda hs, ws: losses.topk_kl_divergence(logits(hs, ws), teacher, normalization=normalization,
+                                                   temperature=1.5).sum()
+  with jax.default_matmul_precision("highest"):
+    v_fused, g_fused = jax.value_and_grad(fused, (0, 1))(h_s, w_s)
+    v_plain, g_plain = jax.value_and_grad(plain, (0, 1))(h_s, w_s)
+  np.testing.assert_allclose(v_fused, v_plain, rtol=1e-5)
+  for gf, gp in zip(g_fused, g_plain):
+    np.testing.assert_allclose(gf, gp, rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_topk_matches_materialized(rng):
+  h, w, _, _ = model_pair(rng, v=1500)
+  with jax.default_matmul_precision("highest"):
+    got = head.teacher_topk(h, w, 40, temperature=0.7, block_size=256)
+    want = losses.teacher_topk(logits(h, w), 40, temperature=0.7)
+  np.testing.assert_array_equal(got.ids, want.ids)
+  np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="k=1501"):
+    head.teacher_topk(h, w, 1501)
+
+
+def test_cross_entropy_and_kl_gradients_match_materialized(rng):
+  h, w, h_c, w_c = model_pair(rng, v=900, noise=0.2)
+  targets = rng.integers(0, 900, (2, 19))
+  cases = [
+      (lambda hc, wc: head.cross_entropy(hc, wc, targets, block_size=200).sum(),
+       lambda hc, wc: losses.cross_entropy(logits(hc, wc), targets).sum()),
+      (lambda hc, wc: head.kl_divergence(h, w, hc, wc, temperature=2.0, block_size=200).sum(),
+       lambda hc, wc: losses.kl_divergence(logits(h, w) / 2, logits(hc, wc) / 2).sum()),
+  ]
+  with jax.default_matmul_precision("highest"):
+    for fused, plain in cases:
+      v_fused, g_fused = jax.value_and_grad(fused, (0, 1))(h_c, w_c)
+      v_plain, g_plain = jax.value_and_grad(plain, (0, 1))(h_c, w_c)
+      np.testing.assert_allclose(v_fused, v_plain, rtol=1e-5)
+      for gf, gp in zip(g_fused, g_plain):
+        np.testing.assert_allclose(gf, gp, rtol=1e-4, atol=1e-6)
+  # The reference is a frozen teacher: no gradient reaches it.
+  g_ref = jax.grad(lambda hr: head.kl_divergence(hr, w, h_c, w_c).sum())(h)
+  np.testing.assert_array_equal(g_ref, 0.0)
+
+
+def test_bfloat16_and_jit(rng):
+  h, w, h_c, w_c = model_pair(rng)
+  targets = rng.integers(0, 1000, (2, 19))
+  bf = lambda x: jnp.asarray(x, jnp.bfloat16)
+  fn = jax.jit(functools.partial(head.token_stats, block_size=256))
+  got = fn(bf(h), bf(w), bf(h_c), bf(w_c), targets)
+  a, c = (jnp.einsum("...d,dv->...v", bf(x), bf(y), preferred_element_type=jnp.float32) for x, y in ((h, w),
+                                                                                                     (h_c, w_c)))
+  assert got.kld.dtype == jnp.float32
+  np.testing.assert_allclose(got.kld, losses.kl_divergence(a, c), rtol=1e-3, atol=1e-6)
+  grads = jax.grad(lambda x: head.cross_entropy(x, bf(w_c), targets).sum())(bf(h_c))
+  assert grads.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(grads, np.float32)))
+
+
+def test_temporary_memory_is_flat_in_vocabulary():
+  """Compiled temp memory of the fused pass stays ~[tokens, block]; the materialized one grows with V."""
+  n, d, block = 256, 64, 1024
+  temps = {}
+  for v in (8192, 32768):
+    args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((n, d), (d, v), (n, d), (d, v))]
+    args.append(jax.ShapeDtypeStruct((n,), jnp.int32))
+    fused = jax.jit(functools.partial(head.token_stats, block_size=block)).lower(*args).compile()
+    naive = jax.jit(lambda hr, wr, hc, wc, t: losses.kl_divergence(hr @ wr, hc @ wc)).lower(*args).compile()
+    temps[v] = (fused.memory_analysis().temp_size_in_bytes, naive.memory_analysis().temp_size_in_bytes)
+  assert temps[32768][0] < 1.2 * temps[8192][0]
+  assert temps[32768][1] > 3 * temps[8192][1]
+  assert temps[32768][0] * 10 < temps[32768][1]
