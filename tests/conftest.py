@@ -1,8 +1,12 @@
 import os
 import sys
 
+import jax
 import numpy as np
 import pytest
+
+# Eight CPU devices, so sharding and mesh merges are tested on one machine.
+jax.config.update("jax_num_cpu_devices", 8)
 
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -1,0 +1,79 @@
+import json
+
+import numpy as np
+import pytest
+
+from tailjax import stats
+
+
+def test_summarize_contract(rng):
+  x = np.concatenate([rng.lognormal(np.log(1e-3), 1.5, 99_000), rng.lognormal(np.log(5), 1, 1_000)])
+  x = x.astype(np.float32).reshape(100, 1000)
+  s = stats.summarize(x, spike_thresholds=(0.5, 1.0))
+  d = s.to_dict()
+  for key in ("n", "mean", "median", "p90", "p95", "p99", "p99.9", "min", "max", "spike_rate", "tail_share",
+              "nonfinite", "percentiles", "band_mass", "standardized"):
+    assert key in d
+  x64 = x.astype(np.float64).ravel()
+  assert s.mean == pytest.approx(x64.mean(), rel=1e-6)
+  for name, q in stats.summary.HEADLINE_QUANTILES.items():
+    assert d[name] == pytest.approx(np.quantile(x64, q, method="lower"), rel=0.005)
+  assert list(d["percentiles"]) == [f"p{p}" for p in range(5, 100, 5)]
+  assert d["spike_rate"] == np.mean(x > 0.5) and d["spike_rates"]["1"] == np.mean(x > 1.0)
+  assert sum(d["band_mass"].values()) == pytest.approx(1.0)
+  assert d["band_mass"][">8"] == np.mean(x > 8.0)
+  assert d["band_mass"]["0.5-1.5"] == pytest.approx(np.mean((x > 0.5) & (x <= 1.5)))
+  back = stats.Summary.from_dict(json.loads(json.dumps(d)))
+  assert back.to_dict(with_sketch=False) == s.to_dict(with_sketch=False)
+
+
+def test_masks_and_merge_equal_one_pass(rng):
+  x = rng.lognormal(0, 2, (4, 500)).astype(np.float32)
+  where = rng.random((4, 500)) > 0.5
+  whole = stats.summarize(x, where)
+  halves = stats.summarize(x[:2], where[:2]).merge(stats.summarize(x[2:], where[2:]))
+  np.testing.assert_array_equal(halves.sketch.counts, whole.sketch.counts)
+  assert whole.n == where.sum()
+  assert whole.mean == pytest.approx(x[where].astype(np.float64).mean(), rel=1e-6)
+
+
+def test_nonfinite_are_reported():
+  s = stats.summarize(np.array([0.1, np.nan, np.inf, 0.2], np.float32))
+  assert s.nonfinite == 2 and s.to_dict()["nan"] == 1
+  assert s.mean == pytest.approx(0.15)
+
+
+def test_standardized_percentiles_and_profile_distance(rng):
+  a = rng.lognormal(0, 1, 50_000).astype(np.float32)
+  b = np.concatenate([a[:-2000], rng.lognormal(3, 1, 2000)]).astype(np.float32)
+  sa, sb = stats.summarize(a), stats.summarize(b)
+  p = np.quantile(a.astype(np.float64), [0.25, 0.5, 0.75, 0.99], method="lower")
+  assert sa.standardized()["p99"] == pytest.approx((p[3] - p[1]) / (p[2] - p[0]), rel=0.03)
+  assert stats.profile_distance(sa, sa) == 0.0
+  assert stats.profile_distance(sa, sb) > 1.0  # b's upper tail extends after robust scaling
+  assert sb.standardized()["p99"] > sa.standardized()["p99"]
+
+
+def test_compare_rule():
+  low = stats.summarize(np.linspace(0.0, 1.0, 1001, dtype=np.float32))
+  high = stats.summarize(np.linspace(0.5, 2.0, 1001, dtype=np.float32))
+  spiky = stats.summarize(np.concatenate([np.full(980, 0.1), np.full(20, 50.0)]).astype(np.float32))
+  assert stats.compare(low, high, ("int4", "int3")).winner == "int4"
+  assert stats.compare(high, low, ("int3", "int4")).winner == "int4"
+  verdict = stats.compare(spiky, low, ("A", "B"))
+  assert verdict.winner is None and verdict.text.startswith("trade-off") and "p99" in verdict.text
+
+
+def test_sequence_summary():
+  ce = np.array([10.0, 20.0, 300.0, 0.0, 5.0])
+  n = np.array([10, 10, 50, 0, 5])
+  s = stats.SequenceSummary(ce, n, outlier_ppl=100.0)
+  ppl = np.exp(np.array([1.0, 2.0, 6.0, 1.0]))
+  d = s.to_dict()
+  assert d["corpus_ppl"] == pytest.approx(np.exp(335 / 75))
+  assert d["sequences"] == 4
+  assert d["median_ppl"] == pytest.approx(np.median(ppl))
+  assert d["p99_ppl"] == pytest.approx(np.quantile(ppl, 0.99))
+  assert d["outliers"] == 1 and d["worst"][:2] == [2, 1]
+  with pytest.raises(ValueError, match="differ in shape"):
+    stats.SequenceSummary(ce, n[:3])
