@@ -1,0 +1,69 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from tailjax.cli import main
+
+PAPER_CSV = """name,mean,median,p90,p99
+teacher,1.442,0.609,3.9,5.57
+full-kl,1.489,0.632,4.0,5.73
+top40,1.520,0.620,4.1,5.88
+top15,1.568,0.596,4.3,6.37
+top5,1.708,0.525,4.6,7.82
+"""
+JUDGE_CSV = "name,score\nteacher,2.01\nfull-kl,1.92\ntop40,1.97\ntop15,2.00\ntop5,2.06\n"
+
+
+@pytest.fixture
+def family(tmp_path):
+  (tmp_path / "family.csv").write_text(PAPER_CSV)
+  (tmp_path / "judge.csv").write_text(JUDGE_CSV)
+  return tmp_path
+
+
+def test_select_writes_the_contract(family):
+  out = family / "out"
+  result = CliRunner().invoke(main, ["select", str(family / "family.csv"), "--task-scores",
+                                     str(family / "judge.csv"), "--output", str(out)])
+  assert result.exit_code == 0, result.output
+  assert "mean selects teacher but median selects top5" in result.output
+  assert "reshaping" in result.output
+  sel = json.loads((out / "selection.json").read_text())
+  assert sel["selected"] == "top5"
+  assert sel["selected_by"]["mean"] == "teacher" and sel["selected_by"]["median"] == "top5"
+  assert sel["concordance"]["mean,median"] == pytest.approx(0.2)
+  assert "mean,median,p90,p99" in sel["concordance"]
+  assert sel["correlations"]["median"]["spearman"] < 0 < sel["correlations"]["mean"]["spearman"]
+
+
+def test_select_by_mean_and_json_tables(family):
+  rows = {"a": {"mean": 1.0, "median": 0.5}, "b": {"mean": 2.0, "median": 0.9}}
+  (family / "t.json").write_text(json.dumps(rows))
+  out = family / "o"
+  result = CliRunner().invoke(main, ["select", str(family / "t.json"), "--by", "mean", "--summaries", "mean,median",
+                                     "--output", str(out)])
+  assert result.exit_code == 0, result.output
+  sel = json.loads((out / "selection.json").read_text())
+  assert sel["selected"] == "a" and sel["regime"] == "uniform improvement" and sel["warning"] is None
+
+
+@pytest.mark.parametrize("content, message", [
+    ("name,mean,median\nonly,1.0,0.5\n", "at least two checkpoints"),
+    ("name,mean\na,1.0\nb,2.0\n", "summaries ['median', 'p90', 'p99'] are missing"),
+    ("mean,median\n1.0,0.5\n", "needs a 'name' column"),
+    ("name,mean,median,p90,p99\na,1,1,1,x\nb,1,1,1,1\n", "'x' is not a number"),
+])
+def test_select_bad_tables(family, content, message):
+  (family / "bad.csv").write_text(content)
+  result = CliRunner().invoke(main, ["select", str(family / "bad.csv")])
+  assert result.exit_code != 0 and message in result.output
+
+
+def test_select_bad_scores(family):
+  (family / "scores.csv").write_text("name,score\nteacher,2.0\ntop5,nan\nfull-kl,1\ntop40,1\ntop15,1\n")
+  result = CliRunner().invoke(main, ["select", str(family / "family.csv"), "--task-scores",
+                                     str(family / "scores.csv")])
+  assert result.exit_code != 0 and "NaN task scores" in result.output
+  result = CliRunner().invoke(main, ["select", str(family / "missing.csv")])
+  assert result.exit_code != 0 and "no such summary table" in result.output
