@@ -77,3 +77,15 @@ def test_sequence_summary():
   assert d["outliers"] == 1 and d["worst"][:2] == [2, 1]
   with pytest.raises(ValueError, match="differ in shape"):
     stats.SequenceSummary(ce, n[:3])
+
+
+def test_from_device_sketch_equals_summarize(rng):
+  x = rng.lognormal(-3, 2, 5000).astype(np.float32)
+  spec = stats.spec_for(spike_thresholds=(0.5, 2.0))
+  sketch = stats.LogHistogram.empty(spec).add(x)
+  via_sketch = stats.Summary.from_sketch(sketch, spike_thresholds=(0.5, 2.0))
+  direct = stats.summarize(x, spike_thresholds=(0.5, 2.0))
+  assert via_sketch.to_dict(with_sketch=False) == direct.to_dict(with_sketch=False)
+  assert stats.Summary.from_sketch(sketch).spike_thresholds == (0.5,)  # defaults to the declared ones
+  with pytest.raises(ValueError, match="threshold 0.7 was not declared"):
+    stats.Summary.from_sketch(sketch, spike_thresholds=(0.7,))
