@@ -56,7 +56,7 @@ def _hidden(model: Decoder, token_ids: jax.Array) -> jax.Array:
 
 
 def _assign(param: nnx.Param, value: np.ndarray, name: str, source: str) -> None:
-  current = param[...]
+  current = param.get_value()
   if current.shape != value.shape:
     raise ValueError(f"{source}: tensor {name} has shape {value.shape}, the model expects {current.shape}")
   param.set_value(jnp.asarray(value, current.dtype))
@@ -73,7 +73,8 @@ def from_gguf(path: str | Path, dtype=jnp.float32) -> LoadedModel:
     raise ValueError(f"{path}: not a readable GGUF file ({err})") from err
   cfg = gguf.read_config(reader, path)
   tensors = gguf.read_tensors(reader, cfg, path)
-  model = Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+  # Abstract parameters (no random init): every one is filled from the file below.
+  model = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
   src = str(path)
   take = lambda name: tensors.pop(name) if name in tensors else _missing(src, name)
   _assign(model.embed.embedding, take("token_embd.weight"), "token_embd.weight", src)
