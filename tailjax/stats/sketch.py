@@ -20,6 +20,7 @@ compensated sum of the finite values are kept beside the counts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -86,31 +87,46 @@ class BucketSpec:
 
   def threshold_slots(self) -> np.ndarray:
     """Slot holding the values just at or below each threshold: ``x > t`` is every later slot."""
-    if not self.thresholds:
-      return np.zeros(0, np.int64)
-    t = jnp.asarray(self.thresholds, jnp.float32)
-    return np.asarray(self._base_index(t), np.int64) + np.arange(len(self.thresholds))
+    return _threshold_slots(self)
 
   def representative(self) -> np.ndarray:
     """float64 ``[size]`` value reported for each slot (relative error <= accuracy in log buckets)."""
-    k, g, lo_v, hi_v = self.buckets_per_sign, self.gamma, self.min_value, self.max_value
-    edges = lo_v * g**np.arange(k + 1)
-    # Positive half, base slots: (lower edge, upper edge, is a log bucket, representative).
-    pos = [(0.0, lo_v, False, lo_v)]
-    pos += [(edges[b], edges[b + 1], True, 2 * edges[b] * edges[b + 1] / (edges[b] + edges[b + 1]))
-            for b in range(k)]
-    pos += [(hi_v, np.inf, False, hi_v), (np.inf, np.inf, False, np.inf)]
-    base = [(-hi, -lo, log, -rep) for lo, hi, log, rep in reversed(pos)] + [(0.0, 0.0, False, 0.0)] + pos
-    # A threshold splits the base slot the device puts it in, exactly as ``index`` does.
-    split_at = self.threshold_slots() - np.arange(len(self.thresholds))
-    reps = []
-    for j, (lo, hi, log, rep) in enumerate(base):
-      cuts = [lo, *(t for t, s in zip(self.thresholds, split_at) if s == j), hi]
-      reps += [_slot_value(a, b, log, rep) for a, b in zip(cuts[:-1], cuts[1:])]
-    return np.asarray(reps)
+    return _representative(self)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+@functools.cache
+def _threshold_slots(spec: BucketSpec) -> np.ndarray:
+  if not spec.thresholds:
+    return _read_only(np.zeros(0, np.int64))
+  t = jnp.asarray(spec.thresholds, jnp.float32)
+  return _read_only(np.asarray(spec._base_index(t), np.int64) + np.arange(len(spec.thresholds)))
+
+
+@functools.cache
+def _representative(spec: BucketSpec) -> np.ndarray:
+  k, g, lo_v, hi_v = spec.buckets_per_sign, spec.gamma, spec.min_value, spec.max_value
+  edges = lo_v * g**np.arange(k + 1)
+  # Positive half, base slots: (lower edge, upper edge, is a log bucket, representative).
+  pos = [(0.0, lo_v, False, lo_v)]
+  pos += [(edges[b], edges[b + 1], True, 2 * edges[b] * edges[b + 1] / (edges[b] + edges[b + 1]))
+          for b in range(k)]
+  pos += [(hi_v, np.inf, False, hi_v), (np.inf, np.inf, False, np.inf)]
+  base = [(-hi, -lo, log, -rep) for lo, hi, log, rep in reversed(pos)] + [(0.0, 0.0, False, 0.0)] + pos
+  # A threshold splits the base slot the device puts it in, exactly as ``index`` does.
+  split_at = _threshold_slots(spec) - np.arange(len(spec.thresholds))
+  reps = []
+  for j, (lo, hi, log, rep) in enumerate(base):
+    cuts = [lo, *(t for t, s in zip(spec.thresholds, split_at) if s == j), hi]
+    reps += [_slot_value(a, b, log, rep) for a, b in zip(cuts[:-1], cuts[1:])]
+  return _read_only(np.asarray(reps))
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+  a.setflags(write=False)
+  return a
 
 
 def _slot_value(lo: float, hi: float, log_bucket: bool, rep: float) -> float:
@@ -228,7 +244,8 @@ class HostHistogram:
   def merge(self, other: HostHistogram) -> HostHistogram:
     if other.spec != self.spec:
       raise ValueError(f"cannot merge sketches with different bucket specs: {self.spec} vs {other.spec}")
-    return HostHistogram(self.spec, self.counts + other.counts, self.nan + other.nan, self.total + other.total, min(self.min, other.min), max(self.max, other.max))
+    return HostHistogram(self.spec, self.counts + other.counts, self.nan + other.nan, self.total + other.total,
+                         min(self.min, other.min), max(self.max, other.max))
 
   @property
   def mean(self) -> float:
