@@ -25,7 +25,7 @@ DEFAULT_SUMMARIES = ("mean", "median", "p90", "p99")
 def _number(value: str, where: str) -> float:
   try:
     return float(value)
-  except ValueError:
+  except (TypeError, ValueError):
     raise ValueError(f"{where}: {value!r} is not a number") from None
 
 
@@ -35,10 +35,14 @@ def read_table(path: str | Path) -> dict[str, dict[str, float]]:
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such summary table")
   if path.suffix == ".json":
-    data = json.loads(path.read_text())
+    try:
+      data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+      raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
       raise ValueError(f"{path}: expected a JSON object mapping checkpoint name -> {{summary: value}}")
-    return {str(n): {str(k): float(v) for k, v in row.items()} for n, row in data.items()}
+    return {str(n): {str(k): _number(v, f"{path} checkpoint {n!r} summary {k!r}") for k, v in row.items()}
+            for n, row in data.items()}
   if path.suffix != ".csv":
     raise ValueError(f"{path}: expected a summary table (.csv or .json)")
   with path.open(newline="") as f:

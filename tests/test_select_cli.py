@@ -67,3 +67,15 @@ def test_select_bad_scores(family):
   assert result.exit_code != 0 and "NaN task scores" in result.output
   result = CliRunner().invoke(main, ["select", str(family / "missing.csv")])
   assert result.exit_code != 0 and "no such summary table" in result.output
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"a": {"mean": "high"}, "b": {"mean": 1}}', "checkpoint 'a' summary 'mean': 'high' is not a number"),
+    ('{"a": {"mean": null}, "b": {"mean": 1}}', "checkpoint 'a' summary 'mean': None is not a number"),
+    ('{"a": ', "not valid JSON"),
+    ('[1, 2]', "expected a JSON object"),
+])
+def test_select_bad_json_tables(family, content, message):
+  (family / "bad.json").write_text(content)
+  result = CliRunner().invoke(main, ["select", str(family / "bad.json")])
+  assert result.exit_code != 0 and message in result.output and "bad.json" in result.output
