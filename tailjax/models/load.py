@@ -1,0 +1,234 @@
+"""Checkpoints -> ``LoadedModel``: Hugging Face directories, GGUF files, tailjax checkpoints.
+
+Every format is read as ``(Hugging Face tensor name, PyTorch-layout array)`` pairs and
+poured into an abstract decoder (``nnx.eval_shape``: no random init to throw away);
+a tensor with no place, a place with no tensor, or a shape mismatch is an error naming
+the file. A model spec may end in ``@<quantization>`` (``model.gguf@int3-g64``) to make a
+round-to-nearest candidate from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tailjax.models import gguf, hf
+from tailjax.models.config import ModelConfig
+from tailjax.models.quantize import QuantSpec, quantize_model
+from tailjax.models.transformer import Decoder
+
+CHECKPOINT_FILE = "tailjax_model.json"
+
+
+@dataclasses.dataclass
+class Tokenizer:
+  """A ``tokenizers.Tokenizer`` with the calls tailjax needs; BOS handling made explicit."""
+
+  backend: object
+  add_bos: bool = False
+  bos_id: int | None = None
+
+  def encode(self, text: str) -> list[int]:
+    ids = self.backend.encode(text, add_special_tokens=False).ids
+    return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
+
+  def decode(self, ids) -> str:
+    return self.backend.decode(list(ids))
+
+  @property
+  def vocab_size(self) -> int:
+    return self.backend.get_vocab_size(with_added_tokens=True)
+
+  def fingerprint(self) -> str:
+    """Hash of the id <-> token map and the BOS rule: equal fingerprints tokenize alike."""
+    vocab = sorted(self.backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps([vocab, self.add_bos, self.bos_id]).encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  config: ModelConfig
+  model: Decoder
+  tokenizer: Tokenizer | None
+  source: str
+  quantization: QuantSpec | None = None
+
+  @property
+  def name(self) -> str:
+    return self.source if self.quantization is None else f"{self.source}@{self.quantization}"
+
+  def hidden_states(self, token_ids, segment_ids=None) -> jax.Array:
+    return _hidden(self.model, jnp.asarray(token_ids), None if segment_ids is None else jnp.asarray(segment_ids))
+
+  def logprobs(self, token_ids) -> jax.Array:
+    """``[B, T]`` ids -> ``[B, T, V]`` next-token log-probabilities (materialized: tests, small inputs)."""
+    hidden = self.hidden_states(token_ids)
+    logits = jnp.einsum("btd,dv->btv", hidden, self.model.unembedding(), preferred_element_type=jnp.float32)
+    return jax.nn.log_softmax(logits, axis=-1)
+
+
+@nnx.jit
+def _hidden(model: Decoder, token_ids: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+  return model(token_ids, segment_ids)
+
+
+def _targets(model: Decoder) -> dict[str, tuple[nnx.Variable, bool]]:
+  """Hugging Face tensor name -> (the parameter it fills, whether it is transposed)."""
+  targets = {"model.embed_tokens.weight": (model.embed.embedding, False), "model.norm.weight": (model.norm.scale, False)}
+  if not model.cfg.tie_word_embeddings:
+    targets["lm_head.weight"] = (model.lm_head, True)
+  for i, block in enumerate(model.blocks):
+    p = f"model.layers.{i}."
+    targets[p + "input_layernorm.weight"] = (block.attn_norm.scale, False)
+    targets[p + "post_attention_layernorm.weight"] = (block.mlp_norm.scale, False)
+    for name in "qkvo":
+      layer = getattr(block.attn, name)
+      targets[f"{p}self_attn.{name}_proj.weight"] = (layer.kernel, True)
+      if layer.bias is not None:
+        targets[f"{p}self_attn.{name}_proj.bias"] = (layer.bias, False)
+    for name in ("gate", "up", "down"):
+      targets[f"{p}mlp.{name}_proj.weight"] = (getattr(block.mlp, name).kernel, True)
+  return targets
+
+
+def _fill(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], source: str, dtype, param_dtype) -> Decoder:
+  model = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  targets = _targets(model)
+  for name, value in tensors:
+    if name not in targets:
+      if name == "lm_head.weight" and cfg.tie_word_embeddings or name.endswith("rotary_emb.inv_freq"):
+        continue
+      raise ValueError(f"{source}: tensor {name} has no place in the model")
+    param, transpose = targets.pop(name)
+    value = value.T if transpose else value
+    expected = param.get_value().shape
+    if value.shape != expected:
+      raise ValueError(f"{source}: tensor {name} has shape {value.shape}, the model expects {expected}")
+    param.set_value(jnp.asarray(value, param.get_value().dtype))
+  if targets:
+    raise ValueError(f"{source}: tensors missing: {sorted(targets)[:5]}{' ...' if len(targets) > 5 else ''}")
+  return model
+
+
+def _check_vocab(tokenizer: Tokenizer | None, cfg: ModelConfig, source: str) -> None:
+  if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+    raise ValueError(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens, the model only {cfg.vocab_size}")
+
+
+def from_gguf(path: str | Path, dtype=jnp.float32, param_dtype=None) -> LoadedModel:
+  """A GGUF file (llama or qwen2 architecture) -> dequantized model + tokenizer."""
+  import gguf as gguf_lib
+
+  path = Path(path)
+  try:
+    reader = gguf_lib.GGUFReader(path)
+  except (OSError, ValueError) as err:
+    raise ValueError(f"{path}: not a readable GGUF file ({err})") from err
+  cfg = gguf.read_config(reader, path)
+  model = _fill(cfg, gguf.read_tensors(reader, cfg, path), str(path), dtype, param_dtype)
+  tokenizer = Tokenizer(gguf.read_tokenizer(reader, path), bool(gguf._field(reader, "tokenizer.ggml.add_bos_token")),
+                        gguf._field(reader, "tokenizer.ggml.bos_token_id"))
+  _check_vocab(tokenizer, cfg, str(path))
+  return LoadedModel(cfg, model, tokenizer, str(path))
+
+
+def from_hf(directory: str | Path, dtype=jnp.float32, param_dtype=None) -> LoadedModel:
+  """A Hugging Face directory (``config.json``, safetensors, tokenizer files) -> model + tokenizer."""
+  directory = Path(directory)
+  cfg = hf.read_config(directory)
+  model = _fill(cfg, hf.read_tensors(directory), str(directory), dtype, param_dtype)
+  tokenizer = None
+  if (auto := hf.read_tokenizer(directory)) is not None:
+    if not getattr(auto, "is_fast", False):
+      raise ValueError(f"{directory}: the tokenizer has no fast (tokenizers) version")
+    bos = auto.bos_token_id
+    plain = auto.backend_tokenizer.encode("a", add_special_tokens=False).ids
+    tokenizer = Tokenizer(auto.backend_tokenizer, bos is not None and auto("a")["input_ids"] == [bos, *plain], bos)
+  _check_vocab(tokenizer, cfg, str(directory))
+  return LoadedModel(cfg, model, tokenizer, str(directory))
+
+
+def save_checkpoint(loaded: LoadedModel, directory: str | Path) -> Path:
+  """Write a tailjax checkpoint: ``tailjax_model.json`` (config, BOS rule), ``tokenizer.json``, orbax ``params``."""
+  import orbax.checkpoint as ocp
+
+  directory = Path(directory).absolute()
+  directory.mkdir(parents=True, exist_ok=True)
+  meta = {"config": loaded.config.to_dict(), "source": loaded.name, "dtype": str(_param_dtype(loaded.model))}
+  if loaded.tokenizer is not None:
+    loaded.tokenizer.backend.save(str(directory / "tokenizer.json"))
+    meta["tokenizer"] = {"file": "tokenizer.json", "add_bos": loaded.tokenizer.add_bos,
+                         "bos_id": loaded.tokenizer.bos_id}
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(directory / "params", nnx.state(loaded.model, nnx.Param), force=True)
+  (directory / CHECKPOINT_FILE).write_text(json.dumps(meta, indent=1))
+  return directory
+
+
+def _param_dtype(model: Decoder):
+  return model.embed.embedding.get_value().dtype
+
+
+def from_checkpoint(directory: str | Path, dtype=None, param_dtype=None) -> LoadedModel:
+  """A directory written by ``save_checkpoint`` (or the trainer)."""
+  import orbax.checkpoint as ocp
+  from tokenizers import Tokenizer as Backend
+
+  directory = Path(directory).absolute()
+  meta_path = directory / CHECKPOINT_FILE
+  try:
+    meta = json.loads(meta_path.read_text())
+    cfg = ModelConfig.from_dict(meta["config"])
+  except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+    raise ValueError(f"{meta_path}: not a readable tailjax checkpoint description ({err!r})") from err
+  stored = jnp.dtype(meta.get("dtype", "float32"))
+  dtype = dtype or stored
+  model = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, param_dtype=param_dtype or stored, rngs=nnx.Rngs(0)))
+  abstract = nnx.state(model, nnx.Param)
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(directory / "params", abstract)
+  except (OSError, ValueError, KeyError) as err:
+    raise ValueError(f"{directory / 'params'}: unreadable parameters ({err})") from err
+  nnx.update(model, restored)
+  tokenizer = None
+  if "tokenizer" in meta:
+    t = meta["tokenizer"]
+    tokenizer = Tokenizer(Backend.from_file(str(directory / t["file"])), t["add_bos"], t["bos_id"])
+  _check_vocab(tokenizer, cfg, str(directory))
+  return LoadedModel(cfg, model, tokenizer, str(directory))
+
+
+def load(spec: str | Path, dtype=jnp.float32, param_dtype=None) -> LoadedModel:
+  """``path[@quantization]``: a ``.gguf`` file, a Hugging Face directory or a tailjax checkpoint.
+
+  With ``@int4`` (see ``QuantSpec.parse``) every transformer-block linear weight is rounded
+  to nearest, so the candidate runs the same code on quantized numbers.
+  """
+  text = str(spec)
+  path_text, _, quant = text.rpartition("@") if "@" in text else (text, "", "")
+  quantization = QuantSpec.parse(quant) if quant else None
+  path = Path(path_text)
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: no such model file or directory")
+  if path.is_file() and path.suffix == ".gguf":
+    loaded = from_gguf(path, dtype, param_dtype)
+  elif path.is_dir() and (path / CHECKPOINT_FILE).exists():
+    loaded = from_checkpoint(path, dtype, param_dtype)
+  elif path.is_dir() and (path / "config.json").exists():
+    loaded = from_hf(path, dtype, param_dtype)
+  else:
+    raise ValueError(f"{path}: not a model (expected a .gguf file, a Hugging Face directory with config.json, "
+                     f"or a tailjax checkpoint with {CHECKPOINT_FILE})")
+  if quantization is not None:
+    quantize_model(loaded.model, quantization)
+    loaded.quantization = quantization
+  return loaded
