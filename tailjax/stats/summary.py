@@ -173,11 +173,14 @@ class SequenceSummary:
     return [int(i) for i in np.argsort(-ppl, kind="stable")[:count]]
 
   def to_dict(self) -> dict[str, Any]:
+    """Quantiles over sequences with a finite PPL; those with NaN/inf CE are counted apart."""
     ppl = self.ppl[self.token_counts > 0]
-    q = np.quantile(ppl, [0.5, 0.95, 0.99]) if ppl.size else [math.nan] * 3
-    return {"sequences": int(ppl.size), "corpus_ppl": self.corpus_ppl, "median_ppl": float(q[0]),
+    finite = ppl[np.isfinite(ppl)]
+    q = np.quantile(finite, [0.5, 0.95, 0.99]) if finite.size else [math.nan] * 3
+    return {"sequences": int(ppl.size), "nonfinite": int(ppl.size - finite.size), "corpus_ppl": self.corpus_ppl,
+            "median_ppl": float(q[0]),
             "p95_ppl": float(q[1]), "p99_ppl": float(q[2]), "outlier_threshold": self.outlier_ppl,
-            "outliers": int(np.sum(ppl > self.outlier_ppl)), "worst": self.worst()}
+            "outliers": int(np.sum(finite > self.outlier_ppl)), "worst": self.worst()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,133 @@
+"""Corpus -> token windows: the text an evaluation scores, and which predictions count.
+
+A corpus is read as documents, joined with blank lines (WikiText's convention) and
+tokenized once with the reference tokenizer; the token stream is cut into
+non-overlapping windows of ``seq_len`` tokens. Two protocols decide which windows and
+which positions are scored:
+
+- ``ram`` (../shared/mission/004): ``num_sequences`` windows sampled without replacement
+  by ``seed``; every next-token prediction in a window counts (``seq_len - 1`` per window).
+- ``llamacpp`` (llama.cpp's ``perplexity``/``--kl-divergence``): every window; the first
+  half is context only and predictions ``seq_len/2 .. seq_len-2`` count; the first token
+  is replaced by BOS when the tokenizer adds one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+BUILTIN_CORPORA = {
+    "pydoc": "CPython's reference manual (pydoc_data.topics), shipped with every Python",
+}
+
+
+def read_documents(spec: str, field: str = "text") -> list[str]:
+  """``pydoc``, a text file, JSONL (``field`` of each line) or Parquet (column ``field``)."""
+  if spec == "pydoc":
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+  path = Path(spec)
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: no such corpus file (or a built-in corpus: {sorted(BUILTIN_CORPORA)})")
+  if path.suffix == ".jsonl":
+    documents = []
+    with path.open() as f:
+      for number, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          documents.append(str(json.loads(line)[field]))
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+          raise ValueError(f"{path}:{number}: not a JSON object with a {field!r} field ({err!r})") from err
+    return documents
+  if path.suffix == ".parquet":
+    import pyarrow.parquet as pq
+
+    try:
+      table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises its own error types for damaged files
+      raise ValueError(f"{path}: unreadable Parquet file ({err})") from err
+    if field not in table.column_names:
+      raise ValueError(f"{path}: Parquet file has no column {field!r} (columns: {table.column_names})")
+    return [str(x) for x in table.column(field).to_pylist() if x is not None]
+  try:
+    return [path.read_text()]
+  except UnicodeDecodeError as err:
+    raise ValueError(f"{path}: not UTF-8 text ({err})") from err
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  name: str
+  seq_len: int
+  num_sequences: int | None  # None: every window
+  seed: int = 42
+  score_second_half: bool = False
+
+  def __post_init__(self):
+    if self.seq_len < 4:
+      raise ValueError(f"seq_len={self.seq_len}: a window needs at least 4 tokens")
+    if self.num_sequences is not None and self.num_sequences < 1:
+      raise ValueError(f"num_sequences={self.num_sequences} must be positive")
+
+
+PROTOCOLS = {
+    "ram": Protocol("ram", seq_len=2048, num_sequences=128, seed=42),
+    "llamacpp": Protocol("llamacpp", seq_len=512, num_sequences=None, score_second_half=True),
+}
+
+
+@dataclasses.dataclass
+class Windows:
+  """What a run scores; prediction ``i`` of a window is the model's guess of token ``i + 1``."""
+
+  tokens: np.ndarray  # int32 [N, T]
+  scored: np.ndarray  # bool [N, T - 1]: which predictions count
+  starts: np.ndarray  # int64 [N]: offset of each window in the corpus token stream
+  corpus_tokens: int  # length of that stream
+  fingerprint: str  # hash of tokens and scored positions: same fingerprint, same work
+
+  def __len__(self) -> int:
+    return len(self.tokens)
+
+  @property
+  def scored_tokens(self) -> int:
+    return int(self.scored.sum())
+
+
+def make_windows(ids, protocol: Protocol, bos_id: int | None = None, source: str = "corpus") -> Windows:
+  ids = np.asarray(ids, np.int32)
+  t = protocol.seq_len
+  available = len(ids) // t
+  if available == 0:
+    raise ValueError(f"{source}: {len(ids)} tokens is shorter than one window of {t} tokens")
+  starts = np.arange(available, dtype=np.int64) * t
+  if protocol.num_sequences is not None:
+    if protocol.num_sequences > available:
+      raise ValueError(f"{source}: {len(ids)} tokens give {available} windows of {t} tokens, fewer than the "
+                       f"{protocol.num_sequences} sequences asked for")
+    rng = np.random.default_rng(protocol.seed)
+    starts = np.sort(rng.choice(starts, protocol.num_sequences, replace=False))
+  tokens = ids[starts[:, None] + np.arange(t)]
+  scored = np.ones((len(starts), t - 1), bool)
+  if protocol.score_second_half:
+    scored[:, :t // 2] = False
+    if bos_id is not None:
+      tokens[:, 0] = bos_id
+  digest = hashlib.sha256(tokens.tobytes() + scored.tobytes()).hexdigest()[:16]
+  return Windows(tokens, scored, starts, len(ids), digest)
+
+
+def corpus_windows(spec: str, tokenizer, protocol: Protocol, field: str = "text") -> Windows:
+  """Read, tokenize (``tokenizer.encode``) and cut a corpus in one call."""
+  documents = [d for d in read_documents(spec, field) if d.strip()]
+  if not documents:
+    raise ValueError(f"{spec}: the corpus holds no text")
+  ids = tokenizer.encode("\n\n".join(documents))
+  return make_windows(ids, protocol, tokenizer.bos_id if tokenizer.add_bos else None, spec)

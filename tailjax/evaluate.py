@@ -1,0 +1,236 @@
+"""Reference vs candidates over token windows: per-token values stream into sketches on device.
+
+Each batch of windows runs the reference and every candidate side by side; the fused
+head (``tailjax.head.token_stats``) gives per-token KLD, both CEs, top-1 agreement and
+the target log-prob delta without materializing logits; these go straight into
+sketches (``tailjax.stats``). Only the sketches, per-window CE sums and a few moment
+sums leave the device, once per batch. Each batch's sketches are kept as one *block*:
+merged they give the run's distribution, resampled they give block-bootstrap
+confidence intervals that do not assume independent tokens.
+
+The state after each batch is what ``--output`` saves to resume an interrupted run;
+because blocks are merged by exact integer addition, a resumed run ends with the same
+numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tailjax import head
+from tailjax.data import Windows
+from tailjax.models import LoadedModel
+from tailjax.stats import BucketSpec, HostHistogram, LogHistogram, spec_for
+
+# Per-candidate sums kept in float64 on host, from which PPL ratio, correlation and RMS Δp follow.
+MOMENTS = ("tokens", "top1", "dp", "dp2", "ref_ce", "cand_ce", "ref_ce2", "cand_ce2", "ref_cand_ce")
+# Signed Δp in [-1, 1]: quantiles need resolution near 0 but no thresholds.
+DELTA_P_SPEC = BucketSpec(relative_accuracy=0.005, min_value=1e-9, max_value=2.0)
+
+
+@dataclasses.dataclass
+class EvalState:
+  """Everything a run has accumulated, on host: enough to resume and to report."""
+
+  labels: list[str]  # models: reference first, then candidates
+  windows_done: int = 0
+  blocks: list[dict[str, HostHistogram]] = dataclasses.field(default_factory=list)  # one per batch
+  seq_ce: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # per model, per window
+  seq_tokens: list[int] = dataclasses.field(default_factory=list)
+  moments: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # per candidate, MOMENTS
+  worst: dict[str, list[tuple[float, int, int]]] = dataclasses.field(default_factory=dict)  # (KLD, window, pos)
+
+  def __post_init__(self):
+    for label in self.labels:
+      self.seq_ce.setdefault(label, [])
+    for label in self.labels[1:]:
+      self.moments.setdefault(label, np.zeros(len(MOMENTS)))
+
+  def merged(self, key: str) -> HostHistogram:
+    total = self.blocks[0][key]
+    for block in self.blocks[1:]:
+      total = total.merge(block[key])
+    return total
+
+
+def check_compatible(reference: LoadedModel, candidates: Sequence[LoadedModel]) -> None:
+  """Candidates must score the same tokens with the same vocabulary as the reference."""
+  for cand in candidates:
+    if cand.config.vocab_size != reference.config.vocab_size:
+      raise ValueError(f"{cand.name}: vocabulary of {cand.config.vocab_size} tokens, the reference "
+                       f"{reference.name} has {reference.config.vocab_size}")
+    if (cand.tokenizer and reference.tokenizer and
+        cand.tokenizer.fingerprint() != reference.tokenizer.fingerprint()):
+      raise ValueError(f"{cand.name}: its tokenizer differs from the reference's ({reference.name}); "
+                       "per-token comparisons need identical tokenization")
+
+
+def _batch_stats(models: tuple, tokens: jax.Array, scored: jax.Array, spec: BucketSpec, vocab_size: int,
+                 worst: int, dump: bool):
+  reference, *candidates = models
+  targets = tokens[:, 1:]
+  ref_hidden = reference(tokens)[:, :-1]
+  ref_unembedding = reference.unembedding()
+  mask = scored.astype(jnp.float32)
+  finite = lambda x: scored & (jnp.abs(x) < jnp.inf)
+  sketches, seq_ce, moments, top, per_token = {}, [], [], [], []
+  for i, cand in enumerate(candidates):
+    s = head.token_stats(ref_hidden, ref_unembedding, cand(tokens)[:, :-1], cand.unembedding(), targets,
+                         where=scored, vocab_size=vocab_size)
+    if i == 0:
+      sketches["ce/0"] = LogHistogram.empty(spec).add(s.ref_ce, scored)
+      seq_ce.append(jnp.sum(jnp.where(scored, s.ref_ce, 0.0), axis=1))  # NaN/inf stay: PPL undefined
+    dp = jnp.exp(-s.cand_ce) - jnp.exp(-s.ref_ce)
+    sketches[f"ce/{i + 1}"] = LogHistogram.empty(spec).add(s.cand_ce, scored)
+    sketches[f"kld/{i + 1}"] = LogHistogram.empty(spec).add(s.kld, scored)
+    sketches[f"dp/{i + 1}"] = LogHistogram.empty(DELTA_P_SPEC).add(dp, scored)
+    seq_ce.append(jnp.sum(jnp.where(scored, s.cand_ce, 0.0), axis=1))
+    both = finite(s.ref_ce) & finite(s.cand_ce)
+    a, b = jnp.where(both, s.ref_ce, 0.0), jnp.where(both, s.cand_ce, 0.0)
+    d = jnp.where(finite(dp), dp, 0.0)
+    moments.append(jnp.stack([jnp.sum(both), jnp.sum(s.top1_agreement * mask), jnp.sum(d), jnp.sum(d * d),
+                              jnp.sum(a), jnp.sum(b), jnp.sum(a * a), jnp.sum(b * b), jnp.sum(a * b)]))
+    # NaN sorts above +inf in top_k: non-finite tokens are the worst of all, as they should be.
+    top.append(jax.lax.top_k(jnp.where(scored, s.kld, -jnp.inf).ravel(), worst))
+    if dump:
+      per_token.append(jnp.stack([s.kld, s.ref_ce, s.cand_ce, dp]))
+  top_values, top_index = (jnp.stack(x) for x in zip(*top))
+  return (sketches, jnp.stack(seq_ce), jnp.sum(scored, axis=1), jnp.stack(moments), top_values, top_index,
+          jnp.stack(per_token) if dump else None)
+
+
+_batch_stats_jit = nnx.jit(_batch_stats, static_argnums=(3, 4, 5, 6))
+
+
+@dataclasses.dataclass
+class TokenDump:
+  """Opt-in per-token values of every scored prediction (they leave the device): tests, small runs."""
+
+  rows: list[np.ndarray] = dataclasses.field(default_factory=list)  # [candidate, window, position, kld, ...]
+
+  COLUMNS = ("candidate", "window", "position", "target", "kld", "ref_ce", "cand_ce", "delta_p")
+
+  def add(self, values: np.ndarray, tokens: np.ndarray, scored: np.ndarray, first_window: int) -> None:
+    """``values: [C, 4, B, T-1]`` (kld, ref_ce, cand_ce, Δp) of one batch."""
+    b, w, p = np.nonzero(np.broadcast_to(scored, values.shape[:1] + scored.shape))
+    v = values.transpose(0, 2, 3, 1)[b, w, p]
+    self.rows.append(np.column_stack([b, w + first_window, p, tokens[w, p + 1], v]))
+
+  def table(self, labels: Sequence[str]):
+    import pyarrow as pa
+
+    data = np.concatenate(self.rows) if self.rows else np.zeros((0, len(self.COLUMNS)))
+    columns = {name: data[:, i] for i, name in enumerate(self.COLUMNS)}
+    columns["candidate"] = np.asarray(labels, object)[columns["candidate"].astype(int)]
+    for name in ("window", "position", "target"):
+      columns[name] = columns[name].astype(np.int64)
+    return pa.table(columns)
+
+
+def evaluate(reference: LoadedModel, candidates: Sequence[LoadedModel], windows: Windows, *, labels: Sequence[str],
+             batch_size: int = 4, spike_thresholds=(0.5,), worst: int = 20, state: EvalState | None = None,
+             dump: TokenDump | None = None, on_batch: Callable[[EvalState, int], None] | None = None) -> EvalState:
+  """Run (or resume, given ``state``) an evaluation; ``on_batch(state, scored_tokens)`` after every batch.
+
+  ``labels`` name the reference then each candidate; ``worst`` highest-KLD tokens per
+  candidate are kept (with their window and position) for the report.
+  """
+  if not candidates:
+    raise ValueError("an evaluation needs at least one candidate")
+  if len(labels) != 1 + len(candidates):
+    raise ValueError(f"{len(labels)} labels for {1 + len(candidates)} models")
+  check_compatible(reference, candidates)
+  spec = spec_for(spike_thresholds)
+  state = state or EvalState(list(labels))
+  models = (reference.model, *(c.model for c in candidates))
+  n, t = windows.tokens.shape
+  worst = max(1, min(worst, batch_size * (t - 1)))
+  for start in range(state.windows_done, n, batch_size):
+    count = min(batch_size, n - start)
+    tokens = np.zeros((batch_size, t), np.int32)
+    scored = np.zeros((batch_size, t - 1), bool)  # a short last batch is padded with unscored rows
+    tokens[:count], scored[:count] = windows.tokens[start:start + count], windows.scored[start:start + count]
+    out = _batch_stats_jit(models, jnp.asarray(tokens), jnp.asarray(scored), spec, reference.config.vocab_size,
+                           worst, dump is not None)
+    sketches, seq_ce, seq_tokens, moments, top_values, top_index, per_token = jax.device_get(out)
+    block = {}
+    for key, sketch in sketches.items():
+      kind, index = key.split("/")
+      block[f"{kind}/{state.labels[int(index)]}"] = HostHistogram.from_sketch(sketch)
+    state.blocks.append(block)
+    for i, label in enumerate(state.labels):
+      state.seq_ce[label].extend(np.asarray(seq_ce[i, :count], np.float64).tolist())
+    state.seq_tokens.extend(np.asarray(seq_tokens[:count]).tolist())
+    for i, label in enumerate(state.labels[1:]):
+      state.moments[label] += np.asarray(moments[i], np.float64)
+      row, position = np.divmod(top_index[i], t - 1)
+      found = [(float(v), start + int(r), int(p)) for v, r, p in zip(top_values[i], row, position) if v != -np.inf]
+      state.worst.setdefault(label, [])
+      state.worst[label] = sorted(state.worst[label] + found, key=_badness, reverse=True)[:worst]
+    if dump is not None:
+      dump.add(per_token[:, :, :count], tokens[:count], scored[:count], start)
+    state.windows_done = start + count
+    if on_batch is not None:
+      on_batch(state, int(windows.scored[start:start + count].sum()))
+  return state
+
+
+def _badness(entry: tuple[float, int, int]) -> tuple[bool, float]:
+  value = entry[0]
+  return (value != value, value if value == value else 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and restoring state, so an interrupted run resumes where it stopped.
+
+
+def save_state(state: EvalState, path: Path) -> None:
+  """Atomic write (temporary file, then rename): a kill mid-write leaves the last good state."""
+  arrays: dict[str, np.ndarray] = {"windows_done": np.asarray(state.windows_done),
+                                   "seq_tokens": np.asarray(state.seq_tokens, np.int64)}
+  keys = sorted(state.blocks[0]) if state.blocks else []
+  for key in keys:
+    blocks = [b[key] for b in state.blocks]
+    arrays[f"counts:{key}"] = np.stack([b.counts for b in blocks])
+    arrays[f"scalars:{key}"] = np.array([[b.nan, b.total, b.min, b.max] for b in blocks], np.float64)
+  for label in state.labels:
+    arrays[f"seq_ce:{label}"] = np.asarray(state.seq_ce[label], np.float64)
+  for label in state.labels[1:]:
+    arrays[f"moments:{label}"] = state.moments[label]
+    arrays[f"worst:{label}"] = np.asarray(state.worst.get(label, []), np.float64).reshape(-1, 3)
+  meta = {"labels": state.labels, "keys": keys, "specs": {k: state.blocks[0][k].spec.to_dict() for k in keys}}
+  tmp = path.with_name(path.name + ".tmp")
+  with tmp.open("wb") as f:
+    np.savez_compressed(f, meta=np.asarray(json.dumps(meta)), **arrays)
+  tmp.replace(path)
+
+
+def load_state(path: Path) -> EvalState:
+  try:
+    with np.load(path) as z:
+      meta = json.loads(str(z["meta"]))
+      state = EvalState(meta["labels"], windows_done=int(z["windows_done"]),
+                        seq_tokens=z["seq_tokens"].tolist())
+      specs = {k: BucketSpec(**{**v, "thresholds": tuple(v["thresholds"])}) for k, v in meta["specs"].items()}
+      columns = {key: (z[f"counts:{key}"], z[f"scalars:{key}"]) for key in meta["keys"]}
+      for label in state.labels:
+        state.seq_ce[label] = z[f"seq_ce:{label}"].tolist()
+      for label in state.labels[1:]:
+        state.moments[label] = z[f"moments:{label}"]
+        state.worst[label] = [(float(v), int(w), int(p)) for v, w, p in z[f"worst:{label}"]]
+  except (OSError, ValueError, KeyError) as err:
+    raise ValueError(f"{path}: unreadable evaluation state ({err}); delete it to start the run over") from err
+  blocks = len(next(iter(columns.values()))[0]) if columns else 0
+  for i in range(blocks):
+    state.blocks.append({key: HostHistogram(specs[key], counts[i].astype(np.int64), int(scalars[i, 0]),
+                                            float(scalars[i, 1]), float(scalars[i, 2]), float(scalars[i, 3]))
+                         for key, (counts, scalars) in columns.items()})
+  return state

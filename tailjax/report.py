@@ -1,0 +1,294 @@
+"""Evaluation state -> ``report.json`` -> terminal table, Markdown and a self-contained HTML page.
+
+``report.json`` is the public contract (other tools read it): per candidate a ``kld``
+summary with ``mean``, ``median``, ``p90``, ``p95``, ``p99``, ``p99.9``, ``spike_rate`` and
+``top1_agreement``; per model a ``ce`` summary with the same keys and ``ppl``. Every
+summary carries its serialized sketch, so a saved report can be re-rendered, merged and
+compared (``tailjax report``) without the models.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from tailjax import __version__
+from tailjax.evaluate import MOMENTS, EvalState
+from tailjax.stats import HostHistogram, SequenceSummary, Summary, compare
+from tailjax.stats.bootstrap import block_bootstrap
+
+# llama.cpp's KLD and Δp quantile lines, so users can check one tool against the other.
+KLD_QUANTILES = (0.001, 0.01, 0.05, 0.1, 0.5, 0.9, 0.95, 0.99, 0.999)
+DELTA_P_QUANTILES = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999)
+HEADLINE = ("mean", "median", "p90", "p95", "p99", "p99.9", "spike_rate")
+_CI_STATISTICS = {
+    "mean": lambda s: s.mean, "median": lambda s: s.quantile(0.5), "p99": lambda s: s.quantile(0.99),
+}
+
+
+def _quantile_table(sketch: HostHistogram, qs) -> dict[str, float]:
+  return {f"{100 * q:g}%": float(v) for q, v in zip(qs, sketch.quantiles(qs))}
+
+
+def _summary(blocks: list[HostHistogram], merged: HostHistogram, spike_thresholds, replicates: int) -> dict:
+  summary = Summary.from_sketch(merged, spike_thresholds=spike_thresholds).to_dict()
+  statistics = dict(_CI_STATISTICS)
+  if spike_thresholds:
+    statistics["spike_rate"] = lambda s: s.fraction_above(spike_thresholds[0])
+  summary["ci95"] = {k: list(v) for k, v in block_bootstrap(blocks, statistics, replicates).items()}
+  return summary
+
+
+def build_report(state: EvalState, run: dict[str, Any], sources: dict[str, str], *, spike_thresholds=(0.5,),
+                 outlier_ppl: float = 100.0, replicates: int = 1000) -> dict[str, Any]:
+  """The ``report.json`` dictionary of a finished (or partial) run."""
+  reference, candidates = state.labels[0], state.labels[1:]
+  report: dict[str, Any] = {"tailjax_version": __version__, "run": {**run, "windows_done": state.windows_done},
+                            "reference": reference, "models": {}, "candidates": {}}
+  tokens = np.asarray(state.seq_tokens)
+  for label in state.labels:
+    key = f"ce/{label}"
+    ce = _summary([b[key] for b in state.blocks], state.merged(key), spike_thresholds, replicates)
+    sequences = SequenceSummary(np.asarray(state.seq_ce[label]), tokens, outlier_ppl)
+    ce["ppl"] = sequences.corpus_ppl
+    report["models"][label] = {
+        "source": sources[label], "role": "reference" if label == reference else "candidate", "ce": ce,
+        "sequences": {**sequences.to_dict(), "ppl": [None if math.isnan(p) else p for p in sequences.ppl.tolist()]},
+    }
+  for label in candidates:
+    m = dict(zip(MOMENTS, state.moments[label]))
+    kld = _summary([b[f"kld/{label}"] for b in state.blocks], state.merged(f"kld/{label}"), spike_thresholds,
+                   replicates)
+    kld["quantiles"] = _quantile_table(state.merged(f"kld/{label}"), KLD_QUANTILES)
+    dp = state.merged(f"dp/{label}")
+    report["candidates"][label] = {
+        "kld": kld,
+        "ppl_ratio": report["models"][label]["ce"]["ppl"] / report["models"][reference]["ce"]["ppl"],
+        **_pair_statistics(m),
+    }
+    report["candidates"][label]["delta_p"].update(min=dp.min, max=dp.max, sketch=dp.to_dict(),
+                                                  quantiles=_quantile_table(dp, DELTA_P_QUANTILES))
+  report["comparison"] = compare_candidates(report)
+  return report
+
+
+def read(path) -> dict[str, Any]:
+  """A saved run: a directory holding ``report.json``, or the file itself."""
+  from pathlib import Path
+
+  path = Path(path)
+  file = path / "report.json" if path.is_dir() else path
+  try:
+    result = json.loads(file.read_text())
+    result["candidates"], result["models"]  # noqa: B018 - the contract's two sections must be there
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{file}: no such report (run tailjax eval --output {path} first)") from None
+  except (json.JSONDecodeError, KeyError, TypeError) as err:
+    raise ValueError(f"{file}: not a tailjax eval report ({err!r})") from err
+  return result
+
+
+def combine(reports: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+  """Several runs as one report: every model and candidate prefixed by its run's name."""
+  combined: dict[str, Any] = {"tailjax_version": __version__, "reference": f"{names[0]}:{reports[0]['reference']}",
+                              "run": {**reports[0]["run"], "corpus": ", ".join(r["run"]["corpus"] for r in reports)},
+                              "models": {}, "candidates": {}}
+  for name, r in zip(names, reports):
+    if r["run"].get("fingerprint") != reports[0]["run"].get("fingerprint"):
+      combined["run"]["note"] = "the runs scored different windows: compare their numbers with care"
+    combined["models"].update({f"{name}:{k}": v for k, v in r["models"].items()})
+    combined["candidates"].update({f"{name}:{k}": v for k, v in r["candidates"].items()})
+  combined["comparison"] = compare_candidates(combined)
+  return combined
+
+
+def _pair_statistics(m: dict[str, float]) -> dict[str, Any]:
+  """llama.cpp's paired figures from moment sums over tokens where both CEs are finite."""
+  n = m["tokens"]
+  if n == 0:
+    nan = math.nan
+    return {"top1_agreement": nan, "delta_p": {"mean": nan, "rms": nan}, "ln_ppl_ratio": {"mean": nan, "stderr": nan},
+            "ce_correlation": nan}
+  mean_d = (m["cand_ce"] - m["ref_ce"]) / n  # per-token ln(PPL_cand / PPL_ref)
+  var_d = (m["cand_ce2"] - 2 * m["ref_cand_ce"] + m["ref_ce2"]) / n - mean_d**2
+  var_a, var_b = m["ref_ce2"] / n - (m["ref_ce"] / n)**2, m["cand_ce2"] / n - (m["cand_ce"] / n)**2
+  cov = m["ref_cand_ce"] / n - m["ref_ce"] * m["cand_ce"] / n**2
+  return {
+      "top1_agreement": m["top1"] / n,
+      "delta_p": {"mean": m["dp"] / n, "rms": math.sqrt(m["dp2"] / n)},
+      "ln_ppl_ratio": {"mean": mean_d, "stderr": math.sqrt(max(var_d, 0) / max(n - 1, 1))},
+      "ce_correlation": cov / math.sqrt(var_a * var_b) if var_a > 0 and var_b > 0 else math.nan,
+  }
+
+
+def compare_candidates(report: dict[str, Any]) -> dict[str, Any]:
+  """Dominance verdicts (lower median AND p99 KLD) and whether mean and median rank alike."""
+  cands = report["candidates"]
+  names = list(cands)
+  summaries = {name: Summary.from_dict(cands[name]["kld"]) for name in names}
+  verdicts = [compare(summaries[a], summaries[b], (a, b)).text for i, a in enumerate(names) for b in names[i + 1:]]
+  by_mean = sorted(names, key=lambda n: cands[n]["kld"]["mean"])
+  by_median = sorted(names, key=lambda n: cands[n]["kld"]["median"])
+  note = None
+  if by_mean != by_median:
+    note = (f"mean and median KLD rank the candidates differently: by mean {' < '.join(by_mean)}, "
+            f"by median {' < '.join(by_median)}")
+  return {"verdicts": verdicts, "rank_by_mean": by_mean, "rank_by_median": by_median, "mean_median_disagree": note}
+
+
+# ---------------------------------------------------------------------------------------------
+# Views.
+
+
+def _fmt(x, digits: int = 4) -> str:
+  if x is None or (isinstance(x, float) and math.isnan(x)):
+    return "n/a"
+  return f"{x:.{digits}g}"
+
+
+def _rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
+  kld_head = ["candidate", "KLD mean", "median", "p90", "p95", "p99", "p99.9", "spike>0.5", "tail share", "top-1",
+              "PPL ratio", "non-finite"]
+  kld_rows = []
+  for name, c in report["candidates"].items():
+    k = c["kld"]
+    kld_rows.append([name, *(_fmt(k[key]) for key in ("mean", "median", "p90", "p95", "p99", "p99.9")),
+                     f"{100 * k['spike_rate']:.2f}%", f"{100 * k['tail_share']:.1f}%",
+                     f"{100 * c['top1_agreement']:.2f}%", _fmt(c["ppl_ratio"], 5), str(k["nonfinite"])])
+  ce_head = ["model", "CE mean", "median", "p99", "PPL", "seq PPL median", "P95", "P99", "outliers"]
+  ce_rows = []
+  for name, m in report["models"].items():
+    ce, s = m["ce"], m["sequences"]
+    ce_rows.append([f"{name} ({m['role']})", _fmt(ce["mean"]), _fmt(ce["median"]), _fmt(ce["p99"]), _fmt(ce["ppl"], 5),
+                    _fmt(s["median_ppl"], 5), _fmt(s["p95_ppl"], 5), _fmt(s["p99_ppl"], 5),
+                    f"{s['outliers']} > {s['outlier_threshold']:g}"])
+  return kld_head, kld_rows, ce_head, ce_rows
+
+
+def _notes(report: dict[str, Any]) -> list[str]:
+  notes = []
+  for name, c in report["candidates"].items():
+    ci = c["kld"]["ci95"]
+    notes.append(f"{name}: KLD mean 95% CI [{_fmt(ci['mean'][0])}, {_fmt(ci['mean'][1])}], median "
+                 f"[{_fmt(ci['median'][0])}, {_fmt(ci['median'][1])}], p99 [{_fmt(ci['p99'][0])}, "
+                 f"{_fmt(ci['p99'][1])}] (block bootstrap); Cor(ln PPL) {100 * c['ce_correlation']:.2f}%; "
+                 f"mean ln(PPL ratio) {c['ln_ppl_ratio']['mean']:.5f} ± {c['ln_ppl_ratio']['stderr']:.5f}; "
+                 f"Δp mean {100 * c['delta_p']['mean']:.3f}%, RMS {100 * c['delta_p']['rms']:.3f}%")
+  nonfinite = {name: m["ce"]["nonfinite"] for name, m in report["models"].items() if m["ce"]["nonfinite"]}
+  if nonfinite:
+    notes.append(f"non-finite CE values (NaN/Inf logits), counted apart and never averaged in: {nonfinite}")
+  comparison = report["comparison"]
+  notes.extend(comparison["verdicts"])
+  if comparison["mean_median_disagree"]:
+    notes.append(comparison["mean_median_disagree"])
+  return notes
+
+
+def _title(report: dict[str, Any]) -> str:
+  run = report["run"]
+  return (f"reference {report['reference']} on {run['corpus']} ({run['protocol']}: {run['windows']} windows of "
+          f"{run['seq_len']} tokens, {run['scored_tokens']} scored)")
+
+
+def render(report: dict[str, Any], console) -> None:
+  from rich.table import Table
+
+  kld_head, kld_rows, ce_head, ce_rows = _rows(report)
+  for title, head, rows in ((f"Per-token KLD(reference || candidate) — {_title(report)}", kld_head, kld_rows),
+                            ("Per-token cross-entropy (nats) and perplexity", ce_head, ce_rows)):
+    table = Table(title=title, title_justify="left")
+    for i, col in enumerate(head):
+      table.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+      table.add_row(*row)
+    console.print(table)
+  for note in _notes(report):
+    console.print(f"• {note}", highlight=False)
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+  kld_head, kld_rows, ce_head, ce_rows = _rows(report)
+  lines = [f"# tailjax eval", "", _title(report), ""]
+  for head, rows in ((kld_head, kld_rows), (ce_head, ce_rows)):
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines.append("")
+  lines += [f"- {note}" for note in _notes(report)]
+  return "\n".join(lines) + "\n"
+
+
+def _png(figure) -> str:
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+  return base64.b64encode(buffer.getvalue()).decode()
+
+
+def plots(report: dict[str, Any]) -> dict[str, str]:
+  """Base64 PNGs: KLD CDF (log axis), per-sequence PPL candidate vs reference, CE percentile profile."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  out = {}
+  fig, ax = plt.subplots(figsize=(6.4, 4))
+  for name, c in report["candidates"].items():
+    sketch = HostHistogram.from_dict(c["kld"]["sketch"])
+    values = sketch.spec.representative()
+    keep = (sketch.counts > 0) & (values > 0) & np.isfinite(values)
+    cdf = np.cumsum(sketch.counts) / max(sketch.n - sketch.nan, 1)
+    ax.step(values[keep], cdf[keep], where="post", label=name)
+  ax.set(xscale="log", xlabel="per-token KLD (nats)", ylabel="share of tokens ≤ x", title="KLD CDF")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  out["kld_cdf"] = _png(fig)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(6.4, 4))
+  ref = np.asarray([np.nan if p is None else p for p in report["models"][report["reference"]]["sequences"]["ppl"]])
+  for name in report["candidates"]:
+    cand = np.asarray([np.nan if p is None else p for p in report["models"][name]["sequences"]["ppl"]])
+    ax.scatter(ref, cand, s=10, label=name, alpha=0.7)
+  finite = ref[np.isfinite(ref)]
+  if finite.size:
+    ax.plot([finite.min(), finite.max()], [finite.min(), finite.max()], color="gray", lw=0.8)
+  ax.set(xscale="log", yscale="log", xlabel="reference PPL per sequence", ylabel="candidate PPL per sequence",
+         title="per-sequence perplexity")
+  ax.legend(fontsize=8)
+  out["sequence_ppl"] = _png(fig)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(6.4, 4))
+  for name, m in report["models"].items():
+    pct = m["ce"]["percentiles"]
+    ax.plot([float(k[1:]) for k in pct], list(pct.values()), marker=".", label=name)
+  ax.set(yscale="log", xlabel="percentile", ylabel="per-token CE (nats)", title="CE percentile profile")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  out["ce_profile"] = _png(fig)
+  plt.close(fig)
+  return out
+
+
+def to_html(report: dict[str, Any]) -> str:
+  kld_head, kld_rows, ce_head, ce_rows = _rows(report)
+
+  def table(head, rows):
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
+
+  images = "".join(f'<figure><img alt="{k}" src="data:image/png;base64,{v}"></figure>' for k, v in plots(report).items())
+  notes = "".join(f"<li>{html.escape(n)}</li>" for n in _notes(report))
+  style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;"
+           "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,"
+           "th:first-child{text-align:left}figure{display:inline-block;margin:0.5em}")
+  return (f"<!doctype html><html><head><meta charset='utf-8'><title>tailjax eval</title><style>{style}</style>"
+          f"</head><body><h1>tailjax eval</h1><p>{html.escape(_title(report))}</p>{table(kld_head, kld_rows)}"
+          f"{table(ce_head, ce_rows)}<ul>{notes}</ul>{images}</body></html>")

