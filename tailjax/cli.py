@@ -75,8 +75,10 @@ def _wide_console() -> Console:
 @click.option("--output", type=click.Path(path_type=Path), help="Directory for report.json/.md/.html and resume state.")
 @click.option("--dump-tokens", type=click.Path(path_type=Path), help="Parquet file with every scored token's values.")
 @click.option("--worst", default=20, show_default=True, help="Highest-KLD tokens listed per candidate.")
+@click.option("--kl-divergence-base", type=click.Path(path_type=Path),
+              help="llama.cpp base logits file (--save-all-logits) as the reference: its tokens and log-probs.")
 def eval_command(reference, candidates, corpus, text_field, protocol, seq_len, num_sequences, seed, batch_size,
-                 spike_thresholds, output, dump_tokens, worst) -> None:
+                 spike_thresholds, output, dump_tokens, worst, kl_divergence_base) -> None:
   """Per-token KLD and CE distributions of candidates against a reference, with tails and intervals."""
   import dataclasses
 
@@ -92,7 +94,8 @@ def eval_command(reference, candidates, corpus, text_field, protocol, seq_len, n
     chosen = dataclasses.replace(chosen, **overrides)
     result = runner.run_eval(reference, candidates, corpus, protocol=chosen, text_field=text_field,
                              batch_size=batch_size, spike_thresholds=spike_thresholds, output=output,
-                             dump_tokens=dump_tokens, worst=worst, console=Console(stderr=True))
+                             dump_tokens=dump_tokens, worst=worst, kl_divergence_base=kl_divergence_base,
+                             console=Console(stderr=True))
   except (ValueError, FileNotFoundError) as err:
     raise click.ClickException(str(err)) from None
   except KeyboardInterrupt:

@@ -16,6 +16,7 @@ numbers as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tailjax import head
+from tailjax import head, llamacpp
 from tailjax.data import Windows
 from tailjax.models import LoadedModel
 from tailjax.stats import BucketSpec, HostHistogram, LogHistogram, spec_for
@@ -61,8 +62,14 @@ class EvalState:
     return total
 
 
-def check_compatible(reference: LoadedModel, candidates: Sequence[LoadedModel]) -> None:
+def check_compatible(reference: LoadedModel | llamacpp.KldBase, candidates: Sequence[LoadedModel]) -> None:
   """Candidates must score the same tokens with the same vocabulary as the reference."""
+  if isinstance(reference, llamacpp.KldBase):
+    for cand in candidates:
+      if cand.config.vocab_size != reference.n_vocab:
+        raise ValueError(f"{cand.name}: vocabulary of {cand.config.vocab_size} tokens, the llama.cpp base "
+                         f"{reference.path} has {reference.n_vocab}")
+    return
   for cand in candidates:
     if cand.config.vocab_size != reference.config.vocab_size:
       raise ValueError(f"{cand.name}: vocabulary of {cand.config.vocab_size} tokens, the reference "
@@ -73,18 +80,29 @@ def check_compatible(reference: LoadedModel, candidates: Sequence[LoadedModel]) 
                        "per-token comparisons need identical tokenization")
 
 
-def _batch_stats(models: tuple, tokens: jax.Array, scored: jax.Array, spec: BucketSpec, vocab_size: int,
-                 worst: int, dump: bool):
+def _token_stats(models: tuple, tokens: jax.Array, scored: jax.Array, base, vocab_size: int) -> list[head.TokenStats]:
+  """Per candidate, per-token values against the reference model, or against a llama.cpp base's log-probs."""
   reference, *candidates = models
   targets = tokens[:, 1:]
-  ref_hidden = reference(tokens)[:, :-1]
-  ref_unembedding = reference.unembedding()
+  if base is None:
+    ref_hidden = reference(tokens)[:, :-1]
+    return [head.token_stats(ref_hidden, reference.unembedding(), cand(tokens)[:, :-1], cand.unembedding(), targets,
+                             where=scored, vocab_size=vocab_size) for cand in candidates]
+  stats = []
+  for cand in candidates:  # a base file is materialized log-probs already: the candidate's logits are too
+    logits = jnp.einsum("btd,dv->btv", cand(tokens)[:, :-1], cand.unembedding()[:, :vocab_size],
+                        preferred_element_type=jnp.float32)
+    values = llamacpp.base_token_stats(*base, logits, targets)
+    stats.append(head.TokenStats(*(jnp.where(scored, v, 0.0) for v in values)))
+  return stats
+
+
+def _batch_stats(models: tuple, tokens: jax.Array, scored: jax.Array, base, spec: BucketSpec, vocab_size: int,
+                 worst: int, dump: bool):
   mask = scored.astype(jnp.float32)
   finite = lambda x: scored & (jnp.abs(x) < jnp.inf)
   sketches, seq_ce, moments, top, per_token = {}, [], [], [], []
-  for i, cand in enumerate(candidates):
-    s = head.token_stats(ref_hidden, ref_unembedding, cand(tokens)[:, :-1], cand.unembedding(), targets,
-                         where=scored, vocab_size=vocab_size)
+  for i, s in enumerate(_token_stats(models, tokens, scored, base, vocab_size)):
     if i == 0:
       sketches["ce/0"] = LogHistogram.empty(spec).add(s.ref_ce, scored)
       seq_ce.append(jnp.sum(jnp.where(scored, s.ref_ce, 0.0), axis=1))  # NaN/inf stay: PPL undefined
@@ -107,7 +125,7 @@ def _batch_stats(models: tuple, tokens: jax.Array, scored: jax.Array, spec: Buck
           jnp.stack(per_token) if dump else None)
 
 
-_batch_stats_jit = nnx.jit(_batch_stats, static_argnums=(3, 4, 5, 6))
+_batch_stats_jit = nnx.jit(_batch_stats, static_argnums=(4, 5, 6, 7))
 
 
 @dataclasses.dataclass
@@ -135,11 +153,13 @@ class TokenDump:
     return pa.table(columns)
 
 
-def evaluate(reference: LoadedModel, candidates: Sequence[LoadedModel], windows: Windows, *, labels: Sequence[str],
+def evaluate(reference: LoadedModel | llamacpp.KldBase, candidates: Sequence[LoadedModel], windows: Windows, *, labels: Sequence[str],
              batch_size: int = 4, spike_thresholds=(0.5,), worst: int = 20, state: EvalState | None = None,
              dump: TokenDump | None = None, on_batch: Callable[[EvalState, int], None] | None = None) -> EvalState:
   """Run (or resume, given ``state``) an evaluation; ``on_batch(state, scored_tokens)`` after every batch.
 
+  ``reference`` is a model, or a llama.cpp base file whose windows ``windows`` must be
+  (``base_windows``).
   ``labels`` name the reference then each candidate; ``worst`` highest-KLD tokens per
   candidate are kept (with their window and position) for the report.
   """
@@ -150,7 +170,9 @@ def evaluate(reference: LoadedModel, candidates: Sequence[LoadedModel], windows:
   check_compatible(reference, candidates)
   spec = spec_for(spike_thresholds)
   state = state or EvalState(list(labels))
-  models = (reference.model, *(c.model for c in candidates))
+  from_base = isinstance(reference, llamacpp.KldBase)
+  models = (None if from_base else reference.model, *(c.model for c in candidates))
+  vocab_size = reference.n_vocab if from_base else reference.config.vocab_size
   n, t = windows.tokens.shape
   worst = max(1, min(worst, batch_size * (t - 1)))
   for start in range(state.windows_done, n, batch_size):
@@ -158,8 +180,9 @@ def evaluate(reference: LoadedModel, candidates: Sequence[LoadedModel], windows:
     tokens = np.zeros((batch_size, t), np.int32)
     scored = np.zeros((batch_size, t - 1), bool)  # a short last batch is padded with unscored rows
     tokens[:count], scored[:count] = windows.tokens[start:start + count], windows.scored[start:start + count]
-    out = _batch_stats_jit(models, jnp.asarray(tokens), jnp.asarray(scored), spec, reference.config.vocab_size,
-                           worst, dump is not None)
+    base = _base_batch(reference, start, count, batch_size) if from_base else None
+    out = _batch_stats_jit(models, jnp.asarray(tokens), jnp.asarray(scored), base, spec, vocab_size, worst,
+                           dump is not None)
     sketches, seq_ce, seq_tokens, moments, top_values, top_index, per_token = jax.device_get(out)
     block = {}
     for key, sketch in sketches.items():
@@ -181,6 +204,25 @@ def evaluate(reference: LoadedModel, candidates: Sequence[LoadedModel], windows:
     if on_batch is not None:
       on_batch(state, int(windows.scored[start:start + count].sum()))
   return state
+
+
+def base_windows(base: llamacpp.KldBase, bos_id: int | None) -> Windows:
+  """The windows a llama.cpp base file scored: its chunks, second half, first token BOS when the model adds one."""
+  tokens = base.tokens.copy()
+  if bos_id is not None:
+    tokens[:, 0] = bos_id
+  scored = np.zeros((len(tokens), base.n_ctx - 1), bool)
+  scored[:, base.first_scored:] = True
+  digest = hashlib.sha256(tokens.tobytes() + scored.tobytes()).hexdigest()[:16]
+  return Windows(tokens, scored, np.arange(len(tokens), dtype=np.int64) * base.n_ctx, tokens.size, digest)
+
+
+def _base_batch(base: llamacpp.KldBase, start: int, count: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
+  logprobs = np.zeros((batch_size, base.n_ctx - 1, base.n_vocab), np.float32)
+  valid = np.zeros(logprobs.shape, bool)
+  for b in range(count):
+    logprobs[b, base.first_scored:], valid[b, base.first_scored:] = base.chunk_logprobs(start + b)
+  return jnp.asarray(logprobs), jnp.asarray(valid)
 
 
 def _badness(entry: tuple[float, int, int]) -> tuple[bool, float]:

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from tailjax import data, models, report as reporting
+from tailjax import data, llamacpp, models, report as reporting
+from tailjax import evaluate as evaluate_module
 from tailjax.evaluate import TokenDump, evaluate, load_state, save_state
 from tailjax.models import LoadedModel, QuantSpec
 
@@ -56,14 +57,14 @@ def load_candidate(spec: str, reference: LoadedModel) -> LoadedModel:
   return LoadedModel(reference.config, model, reference.tokenizer, reference.source, quantization)
 
 
-def _labels(named: Sequence[tuple[str | None, LoadedModel]], reference: LoadedModel) -> list[str]:
+def _labels(named: Sequence[tuple[str | None, LoadedModel]], reference: LoadedModel | None) -> list[str]:
   """Short unique names: the user's, else the file's stem, else (the reference rounded) the quantization."""
   labels = []
   for label, loaded in named:
     stem = Path(loaded.source).stem
     if loaded.quantization is None:
       base = label or stem
-    elif loaded.source == reference.source and loaded is not reference:
+    elif reference is not None and loaded.source == reference.source and loaded is not reference:
       base = label or str(loaded.quantization)
     else:
       base = label or f"{stem}@{loaded.quantization}"
@@ -96,24 +97,11 @@ def _prepare_output(output: Path, identity: dict[str, Any]) -> bool:
   return False
 
 
-def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpus: str = "pydoc", *,
-             protocol: data.Protocol = DEFAULT_PROTOCOL, text_field: str = "text", batch_size: int = 4,
-             spike_thresholds: Sequence[float] = (0.5,), output: str | Path | None = None,
-             dump_tokens: str | Path | None = None, worst: int = 20, save_every: float = 30.0,
-             console=None) -> dict[str, Any]:
-  """Evaluate ``candidates`` against ``reference`` on ``corpus``; returns the ``report.json`` dictionary.
-
-  With no reference and no candidates this is the embedded default: SmolLM2-135M against its
-  own int4 and int3 round-to-nearest quantizations on CPython's reference manual.
-  """
-  from rich.console import Console
-
-  console = console or Console(stderr=True)
+def _load_models(reference: str | None, candidates: Sequence[str]):
   reference_label, reference_spec = _split_label(reference or default_reference())
   candidates = list(candidates) or (list(DEFAULT_CANDIDATES) if reference is None else [])
   if not candidates:
     raise ValueError("give at least one --candidate (a model spec, or @int4 for the reference quantized)")
-  started = time.perf_counter()
   ref = models.load(reference_spec)
   if ref.tokenizer is None:
     raise ValueError(f"{reference_spec}: the reference has no tokenizer to cut the corpus with")
@@ -121,19 +109,63 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
   for spec in candidates:
     label, spec = _split_label(spec)
     named.append((label, load_candidate(spec, ref)))
-  labels = _labels(named, ref)
-  cands = [loaded for _, loaded in named[1:]]
-  windows = data.corpus_windows(corpus, ref.tokenizer, protocol, text_field)
-  for label, (_, loaded) in zip(labels, named):
+  return ref, _labels(named, ref), [loaded for _, loaded in named[1:]]
+
+
+def _against_base(path, reference: str | None, candidates: Sequence[str]):
+  if reference is not None:
+    raise ValueError("give --reference or --kl-divergence-base, not both")
+  if not candidates or any(spec.startswith("@") for spec in candidates):
+    raise ValueError("with --kl-divergence-base, every --candidate must be a model spec (there is no reference "
+                     "model to quantize)")
+  base = llamacpp.read_base(path)
+  named = [_split_label(spec) for spec in candidates]
+  cands = [models.load(spec) for _, spec in named]
+  labels = [Path(path).stem, *_labels(list(zip((label for label, _ in named), cands)), None)]
+  tokenizer = next((c.tokenizer for c in cands if c.tokenizer is not None), None)
+  if tokenizer is None:
+    raise ValueError("no candidate has a tokenizer to decode the base file's tokens with")
+  windows = evaluate_module.base_windows(base, tokenizer.bos_id if tokenizer.add_bos else None)
+  return base, labels, cands, windows, tokenizer
+
+
+def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpus: str = "pydoc", *,
+             protocol: data.Protocol = DEFAULT_PROTOCOL, text_field: str = "text", batch_size: int = 4,
+             spike_thresholds: Sequence[float] = (0.5,), output: str | Path | None = None,
+             dump_tokens: str | Path | None = None, worst: int = 20, save_every: float = 30.0,
+             kl_divergence_base: str | Path | None = None, console=None) -> dict[str, Any]:
+  """Evaluate ``candidates`` against ``reference`` on ``corpus``; returns the ``report.json`` dictionary.
+
+  ``kl_divergence_base`` (instead of a reference and a corpus) is a llama.cpp base file: its
+  tokens and stored reference log-probs, so a run compares with llama.cpp's own.
+
+  With no reference and no candidates this is the embedded default: SmolLM2-135M against its
+  own int4 and int3 round-to-nearest quantizations on CPython's reference manual.
+  """
+  from rich.console import Console
+
+  console = console or Console(stderr=True)
+  started = time.perf_counter()
+  if kl_divergence_base is not None:
+    ref, labels, cands, windows, tokenizer = _against_base(kl_divergence_base, reference, candidates)
+    corpus, sources = str(kl_divergence_base), [str(kl_divergence_base), *(c.name for c in cands)]
+    protocol = dataclasses.replace(DEFAULT_PROTOCOL, name="llamacpp-base", seq_len=ref.n_ctx, num_sequences=None)
+  else:
+    ref, labels, cands = _load_models(reference, candidates)
+    tokenizer = ref.tokenizer
+    windows = data.corpus_windows(corpus, tokenizer, protocol, text_field)
+    sources = [m.name for m in (ref, *cands)]
+  checked = zip(labels[1:], cands) if kl_divergence_base is not None else zip(labels, [ref, *cands])
+  for label, loaded in checked:
     if protocol.seq_len > loaded.config.max_position_embeddings:
       console.print(f"[yellow]warning:[/yellow] {label} was trained on at most "
                     f"{loaded.config.max_position_embeddings} positions; windows have {protocol.seq_len}")
-  run = {"models": {label: loaded.name for label, (_, loaded) in zip(labels, named)}, "corpus": corpus,
+  run = {"models": dict(zip(labels, sources)), "corpus": corpus,
          "protocol": protocol.name, "seq_len": protocol.seq_len, "num_sequences": protocol.num_sequences,
          "seed": protocol.seed, "fingerprint": windows.fingerprint, "batch_size": batch_size,
          "spike_thresholds": list(spike_thresholds), "windows": len(windows), "scored_tokens": windows.scored_tokens,
          "corpus_tokens": windows.corpus_tokens}
-  console.print(f"loaded {len(named)} models and {len(windows)} windows x {protocol.seq_len} tokens "
+  console.print(f"loaded {len(labels)} models and {len(windows)} windows x {protocol.seq_len} tokens "
                 f"({windows.scored_tokens} scored) in {time.perf_counter() - started:.1f} s", highlight=False)
 
   output = Path(output) if output else None
@@ -148,7 +180,7 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
                              save_every, console)
   sources = run["models"]
   result = reporting.build_report(state, run, sources, spike_thresholds=tuple(spike_thresholds))
-  result["worst_tokens"] = _worst_tokens(state, windows, ref.tokenizer)
+  result["worst_tokens"] = _worst_tokens(state, windows, tokenizer)
   if dump is not None:
     import pyarrow.parquet as pq
 

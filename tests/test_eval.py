@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from flax import nnx
 from pydoc_data.topics import topics
 
-from tailjax import cli, data, evaluate, models, runner
+from tailjax import cli, data, evaluate, llamacpp, models, runner
 from tailjax.models import Decoder
 from test_models import TINY, write_tiny_gguf
 
@@ -178,3 +178,54 @@ def test_embedded_default_on_smollm2(tmp_path):
   assert 0 < int4["kld"]["median"] < int3["kld"]["median"]
   assert int4["top1_agreement"] > int3["top1_agreement"] > 0.2
   assert result["models"]["SmolLM2-135M-Instruct.Q4_1"]["ce"]["median"] < 2.5
+
+
+def test_llamacpp_records_decode_to_log_softmax(rng):
+  logits = (rng.standard_normal((6, 50)) * 4).astype(np.float32)
+  logits[0] = 0.0  # a flat row: scale 0, every code 0
+  logits[1, 3] = 40.0  # most entries saturate 16 nats below the maximum
+  records = llamacpp.encode(logits)
+  assert records.shape == (6, llamacpp.record_width(50)) == (6, 54)
+  header = records[:, :4].copy().view(np.float32)
+  decoded = header[:, :1] * records[:, 4:].astype(np.float32) + header[:, 1:2]
+  exact = logits - np.log(np.exp(logits.astype(np.float64)).sum(1, keepdims=True))
+  stored = records[:, 4:] > 0
+  assert not stored[0].any() and stored[1].sum() == 1
+  step = header[:, :1]
+  assert np.all(np.abs(decoded - exact)[stored] <= (0.5 * np.broadcast_to(step, exact.shape) + 1e-5)[stored])
+  assert np.all(decoded[1][~stored[1]] >= exact[1][~stored[1]])  # saturated entries read as "at least this likely"
+
+
+def test_llamacpp_base_file_as_reference(tiny, tmp_path):
+  """A base file written from the tiny model's own logits gives llama.cpp's numbers for that reference."""
+  reference = models.load(tiny / "tiny.gguf")
+  protocol = data.Protocol("llamacpp", seq_len=24, num_sequences=None, score_second_half=True)
+  (tmp_path / "short.txt").write_text((tiny / "corpus.txt").read_text()[:330])
+  chunks = data.corpus_windows(str(tmp_path / "short.txt"), reference.tokenizer, protocol).tokens
+  assert len(chunks) >= 8
+  logits = lambda i: np.asarray(reference.logprobs(chunks[i:i + 1])[0])  # log-probs are logits too
+  llamacpp.write_base(tmp_path / "base.kld", chunks, logits)
+  base = llamacpp.read_base(tmp_path / "base.kld")
+  assert (base.n_ctx, base.n_vocab) == (24, 64) and np.array_equal(base.tokens, chunks)
+
+  candidate = f"{tiny / 'tiny.gguf'}@int3-g16"
+  via_file = runner.run_eval(candidates=[candidate], kl_divergence_base=tmp_path / "base.kld", batch_size=5)
+  direct = runner.run_eval(str(tiny / "tiny.gguf"), [candidate], str(tmp_path / "short.txt"), protocol=protocol,
+                           batch_size=5)
+  assert via_file["run"]["scored_tokens"] == direct["run"]["scored_tokens"] == len(chunks) * 11
+  (name, got), = via_file["candidates"].items()
+  want = direct["candidates"]["int3-g16-sym"]
+  assert name == "tiny@int3-g16-sym" and via_file["reference"] == "base"
+  assert got["kld"]["mean"] == pytest.approx(want["kld"]["mean"], rel=0.02, abs=2e-4)
+  assert got["top1_agreement"] == pytest.approx(want["top1_agreement"], abs=0.02)
+  assert via_file["models"]["base"]["ce"]["ppl"] == pytest.approx(direct["models"]["tiny"]["ce"]["ppl"], rel=1e-3)
+
+  raw = (tmp_path / "base.kld").read_bytes()
+  (tmp_path / "short.kld").write_bytes(raw[:-10])
+  with pytest.raises(ValueError, match="short.kld: .* bytes, but its header .* implies"):
+    llamacpp.read_base(tmp_path / "short.kld")
+  (tmp_path / "text.kld").write_bytes(b"hello world, not logits")
+  with pytest.raises(ValueError, match="text.kld: not a llama.cpp logits file"):
+    llamacpp.read_base(tmp_path / "text.kld")
+  with pytest.raises(ValueError, match="not both"):
+    runner.run_eval(str(tiny / "tiny.gguf"), [candidate], kl_divergence_base=tmp_path / "base.kld")
