@@ -91,11 +91,12 @@ def run_jax(args) -> dict:
   tokens = jnp.asarray(token_batch(args.batch, args.seq_len, ref.config.vocab_size, encode))
   scored = jnp.ones((args.batch, args.seq_len - 1), bool)
   step = lambda: jax.block_until_ready(evaluate._batch_stats_jit(
-      (ref.model, cand.model), tokens, scored, None, spec_for(), ref.config.vocab_size, 20, False))
+      (ref.model, cand.model), tokens, scored, None, spec_for(), ref.config.vocab_size, 20, False, 0))
   result = dict(zip(("seconds", "peak_growth_mb", "peak_mb"), timed(step, args.repeats)))
   graph, params = nnx.split((ref.model, cand.model))
-  lowered = jax.jit(lambda p, t, s: evaluate._batch_stats(nnx.merge(graph, p), t, s, None, spec_for(),
-                                                          ref.config.vocab_size, 20, False)).lower(params, tokens, scored)
+  step_fn = lambda p, t, s: evaluate._batch_stats(nnx.merge(graph, p), t, s, None, spec_for(), ref.config.vocab_size,
+                                                  20, False, 0)
+  lowered = jax.jit(step_fn).lower(params, tokens, scored)
   result["temp_mb"] = lowered.compile().memory_analysis().temp_size_in_bytes / 2**20
   return result
 

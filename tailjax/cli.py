@@ -77,8 +77,14 @@ def _wide_console() -> Console:
 @click.option("--worst", default=20, show_default=True, help="Highest-KLD tokens listed per candidate.")
 @click.option("--kl-divergence-base", type=click.Path(path_type=Path),
               help="llama.cpp base logits file (--save-all-logits) as the reference: its tokens and log-probs.")
+@click.option("--save-reference-cache", type=click.Path(path_type=Path),
+              help="Write the reference's top-K log-probs per scored token (.npz) for later runs.")
+@click.option("--cache-k", default=32, show_default=True, help="K of --save-reference-cache.")
+@click.option("--reference-cache", type=click.Path(path_type=Path),
+              help="A cache written by --save-reference-cache as the reference (KLD over top-K + tail bucket).")
 def eval_command(reference, candidates, corpus, text_field, protocol, seq_len, num_sequences, seed, batch_size,
-                 spike_thresholds, output, dump_tokens, worst, kl_divergence_base) -> None:
+                 spike_thresholds, output, dump_tokens, worst, kl_divergence_base, save_reference_cache, cache_k,
+                 reference_cache) -> None:
   """Per-token KLD and CE distributions of candidates against a reference, with tails and intervals."""
   import dataclasses
 
@@ -95,7 +101,8 @@ def eval_command(reference, candidates, corpus, text_field, protocol, seq_len, n
     result = runner.run_eval(reference, candidates, corpus, protocol=chosen, text_field=text_field,
                              batch_size=batch_size, spike_thresholds=spike_thresholds, output=output,
                              dump_tokens=dump_tokens, worst=worst, kl_divergence_base=kl_divergence_base,
-                             console=Console(stderr=True))
+                             reference_cache=reference_cache, save_reference_cache=save_reference_cache,
+                             cache_k=cache_k, console=Console(stderr=True))
   except (ValueError, FileNotFoundError) as err:
     raise click.ClickException(str(err)) from None
   except KeyboardInterrupt:

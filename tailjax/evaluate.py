@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tailjax import head, llamacpp
+from tailjax import head, llamacpp, refcache
 from tailjax.data import Windows
 from tailjax.models import LoadedModel
 from tailjax.stats import BucketSpec, HostHistogram, LogHistogram, spec_for
@@ -62,8 +62,17 @@ class EvalState:
     return total
 
 
-def check_compatible(reference: LoadedModel | llamacpp.KldBase, candidates: Sequence[LoadedModel]) -> None:
+def check_compatible(reference, candidates: Sequence[LoadedModel]) -> None:
   """Candidates must score the same tokens with the same vocabulary as the reference."""
+  if isinstance(reference, refcache.ReferenceCache):
+    for cand in candidates:
+      if cand.config.vocab_size != reference.vocab_size:
+        raise ValueError(f"{cand.name}: vocabulary of {cand.config.vocab_size} tokens, the reference cache "
+                         f"{reference.path} has {reference.vocab_size}")
+      if cand.tokenizer is not None and cand.tokenizer.fingerprint() != reference.tokenizer:
+        raise ValueError(f"{cand.name}: its tokenizer differs from the one of the cache's reference "
+                         f"({reference.source}); per-token comparisons need identical tokenization")
+    return
   if isinstance(reference, llamacpp.KldBase):
     for cand in candidates:
       if cand.config.vocab_size != reference.n_vocab:
@@ -80,29 +89,39 @@ def check_compatible(reference: LoadedModel | llamacpp.KldBase, candidates: Sequ
                        "per-token comparisons need identical tokenization")
 
 
-def _token_stats(models: tuple, tokens: jax.Array, scored: jax.Array, base, vocab_size: int) -> list[head.TokenStats]:
-  """Per candidate, per-token values against the reference model, or against a llama.cpp base's log-probs."""
+def _token_stats(models: tuple, tokens: jax.Array, scored: jax.Array, base, vocab_size: int, cache_k: int):
+  """Per candidate, per-token values against the reference: a model, llama.cpp base log-probs or a cache.
+
+  Returns ``(stats per candidate, the reference's top-``cache_k`` log-probs or None)``.
+  """
   reference, *candidates = models
   targets = tokens[:, 1:]
   if base is None:
     ref_hidden = reference(tokens)[:, :-1]
-    return [head.token_stats(ref_hidden, reference.unembedding(), cand(tokens)[:, :-1], cand.unembedding(), targets,
-                             where=scored, vocab_size=vocab_size) for cand in candidates]
+    ref_unembedding = reference.unembedding()
+    stats = [head.token_stats(ref_hidden, ref_unembedding, cand(tokens)[:, :-1], cand.unembedding(), targets,
+                              where=scored, vocab_size=vocab_size) for cand in candidates]
+    topk = head.teacher_topk(ref_hidden, ref_unembedding, cache_k, vocab_size=vocab_size) if cache_k else None
+    return stats, topk
+  if isinstance(base, refcache.CacheBatch):
+    return [refcache.cache_token_stats(base, cand(tokens)[:, :-1], cand.unembedding(), targets, scored, vocab_size)
+            for cand in candidates], None
   stats = []
   for cand in candidates:  # a base file is materialized log-probs already: the candidate's logits are too
     logits = jnp.einsum("btd,dv->btv", cand(tokens)[:, :-1], cand.unembedding()[:, :vocab_size],
                         preferred_element_type=jnp.float32)
     values = llamacpp.base_token_stats(*base, logits, targets)
     stats.append(head.TokenStats(*(jnp.where(scored, v, 0.0) for v in values)))
-  return stats
+  return stats, None
 
 
 def _batch_stats(models: tuple, tokens: jax.Array, scored: jax.Array, base, spec: BucketSpec, vocab_size: int,
-                 worst: int, dump: bool):
+                 worst: int, dump: bool, cache_k: int):
   mask = scored.astype(jnp.float32)
   finite = lambda x: scored & (jnp.abs(x) < jnp.inf)
   sketches, seq_ce, moments, top, per_token = {}, [], [], [], []
-  for i, s in enumerate(_token_stats(models, tokens, scored, base, vocab_size)):
+  stats, ref_topk = _token_stats(models, tokens, scored, base, vocab_size, cache_k)
+  for i, s in enumerate(stats):
     if i == 0:
       sketches["ce/0"] = LogHistogram.empty(spec).add(s.ref_ce, scored)
       seq_ce.append(jnp.sum(jnp.where(scored, s.ref_ce, 0.0), axis=1))  # NaN/inf stay: PPL undefined
@@ -121,11 +140,12 @@ def _batch_stats(models: tuple, tokens: jax.Array, scored: jax.Array, base, spec
     if dump:
       per_token.append(jnp.stack([s.kld, s.ref_ce, s.cand_ce, dp]))
   top_values, top_index = (jnp.stack(x) for x in zip(*top))
+  cached = None if ref_topk is None else (ref_topk.ids, ref_topk.logprobs, -stats[0].ref_ce)
   return (sketches, jnp.stack(seq_ce), jnp.sum(scored, axis=1), jnp.stack(moments), top_values, top_index,
-          jnp.stack(per_token) if dump else None)
+          jnp.stack(per_token) if dump else None, cached)
 
 
-_batch_stats_jit = nnx.jit(_batch_stats, static_argnums=(4, 5, 6, 7))
+_batch_stats_jit = nnx.jit(_batch_stats, static_argnums=(4, 5, 6, 7, 8))
 
 
 @dataclasses.dataclass
@@ -153,13 +173,18 @@ class TokenDump:
     return pa.table(columns)
 
 
-def evaluate(reference: LoadedModel | llamacpp.KldBase, candidates: Sequence[LoadedModel], windows: Windows, *, labels: Sequence[str],
+Reference = LoadedModel | llamacpp.KldBase | refcache.ReferenceCache
+
+
+def evaluate(reference: Reference, candidates: Sequence[LoadedModel], windows: Windows, *, labels: Sequence[str],
              batch_size: int = 4, spike_thresholds=(0.5,), worst: int = 20, state: EvalState | None = None,
-             dump: TokenDump | None = None, on_batch: Callable[[EvalState, int], None] | None = None) -> EvalState:
+             dump: TokenDump | None = None, cache: dict[str, list] | None = None,
+             on_batch: Callable[[EvalState, int], None] | None = None) -> EvalState:
   """Run (or resume, given ``state``) an evaluation; ``on_batch(state, scored_tokens)`` after every batch.
 
-  ``reference`` is a model, or a llama.cpp base file whose windows ``windows`` must be
-  (``base_windows``).
+  ``reference`` is a model, a llama.cpp base file (``windows`` from ``base_windows``) or a
+  reference cache (``windows`` its own). ``cache`` (a dict with a ``"k"`` entry) collects
+  the reference's top-K log-probs per batch for ``refcache`` (a model reference only).
   ``labels`` name the reference then each candidate; ``worst`` highest-KLD tokens per
   candidate are kept (with their window and position) for the report.
   """
@@ -171,8 +196,13 @@ def evaluate(reference: LoadedModel | llamacpp.KldBase, candidates: Sequence[Loa
   spec = spec_for(spike_thresholds)
   state = state or EvalState(list(labels))
   from_base = isinstance(reference, llamacpp.KldBase)
-  models = (None if from_base else reference.model, *(c.model for c in candidates))
-  vocab_size = reference.n_vocab if from_base else reference.config.vocab_size
+  from_cache = isinstance(reference, refcache.ReferenceCache)
+  models = (None if from_base or from_cache else reference.model, *(c.model for c in candidates))
+  vocab_size = (reference.n_vocab if from_base else reference.vocab_size if from_cache else
+                reference.config.vocab_size)
+  cache_k = 0 if cache is None else cache["k"]
+  if cache_k and (from_base or from_cache):
+    raise ValueError("a reference cache is written from a reference model, not from a base file or another cache")
   n, t = windows.tokens.shape
   worst = max(1, min(worst, batch_size * (t - 1)))
   for start in range(state.windows_done, n, batch_size):
@@ -180,10 +210,14 @@ def evaluate(reference: LoadedModel | llamacpp.KldBase, candidates: Sequence[Loa
     tokens = np.zeros((batch_size, t), np.int32)
     scored = np.zeros((batch_size, t - 1), bool)  # a short last batch is padded with unscored rows
     tokens[:count], scored[:count] = windows.tokens[start:start + count], windows.scored[start:start + count]
-    base = _base_batch(reference, start, count, batch_size) if from_base else None
+    base = (_base_batch(reference, start, count, batch_size) if from_base else
+            reference.batch(start, count, batch_size) if from_cache else None)
     out = _batch_stats_jit(models, jnp.asarray(tokens), jnp.asarray(scored), base, spec, vocab_size, worst,
-                           dump is not None)
-    sketches, seq_ce, seq_tokens, moments, top_values, top_index, per_token = jax.device_get(out)
+                           dump is not None, cache_k)
+    sketches, seq_ce, seq_tokens, moments, top_values, top_index, per_token, cached = jax.device_get(out)
+    if cache_k:
+      for name, values in zip(("ids", "logprobs", "target_logprob"), cached):
+        cache.setdefault(name, []).append(np.asarray(values[:count]))
     block = {}
     for key, sketch in sketches.items():
       kind, index = key.split("/")

@@ -284,7 +284,8 @@ def to_html(report: dict[str, Any]) -> str:
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
 
-  images = "".join(f'<figure><img alt="{k}" src="data:image/png;base64,{v}"></figure>' for k, v in plots(report).items())
+  images = "".join(f'<figure><img alt="{name}" src="data:image/png;base64,{png}"></figure>'
+                   for name, png in plots(report).items())
   notes = "".join(f"<li>{html.escape(n)}</li>" for n in _notes(report))
   style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;"
            "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,"

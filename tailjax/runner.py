@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from tailjax import data, llamacpp, models, report as reporting
+from tailjax import data, llamacpp, models, refcache, report as reporting
 from tailjax import evaluate as evaluate_module
 from tailjax.evaluate import TokenDump, evaluate, load_state, save_state
 from tailjax.models import LoadedModel, QuantSpec
@@ -112,32 +112,39 @@ def _load_models(reference: str | None, candidates: Sequence[str]):
   return ref, _labels(named, ref), [loaded for _, loaded in named[1:]]
 
 
-def _against_base(path, reference: str | None, candidates: Sequence[str]):
+def _against_stored(path, kind: str, reference: str | None, candidates: Sequence[str]):
+  """A stored reference (llama.cpp base file or tailjax reference cache) and the candidates to score against it."""
   if reference is not None:
-    raise ValueError("give --reference or --kl-divergence-base, not both")
+    raise ValueError(f"give --reference or --{kind}, not both")
   if not candidates or any(spec.startswith("@") for spec in candidates):
-    raise ValueError("with --kl-divergence-base, every --candidate must be a model spec (there is no reference "
-                     "model to quantize)")
-  base = llamacpp.read_base(path)
+    raise ValueError(f"with --{kind}, every --candidate must be a model spec (there is no reference model to "
+                     "quantize)")
+  stored = llamacpp.read_base(path) if kind == "kl-divergence-base" else refcache.load(path)
   named = [_split_label(spec) for spec in candidates]
   cands = [models.load(spec) for _, spec in named]
   labels = [Path(path).stem, *_labels(list(zip((label for label, _ in named), cands)), None)]
   tokenizer = next((c.tokenizer for c in cands if c.tokenizer is not None), None)
   if tokenizer is None:
-    raise ValueError("no candidate has a tokenizer to decode the base file's tokens with")
-  windows = evaluate_module.base_windows(base, tokenizer.bos_id if tokenizer.add_bos else None)
-  return base, labels, cands, windows, tokenizer
+    raise ValueError(f"no candidate has a tokenizer to decode the {kind}'s tokens with")
+  if kind == "kl-divergence-base":
+    windows = evaluate_module.base_windows(stored, tokenizer.bos_id if tokenizer.add_bos else None)
+  else:
+    windows = stored.windows
+  return stored, labels, cands, windows, tokenizer
 
 
 def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpus: str = "pydoc", *,
              protocol: data.Protocol = DEFAULT_PROTOCOL, text_field: str = "text", batch_size: int = 4,
              spike_thresholds: Sequence[float] = (0.5,), output: str | Path | None = None,
              dump_tokens: str | Path | None = None, worst: int = 20, save_every: float = 30.0,
-             kl_divergence_base: str | Path | None = None, console=None) -> dict[str, Any]:
+             kl_divergence_base: str | Path | None = None, reference_cache: str | Path | None = None,
+             save_reference_cache: str | Path | None = None, cache_k: int = 32, console=None) -> dict[str, Any]:
   """Evaluate ``candidates`` against ``reference`` on ``corpus``; returns the ``report.json`` dictionary.
 
   ``kl_divergence_base`` (instead of a reference and a corpus) is a llama.cpp base file: its
   tokens and stored reference log-probs, so a run compares with llama.cpp's own.
+  ``save_reference_cache`` writes the reference's top-``cache_k`` log-probs (``tailjax.refcache``);
+  ``reference_cache`` then stands in for the reference model and the corpus.
 
   With no reference and no candidates this is the embedded default: SmolLM2-135M against its
   own int4 and int3 round-to-nearest quantizations on CPython's reference manual.
@@ -146,16 +153,22 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
 
   console = console or Console(stderr=True)
   started = time.perf_counter()
-  if kl_divergence_base is not None:
-    ref, labels, cands, windows, tokenizer = _against_base(kl_divergence_base, reference, candidates)
-    corpus, sources = str(kl_divergence_base), [str(kl_divergence_base), *(c.name for c in cands)]
-    protocol = dataclasses.replace(DEFAULT_PROTOCOL, name="llamacpp-base", seq_len=ref.n_ctx, num_sequences=None)
+  stored = kl_divergence_base if kl_divergence_base is not None else reference_cache
+  if kl_divergence_base is not None and reference_cache is not None:
+    raise ValueError("give --kl-divergence-base or --reference-cache, not both")
+  if stored is not None:
+    kind = "kl-divergence-base" if kl_divergence_base is not None else "reference-cache"
+    if save_reference_cache is not None:
+      raise ValueError(f"--save-reference-cache needs a reference model, not --{kind}")
+    ref, labels, cands, windows, tokenizer = _against_stored(stored, kind, reference, candidates)
+    corpus, sources = str(stored), [str(stored), *(c.name for c in cands)]
+    protocol = dataclasses.replace(DEFAULT_PROTOCOL, name=kind, seq_len=windows.tokens.shape[1], num_sequences=None)
   else:
     ref, labels, cands = _load_models(reference, candidates)
     tokenizer = ref.tokenizer
     windows = data.corpus_windows(corpus, tokenizer, protocol, text_field)
     sources = [m.name for m in (ref, *cands)]
-  checked = zip(labels[1:], cands) if kl_divergence_base is not None else zip(labels, [ref, *cands])
+  checked = zip(labels[1:], cands) if stored is not None else zip(labels, [ref, *cands])
   for label, loaded in checked:
     if protocol.seq_len > loaded.config.max_position_embeddings:
       console.print(f"[yellow]warning:[/yellow] {label} was trained on at most "
@@ -174,10 +187,15 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
     state = load_state(output / "state.npz")
     console.print(f"resuming {output}: {state.windows_done}/{len(windows)} windows already done")
   dump = TokenDump() if dump_tokens else None
-  if dump is not None and state is not None and state.windows_done:
-    raise ValueError("--dump-tokens needs a run from the start; it cannot resume (delete the state or the flag)")
-  state = _run_with_progress(ref, cands, windows, labels, batch_size, spike_thresholds, worst, state, dump, output,
-                             save_every, console)
+  cache = {"k": cache_k} if save_reference_cache is not None else None
+  if (dump is not None or cache is not None) and state is not None and state.windows_done:
+    raise ValueError("--dump-tokens and --save-reference-cache need a run from the start; they cannot resume "
+                     "(delete the state or the flag)")
+  state = _run_with_progress(ref, cands, windows, labels, batch_size, spike_thresholds, worst, state, dump, cache,
+                             output, save_every, console)
+  if cache is not None:
+    refcache.ReferenceCache(windows, *(np.concatenate(cache[k]) for k in ("ids", "logprobs", "target_logprob")),
+                            ref.config.vocab_size, ref.name, ref.tokenizer.fingerprint()).save(save_reference_cache)
   sources = run["models"]
   result = reporting.build_report(state, run, sources, spike_thresholds=tuple(spike_thresholds))
   result["worst_tokens"] = _worst_tokens(state, windows, tokenizer)
@@ -190,7 +208,7 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
   return result
 
 
-def _run_with_progress(ref, cands, windows, labels, batch_size, spike_thresholds, worst, state, dump, output,
+def _run_with_progress(ref, cands, windows, labels, batch_size, spike_thresholds, worst, state, dump, cache, output,
                        save_every, console):
   from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -220,7 +238,7 @@ def _run_with_progress(ref, cands, windows, labels, batch_size, spike_thresholds
 
     try:
       state = evaluate(ref, cands, windows, labels=labels, batch_size=batch_size,
-                       spike_thresholds=tuple(spike_thresholds), worst=worst, state=state, dump=dump,
+                       spike_thresholds=tuple(spike_thresholds), worst=worst, state=state, dump=dump, cache=cache,
                        on_batch=on_batch)
     except KeyboardInterrupt:
       if output is not None and state is not None:

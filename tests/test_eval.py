@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from flax import nnx
 from pydoc_data.topics import topics
 
-from tailjax import cli, data, evaluate, llamacpp, models, runner
+from tailjax import cli, data, evaluate, llamacpp, models, refcache, runner
 from tailjax.models import Decoder
 from test_models import TINY, write_tiny_gguf
 
@@ -136,7 +136,8 @@ def test_nan_logits_are_counted_not_averaged(tiny, tmp_path):
   kld = result["candidates"]["broken"]["kld"]
   assert kld["nonfinite"] == kld["n"] == 230 and kld["nan"] == 230
   assert result["models"]["broken"]["ce"]["nonfinite"] == 230
-  assert np.isnan(result["models"]["broken"]["ce"]["ppl"]) and result["models"]["broken"]["sequences"]["nonfinite"] == 10
+  broken_model = result["models"]["broken"]
+  assert np.isnan(broken_model["ce"]["ppl"]) and broken_model["sequences"]["nonfinite"] == 10
   assert np.isfinite(result["candidates"]["int3-g16-sym"]["kld"]["mean"])
 
 
@@ -229,3 +230,33 @@ def test_llamacpp_base_file_as_reference(tiny, tmp_path):
     llamacpp.read_base(tmp_path / "text.kld")
   with pytest.raises(ValueError, match="not both"):
     runner.run_eval(str(tiny / "tiny.gguf"), [candidate], kl_divergence_base=tmp_path / "base.kld")
+
+
+def test_reference_cache_replays_the_reference(tiny, tmp_path):
+  """A cache written during one run scores a new candidate with no reference model: exact CE/PPL figures,
+  a top-K + tail KL that bounds the full KL from below and tends to it as K grows."""
+  candidate = f"{tiny / 'tiny.gguf'}@int2-g16"
+  full = runner.run_eval(str(tiny / "tiny.gguf"), ["@int2-g16"], str(tiny / "corpus.txt"), protocol=PROTOCOL,
+                         dump_tokens=tmp_path / "full.parquet", save_reference_cache=tmp_path / "ref.npz", cache_k=56)
+  cache = refcache.load(tmp_path / "ref.npz")
+  assert cache.k == 56 and cache.ids.shape == (10, 23, 56) and cache.vocab_size == 64
+  replay = runner.run_eval(candidates=[candidate], reference_cache=tmp_path / "ref.npz",
+                           dump_tokens=tmp_path / "replay.parquet")
+  (label, got), = replay["candidates"].items()
+  want = full["candidates"]["int2-g16-sym"]
+  assert label == "tiny@int2-g16-sym" and replay["run"]["fingerprint"] == full["run"]["fingerprint"]
+  assert replay["models"]["ref"]["ce"]["ppl"] == pytest.approx(full["models"]["tiny"]["ce"]["ppl"], rel=1e-5)
+  assert replay["models"][label]["ce"]["ppl"] == pytest.approx(full["models"]["int2-g16-sym"]["ce"]["ppl"], rel=1e-5)
+  assert got["top1_agreement"] == pytest.approx(want["top1_agreement"], abs=1e-6)
+  assert got["ln_ppl_ratio"]["mean"] == pytest.approx(want["ln_ppl_ratio"]["mean"], rel=1e-4)
+  exact = np.asarray(pq.read_table(tmp_path / "full.parquet").column("kld"), np.float64)
+  bound = np.asarray(pq.read_table(tmp_path / "replay.parquet").column("kld"), np.float64)
+  assert np.all(bound <= exact + 1e-5) and bound.mean() > 0.9 * exact.mean()  # random V=64 model: flat tails
+
+  other = Decoder(models.ModelConfig(**{**TINY.to_dict(), "vocab_size": 72}), rngs=nnx.Rngs(1))
+  write_tiny_gguf(tmp_path / "other.gguf", other)
+  with pytest.raises(ValueError, match="vocabulary of 72 tokens, the reference cache"):
+    runner.run_eval(candidates=[str(tmp_path / "other.gguf")], reference_cache=tmp_path / "ref.npz")
+  (tmp_path / "junk.npz").write_bytes(b"junk")
+  with pytest.raises(ValueError, match="junk.npz: not a tailjax reference cache"):
+    refcache.load(tmp_path / "junk.npz")

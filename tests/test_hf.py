@@ -21,7 +21,8 @@ VARIANTS = {
     "llama3-rope": (transformers.LlamaConfig, dict(rope_parameters=dict(
         rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=16))),
-    "linear-rope": (transformers.LlamaConfig, dict(rope_parameters=dict(rope_type="linear", rope_theta=1e4, factor=4.0))),
+    "linear-rope": (transformers.LlamaConfig,
+                    dict(rope_parameters=dict(rope_type="linear", rope_theta=1e4, factor=4.0))),
     "yarn-rope": (transformers.Qwen2Config, dict(rope_parameters=dict(
         rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=16))),
     "dynamic-rope": (transformers.LlamaConfig, dict(max_position_embeddings=16, rope_parameters=dict(

@@ -82,7 +82,8 @@ def _hidden(model: Decoder, token_ids: jax.Array, segment_ids: jax.Array | None)
 
 def _targets(model: Decoder) -> dict[str, tuple[nnx.Variable, bool]]:
   """Hugging Face tensor name -> (the parameter it fills, whether it is transposed)."""
-  targets = {"model.embed_tokens.weight": (model.embed.embedding, False), "model.norm.weight": (model.norm.scale, False)}
+  targets = {"model.embed_tokens.weight": (model.embed.embedding, False),
+             "model.norm.weight": (model.norm.scale, False)}
   if not model.cfg.tie_word_embeddings:
     targets["lm_head.weight"] = (model.lm_head, True)
   for i, block in enumerate(model.blocks):
