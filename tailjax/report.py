@@ -214,13 +214,23 @@ def render(report: dict[str, Any], console) -> None:
 
 def to_markdown(report: dict[str, Any]) -> str:
   kld_head, kld_rows, ce_head, ce_rows = _rows(report)
-  lines = [f"# tailjax eval", "", _title(report), ""]
+  lines = ["# tailjax eval", "", _title(report), ""]
   for head, rows in ((kld_head, kld_rows), (ce_head, ce_rows)):
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines.append("")
   lines += [f"- {note}" for note in _notes(report)]
+  for name, rows in report.get("worst_tokens", {}).items():
+    lines += ["", f"## Highest-KLD tokens: {name}", "", "| KLD | window | position | context → target |",
+              "|---|---|---|---|"]
+    lines += [f"| {_fmt(r['kld'])} | {r['window']} | {r['position']} | {_quote(r['context'])} → "
+              f"{_quote(r['target'])} |" for r in rows[:10]]
   return "\n".join(lines) + "\n"
+
+
+def _quote(text: str) -> str:
+  """Decoded tokens inside a Markdown table cell: visible whitespace, no column breaks."""
+  return "`" + text.replace("\n", "⏎").replace("|", "\\|").replace("`", "'") + "`"
 
 
 def _png(figure) -> str:
