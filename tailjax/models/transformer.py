@@ -99,15 +99,20 @@ def _linear(d_in: int, d_out: int, bias: bool, axes: tuple[str, str], dtype, par
                     bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), axes[1:], eager_sharding=False))
 
 
+def _projections(cfg: ModelConfig, dtype, param_dtype, rngs) -> tuple[nnx.Linear, ...]:
+  """q, k, v (grouped: ``num_kv_heads`` for k and v) and the output projection o."""
+  d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  return (_linear(d, h * hd, cfg.qkv_bias, ("embed", "heads"), dtype, param_dtype, rngs),
+          _linear(d, kv * hd, cfg.qkv_bias, ("embed", "kv_heads"), dtype, param_dtype, rngs),
+          _linear(d, kv * hd, cfg.qkv_bias, ("embed", "kv_heads"), dtype, param_dtype, rngs),
+          _linear(h * hd, d, cfg.o_bias, ("heads", "embed"), dtype, param_dtype, rngs))
+
+
 class Attention(nnx.Module):
   """Grouped-query causal self-attention with rotary positions; logits and softmax in float32."""
 
   def __init__(self, cfg: ModelConfig, dtype, param_dtype, rngs: nnx.Rngs):
-    d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    self.q = _linear(d, h * hd, cfg.qkv_bias, ("embed", "heads"), dtype, param_dtype, rngs)
-    self.k = _linear(d, kv * hd, cfg.qkv_bias, ("embed", "kv_heads"), dtype, param_dtype, rngs)
-    self.v = _linear(d, kv * hd, cfg.qkv_bias, ("embed", "kv_heads"), dtype, param_dtype, rngs)
-    self.o = _linear(h * hd, d, cfg.o_bias, ("heads", "embed"), dtype, param_dtype, rngs)
+    self.q, self.k, self.v, self.o = _projections(cfg, dtype, param_dtype, rngs)
     self.cfg = cfg
 
   def __call__(self, x: Array, positions: Array, mask: Array) -> Array:
@@ -130,11 +135,8 @@ class Retention(nnx.Module):
   """
 
   def __init__(self, cfg: ModelConfig, dtype, param_dtype, rngs: nnx.Rngs):
-    d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    self.q = _linear(d, h * hd, cfg.qkv_bias, ("embed", "heads"), dtype, param_dtype, rngs)
-    self.k = _linear(d, kv * hd, cfg.qkv_bias, ("embed", "kv_heads"), dtype, param_dtype, rngs)
-    self.v = _linear(d, kv * hd, cfg.qkv_bias, ("embed", "kv_heads"), dtype, param_dtype, rngs)
-    self.o = _linear(h * hd, d, cfg.o_bias, ("heads", "embed"), dtype, param_dtype, rngs)
+    self.q, self.k, self.v, self.o = _projections(cfg, dtype, param_dtype, rngs)
+    h, hd = cfg.num_heads, cfg.head_dim
     self.norm_scale = nnx.Param(jnp.ones((h, hd), jnp.float32), **_axes("heads", None))
     self.norm_bias = nnx.Param(jnp.zeros((h, hd), jnp.float32), **_axes("heads", None))
     self.cfg = cfg
