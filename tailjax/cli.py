@@ -25,16 +25,26 @@ def main() -> None:
               help="Comma-separated summaries whose concordance is reported.")
 @click.option("--task-scores", type=click.Path(path_type=Path), help="CSV name,score to correlate summaries with.")
 @click.option("--output", type=click.Path(path_type=Path), help="Directory for selection.json.")
-def select(tables: tuple[Path, ...], by: str, summaries: str, task_scores: Path | None, output: Path | None) -> None:
-  """Select a checkpoint from summary TABLES (CSV with a name column, or JSON), with concordance diagnostics."""
+@click.option("--force", is_flag=True, help="Rank eval reports that scored different windows together.")
+def select(tables: tuple[Path, ...], by: str, summaries: str, task_scores: Path | None, output: Path | None,
+           force: bool) -> None:
+  """Select a checkpoint from summary TABLES (CSV with a name column, JSON, or tailjax eval report
+  directories: one row per model, its CE summary), with concordance diagnostics."""
   from tailjax import select as selection
 
   console = Console()
   try:
     table: dict[str, dict[str, float]] = {}
+    scored = {}  # eval report -> the windows it scored: a family is ranked on one corpus and protocol
     for path in tables:
-      part = selection.read_table(path)
-      clash = sorted(set(part) & set(table))
+      if path.is_dir() or path.name == "report.json":
+        part, scored[path] = selection.read_eval_report(path)
+        if len(set(scored.values())) > 1 and not force:
+          raise ValueError(f"{path} scored different windows than {next(iter(scored))} (another corpus, protocol "
+                           "or seed); rank them together only with --force")
+      else:
+        part = selection.read_table(path)
+      clash = sorted(name for name in set(part) & set(table) if part[name] != table[name])
       if clash:
         raise ValueError(f"{path}: checkpoints {clash[:5]} already came from an earlier table")
       table.update(part)

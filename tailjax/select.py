@@ -2,9 +2,10 @@
 
 Inputs are summary tables: a CSV with a ``name`` column and one column per summary
 (``mean``, ``median``, ``p90``, ``p99``, ...; lower is better), or JSON mapping each
-name to its summaries. Task scores (optional) are a CSV ``name,score``. Checkpoint
-directories of ``tailjax distill`` and reports of ``tailjax eval`` join these inputs
-when those commands exist.
+name to its summaries, or a saved ``tailjax eval`` report (its directory or
+``report.json``): one row per model, its per-token CE summary. Task scores (optional) are
+a CSV ``name,score``. Checkpoint directories of ``tailjax distill`` join these inputs when
+that command exists.
 """
 
 from __future__ import annotations
@@ -29,9 +30,23 @@ def _number(value: str, where: str) -> float:
     raise ValueError(f"{where}: {value!r} is not a number") from None
 
 
+EVAL_SUMMARIES = ("mean", "median", "p90", "p95", "p99", "p99.9")
+
+
+def read_eval_report(path: str | Path) -> tuple[dict[str, dict[str, float]], str]:
+  """A ``tailjax eval`` report -> (``{model: CE summaries}``, fingerprint of the windows it scored)."""
+  from tailjax import report
+
+  saved = report.read(path)
+  table = {name: {k: float(m["ce"][k]) for k in EVAL_SUMMARIES} for name, m in saved["models"].items()}
+  return table, str(saved["run"].get("fingerprint"))
+
+
 def read_table(path: str | Path) -> dict[str, dict[str, float]]:
   """A summary table file -> ``{checkpoint: {summary: value}}``."""
   path = Path(path)
+  if path.is_dir() or path.name == "report.json":
+    return read_eval_report(path)[0]
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such summary table")
   if path.suffix == ".json":

@@ -1,5 +1,6 @@
 """`tailjax eval` end to end on tiny random models: numbers, contract, resume, bad input."""
 
+import dataclasses
 import json
 import re
 
@@ -260,3 +261,27 @@ def test_reference_cache_replays_the_reference(tiny, tmp_path):
   (tmp_path / "junk.npz").write_bytes(b"junk")
   with pytest.raises(ValueError, match="junk.npz: not a tailjax reference cache"):
     refcache.load(tmp_path / "junk.npz")
+
+
+def test_select_ranks_a_family_of_eval_reports(tiny, tmp_path):
+  """Two sweeps over the same windows (sharing the reference) form one family for `tailjax select`."""
+  run(tiny, tmp_path / "sweep1")
+  runner.run_eval(str(tiny / "tiny.gguf"), ["@int4-g16", "@int3-g32-asym"], str(tiny / "corpus.txt"),
+                  protocol=PROTOCOL, batch_size=3, output=tmp_path / "sweep2")
+  result = CliRunner().invoke(cli.main, ["select", str(tmp_path / "sweep1"), str(tmp_path / "sweep2" / "report.json"),
+                                         "--summaries", "mean,median,p99", "--output", str(tmp_path / "sel")])
+  assert result.exit_code == 0, result.output
+  selection = json.loads((tmp_path / "sel" / "selection.json").read_text())
+  family = {"tiny", "int3-g16-sym", "int2-g16-asym", "int4-g16-sym", "int3-g32-asym"}
+  assert set(selection["table"]) == family
+  medians = {name: row["median"] for name, row in selection["table"].items()}
+  assert selection["selected"] == min(medians, key=medians.get)
+  saved = json.loads((tmp_path / "sweep2" / "report.json").read_text())
+  assert selection["table"]["int4-g16-sym"]["p99"] == saved["models"]["int4-g16-sym"]["ce"]["p99"]
+
+  runner.run_eval(str(tiny / "tiny.gguf"), ["@int4-g8"], str(tiny / "corpus.txt"),
+                  protocol=dataclasses.replace(PROTOCOL, seed=4), output=tmp_path / "other")
+  refused = CliRunner().invoke(cli.main, ["select", str(tmp_path / "sweep1"), str(tmp_path / "other")])
+  assert refused.exit_code != 0 and "scored different windows" in refused.output
+  forced = CliRunner().invoke(cli.main, ["select", str(tmp_path / "sweep1"), str(tmp_path / "other"), "--force"])
+  assert forced.exit_code != 0 and "already came from an earlier table" in forced.output  # 'tiny' differs
