@@ -62,31 +62,25 @@ class EvalState:
     return total
 
 
+def _describe(reference) -> tuple[str, int, str | None]:
+  """(how messages name the reference, its vocabulary size, its tokenizer fingerprint if known)."""
+  if isinstance(reference, refcache.ReferenceCache):
+    return f"the reference cache {reference.path}", reference.vocab_size, reference.tokenizer
+  if isinstance(reference, llamacpp.KldBase):
+    return f"the llama.cpp base {reference.path}", reference.n_vocab, None
+  fingerprint = reference.tokenizer.fingerprint() if reference.tokenizer is not None else None
+  return f"the reference {reference.name}", reference.config.vocab_size, fingerprint
+
+
 def check_compatible(reference, candidates: Sequence[LoadedModel]) -> None:
   """Candidates must score the same tokens with the same vocabulary as the reference."""
-  if isinstance(reference, refcache.ReferenceCache):
-    for cand in candidates:
-      if cand.config.vocab_size != reference.vocab_size:
-        raise ValueError(f"{cand.name}: vocabulary of {cand.config.vocab_size} tokens, the reference cache "
-                         f"{reference.path} has {reference.vocab_size}")
-      if cand.tokenizer is not None and cand.tokenizer.fingerprint() != reference.tokenizer:
-        raise ValueError(f"{cand.name}: its tokenizer differs from the one of the cache's reference "
-                         f"({reference.source}); per-token comparisons need identical tokenization")
-    return
-  if isinstance(reference, llamacpp.KldBase):
-    for cand in candidates:
-      if cand.config.vocab_size != reference.n_vocab:
-        raise ValueError(f"{cand.name}: vocabulary of {cand.config.vocab_size} tokens, the llama.cpp base "
-                         f"{reference.path} has {reference.n_vocab}")
-    return
+  what, vocab_size, fingerprint = _describe(reference)
   for cand in candidates:
-    if cand.config.vocab_size != reference.config.vocab_size:
-      raise ValueError(f"{cand.name}: vocabulary of {cand.config.vocab_size} tokens, the reference "
-                       f"{reference.name} has {reference.config.vocab_size}")
-    if (cand.tokenizer and reference.tokenizer and
-        cand.tokenizer.fingerprint() != reference.tokenizer.fingerprint()):
-      raise ValueError(f"{cand.name}: its tokenizer differs from the reference's ({reference.name}); "
-                       "per-token comparisons need identical tokenization")
+    if cand.config.vocab_size != vocab_size:
+      raise ValueError(f"{cand.name}: vocabulary of {cand.config.vocab_size} tokens, {what} has {vocab_size}")
+    if cand.tokenizer is not None and fingerprint is not None and cand.tokenizer.fingerprint() != fingerprint:
+      raise ValueError(f"{cand.name}: its tokenizer differs from that of {what}; per-token comparisons need "
+                       "identical tokenization")
 
 
 def _token_stats(models: tuple, tokens: jax.Array, scored: jax.Array, base, vocab_size: int, cache_k: int):
@@ -198,8 +192,7 @@ def evaluate(reference: Reference, candidates: Sequence[LoadedModel], windows: W
   from_base = isinstance(reference, llamacpp.KldBase)
   from_cache = isinstance(reference, refcache.ReferenceCache)
   models = (None if from_base or from_cache else reference.model, *(c.model for c in candidates))
-  vocab_size = (reference.n_vocab if from_base else reference.vocab_size if from_cache else
-                reference.config.vocab_size)
+  vocab_size = _describe(reference)[1]
   cache_k = 0 if cache is None else cache["k"]
   if cache_k and (from_base or from_cache):
     raise ValueError("a reference cache is written from a reference model, not from a base file or another cache")

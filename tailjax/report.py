@@ -86,11 +86,13 @@ def read(path) -> dict[str, Any]:
   file = path / "report.json" if path.is_dir() else path
   try:
     result = json.loads(file.read_text())
-    result["candidates"], result["models"]  # noqa: B018 - the contract's two sections must be there
   except FileNotFoundError:
     raise FileNotFoundError(f"{file}: no such report (run tailjax eval --output {path} first)") from None
-  except (json.JSONDecodeError, KeyError, TypeError) as err:
-    raise ValueError(f"{file}: not a tailjax eval report ({err!r})") from err
+  except json.JSONDecodeError as err:
+    raise ValueError(f"{file}: not a tailjax eval report ({err})") from err
+  missing = {"run", "models", "candidates"} - set(result if isinstance(result, dict) else ())
+  if missing:
+    raise ValueError(f"{file}: not a tailjax eval report (no {sorted(missing)})")
   return result
 
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from flax import nnx
 from pydoc_data.topics import topics
 
-from tailjax import cli, data, evaluate, llamacpp, models, refcache, runner
+from tailjax import cli, data, evaluate, llamacpp, models, refcache, report, runner
 from tailjax.models import Decoder
 from test_models import TINY, write_tiny_gguf
 
@@ -118,6 +118,14 @@ def test_bad_inputs_are_named(tiny, tmp_path):
   with pytest.raises(ValueError, match="other.gguf: vocabulary of 72 tokens, the reference .* has 64"):
     runner.run_eval(str(tiny / "tiny.gguf"), [str(tmp_path / "other.gguf")], str(tiny / "corpus.txt"),
                     protocol=PROTOCOL)
+  reference = models.load(tiny / "tiny.gguf")
+  reference.tokenizer.add_bos, reference.tokenizer.bos_id = True, 0  # same vocabulary, other token stream
+  models.save_checkpoint(reference, tmp_path / "bos")
+  with pytest.raises(ValueError, match="bos: its tokenizer differs from that of the reference .*tiny.gguf"):
+    runner.run_eval(str(tiny / "tiny.gguf"), [str(tmp_path / "bos")], str(tiny / "corpus.txt"), protocol=PROTOCOL)
+  (tmp_path / "report.json").write_text('{"run": {}}')
+  with pytest.raises(ValueError, match=r"report.json: not a tailjax eval report \(no \['candidates', 'models'\]\)"):
+    report.read(tmp_path / "report.json")
   reference = models.load(tiny / "tiny.gguf")
   (tmp_path / "empty.jsonl").write_text('{"text": "  "}\n')
   with pytest.raises(ValueError, match="holds no text"):
