@@ -141,5 +141,85 @@ def report_command(runs: tuple[Path, ...], output: Path | None) -> None:
     console.print(f"wrote {output / 'report.json'}, report.md, report.html")
 
 
+def _training_options(command):
+  """Flags shared by ``distill`` and ``cache-teacher``; each overrides the --config file's field."""
+  options = [
+      click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML file of run fields."),
+      click.option("--teacher", help="Teacher model spec (frozen)."),
+      click.option("--data", help="Training corpus: text, .jsonl, .parquet or 'pydoc'."),
+      click.option("--text-field", help="JSONL field / Parquet column with the text."),
+      click.option("--val-data", help="Validation corpus (default: a held-out share of --data)."),
+      click.option("--tokenizer", help="tokenizer.json or a model spec to take it from (when there is no teacher)."),
+      click.option("--topk", type=int, help="K of the teacher's top-K."),
+      click.option("--temperature", type=float, help="Distillation temperature."),
+      click.option("--seq-len", type=int, help="Training window length."),
+      click.option("--seed", type=int, help="Seed of the student's init, the data split and the data order."),
+  ]
+  for option in reversed(options):
+    command = option(command)
+  return command
+
+
+def _config(config_file, **overrides):
+  from tailjax.distill import DistillConfig
+
+  return DistillConfig.from_file(config_file, **overrides)
+
+
+@main.command()
+@_training_options
+@click.option("--student", help="Preset name (tinystories-34m), ModelConfig .json/.yaml, or a model spec to start from.")
+@click.option("--objective", type=click.Choice(["ce", "kl", "topk"]), help="Token CE, full KL or top-K KL.")
+@click.option("--teacher-cache", type=click.Path(path_type=Path), help="Directory written by cache-teacher.")
+@click.option("--steps", type=int, help="Optimizer steps.")
+@click.option("--batch-size", type=int, help="Windows per optimizer step.")
+@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step.")
+@click.option("--learning-rate", type=float, help="Peak learning rate (warmup, then cosine).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), help="Compute dtype (parameters stay float32).")
+@click.option("--save-every", type=int, help="Checkpoint every N steps.")
+@click.option("--eval-every", type=int, help="Validation CE summary every N steps.")
+@click.option("--keep", type=int, help="Checkpoints kept (default: all).")
+@click.option("--output", required=True, type=click.Path(path_type=Path), help="Run directory (resumed if it exists).")
+@click.option("--force", is_flag=True, help="Resume even though the config changed.")
+def distill(config_file, output, force, teacher_cache, **fields) -> None:
+  """Train a student by token CE, full KL or top-K KL against a frozen teacher; resumable."""
+  from tailjax import distill as training
+
+  console = _wide_console()
+  try:
+    config = _config(config_file, teacher_cache=None if teacher_cache is None else str(teacher_cache), **fields)
+    result = training.distill(config, output, force=force, console=Console(stderr=True))
+  except (ValueError, FileNotFoundError) as err:
+    raise click.ClickException(str(err)) from None
+  except KeyboardInterrupt:
+    raise SystemExit(130) from None
+  training.render(result, console)
+
+
+@main.command("cache-teacher")
+@_training_options
+@click.option("--logprob-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="Storage of the top-K log-probs.")
+@click.option("--shard-size", default=256, show_default=True, help="Windows per shard file.")
+@click.option("--output", required=True, type=click.Path(path_type=Path), help="Cache directory (resumed if partial).")
+def cache_teacher(config_file, output, logprob_dtype, shard_size, **fields) -> None:
+  """Write a teacher's top-K ids and log-probs for the training windows of a distill config, once."""
+  from rich.progress import Progress
+
+  from tailjax import distill as training
+
+  try:
+    config = _config(config_file, objective="topk", **fields)
+    with Progress(console=Console(stderr=True)) as progress:
+      task = progress.add_task("cache-teacher", total=None)
+      meta = training.cache_teacher(config, output, logprob_dtype=logprob_dtype, shard_size=shard_size,
+                                    on_shard=lambda done, total: progress.update(task, completed=done, total=total))
+  except (ValueError, FileNotFoundError) as err:
+    raise click.ClickException(str(err)) from None
+  except KeyboardInterrupt:
+    raise SystemExit(130) from None
+  Console().print(f"wrote {meta.windows} windows x {meta.seq_len} positions of top-{meta.k} to {output}")
+
+
 if __name__ == "__main__":
   sys.exit(main())

@@ -131,3 +131,67 @@ def corpus_windows(spec: str, tokenizer, protocol: Protocol, field: str = "text"
     raise ValueError(f"{spec}: the corpus holds no text")
   ids = tokenizer.encode("\n\n".join(documents))
   return make_windows(ids, protocol, tokenizer.bos_id if tokenizer.add_bos else None, spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: documents packed into fixed-length windows.
+
+
+def split_documents(documents: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+  """(train, validation) documents: a ``val_fraction`` share drawn by ``seed``, at least one each."""
+  if not 0 < val_fraction < 1:
+    raise ValueError(f"val_fraction={val_fraction} must lie strictly between 0 and 1")
+  if len(documents) < 2:
+    raise ValueError(f"{len(documents)} document(s): a validation split needs at least two (or give val_data)")
+  order = np.random.default_rng(seed).permutation(len(documents))
+  n_val = min(max(1, round(val_fraction * len(documents))), len(documents) - 1)
+  val = set(order[:n_val].tolist())
+  return ([d for i, d in enumerate(documents) if i not in val], [d for i, d in enumerate(documents) if i in val])
+
+
+@dataclasses.dataclass
+class Packed:
+  """Documents packed end to end into windows of ``seq_len + 1`` tokens: inputs and next-token targets.
+
+  Consecutive windows share one token, so every token but the first is a target once.
+  ``segments`` numbers the documents inside each window from 1: a model given them
+  attends within a document only (``Decoder(..., segment_ids)``). Each document
+  starts with the tokenizer's BOS when it has one, so the last token of a document
+  learns to predict the start of the next.
+  """
+
+  tokens: np.ndarray  # int32 [N, T + 1]
+  segments: np.ndarray  # int32 [N, T + 1]
+  fingerprint: str
+
+  def __len__(self) -> int:
+    return len(self.tokens)
+
+  @property
+  def seq_len(self) -> int:
+    return self.tokens.shape[1] - 1
+
+  def take(self, count: int) -> Packed:
+    """The first ``count`` windows."""
+    return _packed(self.tokens[:count], self.segments[:count])
+
+
+def pack_documents(documents: list[str], tokenizer, seq_len: int, source: str = "corpus") -> Packed:
+  """Tokenize ``documents`` (no BOS rule of the tokenizer: one BOS per document if it has one) and pack them."""
+  documents = [d for d in documents if d.strip()]
+  encoded = tokenizer.backend.encode_batch(documents, add_special_tokens=False)
+  bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+  ids = [bos + e.ids for e in encoded]
+  stream = np.fromiter((t for doc in ids for t in doc), np.int32)
+  doc = np.repeat(np.arange(len(ids), dtype=np.int32), [len(d) for d in ids])
+  count = (len(stream) - 1) // seq_len
+  if count < 1:
+    raise ValueError(f"{source}: {len(stream)} tokens is shorter than one training window of {seq_len + 1} tokens")
+  index = np.arange(count)[:, None] * seq_len + np.arange(seq_len + 1)
+  tokens, docs = stream[index], doc[index]
+  return _packed(tokens, (docs - docs[:, :1] + 1).astype(np.int32))
+
+
+def _packed(tokens: np.ndarray, segments: np.ndarray) -> Packed:
+  digest = hashlib.sha256(tokens.tobytes() + segments.tobytes()).hexdigest()[:16]
+  return Packed(tokens, segments, digest)

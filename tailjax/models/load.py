@@ -135,10 +135,14 @@ def from_gguf(path: str | Path, dtype=jnp.float32, param_dtype=None) -> LoadedMo
     raise ValueError(f"{path}: not a readable GGUF file ({err})") from err
   cfg = gguf.read_config(reader, path)
   model = _fill(cfg, gguf.read_tensors(reader, cfg, path), str(path), dtype, param_dtype)
-  tokenizer = Tokenizer(gguf.read_tokenizer(reader, path), bool(gguf._field(reader, "tokenizer.ggml.add_bos_token")),
-                        gguf._field(reader, "tokenizer.ggml.bos_token_id"))
+  tokenizer = _gguf_tokenizer(reader, path)
   _check_vocab(tokenizer, cfg, str(path))
   return LoadedModel(cfg, model, tokenizer, str(path))
+
+
+def _gguf_tokenizer(reader, path: Path) -> Tokenizer:
+  return Tokenizer(gguf.read_tokenizer(reader, path), bool(gguf._field(reader, "tokenizer.ggml.add_bos_token")),
+                   gguf._field(reader, "tokenizer.ggml.bos_token_id"))
 
 
 def from_hf(directory: str | Path, dtype=jnp.float32, param_dtype=None) -> LoadedModel:
@@ -146,15 +150,19 @@ def from_hf(directory: str | Path, dtype=jnp.float32, param_dtype=None) -> Loade
   directory = Path(directory)
   cfg = hf.read_config(directory)
   model = _fill(cfg, hf.read_tensors(directory), str(directory), dtype, param_dtype)
-  tokenizer = None
-  if (auto := hf.read_tokenizer(directory)) is not None:
-    if not getattr(auto, "is_fast", False):
-      raise ValueError(f"{directory}: the tokenizer has no fast (tokenizers) version")
-    bos = auto.bos_token_id
-    plain = auto.backend_tokenizer.encode("a", add_special_tokens=False).ids
-    tokenizer = Tokenizer(auto.backend_tokenizer, bos is not None and auto("a")["input_ids"] == [bos, *plain], bos)
+  tokenizer = _hf_tokenizer(directory)
   _check_vocab(tokenizer, cfg, str(directory))
   return LoadedModel(cfg, model, tokenizer, str(directory))
+
+
+def _hf_tokenizer(directory: Path) -> Tokenizer | None:
+  if (auto := hf.read_tokenizer(directory)) is None:
+    return None
+  if not getattr(auto, "is_fast", False):
+    raise ValueError(f"{directory}: the tokenizer has no fast (tokenizers) version")
+  bos = auto.bos_token_id
+  plain = auto.backend_tokenizer.encode("a", add_special_tokens=False).ids
+  return Tokenizer(auto.backend_tokenizer, bos is not None and auto("a")["input_ids"] == [bos, *plain], bos)
 
 
 def save_checkpoint(loaded: LoadedModel, directory: str | Path) -> Path:
@@ -181,7 +189,6 @@ def _param_dtype(model: Decoder):
 def from_checkpoint(directory: str | Path, dtype=None, param_dtype=None) -> LoadedModel:
   """A directory written by ``save_checkpoint`` (or the trainer)."""
   import orbax.checkpoint as ocp
-  from tokenizers import Tokenizer as Backend
 
   directory = Path(directory).absolute()
   meta_path = directory / CHECKPOINT_FILE
@@ -200,12 +207,43 @@ def from_checkpoint(directory: str | Path, dtype=None, param_dtype=None) -> Load
   except (OSError, ValueError, KeyError) as err:
     raise ValueError(f"{directory / 'params'}: unreadable parameters ({err})") from err
   nnx.update(model, restored)
-  tokenizer = None
-  if "tokenizer" in meta:
-    t = meta["tokenizer"]
-    tokenizer = Tokenizer(Backend.from_file(str(directory / t["file"])), t["add_bos"], t["bos_id"])
+  tokenizer = _checkpoint_tokenizer(directory, meta)
   _check_vocab(tokenizer, cfg, str(directory))
   return LoadedModel(cfg, model, tokenizer, str(directory))
+
+
+def _checkpoint_tokenizer(directory: Path, meta: dict) -> Tokenizer | None:
+  from tokenizers import Tokenizer as Backend
+
+  if "tokenizer" not in meta:
+    return None
+  t = meta["tokenizer"]
+  return Tokenizer(Backend.from_file(str(directory / t["file"])), t["add_bos"], t["bos_id"])
+
+
+def load_tokenizer(spec: str | Path) -> Tokenizer:
+  """Only the tokenizer of a model spec (no weights read), or a ``tokenizer.json`` file."""
+  import gguf as gguf_lib
+  from tokenizers import Tokenizer as Backend
+
+  path = Path(str(spec).rpartition("@")[0] if "@" in str(spec) else spec)
+  tokenizer = None
+  if path.is_file() and path.suffix == ".gguf":
+    tokenizer = _gguf_tokenizer(gguf_lib.GGUFReader(path), path)
+  elif path.is_file() and path.suffix == ".json":
+    try:
+      tokenizer = Tokenizer(Backend.from_file(str(path)))
+    except Exception as err:  # tokenizers raises a plain Exception for malformed files
+      raise ValueError(f"{path}: not a tokenizers JSON file ({err})") from err
+  elif path.is_dir() and (path / CHECKPOINT_FILE).exists():
+    tokenizer = _checkpoint_tokenizer(path, json.loads((path / CHECKPOINT_FILE).read_text()))
+  elif path.is_dir() and (path / "config.json").exists():
+    tokenizer = _hf_tokenizer(path)
+  elif not path.exists():
+    raise FileNotFoundError(f"{path}: no such tokenizer or model")
+  if tokenizer is None:
+    raise ValueError(f"{path}: holds no tokenizer")
+  return tokenizer
 
 
 def load(spec: str | Path, dtype=jnp.float32, param_dtype=None) -> LoadedModel:

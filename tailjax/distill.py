@@ -1,0 +1,552 @@
+"""Training a student decoder by token CE, full KL or top-K KL against a frozen teacher.
+
+``tailjax distill`` reproduces the top-K distillation of ../shared/mission/001 (section 4):
+the student's per-token loss is one of
+
+- ``ce``: ``-log q(target)`` (no teacher; how the paper trains its teacher and controls),
+- ``kl``: ``KL(p || q)`` over the whole vocabulary,
+- ``topk``: the teacher's top-K probabilities renormalized to sum to one against the
+  student's full softmax (``tailjax.losses.topk_kl_from_logprobs``, ``"full"``),
+
+all computed blockwise from hidden states (``tailjax.head``): no ``[tokens, vocab]``
+logits exist, forward or backward. The teacher runs in the same jitted step, or its
+top-K comes from a cache written once by ``tailjax cache-teacher``.
+
+A run directory holds ``config.json`` (what the run computes), ``metrics.jsonl`` (loss,
+learning rate, gradient norm, tokens/s), ``evals.jsonl`` and ``checkpoints/<step>/``:
+orbax items ``params`` / ``train`` (optimizer state) / ``data`` (grain iterator state),
+next to ``tailjax_model.json`` + ``tokenizer.json`` (so every checkpoint is a model spec for
+``tailjax eval``) and ``eval.json``: the validation CE summary (mean, median, every 5th
+percentile, p99, band mass, sketch) that ``tailjax select`` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from tailjax import data, head, teacher_cache
+from tailjax.losses import TopK
+from tailjax.models import PRESETS, Decoder, LoadedModel, ModelConfig, Tokenizer, load, load_tokenizer
+from tailjax.models.load import CHECKPOINT_FILE
+from tailjax.stats import LogHistogram, Summary, spec_for
+
+OBJECTIVES = ("ce", "kl", "topk")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# May change when a run resumes: they decide when to log, evaluate and save, not what is computed.
+OPERATIONAL = ("save_every", "keep", "eval_every", "log_every", "cache_batch_size")
+EVAL_FILE = "eval.json"
+
+
+@dataclasses.dataclass
+class DistillConfig:
+  """Everything a run computes; YAML files (configs/, recipes/) and CLI flags fill it."""
+
+  data: str = "pydoc"  # corpus spec (see tailjax.data.read_documents)
+  text_field: str = "text"
+  val_data: str | None = None  # held-out corpus; default: a val_fraction share of data's documents
+  val_fraction: float = 0.05
+  val_windows: int | None = 64  # at most this many validation windows per evaluation
+  teacher: str | None = None  # model spec; needed by kl and topk unless teacher_cache is given
+  teacher_cache: str | None = None  # directory written by cache-teacher (topk only)
+  student: str | dict = "tinystories-34m"  # preset, ModelConfig file (.json/.yaml), model spec, or fields
+  tokenizer: str | None = None  # when there is no teacher: tokenizer.json or a model spec to borrow it from
+  objective: str = "topk"
+  topk: int | None = None
+  temperature: float = 1.0
+  seq_len: int = 512
+  batch_size: int = 32  # windows per optimizer step, split into grad_accum micro-batches
+  grad_accum: int = 1
+  steps: int = 1000
+  learning_rate: float = 3e-4
+  warmup_steps: int = 100
+  min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  clip_norm: float = 1.0
+  dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
+  seed: int = 0
+  save_every: int = 500
+  keep: int | None = None  # checkpoints kept (None: all)
+  eval_every: int = 500
+  log_every: int = 10
+  block_size: int = head.DEFAULT_BLOCK_SIZE
+  cache_batch_size: int = 8
+
+  def __post_init__(self):
+    problems = []
+    if self.objective not in OBJECTIVES:
+      problems.append(f"objective={self.objective!r}: choose one of {OBJECTIVES}")
+    if self.objective == "topk" and (self.topk is None or self.topk < 1):
+      problems.append("objective topk needs topk >= 1")
+    if self.objective != "ce" and self.teacher is None and self.teacher_cache is None:
+      problems.append(f"objective {self.objective} needs a teacher (or a teacher_cache)")
+    if self.teacher_cache is not None and self.objective != "topk":
+      problems.append(f"a teacher cache holds top-K only: objective {self.objective} needs the teacher online")
+    if self.dtype not in DTYPES:
+      problems.append(f"dtype={self.dtype!r}: choose one of {sorted(DTYPES)}")
+    if self.batch_size % self.grad_accum:
+      problems.append(f"batch_size={self.batch_size} is not a multiple of grad_accum={self.grad_accum}")
+    for name in ("seq_len", "batch_size", "grad_accum", "steps", "save_every", "eval_every", "log_every"):
+      if getattr(self, name) < 1:
+        problems.append(f"{name}={getattr(self, name)} must be positive")
+    if problems:
+      raise ValueError("distill config: " + "; ".join(problems))
+
+  @classmethod
+  def from_file(cls, path: str | Path | None = None, **overrides) -> DistillConfig:
+    """A YAML (or JSON) file of fields, then ``overrides`` (None values are ignored)."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    if path is not None:
+      path = Path(path)
+      try:
+        values = yaml.safe_load(path.read_text()) or {}
+      except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: unreadable config ({err})") from err
+      if not isinstance(values, dict):
+        raise ValueError(f"{path}: a config is a mapping of fields")
+      unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+      if unknown:
+        raise ValueError(f"{path}: unknown config fields {sorted(unknown)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**values)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+class TrainState(NamedTuple):
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  params: nnx.State
+  opt_state: optax.OptState
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss.
+
+
+def token_losses(student: Decoder, batch: dict[str, jax.Array], *, objective: str, vocab_size: int,
+                 topk: int | None = None, temperature: float = 1.0, teacher: Decoder | None = None,
+                 block_size: int = head.DEFAULT_BLOCK_SIZE) -> jax.Array:
+  """Per-token loss ``[B, T]`` of a batch of packed windows (``tokens``/``segments``: ``[B, T + 1]``).
+
+  With ``topk_ids``/``topk_logprobs`` (``[B, T, k]``) in the batch, the teacher's top-K is
+  read from them; otherwise ``teacher`` runs here, as a constant.
+  """
+  inputs, segments, targets = batch["tokens"][:, :-1], batch["segments"][:, :-1], batch["tokens"][:, 1:]
+  hidden, unembedding = student(inputs, segments), student.unembedding()
+  if objective == "ce":
+    return head.cross_entropy(hidden, unembedding, targets, vocab_size=vocab_size, block_size=block_size)
+  if "topk_ids" in batch:
+    top = TopK(batch["topk_ids"], batch["topk_logprobs"])
+  else:
+    teacher_hidden = jax.lax.stop_gradient(teacher(inputs, segments))
+    teacher_unembedding = jax.lax.stop_gradient(teacher.unembedding())
+    if objective == "kl":
+      return head.kl_divergence(teacher_hidden, teacher_unembedding, hidden, unembedding, temperature=temperature,
+                                vocab_size=vocab_size, block_size=block_size)
+    top = head.teacher_topk(teacher_hidden, teacher_unembedding, topk, temperature=temperature,
+                            vocab_size=vocab_size, block_size=block_size)
+  return head.topk_kl_divergence(hidden, unembedding, top, temperature=temperature, vocab_size=vocab_size,
+                                 block_size=block_size)
+
+
+def optimizer(config: DistillConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with linear warmup and cosine decay, after global-norm clipping; no decay on norms."""
+  schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, min(config.warmup_steps, config.steps - 1),
+                                                config.steps, config.learning_rate * config.min_lr_ratio)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  tx = optax.chain(optax.clip_by_global_norm(config.clip_norm),
+                   optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
+                               mask=decay_mask))
+  return tx, schedule
+
+
+def _train_step(state: TrainState, batch: dict[str, jax.Array], teacher_state: nnx.State | None, *,
+                graphdef, teacher_graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                accum: int, loss_options: dict) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step over ``accum`` micro-batches; the loss is the mean over every token of the batch."""
+  teacher = None if teacher_graphdef is None else nnx.merge(teacher_graphdef, teacher_state)
+  micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+  def summed(params, mb):
+    values = token_losses(nnx.merge(graphdef, params), mb, teacher=teacher, **loss_options)
+    return jnp.sum(values), values.size
+
+  def accumulate(carry, mb):
+    grads, total = carry
+    (loss, _), g = jax.value_and_grad(summed, has_aux=True)(state.params, mb)
+    return (jax.tree.map(jnp.add, grads, g), total + loss), None
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  (grads, total), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), micro)
+  tokens = batch["tokens"].shape[0] * (batch["tokens"].shape[1] - 1)
+  grads = jax.tree.map(lambda g: g / tokens, grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": total / tokens, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+  return TrainState(state.step + 1, params, opt_state), metrics
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "vocab_size", "block_size"))
+def _add_val_ce(sketch: LogHistogram, params: nnx.State, tokens: jax.Array, segments: jax.Array, *, graphdef,
+                vocab_size: int, block_size: int) -> LogHistogram:
+  model = nnx.merge(graphdef, params)
+  hidden = model(tokens[:, :-1], segments[:, :-1])
+  ce = head.cross_entropy(hidden, model.unembedding(), tokens[:, 1:], vocab_size=vocab_size, block_size=block_size)
+  return sketch.add(ce)
+
+
+def validation_ce(graphdef, params: nnx.State, windows: data.Packed, *, batch_size: int, vocab_size: int,
+                  block_size: int = head.DEFAULT_BLOCK_SIZE) -> Summary:
+  """Per-token CE of the model over ``windows``, as a ``Summary`` (only the sketch leaves the device)."""
+  sketch = LogHistogram.empty(spec_for())
+  for start in range(0, len(windows), batch_size):
+    sketch = _add_val_ce(sketch, params, jnp.asarray(windows.tokens[start:start + batch_size]),
+                         jnp.asarray(windows.segments[start:start + batch_size]), graphdef=graphdef,
+                         vocab_size=vocab_size, block_size=block_size)
+  return Summary.from_sketch(sketch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Setting a run up: tokenizer, teacher, student, data.
+
+
+@dataclasses.dataclass
+class Setup:
+  config: DistillConfig
+  tokenizer: Tokenizer
+  student: Decoder
+  teacher: LoadedModel | None  # None with a teacher cache or the ce objective
+  train: data.Packed
+  val: data.Packed
+  cache: teacher_cache.TeacherCache | None
+
+  @property
+  def vocab_size(self) -> int:
+    return self.tokenizer.vocab_size
+
+
+def _same_tokenizer(a: Tokenizer, a_name: str, b: Tokenizer, b_name: str) -> None:
+  if a.fingerprint() != b.fingerprint():
+    raise ValueError(f"tokenizer mismatch: {a_name} ({a.vocab_size} tokens) and {b_name} ({b.vocab_size} tokens) "
+                     "tokenize differently; a student learns from a teacher of the same tokenizer")
+
+
+def _student_fields(spec: str | dict) -> dict | None:
+  """Preset name, config file or field mapping -> ``ModelConfig`` fields; None when ``spec`` names a model."""
+  import yaml
+
+  if isinstance(spec, str) and spec in PRESETS:
+    return {"preset": spec}
+  if isinstance(spec, str) and Path(spec).suffix in (".json", ".yaml", ".yml"):
+    try:
+      spec = yaml.safe_load(Path(spec).read_text())
+    except (OSError, yaml.YAMLError) as err:
+      raise ValueError(f"{spec}: unreadable student config ({err})") from err
+  return dict(spec) if isinstance(spec, dict) else None
+
+
+def _student_config(fields: dict, vocab_size: int) -> ModelConfig:
+  fields = dict(fields)
+  preset = fields.pop("preset", None)
+  if preset is not None and preset not in PRESETS:
+    raise ValueError(f"student preset {preset!r} is unknown (presets: {sorted(PRESETS)})")
+  base = PRESETS[preset].to_dict() if preset else {}
+  base["vocab_size"] = vocab_size  # a shape takes the tokenizer's vocabulary unless it names one
+  return ModelConfig.from_dict({**base, **fields})
+
+
+def teacher_id(spec: str) -> str:
+  """How a teacher is named in a cache: its absolute path, and its quantization if any."""
+  path, at, quant = spec.rpartition("@") if "@" in spec else (spec, "", "")
+  return str(Path(path).absolute()) + at + quant
+
+
+def prepare(config: DistillConfig) -> Setup:
+  """Loads what a run needs and checks that the pieces fit together, naming what does not."""
+  teacher = None
+  tokenizer, tokenizer_name = None, None
+  if config.teacher is not None:
+    if config.teacher_cache is None:
+      teacher = load(config.teacher, DTYPES[config.dtype])
+      tokenizer = teacher.tokenizer
+    else:
+      tokenizer = load_tokenizer(config.teacher)
+    tokenizer_name = f"teacher {config.teacher}"
+    if tokenizer is None:
+      raise ValueError(f"{config.teacher}: the teacher has no tokenizer")
+  if config.tokenizer is not None:
+    own = load_tokenizer(config.tokenizer)
+    if tokenizer is not None:
+      _same_tokenizer(tokenizer, tokenizer_name, own, f"tokenizer {config.tokenizer}")
+    tokenizer, tokenizer_name = own, f"tokenizer {config.tokenizer}"
+
+  dtype = DTYPES[config.dtype]
+  fields = _student_fields(config.student)
+  if fields is None:  # a model spec: the student starts from its weights
+    pretrained = load(config.student, jnp.float32)
+    if pretrained.tokenizer is not None and tokenizer is not None:
+      _same_tokenizer(tokenizer, tokenizer_name, pretrained.tokenizer, f"student {config.student}")
+    tokenizer = tokenizer or pretrained.tokenizer
+    student = Decoder(pretrained.config, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(config.seed))
+    nnx.update(student, nnx.state(pretrained.model, nnx.Param))
+  elif tokenizer is None:
+    raise ValueError("no tokenizer: give a teacher, a tokenizer, or a student model that has one")
+  else:
+    student = Decoder(_student_config(fields, tokenizer.vocab_size), dtype=dtype, param_dtype=jnp.float32,
+                      rngs=nnx.Rngs(config.seed))
+  if tokenizer is None:
+    raise ValueError(f"{config.student}: the student has no tokenizer; give a teacher or a tokenizer")
+
+  vocab = tokenizer.vocab_size
+  for name, cfg in (("student", student.cfg), ("teacher", None if teacher is None else teacher.config)):
+    if cfg is not None and cfg.vocab_size < vocab:
+      raise ValueError(f"{name} has {cfg.vocab_size} vocabulary entries, fewer than the tokenizer's {vocab}")
+  if config.topk is not None and config.objective == "topk" and config.topk > vocab:
+    raise ValueError(f"topk={config.topk} is larger than the vocabulary ({vocab} tokens)")
+
+  documents = data.read_documents(config.data, config.text_field)
+  if config.val_data is None:
+    train_docs, val_docs = data.split_documents(documents, config.val_fraction, config.seed)
+  else:
+    train_docs, val_docs = documents, data.read_documents(config.val_data, config.text_field)
+  train = data.pack_documents(train_docs, tokenizer, config.seq_len, f"{config.data} (training split)")
+  val = data.pack_documents(val_docs, tokenizer, config.seq_len, f"{config.val_data or config.data} (validation)")
+  if config.val_windows is not None:
+    val = val.take(config.val_windows)
+  if len(train) < config.batch_size:
+    raise ValueError(f"{config.data}: {len(train)} training windows of {config.seq_len + 1} tokens, fewer than "
+                     f"one batch of {config.batch_size}")
+
+  cache = None
+  if config.teacher_cache is not None:
+    cache = teacher_cache.TeacherCache(config.teacher_cache)
+    expected = dict(tokenizer=tokenizer.fingerprint(), k=config.topk, temperature=float(config.temperature),
+                    vocab_size=vocab, data=train.fingerprint, windows=len(train), seq_len=config.seq_len)
+    if config.teacher is not None:
+      expected["teacher"] = teacher_id(config.teacher)
+    cache.meta.check(expected, cache.directory)
+  return Setup(config, tokenizer, student, teacher, train, val, cache)
+
+
+def cache_teacher(config: DistillConfig, output: str | Path, *, logprob_dtype: str = "float32",
+                  shard_size: int = 256, on_shard: Callable[[int, int], None] | None = None) -> teacher_cache.CacheMeta:
+  """Writes the teacher top-K cache for ``config``'s training windows (resumable)."""
+  if config.teacher is None or config.topk is None:
+    raise ValueError("cache-teacher needs a teacher and topk")
+  setup = prepare(dataclasses.replace(config, teacher_cache=None, objective="topk"))
+  return teacher_cache.write(setup.teacher, teacher_id(config.teacher), setup.train, config.topk, output,
+                             vocab_size=setup.vocab_size,
+                             temperature=config.temperature, batch_size=config.cache_batch_size,
+                             shard_size=shard_size, logprob_dtype=logprob_dtype, on_shard=on_shard)
+
+
+class _Records:
+  """Training windows (and their cached teacher top-K) by index: a grain data source."""
+
+  def __init__(self, packed: data.Packed, cache: teacher_cache.TeacherCache | None):
+    self.packed, self.cache = packed, cache
+
+  def __len__(self) -> int:
+    return len(self.packed)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    record = {"tokens": self.packed.tokens[index], "segments": self.packed.segments[index]}
+    if self.cache is not None:
+      record["topk_ids"], record["topk_logprobs"] = self.cache[index]
+    return record
+
+
+def batches(setup: Setup) -> grain.DatasetIterator:
+  """Shuffled (reshuffled every epoch by ``seed``), endless batches of ``batch_size`` windows."""
+  config = setup.config
+  dataset = grain.MapDataset.source(_Records(setup.train, setup.cache)).shuffle(seed=config.seed)
+  return iter(dataset.repeat(None).batch(config.batch_size, drop_remainder=True).to_iter_dataset())
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+
+
+@dataclasses.dataclass
+class DistillResult:
+  output: Path
+  config: DistillConfig
+  losses: dict[int, float]  # step -> training loss, for the steps logged in this call
+  evals: dict[int, dict[str, Any]]  # step -> validation CE summary
+  checkpoints: list[int]
+
+
+def _check_resume(output: Path, config: DistillConfig, force: bool) -> None:
+  path = output / "config.json"
+  if path.exists():
+    stored = json.loads(path.read_text())
+    ours = config.to_dict()
+    changed = sorted(k for k in {*stored, *ours} - set(OPERATIONAL) if stored.get(k) != ours.get(k))
+    if changed and not force:
+      detail = "; ".join(f"{k}: {stored.get(k)!r} -> {ours.get(k)!r}" for k in changed)
+      raise ValueError(f"{output}: holds a run with another config ({detail}); resuming would not reproduce it "
+                       "(force to resume anyway, or choose another output)")
+  output.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(config.to_dict(), indent=1))
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+  """Drops lines logged after ``last_step``: they will be computed again."""
+  if path.exists():
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+  with path.open("a") as f:
+    f.write(json.dumps(record) + "\n")
+    f.flush()
+
+
+def _write_sidecars(step_dir: Path, setup: Setup, source: str, evaluation: dict[str, Any] | None) -> None:
+  """Makes a checkpoint a model spec (``tailjax_model.json``, ``tokenizer.json``) and stores its eval summary."""
+  setup.tokenizer.backend.save(str(step_dir / "tokenizer.json"))
+  meta = {"config": setup.student.cfg.to_dict(), "source": source, "dtype": "float32",
+          "tokenizer": {"file": "tokenizer.json", "add_bos": setup.tokenizer.add_bos, "bos_id": setup.tokenizer.bos_id}}
+  for name, content in ((CHECKPOINT_FILE, meta), (EVAL_FILE, evaluation)):
+    if content is not None:
+      partial = step_dir / (name + ".partial")
+      partial.write_text(json.dumps(content, indent=1))
+      partial.rename(step_dir / name)
+
+
+def distill(config: DistillConfig, output: str | Path, *, force: bool = False, console=None,
+            on_step: Callable[[int, dict[str, float]], None] | None = None) -> DistillResult:
+  """Trains (or resumes training) into ``output``; the Python face of ``tailjax distill``."""
+  import orbax.checkpoint as ocp
+
+  output = Path(output).absolute()
+  setup = prepare(config)
+  _check_resume(output, config, force)
+  graphdef, params = nnx.split(setup.student, nnx.Param)
+  tx, schedule = optimizer(config)
+  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  iterator = batches(setup)
+  teacher_graphdef, teacher_state = (None, None) if setup.teacher is None else nnx.split(setup.teacher.model)
+  loss_options = dict(objective=config.objective, vocab_size=setup.vocab_size, topk=config.topk,
+                      temperature=config.temperature, block_size=config.block_size)
+  step_fn = jax.jit(functools.partial(_train_step, graphdef=graphdef, teacher_graphdef=teacher_graphdef, tx=tx,
+                                      schedule=schedule, accum=config.grad_accum, loss_options=loss_options),
+                    donate_argnums=0)
+
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep, enable_async_checkpointing=False, create=True)
+  evals: dict[int, dict[str, Any]] = {}
+  losses: dict[int, float] = {}
+  with ocp.CheckpointManager(output / "checkpoints", options=options) as manager:
+    start = manager.latest_step() or 0
+    if start:
+      restored = manager.restore(start, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(state.params),
+          train=ocp.args.StandardRestore({"step": state.step, "opt_state": state.opt_state}),
+          data=ocp.args.JsonRestore()))
+      state = TrainState(restored["train"]["step"], restored["params"], restored["train"]["opt_state"])
+      iterator.set_state(restored["data"])
+      _write_sidecars(output / "checkpoints" / str(start), setup, f"{output}@{start}", None)
+    for log in ("metrics.jsonl", "evals.jsonl"):
+      _truncate_log(output / log, start)
+
+    def evaluate(step: int) -> dict[str, Any]:
+      summary = validation_ce(graphdef, state.params, setup.val, batch_size=config.batch_size,
+                              vocab_size=setup.vocab_size, block_size=config.block_size)
+      evals[step] = {"step": step, "windows": len(setup.val), "fingerprint": setup.val.fingerprint,
+                     "ce": summary.to_dict()}
+      _append(output / "evals.jsonl", evals[step])
+      return evals[step]
+
+    tokens_per_step = config.batch_size * config.seq_len
+    progress, task = _progress(console, config.steps, start)
+    clock, clock_step = time.perf_counter(), start
+    try:
+      for step in range(start + 1, config.steps + 1):
+        state, metrics = step_fn(state, next(iterator), teacher_state)
+        saving = step % config.save_every == 0 or step == config.steps
+        if step % config.log_every == 0 or saving:
+          values = {k: float(v) for k, v in metrics.items()}
+          now = time.perf_counter()
+          values["tokens_per_s"] = (step - clock_step) * tokens_per_step / (now - clock)
+          clock, clock_step = now, step
+          losses[step] = values["loss"]
+          _append(output / "metrics.jsonl", {"step": step, **values})
+          if progress is not None:
+            progress.update(task, completed=step, loss=values["loss"], speed=values["tokens_per_s"])
+          if on_step is not None:
+            on_step(step, values)
+        evaluation = evaluate(step) if step % config.eval_every == 0 or saving else None
+        if saving:
+          manager.save(step, args=ocp.args.Composite(
+              params=ocp.args.StandardSave(state.params),
+              train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
+              data=ocp.args.JsonSave(iterator.get_state())))
+          manager.wait_until_finished()
+          _write_sidecars(output / "checkpoints" / str(step), setup, f"{output}@{step}", evaluation)
+    finally:
+      if progress is not None:
+        progress.stop()
+    checkpoints = list(manager.all_steps())
+  return DistillResult(output, config, losses, evals, sorted(checkpoints))
+
+
+def _progress(console, total: int, start: int):
+  if console is None:
+    return None, None
+  from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+  progress = Progress(TextColumn("distill"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("loss {task.fields[loss]:.4f}  {task.fields[speed]:,.0f} tok/s"),
+                      TimeRemainingColumn(), console=console)
+  progress.start()
+  return progress, progress.add_task("distill", total=total, completed=start, loss=float("nan"), speed=0.0)
+
+
+def read_run(directory: str | Path) -> dict[str, dict[str, Any]]:
+  """A distill run (or one checkpoint of it) -> ``{"<run>@<step>": eval summary}`` for each checkpoint."""
+  directory = Path(directory)
+  steps = [directory] if (directory / EVAL_FILE).exists() else sorted(
+      (p for p in (directory / "checkpoints").glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
+  found = {}
+  for step_dir in steps:
+    path = step_dir / EVAL_FILE
+    if not path.exists():
+      raise FileNotFoundError(f"{path}: this checkpoint has no saved evaluation (evaluate it with --corpus)")
+    run = step_dir.parent.parent.name
+    found[f"{run}@{step_dir.name}"] = json.loads(path.read_text())
+  if not found:
+    raise FileNotFoundError(f"{directory}: not a tailjax distill run (no checkpoints/<step>/{EVAL_FILE})")
+  return found
+
+
+def render(result: DistillResult, console) -> None:
+  """Validation CE of every evaluated step: the table a user reads after a run."""
+  from rich.table import Table
+
+  table = Table(title=f"tailjax distill: {result.output}")
+  for column in ("step", "CE mean", "median", "p90", "p99", "train loss"):
+    table.add_column(column, justify="right")
+  for step, evaluation in sorted(result.evals.items()):
+    ce = evaluation["ce"]
+    loss = result.losses.get(step)
+    table.add_row(str(step), *(f"{ce[k]:.4f}" for k in ("mean", "median", "p90", "p99")),
+                  "" if loss is None else f"{loss:.4f}")
+  console.print(table)
+  console.print(f"checkpoints: {', '.join(map(str, result.checkpoints))} in {result.output / 'checkpoints'}")

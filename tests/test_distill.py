@@ -1,0 +1,199 @@
+"""`tailjax distill` and `cache-teacher` on tiny models: loss values, learning, resume, caching, bad input."""
+
+import dataclasses
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from flax import nnx
+from pydoc_data.topics import topics
+
+from tailjax import cli, data, distill, losses, models, teacher_cache
+from tailjax.models import Decoder
+from test_models import TINY, write_tiny_gguf
+
+STUDENT = {"hidden_size": 32, "intermediate_size": 48, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """A tiny GGUF teacher (its letter tokenizer is everyone's) and a JSONL corpus of real text."""
+  root = tmp_path_factory.mktemp("distill")
+  write_tiny_gguf(root / "teacher.gguf", Decoder(TINY, rngs=nnx.Rngs(11)))
+  with (root / "corpus.jsonl").open("w") as f:
+    for key in sorted(topics)[:30]:
+      f.write(json.dumps({"text": re.sub(" +", " ", re.sub(r"[^a-z ]+", " ", topics[key].lower()))}) + "\n")
+  return root
+
+
+def config(tiny, **fields):
+  base = dict(data=str(tiny / "corpus.jsonl"), teacher=str(tiny / "teacher.gguf"), student=STUDENT, objective="topk",
+              topk=5, seq_len=16, batch_size=4, steps=4, save_every=2, eval_every=2, log_every=1, warmup_steps=1,
+              learning_rate=3e-3, val_windows=8, block_size=24)
+  return distill.DistillConfig(**{**base, **fields})
+
+
+def materialized_loss(setup: distill.Setup, batch, cfg: distill.DistillConfig) -> float:
+  """The same loss from ``tailjax.losses`` on full [B, T, V] logits, in float64 on the host."""
+  inputs, segments, targets = batch["tokens"][:, :-1], batch["segments"][:, :-1], batch["tokens"][:, 1:]
+  logits = lambda m: np.asarray(jnp.einsum("btd,dv->btv", m(inputs, segments), m.unembedding()), np.float64)
+  student = logits(setup.student)
+  v = setup.vocab_size
+  with jax.enable_x64():
+    if cfg.objective == "ce":
+      values = losses.cross_entropy(student, targets, vocab_size=v)
+    else:
+      teacher = logits(setup.teacher.model)
+      values = (losses.kl_divergence(teacher, student, vocab_size=v) if cfg.objective == "kl" else
+                losses.topk_kl_divergence(student, teacher, k=cfg.topk, vocab_size=v))
+    return float(np.mean(np.asarray(values)))
+
+
+@pytest.mark.parametrize("objective", ["ce", "kl", "topk"])
+def test_first_step_loss_equals_losses_on_materialized_logits(tiny, tmp_path, objective):
+  cfg = config(tiny, objective=objective, steps=1, grad_accum=2)
+  setup = distill.prepare(cfg)
+  expected = materialized_loss(setup, next(distill.batches(setup)), cfg)
+  result = distill.distill(cfg, tmp_path / "run")
+  assert result.losses[1] == pytest.approx(expected, rel=2e-5)
+
+
+def test_ce_training_lowers_validation_ce_and_checkpoints_are_models(tiny, tmp_path):
+  cfg = config(tiny, objective="ce", teacher=None, tokenizer=str(tiny / "teacher.gguf"), steps=30, save_every=15,
+               eval_every=15, batch_size=8, learning_rate=1e-2, warmup_steps=3)
+  result = distill.distill(cfg, tmp_path / "run")
+  assert result.checkpoints == [15, 30]
+  first, last = (np.mean([result.losses[s] for s in steps]) for steps in (range(1, 4), range(28, 31)))
+  assert last < first - 0.5
+  assert result.evals[30]["ce"]["median"] < result.evals[15]["ce"]["median"] < np.log(TINY.vocab_size)
+  # a checkpoint is a model spec; its saved summary is the CE of that model on the validation windows
+  step_dir = tmp_path / "run" / "checkpoints" / "30"
+  loaded = models.load(step_dir)
+  val = distill.prepare(cfg).val
+  logprobs = np.asarray(_logprobs(loaded, val), np.float64)
+  ce = -np.take_along_axis(logprobs, val.tokens[:, 1:, None], axis=-1)[..., 0]
+  saved = json.loads((step_dir / distill.EVAL_FILE).read_text())["ce"]
+  assert saved["mean"] == pytest.approx(ce.mean(), rel=1e-5)
+  assert saved["median"] == pytest.approx(np.quantile(ce, 0.5, method="lower"), rel=0.011)
+  assert saved["n"] == ce.size and len(saved["percentiles"]) == 19 and "band_mass" in saved
+
+
+def _logprobs(loaded, windows):
+  hidden = loaded.model(jnp.asarray(windows.tokens[:, :-1]), jnp.asarray(windows.segments[:, :-1]))
+  return jax.nn.log_softmax(jnp.einsum("btd,dv->btv", hidden, loaded.model.unembedding()), axis=-1)
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny, tmp_path):
+  cfg = config(tiny, steps=6, save_every=2, eval_every=3)
+  whole = distill.distill(cfg, tmp_path / "whole")
+
+  def interrupt(step, metrics):
+    if step == 5:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    distill.distill(cfg, tmp_path / "cut", on_step=interrupt)
+  resumed = distill.distill(cfg, tmp_path / "cut")
+  assert sorted(resumed.losses) == [5, 6]  # restarted from the checkpoint of step 4
+  assert all(resumed.losses[s] == whole.losses[s] for s in (5, 6))
+  logs = [(tmp_path / run / "metrics.jsonl").read_text().splitlines() for run in ("whole", "cut")]
+  strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in lines]
+  assert strip(logs[0]) == strip(logs[1])
+  assert resumed.evals[6]["ce"] == whole.evals[6]["ce"]
+  # a changed config is refused, unless forced
+  with pytest.raises(ValueError, match=r"learning_rate: 0.003 -> 0.001"):
+    distill.distill(dataclasses.replace(cfg, learning_rate=1e-3), tmp_path / "cut")
+  longer = distill.distill(dataclasses.replace(cfg, steps=7), tmp_path / "cut", force=True)
+  assert sorted(longer.losses) == [7]
+
+
+def test_gradient_accumulation_gives_the_same_steps(tiny, tmp_path):
+  one = distill.distill(config(tiny, steps=3, batch_size=4), tmp_path / "one")
+  two = distill.distill(config(tiny, steps=3, batch_size=4, grad_accum=2), tmp_path / "two")
+  for step in (1, 2, 3):
+    assert two.losses[step] == pytest.approx(one.losses[step], rel=1e-5)
+
+
+def test_cached_teacher_trains_like_the_online_teacher(tiny, tmp_path):
+  cfg = config(tiny, steps=3, save_every=3, eval_every=3)
+  meta = distill.cache_teacher(cfg, tmp_path / "cache", shard_size=7)
+  setup = distill.prepare(cfg)
+  assert meta.windows == len(setup.train) and meta.shards == -(-len(setup.train) // 7)
+  ids = np.load(tmp_path / "cache" / "shard-00000" / "ids.npy")
+  assert ids.dtype == np.uint16 and ids.shape == (7, 16, 5)
+  online = distill.distill(cfg, tmp_path / "online")
+  cached = distill.distill(dataclasses.replace(cfg, teacher_cache=str(tmp_path / "cache")), tmp_path / "cached")
+  for step in (1, 2, 3):
+    assert cached.losses[step] == pytest.approx(online.losses[step], rel=1e-5)
+  # a partly written cache resumes; the shards already there are kept as they are
+  (tmp_path / "cache" / "shard-00001").rename(tmp_path / "kept")
+  with pytest.raises(ValueError, match="incomplete teacher cache, 1 of"):
+    teacher_cache.TeacherCache(tmp_path / "cache")
+  before = (tmp_path / "cache" / "shard-00000" / "ids.npy").stat().st_mtime_ns
+  distill.cache_teacher(cfg, tmp_path / "cache", shard_size=7)
+  assert (tmp_path / "cache" / "shard-00000" / "ids.npy").stat().st_mtime_ns == before
+  np.testing.assert_array_equal(np.load(tmp_path / "cache" / "shard-00001" / "ids.npy"), np.load(tmp_path / "kept" / "ids.npy"))
+  # a cache of another K or another teacher is refused, both values named
+  with pytest.raises(ValueError, match=r"k: cache has 5, this run needs 3"):
+    distill.prepare(dataclasses.replace(cfg, topk=3, teacher_cache=str(tmp_path / "cache")))
+  other = tmp_path / "other.gguf"
+  other.write_bytes((tiny / "teacher.gguf").read_bytes())
+  with pytest.raises(ValueError, match=r"teacher: cache has .*teacher.gguf', this run needs .*other.gguf"):
+    distill.prepare(dataclasses.replace(cfg, teacher=str(other), teacher_cache=str(tmp_path / "cache")))
+
+
+def test_bad_input_is_named(tiny, tmp_path):
+  from tokenizers import Tokenizer, models as tokenizer_models
+
+  other = tmp_path / "tokenizer.json"
+  Tokenizer(tokenizer_models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]")).save(str(other))
+  with pytest.raises(ValueError, match="tokenizer mismatch: teacher .*teacher.gguf .* and tokenizer .*tokenizer.json"):
+    distill.prepare(config(tiny, tokenizer=str(other)))
+  with pytest.raises(ValueError, match=r"topk=65 is larger than the vocabulary \(64 tokens\)"):
+    distill.prepare(config(tiny, topk=65))
+  with pytest.raises(ValueError, match="student has 32 vocabulary entries, fewer than the tokenizer's 64"):
+    distill.prepare(config(tiny, student={**STUDENT, "vocab_size": 32}))
+  with pytest.raises(ValueError, match="objective kl needs a teacher"):
+    config(tiny, objective="kl", teacher=None)
+  with pytest.raises(ValueError, match="teacher cache holds top-K only"):
+    config(tiny, objective="kl", teacher_cache=str(tmp_path))
+  short = tmp_path / "short.txt"
+  short.write_text("a short text")
+  with pytest.raises(ValueError, match="short.txt .* shorter than one training window"):
+    distill.prepare(config(tiny, data=str(short), val_data=str(short)))
+  yaml_file = tmp_path / "run.yaml"
+  yaml_file.write_text("objective: topk\ntopk: 5\nlerning_rate: 0.1\n")
+  with pytest.raises(ValueError, match=r"run.yaml: unknown config fields \['lerning_rate'\]"):
+    distill.DistillConfig.from_file(yaml_file)
+
+
+def test_padded_student_vocabulary_is_sliced_to_the_tokenizer(tiny, tmp_path):
+  cfg = config(tiny, student={**STUDENT, "vocab_size": 80}, steps=1)
+  setup = distill.prepare(cfg)
+  assert setup.student.cfg.vocab_size == 80 and setup.vocab_size == 64
+  expected = materialized_loss(setup, next(distill.batches(setup)), cfg)
+  assert distill.distill(cfg, tmp_path / "run").losses[1] == pytest.approx(expected, rel=2e-5)
+
+
+def test_cli_cache_teacher_then_distill_from_a_yaml_config(tiny, tmp_path):
+  yaml_file = tmp_path / "recipe.yaml"
+  fields = {k: v for k, v in dataclasses.asdict(config(tiny, steps=2)).items() if v is not None}
+  import yaml
+
+  yaml_file.write_text(yaml.safe_dump(fields))
+  runner = CliRunner()
+  cached = runner.invoke(cli.main, ["cache-teacher", "--config", str(yaml_file), "--output", str(tmp_path / "cache")])
+  assert cached.exit_code == 0, cached.output
+  assert "top-5" in cached.output
+  trained = runner.invoke(cli.main, ["distill", "--config", str(yaml_file), "--teacher-cache", str(tmp_path / "cache"),
+                                     "--steps", "3", "--output", str(tmp_path / "run")])
+  assert trained.exit_code == 0, trained.output
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["steps"] == 3
+  assert "CE mean" in trained.output and (tmp_path / "run" / "checkpoints" / "3" / "eval.json").exists()
+  refused = runner.invoke(cli.main, ["distill", "--config", str(yaml_file), "--topk", "3", "--output",
+                                     str(tmp_path / "run")])
+  assert refused.exit_code != 0 and "holds a run with another config" in refused.output
