@@ -28,22 +28,21 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Rank eval reports that scored different windows together.")
 def select(tables: tuple[Path, ...], by: str, summaries: str, task_scores: Path | None, output: Path | None,
            force: bool) -> None:
-  """Select a checkpoint from summary TABLES (CSV with a name column, JSON, or tailjax eval report
-  directories: one row per model, its CE summary), with concordance diagnostics."""
+  """Select a checkpoint from summary TABLES (CSV with a name column, JSON), tailjax eval report directories
+  (one row per model) or tailjax distill runs (one row per checkpoint), with concordance diagnostics."""
   from tailjax import select as selection
 
   console = Console()
   try:
     table: dict[str, dict[str, float]] = {}
-    scored = {}  # eval report -> the windows it scored: a family is ranked on one corpus and protocol
+    scored = {}  # input -> the tokens it was measured on: a family is ranked on one corpus and protocol
     for path in tables:
-      if path.is_dir() or path.name == "report.json":
-        part, scored[path] = selection.read_eval_report(path)
+      part, fingerprint = selection.read_source(path)
+      if fingerprint is not None:
+        scored[path] = fingerprint
         if len(set(scored.values())) > 1 and not force:
-          raise ValueError(f"{path} scored different windows than {next(iter(scored))} (another corpus, protocol "
-                           "or seed); rank them together only with --force")
-      else:
-        part = selection.read_table(path)
+          raise ValueError(f"{path} was measured on different tokens than {next(iter(scored))} (another corpus, "
+                           "protocol or seed); rank them together only with --force")
       clash = sorted(name for name in set(part) & set(table) if part[name] != table[name])
       if clash:
         raise ValueError(f"{path}: checkpoints {clash[:5]} already came from an earlier table")

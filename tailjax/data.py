@@ -149,6 +149,27 @@ def split_documents(documents: list[str], val_fraction: float, seed: int) -> tup
   return ([d for i, d in enumerate(documents) if i not in val], [d for i, d in enumerate(documents) if i in val])
 
 
+def train_bpe(documents: list[str], vocab_size: int):
+  """A byte-level BPE tokenizer of ``vocab_size`` ids learned from ``documents`` (llama2.c's TinyStories practice).
+
+  Id 0 is ``<|endoftext|>``, used as the BOS that starts every packed document.
+  Deterministic: the same documents give the same tokenizer.
+  """
+  from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+
+  from tailjax.models import Tokenizer
+
+  if vocab_size < 257:
+    raise ValueError(f"train-bpe:{vocab_size}: a byte-level vocabulary needs more than 256 ids")
+  backend = Backend(models.BPE())
+  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  backend.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  backend.train_from_iterator(documents, trainer)
+  return Tokenizer(backend, add_bos=False, bos_id=0)
+
+
 @dataclasses.dataclass
 class Packed:
   """Documents packed end to end into windows of ``seq_len + 1`` tokens: inputs and next-token targets.

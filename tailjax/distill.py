@@ -61,7 +61,7 @@ class DistillConfig:
   teacher: str | None = None  # model spec; needed by kl and topk unless teacher_cache is given
   teacher_cache: str | None = None  # directory written by cache-teacher (topk only)
   student: str | dict = "tinystories-34m"  # preset, ModelConfig file (.json/.yaml), model spec, or fields
-  tokenizer: str | None = None  # when there is no teacher: tokenizer.json or a model spec to borrow it from
+  tokenizer: str | None = None  # no teacher: tokenizer.json, a model spec, or train-bpe:N (learned on data)
   objective: str = "topk"
   topk: int | None = None
   temperature: float = 1.0
@@ -290,8 +290,16 @@ def prepare(config: DistillConfig) -> Setup:
     tokenizer_name = f"teacher {config.teacher}"
     if tokenizer is None:
       raise ValueError(f"{config.teacher}: the teacher has no tokenizer")
+  documents = data.read_documents(config.data, config.text_field)
+  if config.val_data is None:
+    train_docs, val_docs = data.split_documents(documents, config.val_fraction, config.seed)
+  else:
+    train_docs, val_docs = documents, data.read_documents(config.val_data, config.text_field)
   if config.tokenizer is not None:
-    own = load_tokenizer(config.tokenizer)
+    if config.tokenizer.startswith("train-bpe:"):
+      own = data.train_bpe(train_docs, int(config.tokenizer.removeprefix("train-bpe:")))
+    else:
+      own = load_tokenizer(config.tokenizer)
     if tokenizer is not None:
       _same_tokenizer(tokenizer, tokenizer_name, own, f"tokenizer {config.tokenizer}")
     tokenizer, tokenizer_name = own, f"tokenizer {config.tokenizer}"
@@ -320,11 +328,6 @@ def prepare(config: DistillConfig) -> Setup:
   if config.topk is not None and config.objective == "topk" and config.topk > vocab:
     raise ValueError(f"topk={config.topk} is larger than the vocabulary ({vocab} tokens)")
 
-  documents = data.read_documents(config.data, config.text_field)
-  if config.val_data is None:
-    train_docs, val_docs = data.split_documents(documents, config.val_fraction, config.seed)
-  else:
-    train_docs, val_docs = documents, data.read_documents(config.val_data, config.text_field)
   train = data.pack_documents(train_docs, tokenizer, config.seq_len, f"{config.data} (training split)")
   val = data.pack_documents(val_docs, tokenizer, config.seq_len, f"{config.val_data or config.data} (validation)")
   if config.val_windows is not None:
@@ -336,10 +339,12 @@ def prepare(config: DistillConfig) -> Setup:
   cache = None
   if config.teacher_cache is not None:
     cache = teacher_cache.TeacherCache(config.teacher_cache)
-    expected = dict(tokenizer=tokenizer.fingerprint(), k=config.topk, temperature=float(config.temperature),
-                    vocab_size=vocab, data=train.fingerprint, windows=len(train), seq_len=config.seq_len)
+    expected = dict(tokenizer=tokenizer.fingerprint(), temperature=float(config.temperature), vocab_size=vocab,
+                    data=train.fingerprint, windows=len(train), seq_len=config.seq_len)
     if config.teacher is not None:
       expected["teacher"] = teacher_id(config.teacher)
+    if cache.meta.k < config.topk:  # a larger K serves: the cached ids are sorted, most probable first
+      expected["k"] = config.topk
     cache.meta.check(expected, cache.directory)
   return Setup(config, tokenizer, student, teacher, train, val, cache)
 
@@ -359,8 +364,8 @@ def cache_teacher(config: DistillConfig, output: str | Path, *, logprob_dtype: s
 class _Records:
   """Training windows (and their cached teacher top-K) by index: a grain data source."""
 
-  def __init__(self, packed: data.Packed, cache: teacher_cache.TeacherCache | None):
-    self.packed, self.cache = packed, cache
+  def __init__(self, packed: data.Packed, cache: teacher_cache.TeacherCache | None, k: int | None):
+    self.packed, self.cache, self.k = packed, cache, k
 
   def __len__(self) -> int:
     return len(self.packed)
@@ -368,14 +373,15 @@ class _Records:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     record = {"tokens": self.packed.tokens[index], "segments": self.packed.segments[index]}
     if self.cache is not None:
-      record["topk_ids"], record["topk_logprobs"] = self.cache[index]
+      ids, logprobs = self.cache[index]
+      record["topk_ids"], record["topk_logprobs"] = ids[:, :self.k], logprobs[:, :self.k]
     return record
 
 
 def batches(setup: Setup) -> grain.DatasetIterator:
   """Shuffled (reshuffled every epoch by ``seed``), endless batches of ``batch_size`` windows."""
   config = setup.config
-  dataset = grain.MapDataset.source(_Records(setup.train, setup.cache)).shuffle(seed=config.seed)
+  dataset = grain.MapDataset.source(_Records(setup.train, setup.cache, config.topk)).shuffle(seed=config.seed)
   return iter(dataset.repeat(None).batch(config.batch_size, drop_remainder=True).to_iter_dataset())
 
 

@@ -2,10 +2,10 @@
 
 Inputs are summary tables: a CSV with a ``name`` column and one column per summary
 (``mean``, ``median``, ``p90``, ``p99``, ...; lower is better), or JSON mapping each
-name to its summaries, or a saved ``tailjax eval`` report (its directory or
-``report.json``): one row per model, its per-token CE summary. Task scores (optional) are
-a CSV ``name,score``. Checkpoint directories of ``tailjax distill`` join these inputs when
-that command exists.
+name to its summaries, a saved ``tailjax eval`` report (its directory or ``report.json``):
+one row per model, its per-token CE summary, or a ``tailjax distill`` run (or one of its
+checkpoints): one row per checkpoint, the validation CE summary saved with it. Task
+scores (optional) are a CSV ``name,score``.
 """
 
 from __future__ import annotations
@@ -42,11 +42,35 @@ def read_eval_report(path: str | Path) -> tuple[dict[str, dict[str, float]], str
   return table, str(saved["run"].get("fingerprint"))
 
 
+def read_distill_run(path: str | Path) -> tuple[dict[str, dict[str, float]], str]:
+  """A ``tailjax distill`` run -> (``{run@step: CE summaries}``, fingerprint of its validation windows)."""
+  from tailjax import distill
+
+  table, fingerprints = {}, set()
+  for name, saved in distill.read_run(path).items():
+    ce = saved["ce"]
+    table[name] = {**{k: float(ce[k]) for k in EVAL_SUMMARIES}, **{k: float(v) for k, v in ce["percentiles"].items()}}
+    fingerprints.add(saved["fingerprint"])
+  if len(fingerprints) > 1:
+    raise ValueError(f"{path}: checkpoints were evaluated on different validation windows")
+  return table, fingerprints.pop()
+
+
+def read_source(path: str | Path) -> tuple[dict[str, dict[str, float]], str | None]:
+  """Any input of ``tailjax select`` -> (table, fingerprint of the tokens it was measured on, if known)."""
+  path = Path(path)
+  if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "eval.json").exists()):
+    return read_distill_run(path)
+  if path.is_dir() or path.name == "report.json":
+    return read_eval_report(path)
+  return read_table(path), None
+
+
 def read_table(path: str | Path) -> dict[str, dict[str, float]]:
   """A summary table file -> ``{checkpoint: {summary: value}}``."""
   path = Path(path)
   if path.is_dir() or path.name == "report.json":
-    return read_eval_report(path)[0]
+    return read_source(path)[0]
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such summary table")
   if path.suffix == ".json":

@@ -13,8 +13,9 @@ Layout of a cache directory::
   ...
 
 Shards are written to a temporary name and renamed when complete, so an interrupted
-run resumes at the first missing shard; a cache made from another teacher, k, data or
-temperature is refused with both values named.
+run resumes at the first missing shard. A cache made from another teacher, data or
+temperature is refused with both values named; one of a larger k serves any smaller k
+(the ids are sorted, most probable first), so one top-40 cache feeds top-40/15/5 runs.
 """
 
 from __future__ import annotations

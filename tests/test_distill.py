@@ -80,6 +80,13 @@ def test_ce_training_lowers_validation_ce_and_checkpoints_are_models(tiny, tmp_p
   assert saved["mean"] == pytest.approx(ce.mean(), rel=1e-5)
   assert saved["median"] == pytest.approx(np.quantile(ce, 0.5, method="lower"), rel=0.011)
   assert saved["n"] == ce.size and len(saved["percentiles"]) == 19 and "band_mass" in saved
+  # the run is a checkpoint family for `tailjax select`, read from the summaries saved with each checkpoint
+  selected = CliRunner().invoke(cli.main, ["select", str(tmp_path / "run"), "--output", str(tmp_path / "sel")])
+  assert selected.exit_code == 0, selected.output
+  selection = json.loads((tmp_path / "sel" / "selection.json").read_text())
+  assert selection["table"]["run@30"]["median"] == result.evals[30]["ce"]["median"]
+  assert selection["table"]["run@15"]["p50"] == result.evals[15]["ce"]["percentiles"]["p50"]
+  assert selection["selected_by"]["median"] == "run@30"
 
 
 def _logprobs(loaded, windows):
@@ -137,9 +144,13 @@ def test_cached_teacher_trains_like_the_online_teacher(tiny, tmp_path):
   distill.cache_teacher(cfg, tmp_path / "cache", shard_size=7)
   assert (tmp_path / "cache" / "shard-00000" / "ids.npy").stat().st_mtime_ns == before
   np.testing.assert_array_equal(np.load(tmp_path / "cache" / "shard-00001" / "ids.npy"), np.load(tmp_path / "kept" / "ids.npy"))
-  # a cache of another K or another teacher is refused, both values named
-  with pytest.raises(ValueError, match=r"k: cache has 5, this run needs 3"):
-    distill.prepare(dataclasses.replace(cfg, topk=3, teacher_cache=str(tmp_path / "cache")))
+  # a cache of a larger K serves a smaller one: its ids are sorted; a smaller K or another teacher is refused
+  top3 = dataclasses.replace(cfg, topk=3, steps=1)
+  expected = materialized_loss(setup, next(distill.batches(setup)), top3)
+  from_cache = distill.distill(dataclasses.replace(top3, teacher_cache=str(tmp_path / "cache")), tmp_path / "top3")
+  assert from_cache.losses[1] == pytest.approx(expected, rel=2e-5)
+  with pytest.raises(ValueError, match=r"k: cache has 5, this run needs 6"):
+    distill.prepare(dataclasses.replace(cfg, topk=6, teacher_cache=str(tmp_path / "cache")))
   other = tmp_path / "other.gguf"
   other.write_bytes((tiny / "teacher.gguf").read_bytes())
   with pytest.raises(ValueError, match=r"teacher: cache has .*teacher.gguf', this run needs .*other.gguf"):
