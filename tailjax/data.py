@@ -15,6 +15,7 @@ which positions are scored:
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 from pathlib import Path
@@ -27,11 +28,16 @@ BUILTIN_CORPORA = {
 
 
 def read_documents(spec: str, field: str = "text") -> list[str]:
-  """``pydoc``, a text file, JSONL (``field`` of each line) or Parquet (column ``field``)."""
+  """``pydoc``, a text file, JSONL (``field`` of each line) or Parquet (column ``field``); a glob reads each match."""
   if spec == "pydoc":
     from pydoc_data.topics import topics
 
     return [topics[key] for key in sorted(topics)]
+  if any(c in spec for c in "*?["):
+    matches = sorted(glob.glob(spec))
+    if not matches:
+      raise FileNotFoundError(f"{spec}: no file matches")
+    return [doc for match in matches for doc in read_documents(match, field)]
   path = Path(spec)
   if not path.exists():
     raise FileNotFoundError(f"{path}: no such corpus file (or a built-in corpus: {sorted(BUILTIN_CORPORA)})")

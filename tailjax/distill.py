@@ -13,7 +13,8 @@ logits exist, forward or backward. The teacher runs in the same jitted step, or 
 top-K comes from a cache written once by ``tailjax cache-teacher``.
 
 A run directory holds ``config.json`` (what the run computes), ``metrics.jsonl`` (loss,
-learning rate, gradient norm, tokens/s), ``evals.jsonl`` and ``checkpoints/<step>/``:
+learning rate, gradient norm, tokens/s), ``evals.jsonl``, ``tensorboard/`` (when tensorboardX
+is installed) and ``checkpoints/<step>/``:
 orbax items ``params`` / ``train`` (optimizer state) / ``data`` (grain iterator state),
 next to ``tailjax_model.json`` + ``tokenizer.json`` (so every checkpoint is a model spec for
 ``tailjax eval``) and ``eval.json``: the validation CE summary (mean, median, every 5th
@@ -481,6 +482,7 @@ def distill(config: DistillConfig, output: str | Path, *, force: bool = False, c
       return evals[step]
 
     tokens_per_step = config.batch_size * config.seq_len
+    board = _tensorboard(output)
     progress, task = _progress(console, config.steps, start)
     clock, clock_step = time.perf_counter(), start
     try:
@@ -494,11 +496,15 @@ def distill(config: DistillConfig, output: str | Path, *, force: bool = False, c
           clock, clock_step = now, step
           losses[step] = values["loss"]
           _append(output / "metrics.jsonl", {"step": step, **values})
+          for name, value in values.items() if board is not None else ():
+            board.add_scalar(f"train/{name}", value, step)
           if progress is not None:
             progress.update(task, completed=step, loss=values["loss"], speed=values["tokens_per_s"])
           if on_step is not None:
             on_step(step, values)
         evaluation = evaluate(step) if step % config.eval_every == 0 or saving else None
+        for name in ("mean", "median", "p90", "p99") if board is not None and evaluation else ():
+          board.add_scalar(f"val_ce/{name}", evaluation["ce"][name], step)
         if saving:
           manager.save(step, args=ocp.args.Composite(
               params=ocp.args.StandardSave(state.params),
@@ -509,8 +515,19 @@ def distill(config: DistillConfig, output: str | Path, *, force: bool = False, c
     finally:
       if progress is not None:
         progress.stop()
+      if board is not None:
+        board.close()
     checkpoints = list(manager.all_steps())
   return DistillResult(output, config, losses, evals, sorted(checkpoints))
+
+
+def _tensorboard(output: Path):
+  """A TensorBoard writer into ``output/tensorboard`` when tensorboardX is installed, else None."""
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:
+    return None
+  return SummaryWriter(str(output / "tensorboard"))
 
 
 def _progress(console, total: int, start: int):

@@ -118,11 +118,32 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny, tmp_pa
   assert sorted(longer.losses) == [7]
 
 
-def test_gradient_accumulation_gives_the_same_steps(tiny, tmp_path):
+def test_gradient_accumulation_gives_the_same_steps_and_bfloat16_stays_close(tiny, tmp_path):
   one = distill.distill(config(tiny, steps=3, batch_size=4), tmp_path / "one")
   two = distill.distill(config(tiny, steps=3, batch_size=4, grad_accum=2), tmp_path / "two")
+  bf16 = distill.distill(config(tiny, steps=3, batch_size=4, dtype="bfloat16"), tmp_path / "bf16")
   for step in (1, 2, 3):
     assert two.losses[step] == pytest.approx(one.losses[step], rel=1e-5)
+    assert bf16.losses[step] == pytest.approx(one.losses[step], rel=0.03)
+  # tensorboardX (a test dependency) gets the same scalars as metrics.jsonl
+  losses_logged = tensorboard_scalars(tmp_path / "one" / "tensorboard", "train/loss")
+  assert losses_logged == pytest.approx([one.losses[s] for s in (1, 2, 3)], rel=1e-7)
+
+
+def tensorboard_scalars(directory, tag: str) -> list[float]:
+  """Values of ``tag`` in a TensorBoard event file (TFRecord framing: length, crc, event, crc)."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  (path,) = directory.glob("events.out.tfevents.*")
+  raw, values, offset = path.read_bytes(), [], 0
+  while offset < len(raw):
+    (length,) = struct.unpack_from("<Q", raw, offset)
+    event = event_pb2.Event.FromString(raw[offset + 12:offset + 12 + length])
+    values += [v.simple_value for v in event.summary.value if v.tag == tag]
+    offset += 12 + length + 4
+  return values
 
 
 def test_cached_teacher_trains_like_the_online_teacher(tiny, tmp_path):
@@ -208,3 +229,43 @@ def test_cli_cache_teacher_then_distill_from_a_yaml_config(tiny, tmp_path):
   refused = runner.invoke(cli.main, ["distill", "--config", str(yaml_file), "--topk", "3", "--output",
                                      str(tmp_path / "run")])
   assert refused.exit_code != 0 and "holds a run with another config" in refused.output
+
+
+def test_the_shipped_configs_are_valid_and_complete(tmp_path):
+  from pathlib import Path
+
+  root = Path(__file__).parent.parent
+  import yaml
+
+  documented = yaml.safe_load((root / "configs" / "distill.yaml").read_text())
+  assert documented == {f.name: f.default for f in dataclasses.fields(distill.DistillConfig)}  # every field
+  for recipe in sorted((root / "recipes").glob("*/*.yaml")):
+    distill.DistillConfig.from_file(recipe, teacher="t.gguf")
+
+
+def test_a_glob_reads_every_matching_file(tmp_path):
+  for i in range(3):
+    (tmp_path / f"part-{i}.jsonl").write_text(json.dumps({"text": f"document {i}"}) + "\n")
+  assert data.read_documents(str(tmp_path / "part-*.jsonl")) == ["document 0", "document 1", "document 2"]
+  with pytest.raises(FileNotFoundError, match="no file matches"):
+    data.read_documents(str(tmp_path / "none-*.jsonl"))
+
+
+@pytest.mark.slow
+def test_smoke_recipe_runs_end_to_end_and_selects_by_median(tmp_path):
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  recipe = Path(__file__).parent.parent / "recipes" / "smoke" / "run.sh"
+  env = {**os.environ, "STEPS": "3", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+  done = subprocess.run(["bash", str(recipe), str(tmp_path / "smoke")], env=env, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-3000:]
+  selection = json.loads((tmp_path / "smoke" / "selection" / "selection.json").read_text())
+  assert set(selection["table"]) == {f"{run}@3" for run in ("token-ce", "full-kl", "top40", "top15", "top5")}
+  medians = {name: row["median"] for name, row in selection["table"].items()}
+  assert selection["selected_by"]["median"] == min(medians, key=medians.get) == selection["selected"]
+  assert "concordance C({mean,median})" in done.stdout
+  cache = teacher_cache.read_meta(tmp_path / "smoke" / "teacher-top40")
+  assert cache.k == 40 and cache.vocab_size == 4096

@@ -290,6 +290,6 @@ def test_select_ranks_a_family_of_eval_reports(tiny, tmp_path):
   runner.run_eval(str(tiny / "tiny.gguf"), ["@int4-g8"], str(tiny / "corpus.txt"),
                   protocol=dataclasses.replace(PROTOCOL, seed=4), output=tmp_path / "other")
   refused = CliRunner().invoke(cli.main, ["select", str(tmp_path / "sweep1"), str(tmp_path / "other")])
-  assert refused.exit_code != 0 and "scored different windows" in refused.output
+  assert refused.exit_code != 0 and "was measured on different tokens" in refused.output
   forced = CliRunner().invoke(cli.main, ["select", str(tmp_path / "sweep1"), str(tmp_path / "other"), "--force"])
   assert forced.exit_code != 0 and "already came from an earlier table" in forced.output  # 'tiny' differs

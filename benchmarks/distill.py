@@ -1,0 +1,150 @@
+"""Distillation step throughput and memory: fused head vs materialized logits, teacher online vs cached.
+
+Both measure ``tailjax.distill``'s jitted training step (forward, backward, AdamW) on random
+weights and random tokens:
+
+  head     top-K KL (K = 40, cached teacher) with the vocabulary V in {8k, 32k, 128k}: the fused
+           head (tailjax.head, blockwise both ways) vs the baseline, the same step with the loss on
+           materialized [tokens, V] logits (tailjax.losses). Memory is XLA's compiled temporary
+           allocation of the step (arguments and outputs excluded; both need the V x d gradient
+           of the unembedding). Target: flat in V for the fused head.
+  teacher  a student (d=256, 4 layers) and a teacher 4x its non-embedding parameters (d=512);
+           top-K KL with the teacher online in the step vs read from a cache.
+           Target: cached >= 1.5x online.
+
+  python benchmarks/distill.py                    # both, batch 8 x 256 tokens
+  python benchmarks/distill.py --only teacher --repeats 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tailjax import distill, head, losses
+from tailjax.losses import TopK
+from tailjax.models import Decoder, ModelConfig
+
+VOCABS = (8192, 32768, 131072)
+K = 40
+
+
+def config(d: int, layers: int, vocab: int) -> ModelConfig:
+  return ModelConfig(vocab_size=vocab, hidden_size=d, intermediate_size=4 * d, num_layers=layers, num_heads=d // 64,
+                     num_kv_heads=d // 64, tie_word_embeddings=True, max_position_embeddings=4096)
+
+
+def materialized_losses(student, batch, *, objective, vocab_size, topk=None, temperature=1.0, teacher=None,
+                        block_size=None):
+  """The baseline: the same loss on full logits (``tailjax.losses``), as a training loop usually writes it."""
+  inputs, segments = batch["tokens"][:, :-1], batch["segments"][:, :-1]
+  logits = jnp.einsum("btd,dv->btv", student(inputs, segments), student.unembedding(),
+                      preferred_element_type=jnp.float32)
+  if "topk_ids" in batch:
+    return losses.topk_kl_divergence(logits, TopK(batch["topk_ids"], batch["topk_logprobs"]), vocab_size=vocab_size)
+  teacher_logits = jax.lax.stop_gradient(jnp.einsum("btd,dv->btv", teacher(inputs, segments), teacher.unembedding()))
+  return losses.topk_kl_divergence(logits, teacher_logits, k=topk, vocab_size=vocab_size)
+
+
+def make_step(student: Decoder, teacher: Decoder | None, vocab: int):
+  """``tailjax.distill``'s training step and a fresh state (``measure`` decides which loss it traces)."""
+  cfg = distill.DistillConfig(objective="topk", topk=K, teacher="bench", steps=1000, warmup_steps=10)
+  graphdef, params = nnx.split(student, nnx.Param)
+  tx, schedule = distill.optimizer(cfg)
+  teacher_graphdef, teacher_state = (None, None) if teacher is None else nnx.split(teacher)
+  step = jax.jit(functools.partial(
+      distill._train_step, graphdef=graphdef, teacher_graphdef=teacher_graphdef, tx=tx, schedule=schedule,
+      accum=1, loss_options=dict(objective="topk", vocab_size=vocab, topk=K, block_size=head.DEFAULT_BLOCK_SIZE)))
+  return step, distill.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), teacher_state
+
+
+def batch_for(vocab: int, batch: int, seq_len: int, cached: bool) -> dict[str, jax.Array]:
+  rng = np.random.default_rng(0)
+  out = {"tokens": jnp.asarray(rng.integers(0, vocab, (batch, seq_len + 1), dtype=np.int32)),
+         "segments": jnp.ones((batch, seq_len + 1), jnp.int32)}
+  if cached:
+    ids = np.argsort(rng.random((batch, seq_len, vocab)), axis=-1)[..., :K] if vocab <= 8192 else \
+        rng.integers(0, vocab, (batch, seq_len, K))
+    logprobs = np.sort(np.log(rng.dirichlet(np.ones(K), (batch, seq_len)) * 0.9), axis=-1)[..., ::-1]
+    out["topk_ids"], out["topk_logprobs"] = jnp.asarray(ids, jnp.int32), jnp.asarray(logprobs.copy(), jnp.float32)
+  return out
+
+
+def measure(step, state, batch, teacher_state, repeats: int, fused: bool) -> tuple[float, float]:
+  """(median seconds per step, compiled temporary MB); ``fused=False`` traces the materialized loss."""
+  original = distill.token_losses
+  distill.token_losses = original if fused else materialized_losses
+  try:
+    compiled = step.lower(state, batch, teacher_state).compile()
+  finally:
+    distill.token_losses = original
+  temp_mb = compiled.memory_analysis().temp_size_in_bytes / 2**20
+  state, metrics = compiled(state, batch, teacher_state)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch, teacher_state)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), temp_mb
+
+
+def bench_head(args) -> None:
+  tokens = args.batch * args.seq_len
+  print(f"\nhead: top-{K} KL training step, student d=256 x 2 layers, {args.batch} x {args.seq_len} tokens, "
+        "cached teacher")
+  print(f"{'V':>8} {'impl':>13} {'tokens/s':>10} {'temp MB':>9} {'speed ratio':>12} {'memory ratio':>13}")
+  for vocab in VOCABS:
+    student = Decoder(config(256, 2, vocab), rngs=nnx.Rngs(0))
+    batch = batch_for(vocab, args.batch, args.seq_len, cached=True)
+    rows = {}
+    for fused in (False, True):
+      step, state, _ = make_step(student, None, vocab)
+      rows[fused] = measure(step, state, batch, None, args.repeats, fused)
+    for fused, name in ((False, "materialized"), (True, "fused")):
+      seconds, temp = rows[fused]
+      print(f"{vocab:>8} {name:>13} {tokens / seconds:>10,.0f} {temp:>9.0f} "
+            f"{rows[False][0] / seconds:>11.2f}x {rows[False][1] / temp:>12.2f}x")
+
+
+def bench_teacher(args) -> None:
+  vocab = 8192
+  tokens = args.batch * args.seq_len
+  student = Decoder(config(256, 4, vocab), rngs=nnx.Rngs(0))
+  teacher = Decoder(config(512, 4, vocab), rngs=nnx.Rngs(1))
+  body = lambda m: m.cfg.num_params - vocab * m.cfg.hidden_size
+  print(f"\nteacher: top-{K} KL training step, V={vocab}, {args.batch} x {args.seq_len} tokens; teacher "
+        f"{body(teacher) / body(student):.1f}x the student's non-embedding parameters")
+  print(f"{'teacher':>8} {'tokens/s':>10} {'temp MB':>9} {'ratio':>7}")
+  step, state, teacher_state = make_step(student, teacher, vocab)
+  online = measure(step, state, batch_for(vocab, args.batch, args.seq_len, False), teacher_state, args.repeats, True)
+  step, state, _ = make_step(student, None, vocab)
+  cached = measure(step, state, batch_for(vocab, args.batch, args.seq_len, True), None, args.repeats, True)
+  for name, (seconds, temp) in (("online", online), ("cached", cached)):
+    print(f"{name:>8} {tokens / seconds:>10,.0f} {temp:>9.0f} {online[0] / seconds:>6.2f}x")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--only", choices=("head", "teacher"))
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--seq-len", type=int, default=256)
+  parser.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args()
+  print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}")
+  if args.only in (None, "head"):
+    bench_head(args)
+  if args.only in (None, "teacher"):
+    bench_teacher(args)
+
+
+if __name__ == "__main__":
+  main()
