@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -24,10 +23,13 @@ def main() -> None:
 @click.option("--summaries", default="mean,median,p90,p99", show_default=True,
               help="Comma-separated summaries whose concordance is reported.")
 @click.option("--task-scores", type=click.Path(path_type=Path), help="CSV name,score to correlate summaries with.")
-@click.option("--output", type=click.Path(path_type=Path), help="Directory for selection.json.")
-@click.option("--force", is_flag=True, help="Rank eval reports that scored different windows together.")
+@click.option("--output", type=click.Path(path_type=Path), help="Directory for selection.json, .md and .html.")
+@click.option("--force", is_flag=True, help="Rank inputs measured on different tokens together.")
+@click.option("--family", "families", multiple=True, metavar="NAME=GLOB",
+              help="A subset of checkpoints (names matching GLOB) with its own concordance (repeatable).")
+@click.option("--corpus", help="Evaluate checkpoints that have no saved summary on this corpus.")
 def select(tables: tuple[Path, ...], by: str, summaries: str, task_scores: Path | None, output: Path | None,
-           force: bool) -> None:
+           force: bool, families: tuple[str, ...], corpus: str | None) -> None:
   """Select a checkpoint from summary TABLES (CSV with a name column, JSON), tailjax eval report directories
   (one row per model) or tailjax distill runs (one row per checkpoint), with concordance diagnostics."""
   from tailjax import select as selection
@@ -37,7 +39,7 @@ def select(tables: tuple[Path, ...], by: str, summaries: str, task_scores: Path 
     table: dict[str, dict[str, float]] = {}
     scored = {}  # input -> the tokens it was measured on: a family is ranked on one corpus and protocol
     for path in tables:
-      part, fingerprint = selection.read_source(path)
+      part, fingerprint = selection.read_source(path, corpus)
       if fingerprint is not None:
         scored[path] = fingerprint
         if len(set(scored.values())) > 1 and not force:
@@ -48,15 +50,17 @@ def select(tables: tuple[Path, ...], by: str, summaries: str, task_scores: Path 
         raise ValueError(f"{path}: checkpoints {clash[:5]} already came from an earlier table")
       table.update(part)
     scores = selection.read_scores(task_scores) if task_scores else None
+    named = dict(f.split("=", 1) for f in families if "=" in f)
+    if len(named) != len(families):
+      raise ValueError(f"--family takes NAME=GLOB, got {[f for f in families if '=' not in f]}")
     report = selection.select_checkpoints(table, by=by, summaries=[s for s in summaries.split(",") if s],
-                                          scores=scores)
+                                          scores=scores, families=named)
   except (ValueError, FileNotFoundError) as err:
     raise click.ClickException(str(err)) from None
   selection.render(report, console)
   if output:
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "selection.json").write_text(json.dumps(report.to_dict(), indent=2))
-    console.print(f"wrote {output / 'selection.json'}")
+    selection.write(report, output)
+    console.print(f"wrote {output / 'selection.json'}, selection.md, selection.html")
 
 
 def _wide_console() -> Console:

@@ -542,20 +542,43 @@ def _progress(console, total: int, start: int):
   return progress, progress.add_task("distill", total=total, completed=start, loss=float("nan"), speed=0.0)
 
 
-def read_run(directory: str | Path) -> dict[str, dict[str, Any]]:
-  """A distill run (or one checkpoint of it) -> ``{"<run>@<step>": eval summary}`` for each checkpoint."""
+def evaluate_checkpoint(step_dir: str | Path, corpus: str, *, text_field: str = "text") -> dict[str, Any]:
+  """The validation CE summary of a checkpoint on ``corpus``, windows shaped as its run's (or 64 x 512)."""
+  step_dir = Path(step_dir)
+  run_config = step_dir.parent.parent / "config.json"
+  shape = json.loads(run_config.read_text()) if run_config.exists() else {}
+  seq_len, count = shape.get("seq_len", 512), shape.get("val_windows") or 64
+  loaded = load(step_dir)
+  if loaded.tokenizer is None:
+    raise ValueError(f"{step_dir}: the checkpoint has no tokenizer to read {corpus} with")
+  windows = data.pack_documents(data.read_documents(corpus, text_field), loaded.tokenizer, seq_len, corpus).take(count)
+  graphdef, params = nnx.split(loaded.model, nnx.Param)
+  summary = validation_ce(graphdef, params, windows, batch_size=shape.get("batch_size", 8),
+                          vocab_size=loaded.tokenizer.vocab_size)
+  return {"windows": len(windows), "fingerprint": windows.fingerprint, "corpus": corpus, "ce": summary.to_dict()}
+
+
+def read_run(directory: str | Path, corpus: str | None = None) -> dict[str, dict[str, Any]]:
+  """A distill run (or one checkpoint) -> ``{"<run>@<step>": CE summary}``, one entry per checkpoint.
+
+  Summaries saved with the checkpoints are read; a checkpoint without one is evaluated on
+  ``corpus`` when given.
+  """
   directory = Path(directory)
-  steps = [directory] if (directory / EVAL_FILE).exists() else sorted(
+  steps = [directory] if (directory / CHECKPOINT_FILE).exists() else sorted(
       (p for p in (directory / "checkpoints").glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
   found = {}
   for step_dir in steps:
+    name = f"{step_dir.parent.parent.name}@{step_dir.name}" if step_dir.parent.name == "checkpoints" else step_dir.name
     path = step_dir / EVAL_FILE
-    if not path.exists():
-      raise FileNotFoundError(f"{path}: this checkpoint has no saved evaluation (evaluate it with --corpus)")
-    run = step_dir.parent.parent.name
-    found[f"{run}@{step_dir.name}"] = json.loads(path.read_text())
+    if path.exists():
+      found[name] = json.loads(path.read_text())
+    elif corpus is not None:
+      found[name] = evaluate_checkpoint(step_dir, corpus)
+    else:
+      raise FileNotFoundError(f"{path}: this checkpoint has no saved evaluation (give a corpus to evaluate it on)")
   if not found:
-    raise FileNotFoundError(f"{directory}: not a tailjax distill run (no checkpoints/<step>/{EVAL_FILE})")
+    raise FileNotFoundError(f"{directory}: not a tailjax distill run (no checkpoints/<step>/)")
   return found
 
 

@@ -218,9 +218,7 @@ def to_markdown(report: dict[str, Any]) -> str:
   kld_head, kld_rows, ce_head, ce_rows = _rows(report)
   lines = ["# tailjax eval", "", _title(report), ""]
   for head, rows in ((kld_head, kld_rows), (ce_head, ce_rows)):
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    lines.append("")
+    lines += [*markdown_table(head, rows), ""]
   lines += [f"- {note}" for note in _notes(report)]
   for name, rows in report.get("worst_tokens", {}).items():
     lines += ["", f"## Highest-KLD tokens: {name}", "", "| KLD | window | position | context → target |",
@@ -288,20 +286,30 @@ def plots(report: dict[str, Any]) -> dict[str, str]:
   return out
 
 
-def to_html(report: dict[str, Any]) -> str:
-  kld_head, kld_rows, ce_head, ce_rows = _rows(report)
+def html_table(head: list[str], rows: list[list[str]]) -> str:
+  cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+  body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+  return f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
 
-  def table(head, rows):
-    cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
 
-  images = "".join(f'<figure><img alt="{name}" src="data:image/png;base64,{png}"></figure>'
-                   for name, png in plots(report).items())
-  notes = "".join(f"<li>{html.escape(n)}</li>" for n in _notes(report))
+def html_page(title: str, subtitle: str, tables: list[str], notes: list[str], images: dict[str, str]) -> str:
+  """A self-contained page: tables, a list of notes, base64 PNG figures."""
+  figures = "".join(f'<figure><img alt="{name}" src="data:image/png;base64,{png}"></figure>'
+                    for name, png in images.items())
+  items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
   style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;"
            "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,"
            "th:first-child{text-align:left}figure{display:inline-block;margin:0.5em}")
-  return (f"<!doctype html><html><head><meta charset='utf-8'><title>tailjax eval</title><style>{style}</style>"
-          f"</head><body><h1>tailjax eval</h1><p>{html.escape(_title(report))}</p>{table(kld_head, kld_rows)}"
-          f"{table(ce_head, ce_rows)}<ul>{notes}</ul>{images}</body></html>")
+  return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}"
+          f"</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(subtitle)}</p>{''.join(tables)}"
+          f"<ul>{items}</ul>{figures}</body></html>")
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
+  return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def to_html(report: dict[str, Any]) -> str:
+  kld_head, kld_rows, ce_head, ce_rows = _rows(report)
+  return html_page("tailjax eval", _title(report), [html_table(kld_head, kld_rows), html_table(ce_head, ce_rows)],
+                   _notes(report), plots(report))

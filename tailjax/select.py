@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import fnmatch
 import json
 import math
 import warnings
@@ -31,6 +32,7 @@ def _number(value: str, where: str) -> float:
 
 
 EVAL_SUMMARIES = ("mean", "median", "p90", "p95", "p99", "p99.9")
+BAND_PREFIX = "band "  # table keys of CE band masses: shown, never ranked (higher is not worse)
 
 
 def read_eval_report(path: str | Path) -> tuple[dict[str, dict[str, float]], str]:
@@ -38,29 +40,38 @@ def read_eval_report(path: str | Path) -> tuple[dict[str, dict[str, float]], str
   from tailjax import report
 
   saved = report.read(path)
-  table = {name: {k: float(m["ce"][k]) for k in EVAL_SUMMARIES} for name, m in saved["models"].items()}
-  return table, str(saved["run"].get("fingerprint"))
+  return {name: _ce_row(m["ce"]) for name, m in saved["models"].items()}, str(saved["run"].get("fingerprint"))
 
 
-def read_distill_run(path: str | Path) -> tuple[dict[str, dict[str, float]], str]:
-  """A ``tailjax distill`` run -> (``{run@step: CE summaries}``, fingerprint of its validation windows)."""
+def _ce_row(ce: dict[str, Any]) -> dict[str, float]:
+  """A saved CE summary -> its table row: headline summaries, every 5th percentile, band masses."""
+  row = {k: float(ce[k]) for k in EVAL_SUMMARIES}
+  row.update({k: float(v) for k, v in ce.get("percentiles", {}).items()})
+  row.update({BAND_PREFIX + k: float(v) for k, v in ce.get("band_mass", {}).items()})
+  return row
+
+
+def read_distill_run(path: str | Path, corpus: str | None = None) -> tuple[dict[str, dict[str, float]], str]:
+  """A ``tailjax distill`` run -> (``{run@step: CE summaries}``, fingerprint of the windows they were measured on).
+
+  A checkpoint without a saved summary is evaluated on ``corpus`` when one is given.
+  """
   from tailjax import distill
 
   table, fingerprints = {}, set()
-  for name, saved in distill.read_run(path).items():
-    ce = saved["ce"]
-    table[name] = {**{k: float(ce[k]) for k in EVAL_SUMMARIES}, **{k: float(v) for k, v in ce["percentiles"].items()}}
+  for name, saved in distill.read_run(path, corpus).items():
+    table[name] = _ce_row(saved["ce"])
     fingerprints.add(saved["fingerprint"])
   if len(fingerprints) > 1:
     raise ValueError(f"{path}: checkpoints were evaluated on different validation windows")
   return table, fingerprints.pop()
 
 
-def read_source(path: str | Path) -> tuple[dict[str, dict[str, float]], str | None]:
+def read_source(path: str | Path, corpus: str | None = None) -> tuple[dict[str, dict[str, float]], str | None]:
   """Any input of ``tailjax select`` -> (table, fingerprint of the tokens it was measured on, if known)."""
   path = Path(path)
-  if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "eval.json").exists()):
-    return read_distill_run(path)
+  if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "tailjax_model.json").exists()):
+    return read_distill_run(path, corpus)
   if path.is_dir() or path.name == "report.json":
     return read_eval_report(path)
   return read_table(path), None
@@ -113,6 +124,7 @@ class SelectionReport:
   selection: stats.Selection
   pairwise: dict[str, dict[str, float]]
   correlations: dict[str, dict[str, float]] | None
+  families: dict[str, tuple[list[str], stats.Selection]] = dataclasses.field(default_factory=dict)
 
   def to_dict(self) -> dict[str, Any]:
     s = self.selection
@@ -122,12 +134,27 @@ class SelectionReport:
          "summaries": self.summaries, "table": self.table}
     if self.correlations is not None:
       d["correlations"] = self.correlations
+    if self.families:
+      d["families"] = {name: {"checkpoints": members, "selected": f.selected, "selected_by": f.selected_by,
+                              "concordance": f.concordance, "regime": f.regime, "warning": f.warning}
+                       for name, (members, f) in self.families.items()}
     return d
 
 
+def family_members(table: dict[str, dict[str, float]], families: dict[str, str]) -> dict[str, list[str]]:
+  """``{family: glob}`` -> ``{family: checkpoints whose name matches}``; a family of fewer than two is an error."""
+  members = {name: [c for c in table if fnmatch.fnmatchcase(c, pattern)] for name, pattern in families.items()}
+  small = {name: found for name, found in members.items() if len(found) < 2}
+  if small:
+    raise ValueError("a family needs at least two checkpoints: " + "; ".join(
+        f"{name}={families[name]} matches {found}" for name, found in small.items()))
+  return members
+
+
 def select_checkpoints(table: dict[str, dict[str, float]], by: str = "median",
-                       summaries: Iterable[str] = DEFAULT_SUMMARIES,
-                       scores: dict[str, float] | None = None) -> SelectionReport:
+                       summaries: Iterable[str] = DEFAULT_SUMMARIES, scores: dict[str, float] | None = None,
+                       families: dict[str, str] | None = None) -> SelectionReport:
+  """Selection over the whole table and, with ``families`` (``{name: glob}``), within each subset."""
   if len(table) < 2:
     raise ValueError(f"selection needs at least two checkpoints, got {len(table)}: {list(table)}")
   summaries = list(dict.fromkeys([*summaries, by]))
@@ -136,41 +163,156 @@ def select_checkpoints(table: dict[str, dict[str, float]], by: str = "median",
     raise ValueError(f"summaries {missing} are missing for some checkpoints; the table has "
                      f"{sorted(set().union(*table.values()))}")
   with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # the report carries the warning
+    warnings.simplefilter("ignore")  # the report carries the warnings
     selection = stats.select(table, by=by, summaries=summaries)
+    subsets = {name: (found, stats.select({c: table[c] for c in found}, by=by, summaries=summaries))
+               for name, found in family_members(table, families or {}).items()}
   correlations = None
   if scores is not None:
     unknown = sorted(set(table) - set(scores))
     if unknown:
       raise ValueError(f"task scores are missing for {unknown[:5]}")
     correlations = stats.correlations(table, scores, summaries)
-  return SelectionReport(table, summaries, selection, stats.pairwise_concordance(table, summaries), correlations)
+  return SelectionReport(table, summaries, selection, stats.pairwise_concordance(table, summaries), correlations,
+                         subsets)
+
+
+def _rows(report: SelectionReport) -> tuple[list[str], list[list[str]]]:
+  """Table head and rows: the ranked summaries, p99.9 and band masses when known, and each rule's pick."""
+  s = report.selection
+  extra = [k for k in ("p99.9",) if k not in report.summaries and all(k in r for r in report.table.values())]
+  bands = [k for k in next(iter(report.table.values())) if k.startswith(BAND_PREFIX)]
+  head = ["checkpoint", *report.summaries, *extra]
+  if bands:
+    head.append("band mass " + " / ".join(b.removeprefix(BAND_PREFIX) for b in bands))
+  head.append("best by")
+  rows = []
+  for ckpt, row in report.table.items():
+    cells = [ckpt, *(f"{row[n]:.4g}" for n in (*report.summaries, *extra))]
+    if bands:
+      cells.append(" / ".join(f"{row.get(b, math.nan):.2f}" for b in bands))
+    cells.append(", ".join(rule for rule, pick in s.selected_by.items() if pick == ckpt))
+    rows.append(cells)
+  return head, rows
+
+
+def _notes(report: SelectionReport) -> list[str]:
+  s = report.selection
+  notes = [f"selected by {s.rule}: {s.selected}"]
+  notes += [f"concordance C({{{key}}}) = {value:.3f}" for key, value in s.concordance.items()]
+  notes.append(f"regime: {s.regime}")
+  for name, (members, f) in report.families.items():
+    notes.append(f"family {name} ({len(members)} checkpoints): C({{mean,median}}) = "
+                 f"{f.concordance['mean,median']:.3f}, regime {f.regime}, selected by {f.rule}: {f.selected}"
+                 + (f"; mean selects {f.selected_by['mean']}" if f.warning else ""))
+  for name, c in (report.correlations or {}).items():
+    notes.append(f"{name} vs task score: Pearson {c['pearson']:.3f}, Spearman {c['spearman']:.3f}")
+  if s.warning:
+    notes.append(f"warning: {s.warning}")
+  return notes
 
 
 def render(report: SelectionReport, console) -> None:
-  """Terminal view: the table with each rule's pick marked, concordance, regime and warning."""
+  """Terminal view: the table with the selected checkpoint marked, then concordance, regime, warnings."""
   from rich.table import Table
 
   s = report.selection
+  head, rows = _rows(report)
   table = Table(title=f"{len(report.table)} checkpoints (lower is better); selected by {s.rule}: {s.selected}")
-  table.add_column("checkpoint")
-  for name in report.summaries:
-    table.add_column(name, justify="right")
-  table.add_column("best by")
-  for ckpt, row in report.table.items():
-    rules = [rule for rule, pick in s.selected_by.items() if pick == ckpt]
-    style = "bold green" if ckpt == s.selected else None
-    table.add_row(ckpt, *(f"{row[n]:.4g}" for n in report.summaries), ", ".join(rules), style=style)
+  for i, column in enumerate(head):
+    table.add_column(column, justify="left" if i in (0, len(head) - 1) else "right")
+  for ckpt, row in zip(report.table, rows):
+    table.add_row(*row, style="bold green" if ckpt == s.selected else None)
   console.print(table)
-  for key, value in s.concordance.items():
-    console.print(f"concordance C({{{key}}}) = {value:.3f}")
-  console.print(f"regime: {s.regime}")
-  if report.correlations:
-    corr = Table(title="correlation with task score (a good loss summary correlates negatively)")
-    for col in ("summary", "pearson", "spearman"):
-      corr.add_column(col, justify="right")
-    for name, c in report.correlations.items():
-      corr.add_row(name, *(f"{c[k]:.3f}" if not math.isnan(c[k]) else "n/a" for k in ("pearson", "spearman")))
-    console.print(corr)
-  if s.warning:
-    console.print(f"[yellow]warning:[/yellow] {s.warning}")
+  for note in _notes(report)[1:]:
+    console.print(note.replace("warning:", "[yellow]warning:[/yellow]"))
+
+
+def to_markdown(report: SelectionReport) -> str:
+  from tailjax.report import markdown_table
+
+  head, rows = _rows(report)
+  pairwise = report.pairwise
+  names = list(pairwise)
+  lines = ["# tailjax select", "", *markdown_table(head, rows), "", *(f"- {n}" for n in _notes(report)), "",
+           "## Pairwise concordance", "", *markdown_table(["", *names],
+                                                          [[a, *(f"{pairwise[a][b]:.2f}" for b in names)] for a in names])]
+  return "\n".join(lines) + "\n"
+
+
+def _run_and_step(name: str) -> tuple[str, int] | None:
+  run, at, step = name.rpartition("@")
+  return (run, int(step)) if at and step.isdigit() else None
+
+
+def plots(report: SelectionReport) -> dict[str, str]:
+  """Base64 PNGs: mean vs median per checkpoint (runs joined in step order), IQR-standardized percentile
+  profiles (when the table has percentiles), and the pairwise concordance heatmap."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from tailjax.report import _png
+
+  out = {}
+  fig, ax = plt.subplots(figsize=(5.5, 4.5))
+  runs: dict[str, list[tuple[int, str]]] = {}
+  for name in report.table:
+    parsed = _run_and_step(name)
+    runs.setdefault(parsed[0] if parsed else name, []).append((parsed[1] if parsed else 0, name))
+  for run, points in runs.items():
+    points.sort()
+    xs = [report.table[n]["mean"] for _, n in points]
+    ys = [report.table[n]["median"] for _, n in points]
+    ax.plot(xs, ys, "o-" if len(points) > 1 else "o", label=run)
+  ax.set(xlabel="mean CE", ylabel="median CE", title="mean vs median (lower-left is better)")
+  ax.legend(fontsize=7)
+  out["mean_vs_median"] = _png(fig)
+  plt.close(fig)
+
+  percents = [f"p{q}" for q in (*range(5, 100, 5), 99)]
+  if all(all(p in row for p in percents) for row in report.table.values()):
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, row in report.table.items():
+      iqr = row["p75"] - row["p25"]
+      ax.plot([int(p[1:]) for p in percents], [(row[p] - row["p50"]) / iqr if iqr > 0 else math.nan for p in percents],
+              label=name, linewidth=1)
+    ax.set(xlabel="percentile", ylabel="(P_q - P50) / IQR", title="standardized CE percentile profiles")
+    ax.legend(fontsize=6, ncol=2)
+    out["standardized_profiles"] = _png(fig)
+    plt.close(fig)
+
+  names = list(report.pairwise)
+  fig, ax = plt.subplots(figsize=(1 + 0.6 * len(names), 0.8 + 0.6 * len(names)))
+  image = ax.imshow([[report.pairwise[a][b] for b in names] for a in names], vmin=0, vmax=1, cmap="viridis")
+  ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+  ax.set_yticks(range(len(names)), names)
+  for i, a in enumerate(names):
+    for j, b in enumerate(names):
+      ax.text(j, i, f"{report.pairwise[a][b]:.2f}", ha="center", va="center", fontsize=7, color="w")
+  fig.colorbar(image, ax=ax, label="concordance")
+  ax.set_title("pairwise concordance of summaries")
+  out["concordance"] = _png(fig)
+  plt.close(fig)
+  return out
+
+
+def to_html(report: SelectionReport) -> str:
+  from tailjax.report import html_page, html_table
+
+  head, rows = _rows(report)
+  names = list(report.pairwise)
+  pairwise = html_table(["", *names], [[a, *(f"{report.pairwise[a][b]:.2f}" for b in names)] for a in names])
+  s = report.selection
+  return html_page("tailjax select", f"{len(report.table)} checkpoints; selected by {s.rule}: {s.selected}",
+                   [html_table(head, rows), pairwise], _notes(report), plots(report))
+
+
+def write(report: SelectionReport, output: str | Path) -> None:
+  """``selection.json`` (the contract), ``selection.md`` and a self-contained ``selection.html``."""
+  output = Path(output)
+  output.mkdir(parents=True, exist_ok=True)
+  (output / "selection.json").write_text(json.dumps(report.to_dict(), indent=2))
+  (output / "selection.md").write_text(to_markdown(report))
+  (output / "selection.html").write_text(to_html(report))

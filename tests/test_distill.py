@@ -87,6 +87,19 @@ def test_ce_training_lowers_validation_ce_and_checkpoints_are_models(tiny, tmp_p
   assert selection["table"]["run@30"]["median"] == result.evals[30]["ce"]["median"]
   assert selection["table"]["run@15"]["p50"] == result.evals[15]["ce"]["percentiles"]["p50"]
   assert selection["selected_by"]["median"] == "run@30"
+  # checkpoints without a saved summary are evaluated on --corpus (windows shaped as the run's)
+  for step in (15, 30):
+    (tmp_path / "run" / "checkpoints" / str(step) / distill.EVAL_FILE).unlink()
+  missing = CliRunner().invoke(cli.main, ["select", str(tmp_path / "run")])
+  assert missing.exit_code != 0 and "has no saved evaluation" in missing.output
+  selected = CliRunner().invoke(cli.main, ["select", str(tmp_path / "run"), "--corpus", cfg.data, "--output",
+                                           str(tmp_path / "sel2")])
+  assert selected.exit_code == 0, selected.output
+  windows = data.pack_documents(data.read_documents(cfg.data), loaded.tokenizer, cfg.seq_len).take(cfg.val_windows)
+  logprobs = np.asarray(_logprobs(loaded, windows), np.float64)
+  ce = -np.take_along_axis(logprobs, windows.tokens[:, 1:, None], axis=-1)[..., 0]
+  table = json.loads((tmp_path / "sel2" / "selection.json").read_text())["table"]
+  assert table["run@30"]["mean"] == pytest.approx(ce.mean(), rel=1e-5)
 
 
 def _logprobs(loaded, windows):

@@ -79,3 +79,25 @@ def test_select_bad_json_tables(family, content, message):
   (family / "bad.json").write_text(content)
   result = CliRunner().invoke(main, ["select", str(family / "bad.json")])
   assert result.exit_code != 0 and message in result.output and "bad.json" in result.output
+
+
+def test_families_and_the_markdown_and_html_reports(family):
+  out = family / "out"
+  result = CliRunner().invoke(main, ["select", str(family / "family.csv"), "--family", "distilled=[ft][uo]*",
+                                     "--family", "top=top*", "--output", str(out)])
+  assert result.exit_code == 0, result.output
+  sel = json.loads((out / "selection.json").read_text())
+  distilled = sel["families"]["distilled"]
+  assert distilled["checkpoints"] == ["full-kl", "top40", "top15", "top5"]
+  # hand count over the 6 pairs of {full-kl, top40, top15, top5}: mean orders them full-kl < top40 < top15 < top5,
+  # median exactly the other way round (0.632 > 0.620 > 0.596 > 0.525): every pair is discordant
+  assert distilled["concordance"]["mean,median"] == 0.0
+  assert distilled["selected"] == "top5" and distilled["regime"] == "reshaping"
+  assert sel["families"]["top"]["checkpoints"] == ["top40", "top15", "top5"]
+  markdown = (out / "selection.md").read_text()
+  assert "| top5 | 1.708 | 0.525 | 4.6 | 7.82 | median |" in markdown and "## Pairwise concordance" in markdown
+  assert "family distilled (4 checkpoints)" in markdown
+  assert (out / "selection.html").read_text().count("data:image/png;base64") == 2  # no percentiles: no profiles
+  lonely = CliRunner().invoke(main, ["select", str(family / "family.csv"), "--family", "t=teacher"])
+  assert lonely.exit_code != 0 and "a family needs at least two checkpoints: t=teacher matches ['teacher']" in \
+      lonely.output
