@@ -14,7 +14,14 @@ from tailjax import __version__
 @click.group()
 @click.version_option(__version__)
 def main() -> None:
-  """Judge and train language models by the shape of their per-token loss."""
+  """Judge and train language models by the shape of their per-token loss.
+
+  Multi-host runs start every process with the same command; JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID (or a TPU pod's own environment) join them.
+  """
+  from tailjax import mesh
+
+  mesh.initialize()
 
 
 @main.command()
@@ -95,9 +102,10 @@ def _wide_console() -> Console:
 @click.option("--cache-k", default=32, show_default=True, help="K of --save-reference-cache.")
 @click.option("--reference-cache", type=click.Path(path_type=Path),
               help="A cache written by --save-reference-cache as the reference (KLD over top-K + tail bucket).")
+@click.option("--mesh", "device_mesh", help="Device mesh, e.g. data=8 or data=4,model=2 or auto (all on data).")
 def eval_command(reference, candidates, corpus, text_field, protocol, seq_len, num_sequences, seed, batch_size,
                  spike_thresholds, output, dump_tokens, worst, kl_divergence_base, save_reference_cache, cache_k,
-                 reference_cache) -> None:
+                 reference_cache, device_mesh) -> None:
   """Per-token KLD and CE distributions of candidates against a reference, with tails and intervals."""
   import dataclasses
 
@@ -115,7 +123,7 @@ def eval_command(reference, candidates, corpus, text_field, protocol, seq_len, n
                              batch_size=batch_size, spike_thresholds=spike_thresholds, output=output,
                              dump_tokens=dump_tokens, worst=worst, kl_divergence_base=kl_divergence_base,
                              reference_cache=reference_cache, save_reference_cache=save_reference_cache,
-                             cache_k=cache_k, console=Console(stderr=True))
+                             cache_k=cache_k, mesh=device_mesh, console=Console(stderr=True))
   except (ValueError, FileNotFoundError) as err:
     raise click.ClickException(str(err)) from None
   except KeyboardInterrupt:

@@ -16,6 +16,7 @@ numbers as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tailjax import head, llamacpp, refcache
+from tailjax import head, llamacpp, mesh, refcache
 from tailjax.data import Windows
 from tailjax.models import LoadedModel
 from tailjax.stats import BucketSpec, HostHistogram, LogHistogram, spec_for
@@ -142,6 +143,12 @@ def _batch_stats(models: tuple, tokens: jax.Array, scored: jax.Array, base, spec
 _batch_stats_jit = nnx.jit(_batch_stats, static_argnums=(4, 5, 6, 7, 8))
 
 
+@functools.lru_cache(maxsize=None)
+def _batch_stats_on(device_mesh: jax.sharding.Mesh):
+  """The batch step partitioned over ``device_mesh``; its (small) outputs replicated, so every host has them."""
+  return nnx.jit(_batch_stats, static_argnums=(4, 5, 6, 7, 8), out_shardings=mesh.replicated(device_mesh))
+
+
 @dataclasses.dataclass
 class TokenDump:
   """Opt-in per-token values of every scored prediction (they leave the device): tests, small runs."""
@@ -173,14 +180,17 @@ Reference = LoadedModel | llamacpp.KldBase | refcache.ReferenceCache
 def evaluate(reference: Reference, candidates: Sequence[LoadedModel], windows: Windows, *, labels: Sequence[str],
              batch_size: int = 4, spike_thresholds=(0.5,), worst: int = 20, state: EvalState | None = None,
              dump: TokenDump | None = None, cache: dict[str, list] | None = None,
-             on_batch: Callable[[EvalState, int], None] | None = None) -> EvalState:
+             on_batch: Callable[[EvalState, int], None] | None = None,
+             device_mesh: jax.sharding.Mesh | None = None) -> EvalState:
   """Run (or resume, given ``state``) an evaluation; ``on_batch(state, scored_tokens)`` after every batch.
 
   ``reference`` is a model, a llama.cpp base file (``windows`` from ``base_windows``) or a
   reference cache (``windows`` its own). ``cache`` (a dict with a ``"k"`` entry) collects
   the reference's top-K log-probs per batch for ``refcache`` (a model reference only).
   ``labels`` name the reference then each candidate; ``worst`` highest-KLD tokens per
-  candidate are kept (with their window and position) for the report.
+  candidate are kept (with their window and position) for the report. On a ``device_mesh``
+  (``tailjax.mesh``) the models are placed by their logical axes and each batch is split
+  over the data axes; the numbers do not depend on the mesh.
   """
   if not candidates:
     raise ValueError("an evaluation needs at least one candidate")
@@ -196,6 +206,12 @@ def evaluate(reference: Reference, candidates: Sequence[LoadedModel], windows: W
   cache_k = 0 if cache is None else cache["k"]
   if cache_k and (from_base or from_cache):
     raise ValueError("a reference cache is written from a reference model, not from a base file or another cache")
+  step, place = _batch_stats_jit, jnp.asarray
+  if device_mesh is not None:
+    for model in models:
+      if model is not None:
+        mesh.shard_model(model, device_mesh)
+    step, place = _batch_stats_on(device_mesh), functools.partial(_place, device_mesh=device_mesh)
   n, t = windows.tokens.shape
   worst = max(1, min(worst, batch_size * (t - 1)))
   for start in range(state.windows_done, n, batch_size):
@@ -205,8 +221,9 @@ def evaluate(reference: Reference, candidates: Sequence[LoadedModel], windows: W
     tokens[:count], scored[:count] = windows.tokens[start:start + count], windows.scored[start:start + count]
     base = (_base_batch(reference, start, count, batch_size) if from_base else
             reference.batch(start, count, batch_size) if from_cache else None)
-    out = _batch_stats_jit(models, jnp.asarray(tokens), jnp.asarray(scored), base, spec, vocab_size, worst,
-                           dump is not None, cache_k)
+    if base is not None:
+      base = jax.tree.map(place, base)
+    out = step(models, place(tokens), place(scored), base, spec, vocab_size, worst, dump is not None, cache_k)
     sketches, seq_ce, seq_tokens, moments, top_values, top_index, per_token, cached = jax.device_get(out)
     if cache_k:
       for name, values in zip(("ids", "logprobs", "target_logprob"), cached):
@@ -231,6 +248,10 @@ def evaluate(reference: Reference, candidates: Sequence[LoadedModel], windows: W
     if on_batch is not None:
       on_batch(state, int(windows.scored[start:start + count].sum()))
   return state
+
+
+def _place(array, device_mesh: jax.sharding.Mesh) -> jax.Array:
+  return mesh.global_batch(np.asarray(array), device_mesh)
 
 
 def base_windows(base: llamacpp.KldBase, bos_id: int | None) -> Windows:

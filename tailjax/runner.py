@@ -19,8 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from tailjax import data, llamacpp, models, refcache, report as reporting
 from tailjax import evaluate as evaluate_module
@@ -138,7 +140,8 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
              spike_thresholds: Sequence[float] = (0.5,), output: str | Path | None = None,
              dump_tokens: str | Path | None = None, worst: int = 20, save_every: float = 30.0,
              kl_divergence_base: str | Path | None = None, reference_cache: str | Path | None = None,
-             save_reference_cache: str | Path | None = None, cache_k: int = 32, console=None) -> dict[str, Any]:
+             save_reference_cache: str | Path | None = None, cache_k: int = 32, mesh: str | None = None,
+             console=None) -> dict[str, Any]:
   """Evaluate ``candidates`` against ``reference`` on ``corpus``; returns the ``report.json`` dictionary.
 
   ``kl_divergence_base`` (instead of a reference and a corpus) is a llama.cpp base file: its
@@ -148,7 +151,12 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
 
   With no reference and no candidates this is the embedded default: SmolLM2-135M against its
   own int4 and int3 round-to-nearest quantizations on CPython's reference manual.
+
+  ``mesh`` (``"data=8"``, ``"data=4,model=2"``, ``"auto"``: ``tailjax.mesh``) spreads the run over
+  devices, and over hosts after ``tailjax.mesh.initialize``: every process runs this same call,
+  process 0 alone writes ``output`` (which must be visible to all hosts to resume).
   """
+  from tailjax import mesh as meshes
   from rich.console import Console
 
   console = console or Console(stderr=True)
@@ -181,18 +189,31 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
   console.print(f"loaded {len(labels)} models and {len(windows)} windows x {protocol.seq_len} tokens "
                 f"({windows.scored_tokens} scored) in {time.perf_counter() - started:.1f} s", highlight=False)
 
+  device_mesh = meshes.parse(mesh) if mesh else None
+  if device_mesh is not None:
+    run["mesh"] = dict(device_mesh.shape)
   output = Path(output) if output else None
   state = None
-  if output is not None and _prepare_output(output, _identity(run)):
+  writer = meshes.is_writer()
+  if output is not None and writer and _prepare_output(output, _identity(run)):
     state = load_state(output / "state.npz")
+  if jax.process_count() > 1:  # every process starts where process 0 does (output on a shared filesystem)
+    done = int(multihost_utils.broadcast_one_to_all(np.int32(state.windows_done if state else 0)))
+    if done and not writer:
+      state = load_state(output / "state.npz")
+      if state.windows_done != done:
+        raise ValueError(f"{output}: process {jax.process_index()} reads another state than process 0")
+  if state is not None:
     console.print(f"resuming {output}: {state.windows_done}/{len(windows)} windows already done")
+  if not writer:
+    output, dump_tokens, save_reference_cache = None, None, None
   dump = TokenDump() if dump_tokens else None
   cache = {"k": cache_k} if save_reference_cache is not None else None
   if (dump is not None or cache is not None) and state is not None and state.windows_done:
     raise ValueError("--dump-tokens and --save-reference-cache need a run from the start; they cannot resume "
                      "(delete the state or the flag)")
   state = _run_with_progress(ref, cands, windows, labels, batch_size, spike_thresholds, worst, state, dump, cache,
-                             output, save_every, console)
+                             output, save_every, console, device_mesh)
   if cache is not None:
     refcache.ReferenceCache(windows, *(np.concatenate(cache[k]) for k in ("ids", "logprobs", "target_logprob")),
                             ref.config.vocab_size, ref.name, ref.tokenizer.fingerprint()).save(save_reference_cache)
@@ -209,7 +230,7 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
 
 
 def _run_with_progress(ref, cands, windows, labels, batch_size, spike_thresholds, worst, state, dump, cache, output,
-                       save_every, console):
+                       save_every, console, device_mesh):
   from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
   columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
@@ -239,7 +260,7 @@ def _run_with_progress(ref, cands, windows, labels, batch_size, spike_thresholds
     try:
       state = evaluate(ref, cands, windows, labels=labels, batch_size=batch_size,
                        spike_thresholds=tuple(spike_thresholds), worst=worst, state=state, dump=dump, cache=cache,
-                       on_batch=on_batch)
+                       on_batch=on_batch, device_mesh=device_mesh)
     except KeyboardInterrupt:
       if output is not None and state is not None:
         save_state(state, output / "state.npz")
