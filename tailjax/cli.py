@@ -190,6 +190,7 @@ def _config(config_file, **overrides):
 @click.option("--save-every", type=int, help="Checkpoint every N steps.")
 @click.option("--eval-every", type=int, help="Validation CE summary every N steps.")
 @click.option("--keep", type=int, help="Checkpoints kept (default: all).")
+@click.option("--mesh", help="Device mesh, e.g. data=8 or data=4,model=2 or auto (all on data).")
 @click.option("--output", required=True, type=click.Path(path_type=Path), help="Run directory (resumed if it exists).")
 @click.option("--force", is_flag=True, help="Resume even though the config changed.")
 def distill(config_file, output, force, teacher_cache, **fields) -> None:

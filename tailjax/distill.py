@@ -12,10 +12,13 @@ all computed blockwise from hidden states (``tailjax.head``): no ``[tokens, voca
 logits exist, forward or backward. The teacher runs in the same jitted step, or its
 top-K comes from a cache written once by ``tailjax cache-teacher``.
 
+With ``mesh`` set, parameters are placed by their logical axes and batches split over the
+data axes (``tailjax.mesh``); on several hosts each process reads its own share of the data.
+
 A run directory holds ``config.json`` (what the run computes), ``metrics.jsonl`` (loss,
 learning rate, gradient norm, tokens/s), ``evals.jsonl``, ``tensorboard/`` (when tensorboardX
 is installed) and ``checkpoints/<step>/``:
-orbax items ``params`` / ``train`` (optimizer state) / ``data`` (grain iterator state),
+orbax items ``params`` / ``train`` (optimizer state) / ``data`` (grain iterator state per process),
 next to ``tailjax_model.json`` + ``tokenizer.json`` (so every checkpoint is a model spec for
 ``tailjax eval``) and ``eval.json``: the validation CE summary (mean, median, every 5th
 percentile, p99, band mass, sketch) that ``tailjax select`` reads.
@@ -37,7 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tailjax import data, head, teacher_cache
+from tailjax import data, head, mesh, teacher_cache
 from tailjax.losses import TopK
 from tailjax.models import PRESETS, Decoder, LoadedModel, ModelConfig, Tokenizer, load, load_tokenizer
 from tailjax.models.load import CHECKPOINT_FILE
@@ -46,7 +49,7 @@ from tailjax.stats import LogHistogram, Summary, spec_for
 OBJECTIVES = ("ce", "kl", "topk")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # May change when a run resumes: they decide when to log, evaluate and save, not what is computed.
-OPERATIONAL = ("save_every", "keep", "eval_every", "log_every", "cache_batch_size")
+OPERATIONAL = ("save_every", "keep", "eval_every", "log_every", "cache_batch_size", "mesh")
 EVAL_FILE = "eval.json"
 
 
@@ -85,6 +88,7 @@ class DistillConfig:
   log_every: int = 10
   block_size: int = head.DEFAULT_BLOCK_SIZE
   cache_batch_size: int = 8
+  mesh: str | None = None  # device mesh (tailjax.mesh): data=8, data=4,model=2, auto; None: one device
 
   def __post_init__(self):
     problems = []
@@ -204,22 +208,29 @@ def _train_step(state: TrainState, batch: dict[str, jax.Array], teacher_state: n
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "vocab_size", "block_size"))
-def _add_val_ce(sketch: LogHistogram, params: nnx.State, tokens: jax.Array, segments: jax.Array, *, graphdef,
-                vocab_size: int, block_size: int) -> LogHistogram:
+def _add_val_ce(sketch: LogHistogram, params: nnx.State, tokens: jax.Array, segments: jax.Array, rows: jax.Array, *,
+                graphdef, vocab_size: int, block_size: int) -> LogHistogram:
   model = nnx.merge(graphdef, params)
   hidden = model(tokens[:, :-1], segments[:, :-1])
   ce = head.cross_entropy(hidden, model.unembedding(), tokens[:, 1:], vocab_size=vocab_size, block_size=block_size)
-  return sketch.add(ce)
+  return sketch.add(ce, jnp.broadcast_to(rows[:, None], ce.shape))
 
 
 def validation_ce(graphdef, params: nnx.State, windows: data.Packed, *, batch_size: int, vocab_size: int,
-                  block_size: int = head.DEFAULT_BLOCK_SIZE) -> Summary:
-  """Per-token CE of the model over ``windows``, as a ``Summary`` (only the sketch leaves the device)."""
+                  block_size: int = head.DEFAULT_BLOCK_SIZE, device_mesh=None) -> Summary:
+  """Per-token CE of the model over ``windows``, as a ``Summary`` (only the sketch leaves the device).
+
+  Every batch has ``batch_size`` rows (a short last one is padded with rows that count for
+  nothing), so one compilation serves and any mesh splits it.
+  """
+  place = jnp.asarray if device_mesh is None else functools.partial(mesh.global_batch, mesh=device_mesh)
   sketch = LogHistogram.empty(spec_for())
   for start in range(0, len(windows), batch_size):
-    sketch = _add_val_ce(sketch, params, jnp.asarray(windows.tokens[start:start + batch_size]),
-                         jnp.asarray(windows.segments[start:start + batch_size]), graphdef=graphdef,
-                         vocab_size=vocab_size, block_size=block_size)
+    count = min(batch_size, len(windows) - start)
+    pad = lambda a: np.concatenate([a[start:start + count], np.zeros((batch_size - count, *a.shape[1:]), a.dtype)])
+    sketch = _add_val_ce(sketch, params, place(pad(windows.tokens)), place(pad(windows.segments)),
+                         place(np.arange(batch_size) < count), graphdef=graphdef, vocab_size=vocab_size,
+                         block_size=block_size)
   return Summary.from_sketch(sketch)
 
 
@@ -380,10 +391,18 @@ class _Records:
 
 
 def batches(setup: Setup) -> grain.DatasetIterator:
-  """Shuffled (reshuffled every epoch by ``seed``), endless batches of ``batch_size`` windows."""
+  """Shuffled (reshuffled every epoch by ``seed``), endless batches of ``batch_size`` windows.
+
+  On several hosts each process reads its own share of the windows (every ``process_count``-th)
+  and yields its ``batch_size / process_count`` rows of each global batch.
+  """
   config = setup.config
-  dataset = grain.MapDataset.source(_Records(setup.train, setup.cache, config.topk)).shuffle(seed=config.seed)
-  return iter(dataset.repeat(None).batch(config.batch_size, drop_remainder=True).to_iter_dataset())
+  processes = jax.process_count()
+  if config.batch_size % processes:
+    raise ValueError(f"batch_size={config.batch_size} does not split over {processes} processes")
+  dataset = grain.MapDataset.source(_Records(setup.train, setup.cache, config.topk))[jax.process_index()::processes]
+  dataset = dataset.shuffle(seed=config.seed).repeat(None)
+  return iter(dataset.batch(config.batch_size // processes, drop_remainder=True).to_iter_dataset())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +464,17 @@ def distill(config: DistillConfig, output: str | Path, *, force: bool = False, c
 
   output = Path(output).absolute()
   setup = prepare(config)
-  _check_resume(output, config, force)
+  writer = mesh.is_writer()  # process 0 writes the run files; checkpoints are written by every process
+  if writer:
+    _check_resume(output, config, force)
+  device_mesh = None if config.mesh is None else mesh.parse(config.mesh)
+  place = lambda batch: jax.tree.map(jnp.asarray, batch)
+  if device_mesh is not None:
+    for model in (setup.student, None if setup.teacher is None else setup.teacher.model):
+      if model is not None:
+        mesh.shard_model(model, device_mesh)
+    place = lambda batch: jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        mesh.batch_sharding(device_mesh, x.ndim), x), batch)
   graphdef, params = nnx.split(setup.student, nnx.Param)
   tx, schedule = optimizer(config)
   state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
@@ -458,36 +487,39 @@ def distill(config: DistillConfig, output: str | Path, *, force: bool = False, c
                     donate_argnums=0)
 
   options = ocp.CheckpointManagerOptions(max_to_keep=config.keep, enable_async_checkpointing=False, create=True)
+  handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
+              "data": grain.checkpoint.CheckpointHandler()}  # data: one iterator state file per process
   evals: dict[int, dict[str, Any]] = {}
   losses: dict[int, float] = {}
-  with ocp.CheckpointManager(output / "checkpoints", options=options) as manager:
+  log = (lambda name, record: _append(output / name, record)) if writer else (lambda name, record: None)
+  with ocp.CheckpointManager(output / "checkpoints", options=options, item_handlers=handlers) as manager:
     start = manager.latest_step() or 0
     if start:
       restored = manager.restore(start, args=ocp.args.Composite(
           params=ocp.args.StandardRestore(state.params),
           train=ocp.args.StandardRestore({"step": state.step, "opt_state": state.opt_state}),
-          data=ocp.args.JsonRestore()))
+          data=grain.checkpoint.CheckpointRestore(iterator)))
       state = TrainState(restored["train"]["step"], restored["params"], restored["train"]["opt_state"])
-      iterator.set_state(restored["data"])
-      _write_sidecars(output / "checkpoints" / str(start), setup, f"{output}@{start}", None)
-    for log in ("metrics.jsonl", "evals.jsonl"):
-      _truncate_log(output / log, start)
+      if writer:
+        _write_sidecars(output / "checkpoints" / str(start), setup, f"{output}@{start}", None)
+    for name in ("metrics.jsonl", "evals.jsonl") if writer else ():
+      _truncate_log(output / name, start)
 
     def evaluate(step: int) -> dict[str, Any]:
       summary = validation_ce(graphdef, state.params, setup.val, batch_size=config.batch_size,
-                              vocab_size=setup.vocab_size, block_size=config.block_size)
+                              vocab_size=setup.vocab_size, block_size=config.block_size, device_mesh=device_mesh)
       evals[step] = {"step": step, "windows": len(setup.val), "fingerprint": setup.val.fingerprint,
                      "ce": summary.to_dict()}
-      _append(output / "evals.jsonl", evals[step])
+      log("evals.jsonl", evals[step])
       return evals[step]
 
     tokens_per_step = config.batch_size * config.seq_len
-    board = _tensorboard(output)
+    board = _tensorboard(output) if writer else None
     progress, task = _progress(console, config.steps, start)
     clock, clock_step = time.perf_counter(), start
     try:
       for step in range(start + 1, config.steps + 1):
-        state, metrics = step_fn(state, next(iterator), teacher_state)
+        state, metrics = step_fn(state, place(next(iterator)), teacher_state)
         saving = step % config.save_every == 0 or step == config.steps
         if step % config.log_every == 0 or saving:
           values = {k: float(v) for k, v in metrics.items()}
@@ -495,7 +527,7 @@ def distill(config: DistillConfig, output: str | Path, *, force: bool = False, c
           values["tokens_per_s"] = (step - clock_step) * tokens_per_step / (now - clock)
           clock, clock_step = now, step
           losses[step] = values["loss"]
-          _append(output / "metrics.jsonl", {"step": step, **values})
+          log("metrics.jsonl", {"step": step, **values})
           for name, value in values.items() if board is not None else ():
             board.add_scalar(f"train/{name}", value, step)
           if progress is not None:
@@ -509,9 +541,10 @@ def distill(config: DistillConfig, output: str | Path, *, force: bool = False, c
           manager.save(step, args=ocp.args.Composite(
               params=ocp.args.StandardSave(state.params),
               train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
-              data=ocp.args.JsonSave(iterator.get_state())))
+              data=grain.checkpoint.CheckpointSave(iterator)))
           manager.wait_until_finished()
-          _write_sidecars(output / "checkpoints" / str(step), setup, f"{output}@{step}", evaluation)
+          if writer:
+            _write_sidecars(output / "checkpoints" / str(step), setup, f"{output}@{step}", evaluation)
     finally:
       if progress is not None:
         progress.stop()

@@ -109,3 +109,24 @@ def test_two_processes_give_the_single_process_report(tiny, tmp_path):
   merged = json.loads((tmp_path / "run" / "report.json").read_text())
   assert merged["run"]["mesh"] == {"data": 8, "fsdp": 1, "model": 1}
   assert_same_numbers(merged, evaluate(tiny))
+
+
+def test_a_distill_step_gives_the_same_loss_on_every_mesh(tmp_path):
+  from tailjax import distill
+
+  root = tmp_path
+  write_tiny_gguf(root / "teacher.gguf", Decoder(TINY, rngs=nnx.Rngs(4)))
+  text = re.sub(" +", " ", re.sub(r"[^a-z ]+", " ", " ".join(topics[k] for k in sorted(topics)[:12]).lower()))
+  (root / "corpus.jsonl").write_text("".join(json.dumps({"text": text[i:i + 2000]}) + "\n"
+                                             for i in range(0, len(text), 2000)))
+  base = distill.DistillConfig(data=str(root / "corpus.jsonl"), teacher=str(root / "teacher.gguf"),
+                               student={"hidden_size": 32, "intermediate_size": 48, "num_layers": 1, "num_heads": 4,
+                                        "num_kv_heads": 2}, objective="topk", topk=5, seq_len=16, batch_size=8,
+                               steps=2, save_every=2, eval_every=2, log_every=1, warmup_steps=1, val_windows=12)
+  runs = {layout: distill.distill(distill.DistillConfig(**{**base.to_dict(), "mesh": layout}), root / str(layout))
+          for layout in (None, "data=8", "data=2,model=4")}
+  for layout, result in runs.items():
+    for step in (1, 2):
+      assert result.losses[step] == pytest.approx(runs[None].losses[step], rel=1e-5), layout
+    assert result.evals[2]["ce"]["sketch"]["counts"] == runs[None].evals[2]["ce"]["sketch"]["counts"]
+    assert result.evals[2]["ce"]["mean"] == pytest.approx(runs[None].evals[2]["ce"]["mean"], rel=1e-5)
