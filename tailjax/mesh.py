@@ -118,8 +118,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 
 
 def _on_pod() -> bool:
-  """A multi-host TPU slice (its workers find each other without arguments)."""
-  return bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",")) or "SLURM_JOB_ID" in os.environ
+  """Asked to join a cluster JAX detects by itself: a TPU slice (tpu/pod.py sets TAILJAX_MULTIHOST=1), SLURM."""
+  return os.environ.get("TAILJAX_MULTIHOST") == "1" or "SLURM_JOB_ID" in os.environ
 
 
 def is_writer() -> bool:
