@@ -35,18 +35,21 @@ def main() -> None:
 @click.option("--family", "families", multiple=True, metavar="NAME=GLOB",
               help="A subset of checkpoints (names matching GLOB) with its own concordance (repeatable).")
 @click.option("--corpus", help="Evaluate checkpoints that have no saved summary on this corpus.")
+@click.option("--mesh", "device_mesh", help="Device mesh for --corpus evaluations (data=8, auto, ...).")
 def select(tables: tuple[Path, ...], by: str, summaries: str, task_scores: Path | None, output: Path | None,
-           force: bool, families: tuple[str, ...], corpus: str | None) -> None:
+           force: bool, families: tuple[str, ...], corpus: str | None, device_mesh: str | None) -> None:
   """Select a checkpoint from summary TABLES (CSV with a name column, JSON), tailjax eval report directories
   (one row per model) or tailjax distill runs (one row per checkpoint), with concordance diagnostics."""
+  from tailjax import mesh
   from tailjax import select as selection
 
   console = Console()
   try:
+    placed = mesh.parse(device_mesh) if device_mesh else None
     table: dict[str, dict[str, float]] = {}
     scored = {}  # input -> the tokens it was measured on: a family is ranked on one corpus and protocol
     for path in tables:
-      part, fingerprint = selection.read_source(path, corpus)
+      part, fingerprint = selection.read_source(path, corpus, placed)
       if fingerprint is not None:
         scored[path] = fingerprint
         if len(set(scored.values())) > 1 and not force:

@@ -575,7 +575,8 @@ def _progress(console, total: int, start: int):
   return progress, progress.add_task("distill", total=total, completed=start, loss=float("nan"), speed=0.0)
 
 
-def evaluate_checkpoint(step_dir: str | Path, corpus: str, *, text_field: str = "text") -> dict[str, Any]:
+def evaluate_checkpoint(step_dir: str | Path, corpus: str, *, text_field: str = "text",
+                        device_mesh=None) -> dict[str, Any]:
   """The validation CE summary of a checkpoint on ``corpus``, windows shaped as its run's (or 64 x 512)."""
   step_dir = Path(step_dir)
   run_config = step_dir.parent.parent / "config.json"
@@ -585,13 +586,15 @@ def evaluate_checkpoint(step_dir: str | Path, corpus: str, *, text_field: str = 
   if loaded.tokenizer is None:
     raise ValueError(f"{step_dir}: the checkpoint has no tokenizer to read {corpus} with")
   windows = data.pack_documents(data.read_documents(corpus, text_field), loaded.tokenizer, seq_len, corpus).take(count)
+  if device_mesh is not None:
+    mesh.shard_model(loaded.model, device_mesh)
   graphdef, params = nnx.split(loaded.model, nnx.Param)
   summary = validation_ce(graphdef, params, windows, batch_size=shape.get("batch_size", 8),
-                          vocab_size=loaded.tokenizer.vocab_size)
+                          vocab_size=loaded.tokenizer.vocab_size, device_mesh=device_mesh)
   return {"windows": len(windows), "fingerprint": windows.fingerprint, "corpus": corpus, "ce": summary.to_dict()}
 
 
-def read_run(directory: str | Path, corpus: str | None = None) -> dict[str, dict[str, Any]]:
+def read_run(directory: str | Path, corpus: str | None = None, device_mesh=None) -> dict[str, dict[str, Any]]:
   """A distill run (or one checkpoint) -> ``{"<run>@<step>": CE summary}``, one entry per checkpoint.
 
   Summaries saved with the checkpoints are read; a checkpoint without one is evaluated on
@@ -607,7 +610,7 @@ def read_run(directory: str | Path, corpus: str | None = None) -> dict[str, dict
     if path.exists():
       found[name] = json.loads(path.read_text())
     elif corpus is not None:
-      found[name] = evaluate_checkpoint(step_dir, corpus)
+      found[name] = evaluate_checkpoint(step_dir, corpus, device_mesh=device_mesh)
     else:
       raise FileNotFoundError(f"{path}: this checkpoint has no saved evaluation (give a corpus to evaluate it on)")
   if not found:

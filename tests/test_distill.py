@@ -92,8 +92,8 @@ def test_ce_training_lowers_validation_ce_and_checkpoints_are_models(tiny, tmp_p
     (tmp_path / "run" / "checkpoints" / str(step) / distill.EVAL_FILE).unlink()
   missing = CliRunner().invoke(cli.main, ["select", str(tmp_path / "run")])
   assert missing.exit_code != 0 and "has no saved evaluation" in missing.output
-  selected = CliRunner().invoke(cli.main, ["select", str(tmp_path / "run"), "--corpus", cfg.data, "--output",
-                                           str(tmp_path / "sel2")])
+  selected = CliRunner().invoke(cli.main, ["select", str(tmp_path / "run"), "--corpus", cfg.data, "--mesh", "data=8",
+                                           "--output", str(tmp_path / "sel2")])
   assert selected.exit_code == 0, selected.output
   windows = data.pack_documents(data.read_documents(cfg.data), loaded.tokenizer, cfg.seq_len).take(cfg.val_windows)
   logprobs = np.asarray(_logprobs(loaded, windows), np.float64)
