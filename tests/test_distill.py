@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import re
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,7 @@ from pydoc_data.topics import topics
 
 from tailjax import cli, data, distill, losses, models, teacher_cache
 from tailjax.models import Decoder
-from test_models import TINY, write_tiny_gguf
+from test_models import TINY, letter_text, write_tiny_gguf
 
 STUDENT = {"hidden_size": 32, "intermediate_size": 48, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2}
 
@@ -26,7 +25,7 @@ def tiny(tmp_path_factory):
   write_tiny_gguf(root / "teacher.gguf", Decoder(TINY, rngs=nnx.Rngs(11)))
   with (root / "corpus.jsonl").open("w") as f:
     for key in sorted(topics)[:30]:
-      f.write(json.dumps({"text": re.sub(" +", " ", re.sub(r"[^a-z ]+", " ", topics[key].lower()))}) + "\n")
+      f.write(json.dumps({"text": letter_text(topics[key])}) + "\n")
   return root
 
 

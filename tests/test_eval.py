@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,7 +12,7 @@ from pydoc_data.topics import topics
 
 from tailjax import cli, data, evaluate, llamacpp, models, refcache, report, runner
 from tailjax.models import Decoder
-from test_models import TINY, write_tiny_gguf
+from test_models import TINY, letter_text, write_tiny_gguf
 
 PROTOCOL = data.Protocol("test", seq_len=24, num_sequences=10, seed=3)
 CONTRACT = ("mean", "median", "p90", "p95", "p99", "p99.9", "spike_rate")
@@ -24,8 +23,7 @@ def tiny(tmp_path_factory):
   """A tiny GGUF model and a corpus of real text its letter tokenizer can read."""
   root = tmp_path_factory.mktemp("tiny")
   write_tiny_gguf(root / "tiny.gguf", Decoder(TINY, rngs=nnx.Rngs(7)))
-  text = re.sub(r"[^a-z ]+", " ", " ".join(topics[k] for k in sorted(topics)[:6]).lower())
-  (root / "corpus.txt").write_text(re.sub(" +", " ", text))
+  (root / "corpus.txt").write_text(letter_text(" ".join(topics[k] for k in sorted(topics)[:6])))
   return root
 
 

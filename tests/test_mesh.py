@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pydoc_data.topics import topics
 
 from tailjax import data, mesh, runner
 from tailjax.models import Decoder
-from test_models import TINY, write_tiny_gguf
+from test_models import TINY, letter_text, write_tiny_gguf
 
 PROTOCOL = data.Protocol("test", seq_len=24, num_sequences=16, seed=5)
 
@@ -24,8 +23,7 @@ PROTOCOL = data.Protocol("test", seq_len=24, num_sequences=16, seed=5)
 def tiny(tmp_path_factory):
   root = tmp_path_factory.mktemp("mesh")
   write_tiny_gguf(root / "tiny.gguf", Decoder(TINY, rngs=nnx.Rngs(3)))
-  text = re.sub(r"[^a-z ]+", " ", " ".join(topics[k] for k in sorted(topics)[:8]).lower())
-  (root / "corpus.txt").write_text(re.sub(" +", " ", text))
+  (root / "corpus.txt").write_text(letter_text(" ".join(topics[k] for k in sorted(topics)[:8])))
   return root
 
 
@@ -115,7 +113,7 @@ def test_a_distill_step_gives_the_same_loss_on_every_mesh(tmp_path):
 
   root = tmp_path
   write_tiny_gguf(root / "teacher.gguf", Decoder(TINY, rngs=nnx.Rngs(4)))
-  text = re.sub(" +", " ", re.sub(r"[^a-z ]+", " ", " ".join(topics[k] for k in sorted(topics)[:12]).lower()))
+  text = letter_text(" ".join(topics[k] for k in sorted(topics)[:12]))
   (root / "corpus.jsonl").write_text("".join(json.dumps({"text": text[i:i + 2000]}) + "\n"
                                              for i in range(0, len(text), 2000)))
   base = distill.DistillConfig(data=str(root / "corpus.jsonl"), teacher=str(root / "teacher.gguf"),

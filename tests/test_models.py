@@ -1,4 +1,5 @@
 import importlib.util
+import re
 from pathlib import Path
 
 import gguf as gguf_lib
@@ -37,6 +38,11 @@ def test_decoder_is_causal_and_keeps_packed_documents_apart(rng):
 def _permute(w, heads):
   """llama.cpp's convert_hf_to_gguf permutation of q/k rows (the inverse of what tailjax undoes)."""
   return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def letter_text(text: str) -> str:
+  """Real text reduced to what the tiny GGUF's letter tokenizer reads: lower-case letters and single spaces."""
+  return re.sub(" +", " ", re.sub(r"[^a-z ]+", " ", text.lower()))
 
 
 def write_tiny_gguf(path: Path, model: Decoder, arch: str = "llama"):
