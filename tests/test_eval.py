@@ -18,13 +18,17 @@ PROTOCOL = data.Protocol("test", seq_len=24, num_sequences=10, seed=3)
 CONTRACT = ("mean", "median", "p90", "p95", "p99", "p99.9", "spike_rate")
 
 
+def write_tiny_model_and_corpus(root, seed: int, documents: int):
+  """``root/tiny.gguf`` and ``root/corpus.txt``: real text (the first ``documents`` pydoc topics) its
+  letter tokenizer can read."""
+  write_tiny_gguf(root / "tiny.gguf", Decoder(TINY, rngs=nnx.Rngs(seed)))
+  (root / "corpus.txt").write_text(letter_text(" ".join(topics[k] for k in sorted(topics)[:documents])))
+  return root
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-  """A tiny GGUF model and a corpus of real text its letter tokenizer can read."""
-  root = tmp_path_factory.mktemp("tiny")
-  write_tiny_gguf(root / "tiny.gguf", Decoder(TINY, rngs=nnx.Rngs(7)))
-  (root / "corpus.txt").write_text(letter_text(" ".join(topics[k] for k in sorted(topics)[:6])))
-  return root
+  return write_tiny_model_and_corpus(tmp_path_factory.mktemp("tiny"), seed=7, documents=6)
 
 
 def run(tiny, output, **kwargs):

@@ -14,6 +14,7 @@ from pydoc_data.topics import topics
 
 from tailjax import data, mesh, runner
 from tailjax.models import Decoder
+from test_eval import write_tiny_model_and_corpus
 from test_models import TINY, letter_text, write_tiny_gguf
 
 PROTOCOL = data.Protocol("test", seq_len=24, num_sequences=16, seed=5)
@@ -21,10 +22,7 @@ PROTOCOL = data.Protocol("test", seq_len=24, num_sequences=16, seed=5)
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-  root = tmp_path_factory.mktemp("mesh")
-  write_tiny_gguf(root / "tiny.gguf", Decoder(TINY, rngs=nnx.Rngs(3)))
-  (root / "corpus.txt").write_text(letter_text(" ".join(topics[k] for k in sorted(topics)[:8])))
-  return root
+  return write_tiny_model_and_corpus(tmp_path_factory.mktemp("mesh"), seed=3, documents=8)
 
 
 def evaluate(tiny, device_mesh=None, output=None):
