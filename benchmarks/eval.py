@@ -14,6 +14,10 @@ compiles), read from Linux's VmHWM after resetting it.
 
   python benchmarks/eval.py                 # both, batch 4 x 512
   python benchmarks/eval.py --only vocab --repeats 2
+  python benchmarks/eval.py --only smollm2 --candidates 2   # the embedded default's shape: int4 and int3
+
+With several candidates both sides run the reference once per batch (the usual way keeps its
+log-probs; tailjax computes each reference logits block once for all candidates).
 """
 
 from __future__ import annotations
@@ -69,13 +73,15 @@ def timed(step, repeats: int) -> tuple[float, float, float]:
   return statistics.median(times), peak_mb() - before, peak_mb()
 
 
+CANDIDATES = ("@int4-g64", "@int3-g64", "@int8-g64")
+
+
 def jax_models(args):
+  """(reference, [candidates]): RTN quantizations of the reference."""
   from tailjax import models, runner
 
-  if args.workload == "smollm2":
-    ref = models.load(runner.default_reference())
-    return ref, runner.load_candidate("@int4-g64", ref)
-  return models.load(args.model_dir), models.load(f"{args.model_dir}@int4-g64")
+  ref = models.load(runner.default_reference() if args.workload == "smollm2" else args.model_dir)
+  return ref, [runner.load_candidate(spec, ref) for spec in CANDIDATES[:args.candidates]]
 
 
 def run_jax(args) -> dict:
@@ -86,14 +92,15 @@ def run_jax(args) -> dict:
   from tailjax import evaluate
   from tailjax.stats import spec_for
 
-  ref, cand = jax_models(args)
+  ref, cands = jax_models(args)
   encode = ref.tokenizer.encode if args.workload == "smollm2" else None
   tokens = jnp.asarray(token_batch(args.batch, args.seq_len, ref.config.vocab_size, encode))
   scored = jnp.ones((args.batch, args.seq_len - 1), bool)
+  models = (ref.model, *(cand.model for cand in cands))
   step = lambda: jax.block_until_ready(evaluate._batch_stats_jit(
-      (ref.model, cand.model), tokens, scored, None, spec_for(), ref.config.vocab_size, 20, False, 0))
+      models, tokens, scored, None, spec_for(), ref.config.vocab_size, 20, False, 0))
   result = dict(zip(("seconds", "peak_growth_mb", "peak_mb"), timed(step, args.repeats)))
-  graph, params = nnx.split((ref.model, cand.model))
+  graph, params = nnx.split(models)
   step_fn = lambda p, t, s: evaluate._batch_stats(nnx.merge(graph, p), t, s, None, spec_for(), ref.config.vocab_size,
                                                   20, False, 0)
   lowered = jax.jit(step_fn).lower(params, tokens, scored)
@@ -117,7 +124,7 @@ def run_torch(args) -> dict:
   import transformers
 
   torch.set_num_threads(args.threads)
-  ref_j, cand_j = jax_models(args)  # same weights as the JAX side, candidate included
+  ref_j, cands_j = jax_models(args)  # same weights as the JAX side, candidates included
   config = transformers.LlamaConfig(
       vocab_size=ref_j.config.vocab_size, hidden_size=ref_j.config.hidden_size,
       intermediate_size=ref_j.config.intermediate_size, num_hidden_layers=ref_j.config.num_layers,
@@ -126,24 +133,25 @@ def run_torch(args) -> dict:
       tie_word_embeddings=ref_j.config.tie_word_embeddings, max_position_embeddings=4096,
       rope_parameters={"rope_type": "default", "rope_theta": ref_j.config.rope_theta})
   torch_models = []
-  for loaded in (ref_j, cand_j):
+  for loaded in (ref_j, *cands_j):
     model = transformers.LlamaForCausalLM(config).eval()
     model.load_state_dict(torch_state_dict(loaded), strict=False)
     model.tie_weights()
     torch_models.append(model)
   encode = ref_j.tokenizer.encode if args.workload == "smollm2" else None
   tokens = torch.as_tensor(token_batch(args.batch, args.seq_len, config.vocab_size, encode), dtype=torch.long)
-  del ref_j, cand_j
+  del ref_j, cands_j
+  targets = tokens[:, 1:, None]
 
   def step():
     with torch.inference_mode():
       ref_lp = F.log_softmax(torch_models[0](tokens, use_cache=False).logits[:, :-1].float(), -1)
-      cand_lp = F.log_softmax(torch_models[1](tokens, use_cache=False).logits[:, :-1].float(), -1)
-      kld = F.kl_div(cand_lp, ref_lp, log_target=True, reduction="none").sum(-1)
-      targets = tokens[:, 1:, None]
-      ce = (-ref_lp.gather(-1, targets), -cand_lp.gather(-1, targets))
-      agree = ref_lp.argmax(-1) == cand_lp.argmax(-1)
-      return kld, ce, agree
+      ref_ce, ref_top1, out = -ref_lp.gather(-1, targets), ref_lp.argmax(-1), []
+      for model in torch_models[1:]:
+        cand_lp = F.log_softmax(model(tokens, use_cache=False).logits[:, :-1].float(), -1)
+        kld = F.kl_div(cand_lp, ref_lp, log_target=True, reduction="none").sum(-1)
+        out.append((kld, ref_ce, -cand_lp.gather(-1, targets), ref_top1 == cand_lp.argmax(-1)))
+      return out
 
   return dict(zip(("seconds", "peak_growth_mb", "peak_mb"), timed(step, args.repeats)))
 
@@ -163,7 +171,8 @@ def random_model_dir(root: Path, vocab: int) -> Path:
 
 def child(impl: str, workload: str, args, model_dir: Path | None = None) -> dict:
   command = [sys.executable, __file__, "--impl", impl, "--workload", workload, "--batch", str(args.batch),
-             "--seq-len", str(args.seq_len), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+             "--seq-len", str(args.seq_len), "--repeats", str(args.repeats), "--threads", str(args.threads),
+             "--candidates", str(args.candidates)]
   if model_dir is not None:
     command += ["--model-dir", str(model_dir)]
   out = subprocess.run(command, capture_output=True, text=True)
@@ -178,6 +187,7 @@ def main():
   parser.add_argument("--seq-len", type=int, default=512)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--threads", type=int, default=2)
+  parser.add_argument("--candidates", type=int, default=1, choices=range(1, len(CANDIDATES) + 1))
   parser.add_argument("--only", choices=("smollm2", "vocab"))
   parser.add_argument("--impl", choices=("jax", "torch"), help=argparse.SUPPRESS)
   parser.add_argument("--workload", help=argparse.SUPPRESS)
@@ -198,7 +208,7 @@ def main():
     for workload, model_dir, label in cases:
       base, ours = child("torch", workload, args, model_dir), child("jax", workload, args, model_dir)
       rows.append((label, base, ours))
-  table = Table(title=f"Eval step (reference + 1 candidate), batch {args.batch} x {args.seq_len}, float32, CPU "
+  table = Table(title=f"Eval step (reference + {args.candidates} candidates), batch {args.batch} x {args.seq_len}, float32, CPU "
                 f"{args.threads} threads")
   for col in ("workload", "PyTorch tok/s", "tailjax tok/s", "throughput vs PyTorch", "PyTorch peak growth MB",
               "tailjax peak growth MB", "tailjax compiled temp MB", "PyTorch peak MB", "tailjax peak MB"):

@@ -1,7 +1,7 @@
 """Reference vs candidates over token windows: per-token values stream into sketches on device.
 
 Each batch of windows runs the reference and every candidate side by side; the fused
-head (``tailjax.head.token_stats``) gives per-token KLD, both CEs, top-1 agreement and
+head (``tailjax.head.candidates_token_stats``) gives per-token KLD, both CEs, top-1 agreement and
 the target log-prob delta without materializing logits; these go straight into
 sketches (``tailjax.stats``). Only the sketches, per-window CE sums and a few moment
 sums leave the device, once per batch. Each batch's sketches are kept as one *block*:
@@ -94,8 +94,9 @@ def _token_stats(models: tuple, tokens: jax.Array, scored: jax.Array, base, voca
   if base is None:
     ref_hidden = reference(tokens)[:, :-1]
     ref_unembedding = reference.unembedding()
-    stats = [head.token_stats(ref_hidden, ref_unembedding, cand(tokens)[:, :-1], cand.unembedding(), targets,
-                              where=scored, vocab_size=vocab_size) for cand in candidates]
+    stats = head.candidates_token_stats(ref_hidden, ref_unembedding,
+                                        [(cand(tokens)[:, :-1], cand.unembedding()) for cand in candidates], targets,
+                                        where=scored, vocab_size=vocab_size)
     topk = head.teacher_topk(ref_hidden, ref_unembedding, cache_k, vocab_size=vocab_size) if cache_k else None
     return stats, topk
   if isinstance(base, refcache.CacheBatch):

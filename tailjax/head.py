@@ -264,27 +264,45 @@ def token_stats(ref_hidden: Array, ref_unembedding: Array, cand_hidden: Array, c
                 targets: Array, *, where: Array | None = None, vocab_size: int | None = None,
                 block_size: int = DEFAULT_BLOCK_SIZE) -> TokenStats:
   """KLD, both CEs, top-1 agreement and the target log-prob delta in one pass over the vocabulary."""
+  (stats,) = candidates_token_stats(ref_hidden, ref_unembedding, [(cand_hidden, cand_unembedding)], targets,
+                                    where=where, vocab_size=vocab_size, block_size=block_size)
+  return stats
+
+
+def candidates_token_stats(ref_hidden: Array, ref_unembedding: Array, candidates: list[tuple[Array, Array]],
+                           targets: Array, *, where: Array | None = None, vocab_size: int | None = None,
+                           block_size: int = DEFAULT_BLOCK_SIZE) -> list[TokenStats]:
+  """``token_stats`` of each ``(hidden, unembedding)`` candidate, all in one pass over the vocabulary.
+
+  Each block of the reference's logits is computed once, however many candidates share it.
+  """
   lead, h_ref, (t,) = _flatten(ref_hidden, targets)
-  _, h_cand, _ = _flatten(cand_hidden)
-  vocab = _vocab_pair(ref_unembedding, cand_unembedding, vocab_size, block_size)
+  cands = [(_flatten(h)[1], u) for h, u in candidates]
+  vocab = [_vocab_pair(ref_unembedding, u, vocab_size, block_size) for _, u in cands][0]
   ids = t.astype(jnp.int32)[:, None]
 
   def block_state(b):
     a, start, _ = _block_logits(h_ref, ref_unembedding, vocab, b)
-    c, _, _ = _block_logits(h_cand, cand_unembedding, vocab, b)
-    return (online.kl_block(a, c), online.argmax_block(a, start), online.argmax_block(c, start),
-            _gather_owned(a, ids, start, vocab, b)[:, 0], _gather_owned(c, ids, start, vocab, b)[:, 0])
+    per_cand = []
+    for h, u in cands:
+      c, _, _ = _block_logits(h, u, vocab, b)
+      target = _gather_owned(c, ids, start, vocab, b)[:, 0]
+      per_cand.append((online.kl_block(a, c), online.argmax_block(c, start), target))
+    return online.argmax_block(a, start), _gather_owned(a, ids, start, vocab, b)[:, 0], per_cand
 
   def merge(s, t):
-    return (online.kl_merge(s[0], t[0]), online.argmax_merge(s[1], t[1]), online.argmax_merge(s[2], t[2]),
-            s[3] + t[3], s[4] + t[4])
+    per_cand = [(online.kl_merge(x[0], y[0]), online.argmax_merge(x[1], y[1]), x[2] + y[2]) for x, y in zip(s[2], t[2])]
+    return online.argmax_merge(s[0], t[0]), s[1] + t[1], per_cand
 
-  kl, arg_ref, arg_cand, target_ref, target_cand = _reduce_blocks(vocab, block_state, merge)
-  ref_ce = online.lse_finish(kl.ref) - target_ref
-  cand_ce = online.lse_finish(kl.cand) - target_cand
-  agree = (arg_ref.index == arg_cand.index).astype(jnp.float32)
-  values = (online.kl_finish(kl), ref_ce, cand_ce, agree, ref_ce - cand_ce)
-  return TokenStats(*(_finish(lead, v, where) for v in values))
+  arg_ref, target_ref, per_cand = _reduce_blocks(vocab, block_state, merge)
+  stats = []
+  for kl, arg_cand, target_cand in per_cand:
+    ref_ce = online.lse_finish(kl.ref) - target_ref
+    cand_ce = online.lse_finish(kl.cand) - target_cand
+    agree = (arg_ref.index == arg_cand.index).astype(jnp.float32)
+    values = (online.kl_finish(kl), ref_ce, cand_ce, agree, ref_ce - cand_ce)
+    stats.append(TokenStats(*(_finish(lead, v, where) for v in values)))
+  return stats
 
 
 def teacher_topk(hidden: Array, unembedding: Array, k: int, *, temperature: float = 1.0,

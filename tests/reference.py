@@ -50,3 +50,14 @@ def topk_kl(student_logits, teacher_logits, k, normalization, temperature=1.0):
 
 def lse(x, axis=-1):
   return logsumexp(f64(x), axis=axis)
+
+
+def attention(q, k, v, mask):
+  """Softmax attention, grouped query heads: ``q: [B, T, H, d]``, ``k, v: [B, S, K, d]``, ``mask: [B, T, S]``."""
+  q, k, v = f64(q), f64(k), f64(v)
+  group = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+  scores = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+  scores = np.where(np.asarray(mask)[:, None], scores, -np.inf)
+  p = np.exp(scores - scores.max(-1, keepdims=True))
+  return np.einsum("bhts,bshd->bthd", p / p.sum(-1, keepdims=True), v)

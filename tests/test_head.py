@@ -36,6 +36,23 @@ def test_token_stats_match_materialized_losses(rng, block_size):
   assert got.kld.shape == (2, 19)
 
 
+def test_candidates_share_one_pass_and_match_float64(rng):
+  h, w, h_c, w_c = model_pair(rng)
+  candidates = [(h_c, w_c), (h, w_c * 1.5), (h_c * 0.5, w)]
+  targets = rng.integers(0, 1000, (2, 19))
+  where = rng.random((2, 19)) < 0.8
+  a = logits(h, w)
+  with jax.default_matmul_precision("highest"):
+    stats = head.candidates_token_stats(h, w, candidates, targets, where=where, block_size=333)
+  assert len(stats) == 3
+  for got, (hc, wc) in zip(stats, candidates):
+    c = logits(hc, wc)
+    np.testing.assert_allclose(got.kld, np.where(where, ref.kl(a, c), 0), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(got.ref_ce, np.where(where, ref.cross_entropy(a, targets), 0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.cand_ce, np.where(where, ref.cross_entropy(c, targets), 0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got.top1_agreement, np.where(where, losses.top1_agreement(a, c), 0))
+
+
 def exact_model_pair(rng, n=48, d=64, v=5000, flips=1):
   """Weights on a 2^-12 grid and hidden states in {-1, 0, 1}: every float32 logit is exact,
   so materialized and blockwise paths see identical logits, and float64 is the truth."""

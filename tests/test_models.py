@@ -35,6 +35,37 @@ def test_decoder_is_causal_and_keeps_packed_documents_apart(rng):
   np.testing.assert_allclose(padded[0, :5], model(jnp.asarray(a[None]))[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["causal", "window", "segments", "bfloat16"])
+def test_causal_attention_matches_float64_reference(kind, rng):
+  from reference import attention
+  from tailjax.models.transformer import causal_attention
+
+  b, t, heads, kv, d = 2, 300, 6, 2, 16  # 300 tokens: three query chunks, the last one short
+  q, k, v = (rng.normal(size=(b, t, n, d)) * 3 for n in (heads, kv, kv))
+  index = np.arange(t)
+  mask = np.broadcast_to(index[:, None] >= index[None, :], (b, t, t))
+  window = 37 if kind == "window" else None
+  if window:
+    mask = mask & (index[:, None] - index[None, :] < window)
+  if kind == "segments":
+    segments = np.sort(rng.integers(0, 4, (b, t)), axis=1)
+    mask = mask & (segments[:, :, None] == segments[:, None, :]) | np.eye(t, dtype=bool)
+  dtype = jnp.bfloat16 if kind == "bfloat16" else jnp.float32
+  args = [jnp.asarray(x, dtype) for x in (q, k, v)]
+  out = causal_attention(*args, jnp.asarray(mask), window)
+  assert out.shape == (b, t, heads, d) and out.dtype == dtype
+  expected = attention(*(np.asarray(x.astype(jnp.float32)) for x in args), mask)
+  tolerance = dict(rtol=1e-2, atol=1e-2) if kind == "bfloat16" else dict(atol=2e-5)  # bf16: rounding of the output
+  np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), expected, **tolerance)
+  if kind == "segments":  # gradients (distillation trains through it) agree with jax's own attention
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * jnp.asarray(v[..., :1].repeat(heads // kv, 2), jnp.float32))
+    ours = jax.grad(loss(lambda *a: causal_attention(*a, jnp.asarray(mask))), argnums=(0, 1, 2))(*args)
+    theirs = jax.grad(loss(lambda *a: jax.nn.dot_product_attention(*a, mask=jnp.asarray(mask)[:, None])),
+                      argnums=(0, 1, 2))(*args)
+    for a, e in zip(ours, theirs):
+      np.testing.assert_allclose(a, e, atol=2e-4)
+
+
 def _permute(w, heads):
   """llama.cpp's convert_hf_to_gguf permutation of q/k rows (the inverse of what tailjax undoes)."""
   return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
