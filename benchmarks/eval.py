@@ -202,7 +202,8 @@ def main():
   rows = []
   scored = args.batch * (args.seq_len - 1)
   with tempfile.TemporaryDirectory() as tmp:
-    cases = [("smollm2", None, "SmolLM2-135M vs int4-g64 (V=49152)")] if args.only != "vocab" else []
+    against = " + ".join(spec[1:] for spec in CANDIDATES[:args.candidates])
+    cases = [("smollm2", None, f"SmolLM2-135M vs {against} (V=49152)")] if args.only != "vocab" else []
     if args.only != "smollm2":
       cases += [("vocab", random_model_dir(Path(tmp), v), f"random Llama d=256, V={v}") for v in VOCABS]
     for workload, model_dir, label in cases:
