@@ -276,9 +276,11 @@ def candidates_token_stats(ref_hidden: Array, ref_unembedding: Array, candidates
 
   Each block of the reference's logits is computed once, however many candidates share it.
   """
+  if not candidates:
+    raise ValueError("candidates_token_stats needs at least one (hidden, unembedding) candidate")
   lead, h_ref, (t,) = _flatten(ref_hidden, targets)
   cands = [(_flatten(h)[1], u) for h, u in candidates]
-  vocab = [_vocab_pair(ref_unembedding, u, vocab_size, block_size) for _, u in cands][0]
+  vocab, *_ = [_vocab_pair(ref_unembedding, u, vocab_size, block_size) for _, u in cands]  # checks each one
   ids = t.astype(jnp.int32)[:, None]
 
   def block_state(b):
@@ -291,7 +293,8 @@ def candidates_token_stats(ref_hidden: Array, ref_unembedding: Array, candidates
     return online.argmax_block(a, start), _gather_owned(a, ids, start, vocab, b)[:, 0], per_cand
 
   def merge(s, t):
-    per_cand = [(online.kl_merge(x[0], y[0]), online.argmax_merge(x[1], y[1]), x[2] + y[2]) for x, y in zip(s[2], t[2])]
+    per_cand = [(online.kl_merge(x[0], y[0]), online.argmax_merge(x[1], y[1]), x[2] + y[2])
+                for x, y in zip(s[2], t[2])]
     return online.argmax_merge(s[0], t[0]), s[1] + t[1], per_cand
 
   arg_ref, target_ref, per_cand = _reduce_blocks(vocab, block_state, merge)
