@@ -209,8 +209,8 @@ def main():
     for workload, model_dir, label in cases:
       base, ours = child("torch", workload, args, model_dir), child("jax", workload, args, model_dir)
       rows.append((label, base, ours))
-  table = Table(title=f"Eval step (reference + {args.candidates} candidates), batch {args.batch} x {args.seq_len}, float32, CPU "
-                f"{args.threads} threads")
+  table = Table(title=f"Eval step (reference + {args.candidates} candidates), batch {args.batch} x {args.seq_len}, "
+                f"float32, CPU {args.threads} threads")
   for col in ("workload", "PyTorch tok/s", "tailjax tok/s", "throughput vs PyTorch", "PyTorch peak growth MB",
               "tailjax peak growth MB", "tailjax compiled temp MB", "PyTorch peak MB", "tailjax peak MB"):
     table.add_column(col, justify="right")
