@@ -5,16 +5,22 @@ logits, ``log_softmax``, ``F.kl_div(..., reduction="none").sum(-1)`` for per-tok
 CEs and top-1 agreement. tailjax: ``tailjax.evaluate``'s jitted batch step (two forwards to
 hidden states, the fused head, sketches), the exact code ``tailjax eval`` runs.
 
-Two workloads, each implementation in its own process (peak RSS is its own):
+Workloads, each implementation in its own process (peak memory is its own):
   smollm2   SmolLM2-135M (GGUF, float32) vs its int4-g64 RTN candidate, real text;
-Peak memory is the resident-set growth during the timed steps (after one warm-up call that
-compiles), read from Linux's VmHWM after resetting it.
   vocab     a random 4-layer Llama (d=256) saved as a Hugging Face directory, V in {32k, 128k, 256k}:
-            peak memory should stay flat in V for tailjax and grow for the baseline.
+            peak memory should stay flat in V for tailjax and grow for the baseline;
+  shape     (``--preset h100``) two random models of a named shape built in each framework, in
+            bfloat16 on the accelerator, T=2048: a Qwen2-0.5B-shaped pair (tailjax at batch 64,
+            PyTorch at batch 8, where it fits) and a Llama-3-8B-shaped pair (batch 4 both);
+            with model FLOPs utilization against ``--peak-tflops``.
+On CPU, peak memory is the resident-set growth during the timed steps (after one warm-up call
+that compiles), read from Linux's VmHWM after resetting it; on a GPU, the allocator's peak.
 
-  python benchmarks/eval.py                 # both, batch 4 x 512
+  python benchmarks/eval.py                 # smollm2 + vocab, batch 4 x 512
   python benchmarks/eval.py --only vocab --repeats 2
   python benchmarks/eval.py --only smollm2 --candidates 2   # the embedded default's shape: int4 and int3
+  python benchmarks/eval.py --preset h100                   # GPU goals of issue 5
+  python benchmarks/eval.py --only shape --shape tiny --dtype float32 --batch 2 --seq-len 128  # CPU check
 
 With several candidates both sides run the reference once per batch (the usual way keeps its
 log-probs; tailjax computes each reference logits block once for all candidates).
@@ -61,25 +67,64 @@ def token_batch(size: int, seq_len: int, vocab: int, encode=None) -> np.ndarray:
   return np.asarray(encode("\n\n".join(topics.values()))[:size * seq_len], np.int32).reshape(size, seq_len)
 
 
-def timed(step, repeats: int) -> tuple[float, float, float]:
-  """(median seconds, peak RSS growth MB, peak RSS MB) of ``step`` after one warm-up (compilation) call."""
+def timed(step, repeats: int, reset_peak=None, read_peak=None) -> dict:
+  """Median seconds and peak memory of ``step`` after one warm-up (compilation) call.
+
+  Peak memory: the resident set (growth during the timed steps, and the peak) unless
+  ``reset_peak`` / ``read_peak`` (bytes) read an accelerator's allocator.
+  """
   step()
-  before = rss_mb()
+  before = rss_mb() if reset_peak is None else reset_peak() or 0.0
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     step()
     times.append(time.perf_counter() - start)
-  return statistics.median(times), peak_mb() - before, peak_mb()
+  peak = peak_mb() if read_peak is None else read_peak() / 2**20
+  return {"seconds": statistics.median(times), "peak_growth_mb": peak - before, "peak_mb": peak}
+
+
+# Random-weight shapes for the GPU goals (issue 5), and a tiny one that checks this path on a CPU.
+SHAPES = {
+    "qwen2-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+                       num_kv_heads=2, tie_word_embeddings=True, qkv_bias=True, rope_theta=1e6, rms_norm_eps=1e-6),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                      num_kv_heads=8, rope_theta=5e5),
+    "tiny": dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2),
+}
+# (shape, tailjax batch, PyTorch batch): the PyTorch batches are the largest the issue reports fitting on an H100.
+H100 = (("qwen2-0.5b", 64, 8), ("llama3-8b", 4, 4))
+
+
+def shape_config(name: str):
+  from tailjax.models import ModelConfig
+
+  return ModelConfig(**SHAPES[name], max_position_embeddings=4096)
+
+
+def flops_per_token(cfg, seq_len: int, models: int) -> float:
+  """Forward FLOPs per scored token of ``models`` models: 2 x matmul parameters (unembedding
+  included) + causal attention (QK^T and PV over T/2 keys on average)."""
+  matmul_params = cfg.num_params - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
+  attention = 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len / 2
+  return models * (2 * matmul_params + attention)
 
 
 CANDIDATES = ("@int4-g64", "@int3-g64", "@int8-g64")
 
 
 def jax_models(args):
-  """(reference, [candidates]): RTN quantizations of the reference."""
+  """(reference, [candidates]): RTN quantizations of the reference, or random models of a named shape."""
   from tailjax import models, runner
 
+  if args.workload == "shape":
+    import jax.numpy as jnp
+    from flax import nnx
+
+    cfg, dtype = shape_config(args.shape), jnp.dtype(args.dtype)
+    build = lambda seed: models.LoadedModel(cfg, models.Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(seed)), None,
+                                            f"random {args.shape}")
+    return build(0), [build(1 + i) for i in range(args.candidates)]
   ref = models.load(runner.default_reference() if args.workload == "smollm2" else args.model_dir)
   return ref, [runner.load_candidate(spec, ref) for spec in CANDIDATES[:args.candidates]]
 
@@ -99,7 +144,12 @@ def run_jax(args) -> dict:
   models = (ref.model, *(cand.model for cand in cands))
   step = lambda: jax.block_until_ready(evaluate._batch_stats_jit(
       models, tokens, scored, None, spec_for(), ref.config.vocab_size, 20, False, 0))
-  result = dict(zip(("seconds", "peak_growth_mb", "peak_mb"), timed(step, args.repeats)))
+  device = jax.local_devices()[0]
+  if device.platform == "cpu":
+    result = timed(step, args.repeats)
+  else:
+    result = timed(step, args.repeats, read_peak=lambda: device.memory_stats()["peak_bytes_in_use"])
+    result["weights_mb"] = sum(x.nbytes for x in jax.tree.leaves(nnx.state(models))) / 2**20
   graph, params = nnx.split(models)
   step_fn = lambda p, t, s: evaluate._batch_stats(nnx.merge(graph, p), t, s, None, spec_for(), ref.config.vocab_size,
                                                   20, False, 0)
@@ -118,42 +168,66 @@ def torch_state_dict(loaded):
           for name, (param, transpose) in _targets(loaded.model).items()}
 
 
-def run_torch(args) -> dict:
-  import torch
-  import torch.nn.functional as F
+def torch_config(cfg):
   import transformers
 
-  torch.set_num_threads(args.threads)
+  return transformers.LlamaConfig(  # qkv_bias -> attention_bias also gives o a bias: a negligible difference
+      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+      head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings,
+      attention_bias=cfg.qkv_bias, max_position_embeddings=4096,
+      rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+
+
+def torch_models(args, torch) -> tuple[list, object, object]:
+  """(models, tokens, device): the JAX side's exact weights, or random models of the named shape."""
+  import transformers
+
+  if args.workload == "shape":
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = torch_config(shape_config(args.shape))
+    with device:
+      built = [transformers.LlamaForCausalLM._from_config(config, dtype=getattr(torch, args.dtype)).eval()
+               for _ in range(1 + args.candidates)]
+    tokens = token_batch(args.batch, args.seq_len, config.vocab_size)
+    return built, torch.as_tensor(tokens, dtype=torch.long, device=device), device
   ref_j, cands_j = jax_models(args)  # same weights as the JAX side, candidates included
-  config = transformers.LlamaConfig(
-      vocab_size=ref_j.config.vocab_size, hidden_size=ref_j.config.hidden_size,
-      intermediate_size=ref_j.config.intermediate_size, num_hidden_layers=ref_j.config.num_layers,
-      num_attention_heads=ref_j.config.num_heads, num_key_value_heads=ref_j.config.num_kv_heads,
-      head_dim=ref_j.config.head_dim, rms_norm_eps=ref_j.config.rms_norm_eps,
-      tie_word_embeddings=ref_j.config.tie_word_embeddings, max_position_embeddings=4096,
-      rope_parameters={"rope_type": "default", "rope_theta": ref_j.config.rope_theta})
-  torch_models = []
+  config = torch_config(ref_j.config)
+  built = []
   for loaded in (ref_j, *cands_j):
     model = transformers.LlamaForCausalLM(config).eval()
     model.load_state_dict(torch_state_dict(loaded), strict=False)
     model.tie_weights()
-    torch_models.append(model)
+    built.append(model)
   encode = ref_j.tokenizer.encode if args.workload == "smollm2" else None
   tokens = torch.as_tensor(token_batch(args.batch, args.seq_len, config.vocab_size, encode), dtype=torch.long)
-  del ref_j, cands_j
+  return built, tokens, torch.device("cpu")
+
+
+def run_torch(args) -> dict:
+  import torch
+  import torch.nn.functional as F
+
+  torch.set_num_threads(args.threads)
+  models, tokens, device = torch_models(args, torch)
   targets = tokens[:, 1:, None]
 
   def step():
     with torch.inference_mode():
-      ref_lp = F.log_softmax(torch_models[0](tokens, use_cache=False).logits[:, :-1].float(), -1)
+      ref_lp = F.log_softmax(models[0](tokens, use_cache=False).logits[:, :-1].float(), -1)
       ref_ce, ref_top1, out = -ref_lp.gather(-1, targets), ref_lp.argmax(-1), []
-      for model in torch_models[1:]:
+      for model in models[1:]:
         cand_lp = F.log_softmax(model(tokens, use_cache=False).logits[:, :-1].float(), -1)
         kld = F.kl_div(cand_lp, ref_lp, log_target=True, reduction="none").sum(-1)
         out.append((kld, ref_ce, -cand_lp.gather(-1, targets), ref_top1 == cand_lp.argmax(-1)))
+      if device.type == "cuda":
+        torch.cuda.synchronize()
       return out
 
-  return dict(zip(("seconds", "peak_growth_mb", "peak_mb"), timed(step, args.repeats)))
+  if device.type != "cuda":
+    return timed(step, args.repeats)
+  return timed(step, args.repeats, reset_peak=torch.cuda.reset_peak_memory_stats,
+               read_peak=torch.cuda.max_memory_allocated)
 
 
 def random_model_dir(root: Path, vocab: int) -> Path:
@@ -169,16 +243,32 @@ def random_model_dir(root: Path, vocab: int) -> Path:
   return path
 
 
-def child(impl: str, workload: str, args, model_dir: Path | None = None) -> dict:
-  command = [sys.executable, __file__, "--impl", impl, "--workload", workload, "--batch", str(args.batch),
-             "--seq-len", str(args.seq_len), "--repeats", str(args.repeats), "--threads", str(args.threads),
-             "--candidates", str(args.candidates)]
-  if model_dir is not None:
-    command += ["--model-dir", str(model_dir)]
+def child(impl: str, case: dict, args) -> dict:
+  command = [sys.executable, __file__, "--impl", impl, "--workload", case["workload"], "--batch",
+             str(case[f"{impl}_batch"]), "--seq-len", str(args.seq_len), "--repeats", str(args.repeats), "--threads",
+             str(args.threads), "--candidates", str(args.candidates), "--dtype", args.dtype]
+  for option in ("model_dir", "shape"):
+    if case.get(option) is not None:
+      command += [f"--{option.replace('_', '-')}", str(case[option])]
   out = subprocess.run(command, capture_output=True, text=True)
   if out.returncode:
-    raise RuntimeError(f"{impl} {workload} failed:\n{out.stderr[-3000:]}")
+    raise RuntimeError(f"{impl} {case['label']} failed:\n{out.stderr[-3000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cases(args, tmp: Path) -> list[dict]:
+  same = dict(jax_batch=args.batch, torch_batch=args.batch)
+  if args.preset == "h100":
+    return [dict(workload="shape", shape=shape, label=f"{shape}-shaped pair (random, {args.dtype})", jax_batch=ours,
+                 torch_batch=theirs) for shape, ours, theirs in H100]
+  if args.only == "shape":
+    return [dict(workload="shape", shape=args.shape, label=f"{args.shape}-shaped (random, {args.dtype})", **same)]
+  against = " + ".join(spec[1:] for spec in CANDIDATES[:args.candidates])
+  out = [dict(workload="smollm2", label=f"SmolLM2-135M vs {against} (V=49152)", **same)] if args.only != "vocab" else []
+  if args.only != "smollm2":
+    out += [dict(workload="vocab", model_dir=random_model_dir(tmp, v), label=f"random Llama d=256, V={v}", **same)
+            for v in VOCABS]
+  return out
 
 
 def main():
@@ -188,11 +278,18 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--candidates", type=int, default=1, choices=range(1, len(CANDIDATES) + 1))
-  parser.add_argument("--only", choices=("smollm2", "vocab"))
+  parser.add_argument("--only", choices=("smollm2", "vocab", "shape"))
+  parser.add_argument("--shape", choices=SHAPES, default="tiny", help="with --only shape")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="random shapes only (checkpoints load in float32)")
+  parser.add_argument("--preset", choices=("h100",), help="the GPU goals: bfloat16, T=2048, both shapes")
+  parser.add_argument("--peak-tflops", type=float, default=989.0, help="for MFU (H100 SXM dense bfloat16: 989)")
   parser.add_argument("--impl", choices=("jax", "torch"), help=argparse.SUPPRESS)
   parser.add_argument("--workload", help=argparse.SUPPRESS)
   parser.add_argument("--model-dir", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.preset == "h100":
+    args.seq_len, args.dtype = 2048, "bfloat16"
   if args.impl:
     print(json.dumps((run_jax if args.impl == "jax" else run_torch)(args)))
     return
@@ -200,26 +297,28 @@ def main():
   from rich.table import Table
 
   rows = []
-  scored = args.batch * (args.seq_len - 1)
   with tempfile.TemporaryDirectory() as tmp:
-    against = " + ".join(spec[1:] for spec in CANDIDATES[:args.candidates])
-    cases = [("smollm2", None, f"SmolLM2-135M vs {against} (V=49152)")] if args.only != "vocab" else []
-    if args.only != "smollm2":
-      cases += [("vocab", random_model_dir(Path(tmp), v), f"random Llama d=256, V={v}") for v in VOCABS]
-    for workload, model_dir, label in cases:
-      base, ours = child("torch", workload, args, model_dir), child("jax", workload, args, model_dir)
-      rows.append((label, base, ours))
-  table = Table(title=f"Eval step (reference + {args.candidates} candidates), batch {args.batch} x {args.seq_len}, "
-                f"float32, CPU {args.threads} threads")
-  for col in ("workload", "PyTorch tok/s", "tailjax tok/s", "throughput vs PyTorch", "PyTorch peak growth MB",
-              "tailjax peak growth MB", "tailjax compiled temp MB", "PyTorch peak MB", "tailjax peak MB"):
+    for case in cases(args, Path(tmp)):
+      rows.append((case, child("torch", case, args), child("jax", case, args)))
+  table = Table(title=f"Eval step (reference + {args.candidates} candidates), T={args.seq_len}, {args.dtype}, "
+                f"{args.threads} CPU threads or one accelerator")
+  columns = ["workload", "batch PyTorch / tailjax", "PyTorch tok/s", "tailjax tok/s", "throughput vs PyTorch",
+             "PyTorch peak growth MB", "tailjax peak growth MB", "tailjax compiled temp MB", "PyTorch peak MB",
+             "tailjax peak MB", "tailjax weights MB", "MFU PyTorch / tailjax"]
+  for col in columns:
     table.add_column(col, justify="right")
-  for label, base, ours in rows:
-    table.add_row(label, f"{scored / base['seconds']:.0f}", f"{scored / ours['seconds']:.0f}",
-                  f"{base['seconds'] / ours['seconds']:.2f}x", f"{base['peak_growth_mb']:.0f}",
+  for case, base, ours in rows:
+    rate = {side: case[f"{side}_batch"] * (args.seq_len - 1) / result["seconds"]
+            for side, result in (("torch", base), ("jax", ours))}
+    mfu = ""
+    if case["workload"] == "shape":
+      flops = flops_per_token(shape_config(case["shape"]), args.seq_len, 1 + args.candidates)
+      mfu = " / ".join(f"{rate[side] * flops / (args.peak_tflops * 1e12):.0%}" for side in ("torch", "jax"))
+    table.add_row(case["label"], f"{case['torch_batch']} / {case['jax_batch']}", f"{rate['torch']:,.0f}",
+                  f"{rate['jax']:,.0f}", f"{rate['jax'] / rate['torch']:.2f}x", f"{base['peak_growth_mb']:.0f}",
                   f"{ours['peak_growth_mb']:.0f}", f"{ours['temp_mb']:.0f}", f"{base['peak_mb']:.0f}",
-                  f"{ours['peak_mb']:.0f}")
-  Console(width=200).print(table)
+                  f"{ours['peak_mb']:.0f}", f"{ours['weights_mb']:.0f}" if "weights_mb" in ours else "", mfu)
+  Console(width=240).print(table)
 
 
 if __name__ == "__main__":
