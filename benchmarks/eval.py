@@ -239,12 +239,13 @@ def random_model_dir(root: Path, vocab: int) -> Path:
   import torch
   import transformers
 
+  from tailjax.models import ModelConfig
+
   torch.manual_seed(0)
-  config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                                    max_position_embeddings=4096)
+  cfg = ModelConfig(vocab_size=vocab, hidden_size=256, intermediate_size=704, num_layers=4, num_heads=4,
+                    num_kv_heads=2, rms_norm_eps=1e-6)
   path = root / f"llama-v{vocab}"
-  transformers.LlamaForCausalLM(config).save_pretrained(path)
+  transformers.LlamaForCausalLM(torch_config(cfg)).save_pretrained(path)
   return path
 
 
