@@ -19,6 +19,7 @@ that compiles), read from Linux's VmHWM after resetting it; on a GPU, the alloca
   python benchmarks/eval.py                 # smollm2 + vocab, batch 4 x 512
   python benchmarks/eval.py --only vocab --repeats 2
   python benchmarks/eval.py --only smollm2 --candidates 2   # the embedded default's shape: int4 and int3
+  python benchmarks/eval.py --only smollm2 --rounds 4       # a noisy CPU: median of 4 back-to-back ratios
   python benchmarks/eval.py --preset h100                   # GPU goals of issue 5
   python benchmarks/eval.py --only shape --shape tiny --dtype float32 --batch 2 --seq-len 128  # CPU check
 
@@ -283,6 +284,10 @@ def main():
   parser.add_argument("--seq-len", type=int, default=512)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--threads", type=int, default=2)
+  parser.add_argument("--rounds", type=int, default=1,
+                      help="PyTorch/tailjax process pairs per workload, alternating which goes first; the table "
+                      "gives medians and the range of per-round throughput ratios (a noisy machine's drift "
+                      "hits both sides of a round alike)")
   parser.add_argument("--candidates", type=int, default=1, choices=range(1, len(CANDIDATES) + 1))
   parser.add_argument("--only", choices=("smollm2", "vocab", "shape"))
   parser.add_argument("--shape", choices=SHAPES, default="tiny", help="with --only shape")
@@ -305,7 +310,12 @@ def main():
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for case in cases(args, Path(tmp)):
-      rows.append((case, child("torch", case, args), child("jax", case, args)))
+      rounds = []
+      for r in range(args.rounds):  # alternating which side goes first
+        order = ("torch", "jax") if r % 2 == 0 else ("jax", "torch")
+        got = {impl: child(impl, case, args) for impl in order}
+        rounds.append((got["torch"], got["jax"]))
+      rows.append((case, rounds))
   table = Table(title=f"Eval step (reference + {args.candidates} candidates), T={args.seq_len}, {args.dtype}, "
                 f"{args.threads} CPU threads or one accelerator")
   columns = ["workload", "batch PyTorch / tailjax", "PyTorch tok/s", "tailjax tok/s", "throughput vs PyTorch",
@@ -313,15 +323,20 @@ def main():
              "tailjax peak MB", "tailjax weights MB", "MFU PyTorch / tailjax"]
   for col in columns:
     table.add_column(col, justify="right")
-  for case, base, ours in rows:
-    rate = {side: case[f"{side}_batch"] * (args.seq_len - 1) / result["seconds"]
-            for side, result in (("torch", base), ("jax", ours))}
+  for case, rounds in rows:
+    rates = [{side: case[f"{side}_batch"] * (args.seq_len - 1) / result["seconds"]
+              for side, result in (("torch", base), ("jax", ours))} for base, ours in rounds]
+    rate = {side: statistics.median(r[side] for r in rates) for side in ("torch", "jax")}
+    ratios = sorted(r["jax"] / r["torch"] for r in rates)
+    ratio = f"{statistics.median(ratios):.2f}x" + (f" ({ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else "")
+    median_of = lambda results: {key: statistics.median(x[key] for x in results) for key in results[0]}
+    base, ours = (median_of([pair[side] for pair in rounds]) for side in (0, 1))
     mfu = ""
     if case["workload"] == "shape":
       flops = flops_per_token(shape_config(case["shape"]), args.seq_len, 1 + args.candidates)
       mfu = " / ".join(f"{rate[side] * flops / (args.peak_tflops * 1e12):.0%}" for side in ("torch", "jax"))
     table.add_row(case["label"], f"{case['torch_batch']} / {case['jax_batch']}", f"{rate['torch']:,.0f}",
-                  f"{rate['jax']:,.0f}", f"{rate['jax'] / rate['torch']:.2f}x", f"{base['peak_growth_mb']:.0f}",
+                  f"{rate['jax']:,.0f}", ratio, f"{base['peak_growth_mb']:.0f}",
                   f"{ours['peak_growth_mb']:.0f}", f"{ours['temp_mb']:.0f}", f"{base['peak_mb']:.0f}",
                   f"{ours['peak_mb']:.0f}", f"{ours['weights_mb']:.0f}" if "weights_mb" in ours else "", mfu)
   Console(width=240).print(table)

@@ -92,13 +92,10 @@ def _token_stats(models: tuple, tokens: jax.Array, scored: jax.Array, base, voca
   reference, *candidates = models
   targets = tokens[:, 1:]
   if base is None:
-    ref_hidden = reference(tokens)[:, :-1]
-    ref_unembedding = reference.unembedding()
-    stats = head.candidates_token_stats(ref_hidden, ref_unembedding,
-                                        [(cand(tokens)[:, :-1], cand.unembedding()) for cand in candidates], targets,
-                                        where=scored, vocab_size=vocab_size)
-    topk = head.teacher_topk(ref_hidden, ref_unembedding, cache_k, vocab_size=vocab_size) if cache_k else None
-    return stats, topk
+    out = head.candidates_token_stats(reference(tokens)[:, :-1], reference.unembedding(),
+                                      [(cand(tokens)[:, :-1], cand.unembedding()) for cand in candidates], targets,
+                                      where=scored, vocab_size=vocab_size, reference_topk=cache_k or None)
+    return out if cache_k else (out, None)
   if isinstance(base, refcache.CacheBatch):
     return [refcache.cache_token_stats(base, cand(tokens)[:, :-1], cand.unembedding(), targets, scored, vocab_size)
             for cand in candidates], None

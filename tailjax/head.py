@@ -117,15 +117,24 @@ def _gathered_logprobs(hidden: Array, unembedding: Array, ids: Array, vocab: _Vo
   return _gathered_logprobs_fwd(hidden, unembedding, ids, vocab, temperature)[0]
 
 
-def _gathered_logprobs_fwd(hidden, unembedding, ids, vocab, temperature):
+def _logprobs_pass(hidden, unembedding, ids, vocab, temperature, argmax: bool):
+  """One pass: (``[N, K]`` log-probs at ``ids``, ``[N]`` log-sum-exp, ``[N]`` arg-max id or None)."""
 
   def block_state(b):
     z, start, _ = _block_logits(hidden, unembedding, vocab, b, temperature)
-    return online.lse_block(z), _gather_owned(z, ids, start, vocab, b)
+    return online.lse_block(z), _gather_owned(z, ids, start, vocab, b), online.argmax_block(z, start) if argmax else None
 
-  lse_state, picked = _reduce_blocks(vocab, block_state, lambda s, t: (online.lse_merge(s[0], t[0]), s[1] + t[1]))
+  def merge(s, t):
+    return online.lse_merge(s[0], t[0]), s[1] + t[1], online.argmax_merge(s[2], t[2]) if argmax else None
+
+  lse_state, picked, arg = _reduce_blocks(vocab, block_state, merge)
   lse = online.lse_finish(lse_state)
-  return picked - lse[:, None], (hidden, unembedding, ids, lse)
+  return picked - lse[:, None], lse, None if arg is None else arg.index
+
+
+def _gathered_logprobs_fwd(hidden, unembedding, ids, vocab, temperature):
+  logprobs, lse, _ = _logprobs_pass(hidden, unembedding, ids, vocab, temperature, argmax=False)
+  return logprobs, (hidden, unembedding, ids, lse)
 
 
 def _gathered_logprobs_bwd(vocab, temperature, residuals, g_logprobs):
@@ -171,6 +180,16 @@ def cross_entropy(hidden: Array, unembedding: Array, targets: Array, *, where: A
   vocab = _vocab(unembedding, vocab_size, block_size)
   logprobs = _gathered_logprobs(h, unembedding, t.astype(jnp.int32)[:, None], vocab, 1.0)
   return _finish(lead, -logprobs[:, 0], where)
+
+
+def logprobs_and_argmax(hidden: Array, unembedding: Array, ids: Array, *, vocab_size: int | None = None,
+                        block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[Array, Array]:
+  """``log_softmax(hidden @ unembedding)`` at ``ids: [..., T, K]`` -> ``[..., T, K]``, and the arg-max id
+  ``[..., T]`` (first of ties), in one pass over the vocabulary. For evaluation: no custom gradient."""
+  lead, h, (i,) = _flatten(hidden, ids)
+  vocab = _vocab(unembedding, vocab_size, block_size)
+  logprobs, _, argmax = _logprobs_pass(h, unembedding, i.astype(jnp.int32), vocab, 1.0, argmax=True)
+  return jnp.reshape(logprobs, lead + i.shape[-1:]), jnp.reshape(argmax, lead)
 
 
 def topk_kl_divergence(student_hidden: Array, student_unembedding: Array, teacher: TopK, *,
@@ -247,13 +266,14 @@ def kl_divergence(ref_hidden: Array, ref_unembedding: Array, cand_hidden: Array,
   return _finish(lead, kl, where)
 
 
-def _vocab_pair(ref_unembedding: Array, cand_unembedding: Array, vocab_size: int | None, block_size: int) -> _Vocab:
+def _vocab_pair(ref_unembedding: Array, cand_unembedding: Array, vocab_size: int | None, block_size: int,
+                min_block: int = 1) -> _Vocab:
   v_ref, v_cand = ref_unembedding.shape[-1], cand_unembedding.shape[-1]
   if vocab_size is None and v_ref != v_cand:
     raise ValueError(f"vocabulary mismatch: reference unembedding has {v_ref} columns, candidate has {v_cand}; "
                      "if one is only padded, pass the true vocab_size")
-  _vocab(ref_unembedding, vocab_size, block_size)
-  return _vocab(cand_unembedding, vocab_size, block_size)
+  _vocab(ref_unembedding, vocab_size, block_size, min_block)
+  return _vocab(cand_unembedding, vocab_size, block_size, min_block)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,16 +291,21 @@ def token_stats(ref_hidden: Array, ref_unembedding: Array, cand_hidden: Array, c
 
 def candidates_token_stats(ref_hidden: Array, ref_unembedding: Array, candidates: list[tuple[Array, Array]],
                            targets: Array, *, where: Array | None = None, vocab_size: int | None = None,
-                           block_size: int = DEFAULT_BLOCK_SIZE) -> list[TokenStats]:
+                           block_size: int = DEFAULT_BLOCK_SIZE, reference_topk: int | None = None):
   """``token_stats`` of each ``(hidden, unembedding)`` candidate, all in one pass over the vocabulary.
 
   Each block of the reference's logits is computed once, however many candidates share it.
+  With ``reference_topk=k`` the same pass also keeps the reference's top-``k`` (what
+  ``teacher_topk`` returns, for ``tailjax.refcache``) and the result is ``(stats, TopK)``.
   """
   if not candidates:
     raise ValueError("candidates_token_stats needs at least one (hidden, unembedding) candidate")
+  k = reference_topk or 0
   lead, h_ref, (t,) = _flatten(ref_hidden, targets)
   cands = [(_flatten(h)[1], u) for h, u in candidates]
-  vocab, *_ = [_vocab_pair(ref_unembedding, u, vocab_size, block_size) for _, u in cands]  # checks each one
+  vocab, *_ = [_vocab_pair(ref_unembedding, u, vocab_size, block_size, min_block=k) for _, u in cands]
+  if reference_topk is not None and not 0 < k <= vocab.size:
+    raise ValueError(f"reference_topk={k} must lie in [1, {vocab.size}] (the vocabulary)")
   ids = t.astype(jnp.int32)[:, None]
 
   def block_state(b):
@@ -290,14 +315,15 @@ def candidates_token_stats(ref_hidden: Array, ref_unembedding: Array, candidates
       c, _, _ = _block_logits(h, u, vocab, b)
       target = _gather_owned(c, ids, start, vocab, b)[:, 0]
       per_cand.append((online.kl_block(a, c), online.argmax_block(c, start), target))
-    return online.argmax_block(a, start), _gather_owned(a, ids, start, vocab, b)[:, 0], per_cand
+    top = _topk_block(a, start, k) if k else None
+    return online.argmax_block(a, start), _gather_owned(a, ids, start, vocab, b)[:, 0], per_cand, top
 
   def merge(s, t):
     per_cand = [(online.kl_merge(x[0], y[0]), online.argmax_merge(x[1], y[1]), x[2] + y[2])
                 for x, y in zip(s[2], t[2])]
-    return online.argmax_merge(s[0], t[0]), s[1] + t[1], per_cand
+    return online.argmax_merge(s[0], t[0]), s[1] + t[1], per_cand, _topk_merge(s[3], t[3], k) if k else None
 
-  arg_ref, target_ref, per_cand = _reduce_blocks(vocab, block_state, merge)
+  arg_ref, target_ref, per_cand, top = _reduce_blocks(vocab, block_state, merge)
   stats = []
   for kl, arg_cand, target_cand in per_cand:
     ref_ce = online.lse_finish(kl.ref) - target_ref
@@ -305,7 +331,23 @@ def candidates_token_stats(ref_hidden: Array, ref_unembedding: Array, candidates
     agree = (arg_ref.index == arg_cand.index).astype(jnp.float32)
     values = (online.kl_finish(kl), ref_ce, cand_ce, agree, ref_ce - cand_ce)
     stats.append(TokenStats(*(_finish(lead, v, where) for v in values)))
-  return stats
+  if not k:
+    return stats
+  values, top_ids = top
+  logprobs = values - online.lse_finish(per_cand[0][0].ref)[:, None]
+  return stats, TopK(jnp.reshape(top_ids, lead + (k,)), jnp.reshape(logprobs, lead + (k,)))
+
+
+def _topk_block(z: Array, start: Array, k: int) -> tuple[Array, Array]:
+  """``[N, block]`` logits -> their top-``k`` (values, global ids)."""
+  values, local = jax.lax.top_k(z, k)
+  return values, local.astype(jnp.int32) + start
+
+
+def _topk_merge(s: tuple[Array, Array], t: tuple[Array, Array], k: int) -> tuple[Array, Array]:
+  """Top-``k`` of two blocks' top-``k``; ``t`` holds later ids, so ties keep ``s`` (lower ids) first."""
+  values, pos = jax.lax.top_k(jnp.concatenate([s[0], t[0]], axis=-1), k)
+  return values, jnp.take_along_axis(jnp.concatenate([s[1], t[1]], axis=-1), pos, axis=-1)
 
 
 def teacher_topk(hidden: Array, unembedding: Array, k: int, *, temperature: float = 1.0,
@@ -318,14 +360,9 @@ def teacher_topk(hidden: Array, unembedding: Array, k: int, *, temperature: floa
 
   def block_state(b):
     z, start, _ = _block_logits(h, unembedding, vocab, b, temperature)
-    values, local = jax.lax.top_k(z, k)
-    return online.lse_block(z), values, local.astype(jnp.int32) + start
+    return online.lse_block(z), _topk_block(z, start, k)
 
-  def merge(s, t):
-    values, pos = jax.lax.top_k(jnp.concatenate([s[1], t[1]], axis=-1), k)
-    ids = jnp.take_along_axis(jnp.concatenate([s[2], t[2]], axis=-1), pos, axis=-1)
-    return online.lse_merge(s[0], t[0]), values, ids
-
-  lse_state, values, ids = _reduce_blocks(vocab, block_state, merge)
+  lse_state, (values, ids) = _reduce_blocks(
+      vocab, block_state, lambda s, t: (online.lse_merge(s[0], t[0]), _topk_merge(s[1], t[1], k)))
   logprobs = values - online.lse_finish(lse_state)[:, None]
   return TopK(jnp.reshape(ids, lead + (k,)), jnp.reshape(logprobs, lead + (k,)))

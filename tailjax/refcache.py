@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tailjax import head
+from tailjax import head, losses
 from tailjax.data import Windows
 from tailjax.losses import TopK
 
@@ -83,10 +83,12 @@ def load(path: str | Path) -> ReferenceCache:
 def cache_token_stats(cache: CacheBatch, cand_hidden: jax.Array, cand_unembedding: jax.Array, targets: jax.Array,
                       scored: jax.Array, vocab_size: int) -> head.TokenStats:
   """Per-token values of a candidate against cached reference top-K log-probs (see module docstring)."""
-  kld = head.topk_kl_divergence(cand_hidden, cand_unembedding, TopK(cache.ids, cache.logprobs), normalization="tail",
-                                where=scored, vocab_size=vocab_size)
-  cand_ce = head.cross_entropy(cand_hidden, cand_unembedding, targets, where=scored, vocab_size=vocab_size)
-  cand_top1 = head.teacher_topk(cand_hidden, cand_unembedding, 1, vocab_size=vocab_size).ids[..., 0]
-  ref_ce = jnp.where(scored, -cache.target_logprob, 0.0)
-  agree = jnp.where(scored, (cand_top1 == cache.ids[..., 0]).astype(jnp.float32), 0.0)
+  k = cache.ids.shape[-1]
+  # The candidate's log-probs at the cached ids and at the target, and its arg-max: one vocabulary pass.
+  logprobs, cand_top1 = head.logprobs_and_argmax(cand_hidden, cand_unembedding,
+                                                 jnp.concatenate([cache.ids, targets[..., None]], axis=-1),
+                                                 vocab_size=vocab_size)
+  kld = losses.topk_kl_from_logprobs(TopK(cache.ids, cache.logprobs), logprobs[..., :k], normalization="tail")
+  values = (kld, -cache.target_logprob, -logprobs[..., k], (cand_top1 == cache.ids[..., 0]).astype(jnp.float32))
+  kld, ref_ce, cand_ce, agree = (jnp.where(scored, v, 0.0) for v in values)
   return head.TokenStats(kld, ref_ce, cand_ce, agree, ref_ce - cand_ce)

@@ -51,6 +51,30 @@ def test_candidates_share_one_pass_and_match_float64(rng):
     np.testing.assert_allclose(got.ref_ce, np.where(where, ref.cross_entropy(a, targets), 0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got.cand_ce, np.where(where, ref.cross_entropy(c, targets), 0), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got.top1_agreement, np.where(where, losses.top1_agreement(a, c), 0))
+  with jax.default_matmul_precision("highest"):
+    again, top = head.candidates_token_stats(h, w, candidates, targets, where=where, block_size=333, reference_topk=7)
+  for x, y in zip(again, stats):
+    np.testing.assert_array_equal(x.kld, y.kld)
+  logprobs = ref.f64(a) - ref.lse(a)[..., None]
+  order = np.argsort(-logprobs, axis=-1, kind="stable")[..., :7]
+  np.testing.assert_array_equal(top.ids, order)
+  np.testing.assert_allclose(top.logprobs, np.take_along_axis(logprobs, order, -1), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="reference_topk=1001"):
+    head.candidates_token_stats(h, w, candidates, targets, reference_topk=1001)
+
+
+@pytest.mark.parametrize("block_size", [1, 100, 1000])
+def test_logprobs_and_argmax_in_one_pass_match_float64(rng, block_size):
+  h, w, _, _ = model_pair(rng)
+  w[:, 17] = w[:, 901] = 2 * h[0, 0]  # ids 17 and 901 tie for the top of token (0, 0): the first must win
+  ids = rng.integers(0, 1000, (2, 19, 5))
+  a = ref.f64(logits(h, w))
+  with jax.default_matmul_precision("highest"):
+    got, argmax = head.logprobs_and_argmax(h, w, ids, block_size=block_size)
+  np.testing.assert_allclose(got, np.take_along_axis(a - ref.lse(a)[..., None], ids, -1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(argmax, np.argmax(np.asarray(logits(h, w)), -1))
+  assert argmax[0, 0] == 17
+  assert argmax.shape == (2, 19) and got.shape == (2, 19, 5)
 
 
 def exact_model_pair(rng, n=48, d=64, v=5000, flips=1):
