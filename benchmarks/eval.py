@@ -21,6 +21,7 @@ that compiles), read from Linux's VmHWM after resetting it; on a GPU, the alloca
   python benchmarks/eval.py --only smollm2 --candidates 2   # the embedded default's shape: int4 and int3
   python benchmarks/eval.py --only smollm2 --rounds 4       # a noisy CPU: median of 4 back-to-back ratios
   python benchmarks/eval.py --preset h100                   # GPU goals of issue 5
+  python benchmarks/eval.py --preset h100 --plan --dtype float32   # will those batches fit? (any machine)
   python benchmarks/eval.py --only shape --shape tiny --dtype float32 --batch 2 --seq-len 128  # CPU check
 
 With several candidates both sides run the reference once per batch (the usual way keeps its
@@ -161,6 +162,34 @@ def run_jax(args) -> dict:
   return result
 
 
+def plan(args) -> list[tuple]:
+  """(shape, batch, weights GiB, compiled temp GiB) of tailjax's step for the H100 shapes, compiled from
+  abstract weights by the local backend: nothing is allocated or run, so any machine can check that a
+  batch fits before an accelerator is at hand. A CPU compiler converts bfloat16 dot operands (the
+  weights included) to float32, so on a CPU plan in float32: an upper bound of the activations."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from tailjax import evaluate, models
+  from tailjax.stats import spec_for
+
+  out = []
+  for shape, batch, _ in H100:
+    cfg = shape_config(shape)
+    graph, params = nnx.split(nnx.eval_shape(lambda: tuple(
+        models.Decoder(cfg, dtype=jnp.dtype(args.dtype), rngs=nnx.Rngs(i)) for i in range(1 + args.candidates))))
+    step = lambda p, t, s: evaluate._batch_stats(nnx.merge(graph, p), t, s, None, spec_for(), cfg.vocab_size, 20,
+                                                 False, 0)
+    tokens = jax.ShapeDtypeStruct((batch, args.seq_len), jnp.int32)
+    scored = jax.ShapeDtypeStruct((batch, args.seq_len - 1), jnp.bool_)
+    memory = jax.jit(step).lower(params, tokens, scored).compile().memory_analysis()
+    weights = sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params))
+    out.append((shape, batch, weights / 2**30, memory.temp_size_in_bytes / 2**30))
+  return out
+
+
 def torch_state_dict(loaded):
   """tailjax parameters -> a transformers Llama state dict (the candidate's RTN weights, exactly)."""
   import torch
@@ -291,21 +320,40 @@ def main():
   parser.add_argument("--candidates", type=int, default=1, choices=range(1, len(CANDIDATES) + 1))
   parser.add_argument("--only", choices=("smollm2", "vocab", "shape"))
   parser.add_argument("--shape", choices=SHAPES, default="tiny", help="with --only shape")
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                      help="random shapes only (checkpoints load in float32)")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                      help="random shapes only (checkpoints load in float32); default float32, bfloat16 with "
+                      "--preset h100")
   parser.add_argument("--preset", choices=("h100",), help="the GPU goals: bfloat16, T=2048, both shapes")
+  parser.add_argument("--plan", action="store_true",
+                      help="with --preset h100: compiled memory of tailjax's step for those shapes and batches, "
+                      "without running it (on a CPU add --dtype float32)")
   parser.add_argument("--peak-tflops", type=float, default=989.0, help="for MFU (H100 SXM dense bfloat16: 989)")
   parser.add_argument("--impl", choices=("jax", "torch"), help=argparse.SUPPRESS)
   parser.add_argument("--workload", help=argparse.SUPPRESS)
   parser.add_argument("--model-dir", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.plan and args.preset != "h100":
+    parser.error("--plan goes with --preset h100")
   if args.preset == "h100":
-    args.seq_len, args.dtype = 2048, "bfloat16"
+    args.seq_len = 2048
+  args.dtype = args.dtype or ("bfloat16" if args.preset == "h100" else "float32")
   if args.impl:
     print(json.dumps((run_jax if args.impl == "jax" else run_torch)(args)))
     return
   from rich.console import Console
   from rich.table import Table
+
+  if args.plan:
+    import jax
+
+    table = Table(title=f"tailjax step memory, compiled for {jax.devices()[0].platform} (nothing run), "
+                  f"T={args.seq_len}, {args.dtype}, reference + {args.candidates} candidates")
+    for col in ("shape", "batch", "weights GiB", "compiled temp GiB"):
+      table.add_column(col, justify="right")
+    for shape, batch, weights, temp in plan(args):
+      table.add_row(shape, str(batch), f"{weights:.2f}", f"{temp:.2f}")
+    Console(width=160).print(table)
+    return
 
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
