@@ -122,7 +122,8 @@ def _logprobs_pass(hidden, unembedding, ids, vocab, temperature, argmax: bool):
 
   def block_state(b):
     z, start, _ = _block_logits(hidden, unembedding, vocab, b, temperature)
-    return online.lse_block(z), _gather_owned(z, ids, start, vocab, b), online.argmax_block(z, start) if argmax else None
+    arg = online.argmax_block(z, start) if argmax else None
+    return online.lse_block(z), _gather_owned(z, ids, start, vocab, b), arg
 
   def merge(s, t):
     return online.lse_merge(s[0], t[0]), s[1] + t[1], online.argmax_merge(s[2], t[2]) if argmax else None
