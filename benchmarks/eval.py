@@ -154,12 +154,21 @@ def run_jax(args) -> dict:
     result = timed(step, args.repeats, in_use=lambda: device.memory_stats()["bytes_in_use"],
                    peak=lambda: device.memory_stats()["peak_bytes_in_use"])
     result["weights_mb"] = sum(x.nbytes for x in jax.tree.leaves(nnx.state(models))) / 2**20
-  graph, params = nnx.split(models)
-  step_fn = lambda p, t, s: evaluate._batch_stats(nnx.merge(graph, p), t, s, None, spec_for(), ref.config.vocab_size,
-                                                  20, False, 0)
-  lowered = jax.jit(step_fn).lower(params, tokens, scored)
-  result["temp_mb"] = lowered.compile().memory_analysis().temp_size_in_bytes / 2**20
+  result["temp_mb"] = compiled_temp_bytes(models, tokens, scored, ref.config.vocab_size) / 2**20
   return result
+
+
+def compiled_temp_bytes(models, tokens, scored, vocab_size: int) -> int:
+  """Temporary memory of the eval step compiled for these models and inputs (arrays or abstract shapes)."""
+  import jax
+  from flax import nnx
+
+  from tailjax import evaluate
+  from tailjax.stats import spec_for
+
+  graph, params = nnx.split(models)
+  step = lambda p, t, s: evaluate._batch_stats(nnx.merge(graph, p), t, s, None, spec_for(), vocab_size, 20, False, 0)
+  return jax.jit(step).lower(params, tokens, scored).compile().memory_analysis().temp_size_in_bytes
 
 
 def plan(args) -> list[tuple]:
@@ -169,24 +178,19 @@ def plan(args) -> list[tuple]:
   weights included) to float32, so on a CPU plan in float32: an upper bound of the activations."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from flax import nnx
 
-  from tailjax import evaluate, models
-  from tailjax.stats import spec_for
+  from tailjax import models
 
   out = []
   for shape, batch, _ in H100:
     cfg = shape_config(shape)
-    graph, params = nnx.split(nnx.eval_shape(lambda: tuple(
-        models.Decoder(cfg, dtype=jnp.dtype(args.dtype), rngs=nnx.Rngs(i)) for i in range(1 + args.candidates))))
-    step = lambda p, t, s: evaluate._batch_stats(nnx.merge(graph, p), t, s, None, spec_for(), cfg.vocab_size, 20,
-                                                 False, 0)
+    abstract = nnx.eval_shape(lambda: tuple(
+        models.Decoder(cfg, dtype=jnp.dtype(args.dtype), rngs=nnx.Rngs(i)) for i in range(1 + args.candidates)))
     tokens = jax.ShapeDtypeStruct((batch, args.seq_len), jnp.int32)
     scored = jax.ShapeDtypeStruct((batch, args.seq_len - 1), jnp.bool_)
-    memory = jax.jit(step).lower(params, tokens, scored).compile().memory_analysis()
-    weights = sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params))
-    out.append((shape, batch, weights / 2**30, memory.temp_size_in_bytes / 2**30))
+    weights = sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(abstract)))
+    out.append((shape, batch, weights / 2**30, compiled_temp_bytes(abstract, tokens, scored, cfg.vocab_size) / 2**30))
   return out
 
 
