@@ -10,7 +10,9 @@ Shapes: ``hidden: [..., T, d]``; ``unembedding: [d, V]`` (for a tied embedding
 ``[V, d]`` pass its transpose); ``targets``/``where``: ``[..., T]``. Results are
 float32 ``[..., T]`` and match ``tailjax.losses`` on the materialized logits to
 float32 rounding. ``vocab_size`` restricts a padded unembedding to the true
-vocabulary.
+vocabulary. Wherever an unembedding is taken, an ``OutputHead`` may stand instead: the
+unembedding with the model's final-logit soft-cap (Gemma 2: logits ``c * tanh(z / c)``),
+applied to every block before any softmax, in the forward and the backward pass.
 
 Training paths have custom VJPs whose backward passes are blockwise too: the
 gradient never materializes ``[tokens, vocab]`` either.
@@ -23,6 +25,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from tailjax import losses, online
 from tailjax.losses import TopK, TopKNormalization
@@ -30,6 +33,43 @@ from tailjax.losses import TopK, TopKNormalization
 Array = jax.Array
 
 DEFAULT_BLOCK_SIZE = 4096
+
+
+@struct.dataclass
+class OutputHead:
+  """A model's output layer: ``unembedding: [d, V]`` and the soft-cap of its logits (None: none).
+
+  A pytree whose soft-cap is static, so it passes through ``jax.jit`` as a constant.
+  """
+
+  unembedding: Array
+  softcap: float | None = struct.field(pytree_node=False, default=None)
+
+
+class _Logits(NamedTuple):
+  """How a model's raw logits ``z`` become the logits of the distribution: ``cap(z) / temperature``."""
+
+  temperature: float = 1.0
+  softcap: float | None = None
+
+  def apply(self, z: Array) -> Array:
+    if self.softcap is not None:
+      z = self.softcap * jnp.tanh(z / self.softcap)
+    return z / self.temperature if self.temperature != 1.0 else z
+
+  def slope(self, z: Array) -> Array | float:
+    """d(logits)/d(raw logits), given the (masked, ``-inf`` where not owned) logits ``z``."""
+    if self.softcap is None:
+      return 1.0 / self.temperature
+    capped = z * self.temperature / self.softcap  # tanh(raw / cap)
+    return jnp.where(jnp.isfinite(z), (1.0 - capped * capped) / self.temperature, 0.0)
+
+
+def _split(head: Array | OutputHead, temperature: float = 1.0) -> tuple[Array, _Logits]:
+  """An unembedding or ``OutputHead`` -> (``[d, V]`` matrix, its logits transform)."""
+  if isinstance(head, OutputHead):
+    return head.unembedding, _Logits(float(temperature), head.softcap)
+  return head, _Logits(float(temperature))
 
 
 class TokenStats(NamedTuple):
@@ -71,13 +111,11 @@ def _vocab(unembedding: Array, vocab_size: int | None, block_size: int, min_bloc
 
 
 def _block_logits(hidden: Array, unembedding: Array, vocab: _Vocab, b: Array,
-                  temperature: float = 1.0) -> tuple[Array, Array, Array]:
+                  form: _Logits = _Logits()) -> tuple[Array, Array, Array]:
   """``[N, d]`` x block ``b`` -> (``[N, block]`` float32 logits, ``-inf`` where not owned; start; mask)."""
   start, owned = vocab.columns(b)
   w = jax.lax.dynamic_slice_in_dim(unembedding, start, vocab.block, axis=1)
-  z = jnp.dot(hidden, w, preferred_element_type=jnp.float32)
-  if temperature != 1.0:
-    z = z / temperature
+  z = form.apply(jnp.dot(hidden, w, preferred_element_type=jnp.float32))
   return jnp.where(owned, z, -jnp.inf), start, owned
 
 
@@ -112,16 +150,16 @@ def _finish(lead: tuple[int, ...], values: Array, where: Array | None) -> Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _gathered_logprobs(hidden: Array, unembedding: Array, ids: Array, vocab: _Vocab, temperature: float) -> Array:
-  """``log_softmax(hidden @ unembedding / temperature)`` at ``ids: [N, K]`` -> ``[N, K]``."""
-  return _gathered_logprobs_fwd(hidden, unembedding, ids, vocab, temperature)[0]
+def _gathered_logprobs(hidden: Array, unembedding: Array, ids: Array, vocab: _Vocab, form: _Logits) -> Array:
+  """``log_softmax(form(hidden @ unembedding))`` at ``ids: [N, K]`` -> ``[N, K]``."""
+  return _gathered_logprobs_fwd(hidden, unembedding, ids, vocab, form)[0]
 
 
-def _logprobs_pass(hidden, unembedding, ids, vocab, temperature, argmax: bool):
+def _logprobs_pass(hidden, unembedding, ids, vocab, form, argmax: bool):
   """One pass: (``[N, K]`` log-probs at ``ids``, ``[N]`` log-sum-exp, ``[N]`` arg-max id or None)."""
 
   def block_state(b):
-    z, start, _ = _block_logits(hidden, unembedding, vocab, b, temperature)
+    z, start, _ = _block_logits(hidden, unembedding, vocab, b, form)
     arg = online.argmax_block(z, start) if argmax else None
     return online.lse_block(z), _gather_owned(z, ids, start, vocab, b), arg
 
@@ -133,25 +171,25 @@ def _logprobs_pass(hidden, unembedding, ids, vocab, temperature, argmax: bool):
   return picked - lse[:, None], lse, None if arg is None else arg.index
 
 
-def _gathered_logprobs_fwd(hidden, unembedding, ids, vocab, temperature):
-  logprobs, lse, _ = _logprobs_pass(hidden, unembedding, ids, vocab, temperature, argmax=False)
+def _gathered_logprobs_fwd(hidden, unembedding, ids, vocab, form):
+  logprobs, lse, _ = _logprobs_pass(hidden, unembedding, ids, vocab, form, argmax=False)
   return logprobs, (hidden, unembedding, ids, lse)
 
 
-def _gathered_logprobs_bwd(vocab, temperature, residuals, g_logprobs):
+def _gathered_logprobs_bwd(vocab, form, residuals, g_logprobs):
   """d/dz_v of ``sum_k G_k (z_{id_k} - lse(z))`` is ``G`` scattered to the ids minus ``q_v sum_k G_k``."""
   hidden, unembedding, ids, lse = residuals
   n = hidden.shape[0]
   g_total = jnp.sum(g_logprobs, axis=-1, keepdims=True)
 
   def step(b, grads):
-    z, start, _ = _block_logits(hidden, unembedding, vocab, b, temperature)
+    z, start, _ = _block_logits(hidden, unembedding, vocab, b, form)
     q = jnp.exp(z - lse[:, None])
     local = ids - start
     owned = (ids >= b * vocab.block) & (local < vocab.block)
     g_z = (-q * g_total).at[jnp.arange(n)[:, None], jnp.clip(local, 0, vocab.block - 1)].add(
         jnp.where(owned, g_logprobs, 0.0))
-    return _accumulate(grads, hidden, unembedding, g_z / temperature, start, vocab)
+    return _accumulate(grads, hidden, unembedding, g_z * form.slope(z), start, vocab)
 
   d_hidden, d_unembedding = jax.lax.fori_loop(0, vocab.count, step, _zero_grads(hidden, unembedding))
   return d_hidden.astype(hidden.dtype), d_unembedding.astype(unembedding.dtype), None
@@ -174,26 +212,28 @@ def _accumulate(grads, hidden, unembedding, g_z, start, vocab):
   return d_hidden, jax.lax.dynamic_update_slice_in_dim(d_unembedding, block_grad, start, axis=1)
 
 
-def cross_entropy(hidden: Array, unembedding: Array, targets: Array, *, where: Array | None = None,
+def cross_entropy(hidden: Array, unembedding: Array | OutputHead, targets: Array, *, where: Array | None = None,
                   vocab_size: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE) -> Array:
   """``-log softmax(hidden @ unembedding)[target]`` -> ``[..., T]``; differentiable, blockwise both ways."""
+  unembedding, form = _split(unembedding)
   lead, h, (t,) = _flatten(hidden, targets)
   vocab = _vocab(unembedding, vocab_size, block_size)
-  logprobs = _gathered_logprobs(h, unembedding, t.astype(jnp.int32)[:, None], vocab, 1.0)
+  logprobs = _gathered_logprobs(h, unembedding, t.astype(jnp.int32)[:, None], vocab, form)
   return _finish(lead, -logprobs[:, 0], where)
 
 
-def logprobs_and_argmax(hidden: Array, unembedding: Array, ids: Array, *, vocab_size: int | None = None,
-                        block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[Array, Array]:
+def logprobs_and_argmax(hidden: Array, unembedding: Array | OutputHead, ids: Array, *,
+                        vocab_size: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[Array, Array]:
   """``log_softmax(hidden @ unembedding)`` at ``ids: [..., T, K]`` -> ``[..., T, K]``, and the arg-max id
   ``[..., T]`` (first of ties), in one pass over the vocabulary. For evaluation: no custom gradient."""
+  unembedding, form = _split(unembedding)
   lead, h, (i,) = _flatten(hidden, ids)
   vocab = _vocab(unembedding, vocab_size, block_size)
-  logprobs, _, argmax = _logprobs_pass(h, unembedding, i.astype(jnp.int32), vocab, 1.0, argmax=True)
+  logprobs, _, argmax = _logprobs_pass(h, unembedding, i.astype(jnp.int32), vocab, form, argmax=True)
   return jnp.reshape(logprobs, lead + i.shape[-1:]), jnp.reshape(argmax, lead)
 
 
-def topk_kl_divergence(student_hidden: Array, student_unembedding: Array, teacher: TopK, *,
+def topk_kl_divergence(student_hidden: Array, student_unembedding: Array | OutputHead, teacher: TopK, *,
                        normalization: TopKNormalization = "full", temperature: float = 1.0,
                        where: Array | None = None, vocab_size: int | None = None,
                        block_size: int = DEFAULT_BLOCK_SIZE) -> Array:
@@ -201,9 +241,10 @@ def topk_kl_divergence(student_hidden: Array, student_unembedding: Array, teache
 
   Differentiable in the student's hidden states and unembedding, blockwise both ways.
   """
+  student_unembedding, form = _split(student_unembedding, temperature)
   lead, h, (ids, teacher_logprobs) = _flatten(student_hidden, teacher.ids, teacher.logprobs)
   vocab = _vocab(student_unembedding, vocab_size, block_size)
-  student_logprobs = _gathered_logprobs(h, student_unembedding, ids.astype(jnp.int32), vocab, temperature)
+  student_logprobs = _gathered_logprobs(h, student_unembedding, ids.astype(jnp.int32), vocab, form)
   kl = losses.topk_kl_from_logprobs(TopK(ids, teacher_logprobs), student_logprobs, normalization)
   return _finish(lead, kl, where)
 
@@ -212,36 +253,37 @@ def topk_kl_divergence(student_hidden: Array, student_unembedding: Array, teache
 # Full KL between two models, differentiable in the candidate (student).
 
 
-def _kl_state(ref_hidden, ref_unembedding, cand_hidden, cand_unembedding, vocab, temperature) -> online.KLState:
+def _kl_state(ref_hidden, ref_unembedding, cand_hidden, cand_unembedding, vocab, forms) -> online.KLState:
 
   def block_state(b):
-    a, _, _ = _block_logits(ref_hidden, ref_unembedding, vocab, b, temperature)
-    c, _, _ = _block_logits(cand_hidden, cand_unembedding, vocab, b, temperature)
+    a, _, _ = _block_logits(ref_hidden, ref_unembedding, vocab, b, forms[0])
+    c, _, _ = _block_logits(cand_hidden, cand_unembedding, vocab, b, forms[1])
     return online.kl_block(a, c)
 
   return _reduce_blocks(vocab, block_state, online.kl_merge)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _kl(ref_hidden, ref_unembedding, cand_hidden, cand_unembedding, vocab, temperature):
-  return online.kl_finish(_kl_state(ref_hidden, ref_unembedding, cand_hidden, cand_unembedding, vocab, temperature))
+def _kl(ref_hidden, ref_unembedding, cand_hidden, cand_unembedding, vocab, forms):
+  """``forms``: the (reference, candidate) ``_Logits``."""
+  return online.kl_finish(_kl_state(ref_hidden, ref_unembedding, cand_hidden, cand_unembedding, vocab, forms))
 
 
-def _kl_fwd(ref_hidden, ref_unembedding, cand_hidden, cand_unembedding, vocab, temperature):
-  state = _kl_state(ref_hidden, ref_unembedding, cand_hidden, cand_unembedding, vocab, temperature)
+def _kl_fwd(ref_hidden, ref_unembedding, cand_hidden, cand_unembedding, vocab, forms):
+  state = _kl_state(ref_hidden, ref_unembedding, cand_hidden, cand_unembedding, vocab, forms)
   lse = (online.lse_finish(state.ref), online.lse_finish(state.cand))
   return online.kl_finish(state), (ref_hidden, ref_unembedding, cand_hidden, cand_unembedding, lse)
 
 
-def _kl_bwd(vocab, temperature, residuals, g_kl):
+def _kl_bwd(vocab, forms, residuals, g_kl):
   """dKL/dz_cand = q - p; the reference is held fixed (its cotangents are zero)."""
   ref_hidden, ref_unembedding, cand_hidden, cand_unembedding, (lse_ref, lse_cand) = residuals
 
   def step(b, grads):
-    a, _, _ = _block_logits(ref_hidden, ref_unembedding, vocab, b, temperature)
-    c, start, _ = _block_logits(cand_hidden, cand_unembedding, vocab, b, temperature)
+    a, _, _ = _block_logits(ref_hidden, ref_unembedding, vocab, b, forms[0])
+    c, start, _ = _block_logits(cand_hidden, cand_unembedding, vocab, b, forms[1])
     g_z = (jnp.exp(c - lse_cand[:, None]) - jnp.exp(a - lse_ref[:, None])) * g_kl[:, None]
-    return _accumulate(grads, cand_hidden, cand_unembedding, g_z / temperature, start, vocab)
+    return _accumulate(grads, cand_hidden, cand_unembedding, g_z * forms[1].slope(c), start, vocab)
 
   d_hidden, d_unembedding = jax.lax.fori_loop(0, vocab.count, step, _zero_grads(cand_hidden, cand_unembedding))
   return (jnp.zeros_like(ref_hidden), jnp.zeros_like(ref_unembedding), d_hidden.astype(cand_hidden.dtype),
@@ -251,7 +293,8 @@ def _kl_bwd(vocab, temperature, residuals, g_kl):
 _kl.defvjp(_kl_fwd, _kl_bwd)
 
 
-def kl_divergence(ref_hidden: Array, ref_unembedding: Array, cand_hidden: Array, cand_unembedding: Array, *,
+def kl_divergence(ref_hidden: Array, ref_unembedding: Array | OutputHead, cand_hidden: Array,
+                  cand_unembedding: Array | OutputHead, *,
                   temperature: float = 1.0, where: Array | None = None, vocab_size: int | None = None,
                   block_size: int = DEFAULT_BLOCK_SIZE) -> Array:
   """``KL(softmax(ref / T) || softmax(cand / T))`` per token -> ``[..., T]``, precise as ``tailjax.losses``.
@@ -259,11 +302,13 @@ def kl_divergence(ref_hidden: Array, ref_unembedding: Array, cand_hidden: Array,
   Differentiable in the candidate (student) only: the reference is a frozen teacher
   and is treated as a constant (``stop_gradient``).
   """
+  (ref_unembedding, ref_form), (cand_unembedding, cand_form) = (_split(ref_unembedding, temperature),
+                                                                _split(cand_unembedding, temperature))
   lead, h_ref, _ = _flatten(ref_hidden)
   _, h_cand, _ = _flatten(cand_hidden)
   vocab = _vocab_pair(ref_unembedding, cand_unembedding, vocab_size, block_size)
   kl = _kl(jax.lax.stop_gradient(h_ref), jax.lax.stop_gradient(ref_unembedding), h_cand, cand_unembedding,
-           vocab, temperature)
+           vocab, (ref_form, cand_form))
   return _finish(lead, kl, where)
 
 
@@ -281,8 +326,8 @@ def _vocab_pair(ref_unembedding: Array, cand_unembedding: Array, vocab_size: int
 # Evaluation and teacher extraction (no gradients).
 
 
-def token_stats(ref_hidden: Array, ref_unembedding: Array, cand_hidden: Array, cand_unembedding: Array,
-                targets: Array, *, where: Array | None = None, vocab_size: int | None = None,
+def token_stats(ref_hidden: Array, ref_unembedding: Array | OutputHead, cand_hidden: Array,
+                cand_unembedding: Array | OutputHead, targets: Array, *, where: Array | None = None, vocab_size: int | None = None,
                 block_size: int = DEFAULT_BLOCK_SIZE) -> TokenStats:
   """KLD, both CEs, top-1 agreement and the target log-prob delta in one pass over the vocabulary."""
   (stats,) = candidates_token_stats(ref_hidden, ref_unembedding, [(cand_hidden, cand_unembedding)], targets,
@@ -290,7 +335,8 @@ def token_stats(ref_hidden: Array, ref_unembedding: Array, cand_hidden: Array, c
   return stats
 
 
-def candidates_token_stats(ref_hidden: Array, ref_unembedding: Array, candidates: list[tuple[Array, Array]],
+def candidates_token_stats(ref_hidden: Array, ref_unembedding: Array | OutputHead,
+                           candidates: list[tuple[Array, Array | OutputHead]],
                            targets: Array, *, where: Array | None = None, vocab_size: int | None = None,
                            block_size: int = DEFAULT_BLOCK_SIZE, reference_topk: int | None = None):
   """``token_stats`` of each ``(hidden, unembedding)`` candidate, all in one pass over the vocabulary.
@@ -302,18 +348,19 @@ def candidates_token_stats(ref_hidden: Array, ref_unembedding: Array, candidates
   if not candidates:
     raise ValueError("candidates_token_stats needs at least one (hidden, unembedding) candidate")
   k = reference_topk or 0
+  ref_unembedding, ref_form = _split(ref_unembedding)
   lead, h_ref, (t,) = _flatten(ref_hidden, targets)
-  cands = [(_flatten(h)[1], u) for h, u in candidates]
-  vocab, *_ = [_vocab_pair(ref_unembedding, u, vocab_size, block_size, min_block=k) for _, u in cands]
+  cands = [(_flatten(h)[1], *_split(u)) for h, u in candidates]
+  vocab, *_ = [_vocab_pair(ref_unembedding, u, vocab_size, block_size, min_block=k) for _, u, _ in cands]
   if reference_topk is not None and not 0 < k <= vocab.size:
     raise ValueError(f"reference_topk={k} must lie in [1, {vocab.size}] (the vocabulary)")
   ids = t.astype(jnp.int32)[:, None]
 
   def block_state(b):
-    a, start, _ = _block_logits(h_ref, ref_unembedding, vocab, b)
+    a, start, _ = _block_logits(h_ref, ref_unembedding, vocab, b, ref_form)
     per_cand = []
-    for h, u in cands:
-      c, _, _ = _block_logits(h, u, vocab, b)
+    for h, u, form in cands:
+      c, _, _ = _block_logits(h, u, vocab, b, form)
       target = _gather_owned(c, ids, start, vocab, b)[:, 0]
       per_cand.append((online.kl_block(a, c), online.argmax_block(c, start), target))
     top = _topk_block(a, start, k) if k else None
@@ -351,16 +398,17 @@ def _topk_merge(s: tuple[Array, Array], t: tuple[Array, Array], k: int) -> tuple
   return values, jnp.take_along_axis(jnp.concatenate([s[1], t[1]], axis=-1), pos, axis=-1)
 
 
-def teacher_topk(hidden: Array, unembedding: Array, k: int, *, temperature: float = 1.0,
+def teacher_topk(hidden: Array, unembedding: Array | OutputHead, k: int, *, temperature: float = 1.0,
                  vocab_size: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE) -> TopK:
   """A teacher's top-``k`` ids and full-vocabulary log-probs -> ``TopK`` with ``[..., T, k]`` fields."""
+  unembedding, form = _split(unembedding, temperature)
   lead, h, _ = _flatten(hidden)
   vocab = _vocab(unembedding, vocab_size, block_size, min_block=k)
   if not 0 < k <= vocab.size:
     raise ValueError(f"k={k} must lie in [1, {vocab.size}] (the teacher's vocabulary)")
 
   def block_state(b):
-    z, start, _ = _block_logits(h, unembedding, vocab, b, temperature)
+    z, start, _ = _block_logits(h, unembedding, vocab, b, form)
     return online.lse_block(z), _topk_block(z, start, k)
 
   lse_state, (values, ids) = _reduce_blocks(

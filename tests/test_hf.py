@@ -50,13 +50,16 @@ def tokenizer_files(directory, vocab_size):
 
 def random_hf_model(config_cls, tmp_path, **overrides):
   cfg = config_cls(**{**SHAPE, **overrides})
+  cfg._attn_implementation = "eager"  # the exact reference (sdpa has no soft-cap)
   model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-  with torch.no_grad():  # norms are ones and biases zeros at init: make every tensor count
+  with torch.no_grad():  # norms are ones (Gemma: zeros), biases zeros at init: make every tensor count
     for name, p in model.named_parameters():
       if name.endswith("norm.weight"):
-        p.copy_(1 + 0.1 * torch.randn_like(p))
+        p.copy_(p + 0.1 * torch.randn_like(p))
       elif name.endswith("bias"):
         p.copy_(0.1 * torch.randn_like(p))
+      elif name.endswith("mlp.gate.weight"):  # MoE router: spread the experts' scores (no near-ties)
+        p.copy_(torch.randn_like(p))
   model.save_pretrained(tmp_path)
   return model
 
@@ -102,8 +105,11 @@ def test_bad_directories(tmp_path):
   config_path = tmp_path / "config.json"
   config = json.loads(config_path.read_text())
 
+  config_path.write_text(json.dumps({**config, "quantization_config": {"bits": 4}}))
+  with pytest.raises(ValueError, match=r"config.json: unknown config fields \['quantization_config'\]"):
+    models.load(tmp_path)
   config_path.write_text(json.dumps({**config, "partial_rotary_factor": 0.5}))
-  with pytest.raises(ValueError, match=r"config.json: unknown config fields \['partial_rotary_factor'\]"):
+  with pytest.raises(ValueError, match=r"partial_rotary_factor=0.5 is not supported"):
     models.load(tmp_path)
   config_path.write_text(json.dumps({**config, "model_type": "gpt2"}))
   with pytest.raises(ValueError, match="config.json: model_type 'gpt2' is not supported"):

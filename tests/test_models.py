@@ -38,7 +38,7 @@ def test_decoder_is_causal_and_keeps_packed_documents_apart(rng):
 @pytest.mark.parametrize("kind", ["causal", "window", "segments", "bfloat16"])
 def test_causal_attention_matches_float64_reference(kind, rng):
   from reference import attention
-  from tailjax.models.transformer import causal_attention
+  from tailjax.models.attention import causal_attention
 
   b, t, heads, kv, d = 2, 300, 6, 2, 16  # 300 tokens: three query chunks, the last one short
   q, k, v = (rng.normal(size=(b, t, n, d)) * 3 for n in (heads, kv, kv))

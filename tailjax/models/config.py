@@ -6,7 +6,9 @@ import dataclasses
 from typing import Any
 
 ATTENTION_KINDS = ("softmax", "retention")
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "factors")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "factors", "longrope")
+LAYER_TYPES = ("full", "sliding")
+ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,7 +19,10 @@ class RopeScaling:
   a window is longer than ``max_position_embeddings``; ``yarn`` blends interpolated and
   extrapolated frequencies and scales cos/sin by ``attention_factor``; ``llama3`` divides
   low frequencies by ``factor`` with a smooth ramp; ``factors`` divides frequency ``i``
-  by ``divisors[i]`` (llama.cpp's ``rope_freqs`` tensor in GGUF files).
+  by ``divisors[i]`` (llama.cpp's ``rope_freqs`` tensor in GGUF files); ``longrope`` (Phi-3)
+  divides frequency ``i`` by ``long_factor[i]`` for windows longer than
+  ``original_max_position_embeddings``, else by ``short_factor[i]``, and scales cos/sin by
+  ``attention_factor`` (default ``sqrt(1 + log(factor) / log(original))``).
   """
 
   type: str = "default"
@@ -32,19 +37,40 @@ class RopeScaling:
   mscale_all_dim: float | None = None  # yarn
   truncate: bool = True  # yarn
   divisors: tuple[float, ...] | None = None  # factors
+  short_factor: tuple[float, ...] | None = None  # longrope
+  long_factor: tuple[float, ...] | None = None  # longrope
 
   def __post_init__(self):
     if self.type not in ROPE_TYPES:
       raise ValueError(f"rope type {self.type!r} is not supported (supported: {ROPE_TYPES})")
+    for name in ("divisors", "short_factor", "long_factor"):
+      if getattr(self, name) is not None:
+        object.__setattr__(self, name, tuple(float(x) for x in getattr(self, name)))
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A Llama / Mistral / Qwen2 / SmolLM-style decoder-only transformer.
+  """A decoder-only transformer of the Llama family tree, described by what differs.
 
-  Pre-norm blocks (RMSNorm -> grouped-query attention with RoPE -> residual,
-  RMSNorm -> SwiGLU -> residual), a final RMSNorm, and an unembedding that is
+  The base is Llama's: pre-norm blocks (RMSNorm -> grouped-query attention with RoPE ->
+  residual, RMSNorm -> SwiGLU -> residual), a final RMSNorm, and an unembedding that is
   either its own matrix or the transposed token embedding (``tie_word_embeddings``).
+  Each family turns on its differences (``tailjax.models.families`` says which):
+
+  - attention: q/k biases (Qwen2), per-head RMSNorm on q and k before RoPE (``qk_norm``:
+    Qwen3, Gemma 3), a score scale of ``query_pre_attn_scalar**-0.5`` and a soft-cap
+    ``c * tanh(s / c)`` on scores (Gemma 2), sliding windows in every layer (Mistral) or in
+    the layers ``layer_types`` marks ``"sliding"`` (Gemma 2/3), those layers with their own
+    unscaled RoPE base ``rope_local_theta`` (Gemma 3);
+  - blocks: norms with scale ``1 + w`` (``norm_unit_offset``), norms after attention and MLP
+    as well (``sandwich_norms``), GeGLU (``hidden_act="gelu_tanh"``), embeddings times
+    ``sqrt(d)`` in the compute dtype (``scale_embeddings``): Gemma 2/3;
+  - MLP: a sparse mixture of ``num_experts`` SwiGLU experts, each token through its
+    ``num_experts_per_tok`` highest-scoring ones (``tailjax.models.moe``), except in
+    ``dense_layers`` (Qwen3-MoE, Mixtral);
+  - output: logits soft-capped at ``final_logit_softcap`` (Gemma 2), applied by
+    ``tailjax.head`` blockwise.
+
   ``attention="retention"`` swaps softmax attention for RetNet-style retention
   (the linear-attention variant of ../shared/mission/001, appendix G).
   """
@@ -63,8 +89,23 @@ class ModelConfig:
   qkv_bias: bool = False  # Qwen2; Llama's attention_bias sets both
   o_bias: bool = False
   max_position_embeddings: int = 4096
-  sliding_window: int | None = None  # Mistral: attend to at most this many tokens, itself included
+  sliding_window: int | None = None  # attend to at most this many tokens, itself included
   attention: str = "softmax"
+  qk_norm: bool = False
+  query_pre_attn_scalar: float | None = None  # None: head_dim
+  attn_logit_softcap: float | None = None
+  layer_types: tuple[str, ...] | None = None  # "full" / "sliding" per layer; None: all sliding iff sliding_window
+  rope_local_theta: float | None = None  # RoPE base of "sliding" layers (no scaling); None: as "full" layers
+  norm_unit_offset: bool = False
+  sandwich_norms: bool = False
+  hidden_act: str = "silu"
+  scale_embeddings: bool = False
+  final_logit_softcap: float | None = None
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_intermediate_size: int | None = None
+  norm_topk_prob: bool = False  # renormalize the chosen experts' router probabilities to sum to 1
+  dense_layers: tuple[int, ...] = ()  # layers of an MoE model whose MLP is dense (intermediate_size)
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -77,6 +118,31 @@ class ModelConfig:
       raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
     if self.attention not in ATTENTION_KINDS:
       raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION_KINDS}")
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f"hidden_act={self.hidden_act!r} is not one of {ACTIVATIONS}")
+    for name in ("layer_types", "dense_layers"):
+      if getattr(self, name) is not None:
+        object.__setattr__(self, name, tuple(getattr(self, name)))
+    if self.layer_types is not None:
+      if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+        raise ValueError(f"layer_types={self.layer_types} must name {LAYER_TYPES} once per layer ({self.num_layers})")
+      if "sliding" in self.layer_types and self.sliding_window is None:
+        raise ValueError("layer_types has sliding layers but sliding_window is not set")
+    if self.num_experts:
+      if not 0 < self.num_experts_per_tok <= self.num_experts or not self.moe_intermediate_size:
+        raise ValueError(f"an MoE config needs 0 < num_experts_per_tok={self.num_experts_per_tok} <= "
+                         f"num_experts={self.num_experts} and moe_intermediate_size={self.moe_intermediate_size}")
+      if not set(self.dense_layers) <= set(range(self.num_layers)):
+        raise ValueError(f"dense_layers={self.dense_layers} are not all layers of {self.num_layers}")
+
+  def layer_type(self, layer: int) -> str:
+    """``"full"`` or ``"sliding"`` (attends to the last ``sliding_window`` tokens only)."""
+    if self.layer_types is not None:
+      return self.layer_types[layer]
+    return "full" if self.sliding_window is None else "sliding"
+
+  def is_moe_layer(self, layer: int) -> bool:
+    return self.num_experts > 0 and layer not in self.dense_layers
 
   @property
   def num_params(self) -> int:
@@ -85,9 +151,24 @@ class ModelConfig:
     attn += hd * (self.num_heads + 2 * self.num_kv_heads) if self.qkv_bias else 0
     attn += d if self.o_bias else 0
     attn += 2 * self.num_heads * hd if self.attention == "retention" else 0  # per-head norm scale and bias
-    block = attn + 3 * d * self.intermediate_size + 2 * d
-    head = 0 if self.tie_word_embeddings else d * self.vocab_size
-    return self.vocab_size * d + self.num_layers * block + d + head
+    attn += 2 * hd if self.qk_norm else 0
+    norms = (4 if self.sandwich_norms else 2) * d
+    total = self.vocab_size * d + d + (0 if self.tie_word_embeddings else d * self.vocab_size)
+    for layer in range(self.num_layers):
+      if self.is_moe_layer(layer):
+        mlp = d * self.num_experts + 3 * d * self.moe_intermediate_size * self.num_experts
+      else:
+        mlp = 3 * d * self.intermediate_size
+      total += attn + mlp + norms
+    return total
+
+  @property
+  def num_active_params(self) -> int:
+    """Parameters one token passes through (an MoE layer counts only its ``num_experts_per_tok`` experts)."""
+    if not self.num_experts:
+      return self.num_params
+    idle = 3 * self.hidden_size * self.moe_intermediate_size * (self.num_experts - self.num_experts_per_tok)
+    return self.num_params - idle * sum(self.is_moe_layer(i) for i in range(self.num_layers))
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -100,10 +181,7 @@ class ModelConfig:
       raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}")
     fields = dict(fields)
     if fields.get("rope_scaling") is not None:
-      scaling = dict(fields["rope_scaling"])
-      if scaling.get("divisors") is not None:
-        scaling["divisors"] = tuple(scaling["divisors"])
-      fields["rope_scaling"] = RopeScaling(**scaling)
+      fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
     return cls(**fields)
 
 

@@ -10,14 +10,17 @@ must not produce a model that only looks right.
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from tailjax.models import families
 from tailjax.models.config import ModelConfig, RopeScaling
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+log = logging.getLogger("tailjax")
 
 # Fields that configure training, generation or bookkeeping, not the forward pass.
 _INERT_FIELDS = frozenset({
@@ -26,28 +29,55 @@ _INERT_FIELDS = frozenset({
     "is_encoder_decoder", "id2label", "label2id", "output_attentions", "output_hidden_states", "problem_type",
     "return_dict", "is_llama_config", "tokenizer_class", "tie_encoder_decoder", "torchscript", "use_bfloat16",
     "max_length", "min_length", "do_sample", "num_beams", "temperature", "top_k", "top_p", "embedding_dropout",
+    "router_aux_loss_coef", "output_router_logits", "router_jitter_noise", "resid_pdrop", "embd_pdrop",
+    "cache_implementation", "final_logit_softcapping_enabled",
 })
 _MODEL_FIELDS = frozenset({
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling", "rope_parameters", "rms_norm_eps",
     "tie_word_embeddings", "attention_bias", "max_position_embeddings", "sliding_window", "use_sliding_window",
     "max_window_layers", "layer_types", "hidden_act", "mlp_bias", "pretraining_tp",
+    # Gemma 2/3
+    "hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+    "rope_local_base_freq", "sliding_window_pattern", "_sliding_window_pattern", "use_bidirectional_attention",
+    # mixtures of experts
+    "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+    "decoder_sparse_step", "mlp_only_layers",
+    # Phi-3
+    "original_max_position_embeddings", "partial_rotary_factor",
 })
 _ROPE_FIELDS = {
     "rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "low_freq_factor",
     "high_freq_factor", "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate",
+    "short_factor", "long_factor", "partial_rotary_factor",
 }
+# A multimodal checkpoint's parts that are not its language model.
+_VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.", "multi_modal_projector.")
 
 
-def read_config(directory: Path) -> ModelConfig:
+def read_raw_config(directory: Path) -> dict:
+  """``config.json`` as a dict; a multimodal checkpoint's ``text_config`` (its language model)."""
   path = directory / "config.json"
   try:
     raw = json.loads(path.read_text())
   except (OSError, json.JSONDecodeError) as err:
     raise ValueError(f"{path}: not a readable config.json ({err})") from err
+  if raw.get("model_type") == "gemma3":  # Gemma3ForConditionalGeneration
+    text = raw.get("text_config")
+    if not isinstance(text, dict):
+      raise ValueError(f"{path}: a gemma3 (multimodal) config without a text_config")
+    log.warning("%s: multimodal gemma3 checkpoint: evaluating its language model; the vision tower is skipped",
+                directory)
+    raw = {"vocab_size": 262208, **text, "model_type": "gemma3_text",
+           "tie_word_embeddings": raw.get("tie_word_embeddings", text.get("tie_word_embeddings", True))}
+  return raw
+
+
+def read_config(directory: Path) -> ModelConfig:
+  path = directory / "config.json"
+  raw = read_raw_config(directory)
   model_type = raw.get("model_type")
-  if model_type not in SUPPORTED_MODEL_TYPES:
-    raise ValueError(f"{path}: model_type {model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})")
+  family = families.for_hf(model_type, str(path))
   unknown = set(raw) - _MODEL_FIELDS - _INERT_FIELDS
   if unknown:
     raise ValueError(f"{path}: unknown config fields {sorted(unknown)}; tailjax will not guess what they change")
@@ -56,55 +86,129 @@ def read_config(directory: Path) -> ModelConfig:
     if not condition:
       raise ValueError(f"{path}: {field}={raw.get(field)!r} is not supported ({why})")
 
-  require(raw.get("hidden_act", "silu") in ("silu", "swish"), "hidden_act", "the MLP is SwiGLU")
+  gemma = family.name.startswith("gemma")
+  act_field = "hidden_activation" if gemma and raw.get("hidden_activation") else "hidden_act"
+  act = raw.get(act_field) or ("gelu_pytorch_tanh" if gemma else "silu")
+  require(act in _ACTIVATIONS, act_field, f"supported: {sorted(_ACTIVATIONS)}")
   require(not raw.get("mlp_bias", False), "mlp_bias", "the MLP has no bias")
   require(raw.get("pretraining_tp", 1) in (None, 1), "pretraining_tp", "only 1")
-  layer_types = set(raw.get("layer_types") or ())
-  require(len(layer_types) <= 1, "layer_types", "one attention type for every layer")
-  sliding = raw.get("sliding_window")
-  if model_type == "qwen2":
-    sliding = sliding if raw.get("use_sliding_window") or layer_types == {"sliding_attention"} else None
-    require(sliding is None or raw.get("max_window_layers", 0) == 0, "max_window_layers", "sliding in every layer")
+  require(not raw.get("use_bidirectional_attention"), "use_bidirectional_attention", "decoders are causal")
+  require(raw.get("partial_rotary_factor", 1.0) == 1.0, "partial_rotary_factor", "rotary over the whole head")
   heads = raw.get("num_attention_heads")
-  theta, scaling = _rope(raw, path)
+  layers = raw.get("num_hidden_layers")
+  theta, scaling, local_theta = _rope(raw, path, gemma)
+  sliding, layer_types = _attention_layers(raw, family.name, layers, path)
+  fields = dict(
+      vocab_size=raw.get("vocab_size"),
+      hidden_size=raw.get("hidden_size"),
+      intermediate_size=raw.get("intermediate_size"),
+      num_layers=layers,
+      num_heads=heads,
+      num_kv_heads=raw.get("num_key_value_heads") or heads,
+      head_dim=raw.get("head_dim"),
+      rope_theta=float(theta),
+      rope_scaling=scaling,
+      rope_local_theta=local_theta,
+      rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+      tie_word_embeddings=bool(raw.get("tie_word_embeddings", gemma)),
+      qkv_bias=bool(raw.get("attention_bias", False)),
+      o_bias=bool(raw.get("attention_bias", False)),
+      max_position_embeddings=raw.get("max_position_embeddings", 4096),
+      sliding_window=sliding,
+      layer_types=layer_types,
+      hidden_act=_ACTIVATIONS[act],
+      query_pre_attn_scalar=raw.get("query_pre_attn_scalar") if gemma else None,
+      attn_logit_softcap=raw.get("attn_logit_softcapping"),
+      final_logit_softcap=raw.get("final_logit_softcapping"),
+      **_experts(raw, layers),
+  )
+  fields.update(family.config_fields())
+  fields["qkv_bias"] = fields["qkv_bias"] or bool(raw.get("attention_bias", False))
   try:
-    return ModelConfig(
-        vocab_size=raw["vocab_size"],
-        hidden_size=raw["hidden_size"],
-        intermediate_size=raw["intermediate_size"],
-        num_layers=raw["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=raw.get("num_key_value_heads") or heads,
-        head_dim=raw.get("head_dim"),
-        rope_theta=float(theta),
-        rope_scaling=scaling,
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2" or bool(raw.get("attention_bias", False)),
-        o_bias=bool(raw.get("attention_bias", False)),
-        max_position_embeddings=raw.get("max_position_embeddings", 4096),
-        sliding_window=sliding,
-    )
+    return ModelConfig(**fields)
   except (KeyError, TypeError, ValueError) as err:
     raise ValueError(f"{path}: {err!r}") from err
 
 
-def _rope(raw: dict, path: Path) -> tuple[float, RopeScaling | None]:
-  """``rope_parameters`` (transformers 5) or the older ``rope_theta`` + ``rope_scaling``."""
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+
+
+def _attention_layers(raw: dict, family: str, layers: int, path: Path) -> tuple[int | None, tuple[str, ...] | None]:
+  """``(sliding_window, layer_types)``: which layers attend through a window, as transformers decides."""
+  window = raw.get("sliding_window")
+  kinds = raw.get("layer_types")
+  if family in ("qwen2", "qwen3", "qwen3-moe") and not raw.get("use_sliding_window", False):
+    window = None  # Qwen configs carry a window size that is off unless use_sliding_window
+  if kinds is None and window is not None:
+    if family.startswith("qwen"):
+      start = raw.get("max_window_layers", 0)
+      kinds = ["sliding_attention" if i >= start else "full_attention" for i in range(layers)]
+    elif family == "gemma2":
+      kinds = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
+    elif family == "gemma3":
+      pattern = raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern") or 6
+      kinds = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+  if kinds is None:
+    return window, None
+  names = {"full_attention": "full", "sliding_attention": "sliding"}
+  unknown = set(kinds) - set(names)
+  if unknown:
+    raise ValueError(f"{path}: layer_types {sorted(unknown)} are not supported (supported: {sorted(names)})")
+  kinds = tuple(names[k] for k in kinds)
+  if "sliding" not in kinds:
+    return None, None
+  if window is None:
+    raise ValueError(f"{path}: layer_types has sliding layers but sliding_window is not set")
+  return window, kinds
+
+
+def _experts(raw: dict, layers: int) -> dict:
+  """MoE fields: Qwen3-MoE names them ``num_experts``, Mixtral ``num_local_experts``; dense layers from
+  ``mlp_only_layers`` and ``decoder_sparse_step`` (a layer is sparse when ``(i + 1) % step == 0``)."""
+  experts = raw.get("num_experts") or raw.get("num_local_experts") or 0
+  if not experts:
+    return {}
+  step = raw.get("decoder_sparse_step") or 1
+  only = set(raw.get("mlp_only_layers") or ())
+  dense = tuple(i for i in range(layers) if i in only or (i + 1) % step)
+  return dict(num_experts=experts, num_experts_per_tok=raw.get("num_experts_per_tok"),
+              moe_intermediate_size=raw.get("moe_intermediate_size") or raw.get("intermediate_size"),
+              norm_topk_prob=bool(raw.get("norm_topk_prob", False)), dense_layers=dense)
+
+
+def _rope(raw: dict, path: Path, gemma: bool) -> tuple[float, RopeScaling | None, float | None]:
+  """``(theta, scaling, local theta)`` from ``rope_parameters`` (transformers 5) or the older ``rope_theta`` +
+  ``rope_scaling``; Gemma 3 keeps one set per layer type (``full_attention``, ``sliding_attention``)."""
   params = dict(raw.get("rope_parameters") or {})
+  local_theta = raw.get("rope_local_base_freq")
+  if "full_attention" in params or "sliding_attention" in params:
+    local = dict(params.get("sliding_attention") or {})
+    if local.get("rope_type", local.get("type", "default")) != "default":
+      raise ValueError(f"{path}: rope_parameters.sliding_attention of type {local.get('rope_type')!r}: "
+                       "only default RoPE is supported in sliding layers")
+    local_theta = local.get("rope_theta", local_theta)
+    params = dict(params.get("full_attention") or {})
   params = {"rope_theta": raw.get("rope_theta", 10000.0), **(raw.get("rope_scaling") or {}), **params}
   unknown = set(params) - _ROPE_FIELDS
   if unknown:
     raise ValueError(f"{path}: unknown rope parameters {sorted(unknown)}")
+  if params.pop("partial_rotary_factor", 1.0) != 1.0:
+    raise ValueError(f"{path}: partial_rotary_factor={raw['rope_parameters']['partial_rotary_factor']} is not "
+                     "supported (rotary over the whole head)")
   kind = params.pop("rope_type", params.pop("type", "default"))
   params.pop("type", None)
   theta = params.pop("rope_theta")
+  local_theta = float(local_theta) if gemma and local_theta is not None else None
   if kind == "default":
-    return theta, None
+    return theta, None, local_theta
+  if kind in ("yarn", "longrope") and params.get("original_max_position_embeddings") is None:
+    params["original_max_position_embeddings"] = raw.get("original_max_position_embeddings")
   if kind == "yarn" and params.get("factor") is None:
     params["factor"] = raw["max_position_embeddings"] / params["original_max_position_embeddings"]
+  if kind == "longrope":
+    params.pop("factor", None)  # transformers derives it from max / original positions, so does tailjax
   try:
-    return theta, RopeScaling(type=kind, **{k: v for k, v in params.items() if v is not None})
+    return theta, RopeScaling(type=kind, **{k: v for k, v in params.items() if v is not None}), local_theta
   except (TypeError, ValueError) as err:
     raise ValueError(f"{path}: rope parameters: {err}") from err
 
@@ -130,16 +234,39 @@ def safetensors_files(directory: Path) -> list[Path]:
 
 
 def read_tensors(directory: Path) -> Iterator[tuple[str, np.ndarray]]:
-  """``(Hugging Face name, array in PyTorch layout)``, one tensor at a time."""
+  """``(canonical name, array in PyTorch layout)``, one tensor at a time (see ``canonical_name``)."""
   from safetensors import SafetensorError, safe_open
 
   for file in safetensors_files(directory):
     try:
       with safe_open(file, framework="numpy") as f:
         for name in f.keys():
-          yield name, f.get_tensor(name)
+          canonical = canonical_name(name)
+          if canonical is not None:
+            yield canonical, f.get_tensor(name)
     except (OSError, SafetensorError) as err:
       raise ValueError(f"{file}: unreadable safetensors file ({err})") from err
+
+
+_RENAMES = (
+    (re.compile(r"^model\.language_model\."), "model."),  # multimodal (transformers 5 layout)
+    (re.compile(r"^language_model\.model\."), "model."),  # multimodal (older layout)
+    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+    (re.compile(r"\.block_sparse_moe\.gate\."), ".mlp.gate."),  # Mixtral
+    (re.compile(r"\.block_sparse_moe\.experts\.(\d+)\.w1\."), r".mlp.experts.\1.gate_proj."),
+    (re.compile(r"\.block_sparse_moe\.experts\.(\d+)\.w2\."), r".mlp.experts.\1.down_proj."),
+    (re.compile(r"\.block_sparse_moe\.experts\.(\d+)\.w3\."), r".mlp.experts.\1.up_proj."),
+)
+
+
+def canonical_name(name: str) -> str | None:
+  """A checkpoint's tensor name in the one naming tailjax loads (Llama's, Qwen3-MoE's for experts),
+  or None for a part that is not the language model (a vision tower)."""
+  if name.startswith(_VISION_PREFIXES):
+    return None
+  for pattern, replacement in _RENAMES:
+    name = pattern.sub(replacement, name)
+  return name
 
 
 def read_tokenizer(directory: Path):

@@ -14,6 +14,7 @@ import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ from flax import nnx
 
 from tailjax.models import gguf, hf
 from tailjax.models.config import ModelConfig
+from tailjax.models.moe import MoE
 from tailjax.models.quantize import QuantSpec, quantize_model
 from tailjax.models.transformer import Decoder
 
@@ -72,6 +74,8 @@ class LoadedModel:
     """``[B, T]`` ids -> ``[B, T, V]`` next-token log-probabilities (materialized: tests, small inputs)."""
     hidden = self.hidden_states(token_ids)
     logits = jnp.einsum("btd,dv->btv", hidden, self.model.unembedding(), preferred_element_type=jnp.float32)
+    if (cap := self.config.final_logit_softcap) is not None:
+      logits = cap * jnp.tanh(logits / cap)
     return jax.nn.log_softmax(logits, axis=-1)
 
 
@@ -80,43 +84,113 @@ def _hidden(model: Decoder, token_ids: jax.Array, segment_ids: jax.Array | None)
   return model(token_ids, segment_ids)
 
 
-def _targets(model: Decoder) -> dict[str, tuple[nnx.Variable, bool]]:
-  """Hugging Face tensor name -> (the parameter it fills, whether it is transposed)."""
-  targets = {"model.embed_tokens.weight": (model.embed.embedding, False),
-             "model.norm.weight": (model.norm.scale, False)}
-  if not model.cfg.tie_word_embeddings:
-    targets["lm_head.weight"] = (model.lm_head, True)
+class _Target(NamedTuple):
+  """Where a tensor goes: the parameter, whether its last two axes are PyTorch's ``[out, in]``, and
+  for one expert of a stacked ``[E, ...]`` parameter, which expert (None: the whole parameter)."""
+
+  param: nnx.Variable
+  transpose: bool
+  expert: int | None = None
+
+
+def _targets(model: Decoder) -> dict[str, _Target]:
+  """Canonical tensor name (``hf.canonical_name``) -> the parameter it fills."""
+  cfg = model.cfg
+  targets = {"model.embed_tokens.weight": _Target(model.embed.embedding, False),
+             "model.norm.weight": _Target(model.norm.scale, False)}
+  if not cfg.tie_word_embeddings:
+    targets["lm_head.weight"] = _Target(model.lm_head, True)
   for i, block in enumerate(model.blocks):
     p = f"model.layers.{i}."
-    targets[p + "input_layernorm.weight"] = (block.attn_norm.scale, False)
-    targets[p + "post_attention_layernorm.weight"] = (block.mlp_norm.scale, False)
+    targets[p + "input_layernorm.weight"] = _Target(block.attn_norm.scale, False)
+    if cfg.sandwich_norms:
+      targets[p + "post_attention_layernorm.weight"] = _Target(block.attn_post_norm.scale, False)
+      targets[p + "pre_feedforward_layernorm.weight"] = _Target(block.mlp_norm.scale, False)
+      targets[p + "post_feedforward_layernorm.weight"] = _Target(block.mlp_post_norm.scale, False)
+    else:
+      targets[p + "post_attention_layernorm.weight"] = _Target(block.mlp_norm.scale, False)
     for name in "qkvo":
       layer = getattr(block.attn, name)
-      targets[f"{p}self_attn.{name}_proj.weight"] = (layer.kernel, True)
+      targets[f"{p}self_attn.{name}_proj.weight"] = _Target(layer.kernel, True)
       if layer.bias is not None:
-        targets[f"{p}self_attn.{name}_proj.bias"] = (layer.bias, False)
-    for name in ("gate", "up", "down"):
-      targets[f"{p}mlp.{name}_proj.weight"] = (getattr(block.mlp, name).kernel, True)
+        targets[f"{p}self_attn.{name}_proj.bias"] = _Target(layer.bias, False)
+    if cfg.qk_norm:
+      targets[p + "self_attn.q_norm.weight"] = _Target(block.attn.q_norm.scale, False)
+      targets[p + "self_attn.k_norm.weight"] = _Target(block.attn.k_norm.scale, False)
+    if isinstance(block.mlp, MoE):
+      targets[p + "mlp.gate.weight"] = _Target(block.mlp.router, True)
+      for name in ("gate", "up", "down"):
+        param = getattr(block.mlp, name)
+        targets[f"{p}mlp.experts.{name}_proj.weight"] = _Target(param, True)  # stacked [E, out, in] (GGUF)
+        for j in range(cfg.num_experts):
+          targets[f"{p}mlp.experts.{j}.{name}_proj.weight"] = _Target(param, True, j)
+    else:
+      for name in ("gate", "up", "down"):
+        targets[f"{p}mlp.{name}_proj.weight"] = _Target(getattr(block.mlp, name).kernel, True)
   return targets
+
+
+def _unfuse(name: str, value: np.ndarray, cfg: ModelConfig) -> list[tuple[str, np.ndarray]]:
+  """Fused projections (Phi-3's ``qkv_proj`` and ``gate_up_proj``; transformers 5's stacked experts
+  ``experts.gate_up_proj`` / ``experts.down_proj``) -> the canonical tensors they concatenate."""
+  prefix, found, leaf = name.rpartition(".self_attn.qkv_proj.")
+  if found:
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return [(f"{prefix}.self_attn.{x}_proj.{leaf}", part)
+            for x, part in zip("qkv", np.split(value, [q, q + kv], axis=0))]
+  for fused in (".mlp.gate_up_proj.", ".mlp.experts.gate_up_proj"):
+    prefix, found, _ = name.rpartition(fused)
+    if found:
+      expert = "experts." if "experts" in fused else ""
+      gate, up = np.split(value, 2, axis=-2)
+      return [(f"{prefix}.mlp.{expert}gate_proj.weight", gate), (f"{prefix}.mlp.{expert}up_proj.weight", up)]
+  if name.endswith(".mlp.experts.down_proj"):
+    return [(name + ".weight", value)]
+  return [(name, value)]
 
 
 def _fill(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], source: str, dtype, param_dtype) -> Decoder:
   model = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
   targets = _targets(model)
-  for name, value in tensors:
+  stacks: dict[int, tuple[_Target, np.ndarray, set[int]]] = {}  # experts arriving one at a time
+  filled: set[int] = set()
+  for name, value in (piece for item in tensors for piece in _unfuse(*item, cfg)):
     if name not in targets:
       if name == "lm_head.weight" and cfg.tie_word_embeddings or name.endswith("rotary_emb.inv_freq"):
         continue
       raise ValueError(f"{source}: tensor {name} has no place in the model")
-    param, transpose = targets.pop(name)
-    value = value.T if transpose else value
-    expected = param.get_value().shape
+    target = targets.pop(name)
+    value = np.swapaxes(value, -1, -2) if target.transpose else value
+    expected = target.param.get_value().shape
+    if target.expert is not None:
+      expected = expected[1:]
     if value.shape != expected:
       raise ValueError(f"{source}: tensor {name} has shape {value.shape}, the model expects {expected}")
-    param.set_value(jnp.asarray(value, param.get_value().dtype))
+    key = id(target.param)
+    if key in filled:
+      raise ValueError(f"{source}: tensor {name} fills a parameter that another tensor already filled")
+    if target.expert is None:
+      target.param.set_value(jnp.asarray(value, target.param.get_value().dtype))
+      filled.add(key)
+      _drop_expert_names(targets, target.param)
+      continue
+    _, stack, have = stacks.setdefault(key, (target, np.zeros(target.param.get_value().shape, np.float32), set()))
+    stack[target.expert] = value
+    have.add(target.expert)
+    if len(have) == cfg.num_experts:
+      target.param.set_value(jnp.asarray(stack, target.param.get_value().dtype))
+      filled.add(key)
+      del stacks[key]
+      _drop_expert_names(targets, target.param)
   if targets:
     raise ValueError(f"{source}: tensors missing: {sorted(targets)[:5]}{' ...' if len(targets) > 5 else ''}")
   return model
+
+
+def _drop_expert_names(targets: dict[str, _Target], param: nnx.Variable) -> None:
+  """A stacked expert parameter is filled either whole or expert by expert: once filled, forget the other names."""
+  for name in [n for n, t in targets.items() if t.param is param]:
+    del targets[name]
 
 
 def _check_vocab(tokenizer: Tokenizer | None, cfg: ModelConfig, source: str) -> None:

@@ -11,7 +11,9 @@ shorter than ``group_size`` is quantized on its own.
 - asymmetric: ``scale = (max - min) / (2^b - 1)``, integer zero point ``z = round(-min / scale)``,
   ``q`` in ``[0, 2^b - 1]``, ``w ≈ (q - z) * scale``.
 
-Embeddings, the unembedding and norms stay in full precision (the usual RTN baseline).
+Every block's linear kernels are quantized, the experts of a mixture-of-experts MLP each on its
+own (``[E, in, out]`` stacks, groups inside each expert). Embeddings, the unembedding, norms and
+MoE routers stay in full precision (the usual RTN baseline; AWQ and GPTQ keep routers too).
 """
 
 from __future__ import annotations
@@ -77,13 +79,22 @@ def fake_quantize(kernel: jax.Array, spec: QuantSpec) -> jax.Array:
 
 
 def quantize_model(model: nnx.Module, spec: QuantSpec) -> int:
-  """Replace every transformer-block linear kernel by its RTN rounding, in place; returns how many."""
+  """Replace every transformer-block linear kernel (and expert) by its RTN rounding, in place; returns how
+  many kernels (an MoE layer's stack of E experts counts E times)."""
+  from tailjax.models.moe import MoE
+
   count = 0
   for path, module in nnx.iter_graph(model):
     if isinstance(module, nnx.Linear) and "blocks" in path:
       module.kernel.set_value(_jit_fake_quantize(module.kernel.get_value(), spec))
       count += 1
+    elif isinstance(module, MoE):
+      for param in (module.gate, module.up, module.down):
+        param.set_value(_jit_fake_quantize_experts(param.get_value(), spec))
+        count += param.get_value().shape[0]
   return count
 
 
 _jit_fake_quantize = jax.jit(fake_quantize, static_argnums=1)
+_jit_fake_quantize_experts = jax.jit(lambda kernels, spec: jax.vmap(lambda w: fake_quantize(w, spec))(kernels),
+                                     static_argnums=1)

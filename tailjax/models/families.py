@@ -1,0 +1,69 @@
+"""The one table of model families: which Hugging Face ``model_type`` and GGUF architecture
+each is, and the ``ModelConfig`` fields that hold for every checkpoint of the family.
+
+Sizes (layers, widths, heads, experts, windows, RoPE) come from each checkpoint's own
+config (``tailjax.models.hf``) or metadata (``tailjax.models.gguf``); a family adds only
+what its architecture fixes. ``tailjax.models.config.ModelConfig`` documents each field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import MappingProxyType
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  name: str
+  hf_model_types: tuple[str, ...]
+  gguf_architectures: tuple[str, ...]  # a GGUF arch shared by several families is resolved by its metadata
+  traits: MappingProxyType  # ModelConfig fields every checkpoint of the family has
+  examples: str  # for the README and error messages
+
+  def config_fields(self) -> dict[str, Any]:
+    return dict(self.traits)
+
+
+def _family(name, hf_types, gguf_archs, examples, **traits) -> Family:
+  return Family(name, tuple(hf_types), tuple(gguf_archs), MappingProxyType(traits), examples)
+
+
+_GEMMA = dict(norm_unit_offset=True, sandwich_norms=True, scale_embeddings=True, hidden_act="gelu_tanh")
+
+FAMILIES: tuple[Family, ...] = (
+    _family("llama", ["llama"], ["llama"], "Llama 2/3, SmolLM, TinyLlama"),
+    _family("mistral", ["mistral"], [], "Mistral 7B (GGUF files of it say llama)"),
+    _family("qwen2", ["qwen2"], ["qwen2"], "Qwen2, Qwen2.5", qkv_bias=True),
+    _family("qwen3", ["qwen3"], ["qwen3"], "Qwen3 dense", qk_norm=True),
+    _family("qwen3-moe", ["qwen3_moe"], ["qwen3moe"], "Qwen3-30B-A3B, Qwen3-235B-A22B", qk_norm=True),
+    _family("mixtral", ["mixtral"], ["llama"], "Mixtral 8x7B, 8x22B (GGUF: llama with experts)", norm_topk_prob=True),
+    _family("gemma2", ["gemma2"], ["gemma2"], "Gemma 2", **_GEMMA),
+    _family("gemma3", ["gemma3_text", "gemma3"], ["gemma3"], "Gemma 3 (text; the language model of multimodal "
+            "checkpoints)", qk_norm=True, **_GEMMA),
+    _family("phi3", ["phi3"], ["phi3"], "Phi-3, Phi-3.5 mini/medium (LongRoPE)"),
+)
+
+HF_MODEL_TYPES = tuple(t for f in FAMILIES for t in f.hf_model_types)
+GGUF_ARCHITECTURES = tuple(dict.fromkeys(a for f in FAMILIES for a in f.gguf_architectures))
+
+
+def for_hf(model_type: str | None, source: str) -> Family:
+  for family in FAMILIES:
+    if model_type in family.hf_model_types:
+      return family
+  raise ValueError(f"{source}: model_type {model_type!r} is not supported (supported: {', '.join(HF_MODEL_TYPES)})")
+
+
+def for_gguf(arch: str | None, has_experts: bool, source: str) -> Family:
+  """``llama`` files with expert tensors are Mixtral-style MoE; otherwise the arch names one family."""
+  if arch == "llama":
+    return by_name("mixtral" if has_experts else "llama")
+  for family in FAMILIES:
+    if arch in family.gguf_architectures:
+      return family
+  raise ValueError(f"{source}: GGUF architecture {arch!r} is not supported (supported: {', '.join(GGUF_ARCHITECTURES)})")
+
+
+def by_name(name: str) -> Family:
+  return next(f for f in FAMILIES if f.name == name)

@@ -1,0 +1,124 @@
+"""Sparse mixture-of-experts MLP: a softmax top-k router and grouped expert matmuls.
+
+Routing (Qwen3-MoE, Mixtral): ``p = softmax(x @ router)`` over ``E`` experts in float32; each
+token goes to its ``k`` most probable experts (ties: the lower id, as ``lax.top_k``), with
+weights ``p_i`` or, with ``norm_topk_prob``, ``p_i / sum_topk p`` (Mixtral always renormalises:
+``softmax`` over the chosen logits is the same thing). The output is
+``sum_i w_i * down_i(silu(gate_i(x)) * up_i(x))``, exactly these ``k`` experts per token.
+
+Grouping: the ``N * k`` (token, expert) assignments are sorted by expert and laid out in tiles
+of ``tile`` rows, each tile holding one expert's rows (an expert's last tile is padded). A scan
+over the tiles runs the tile's expert on it: the work is that of the active parameters plus
+at most one padded tile per expert, never every expert on every token. (``lax.ragged_dot`` on
+the same layout measured 8x slower than one dense matmul of the same rows on CPU.)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tailjax.models.config import ModelConfig
+from tailjax.models.layers import activation, axes
+
+Array = jax.Array
+
+TILE = 128
+
+
+class Routing(NamedTuple):
+  """Which experts each of ``N`` tokens goes to: ``experts, weights: [N, k]``; ``probs: [N, E]`` float32."""
+
+  experts: Array
+  weights: Array
+  probs: Array
+
+
+def route(x: Array, router: Array, k: int, norm_topk_prob: bool) -> Routing:
+  """``x: [N, d]``, ``router: [d, E]`` -> ``Routing`` (weights in float32)."""
+  logits = jnp.dot(x, router.astype(x.dtype))
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  weights, experts = jax.lax.top_k(probs, k)
+  if norm_topk_prob:
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  return Routing(experts.astype(jnp.int32), weights, probs)
+
+
+class TileLayout(NamedTuple):
+  """``M`` assignments grouped by expert into ``tiles`` tiles of ``tile`` rows.
+
+  ``slot: [M]`` the row of each assignment in the tiled layout; ``source: [tiles * tile]`` the
+  assignment each row holds (``valid`` where it holds one); ``expert: [tiles]`` each tile's expert.
+  """
+
+  slot: Array
+  source: Array
+  valid: Array
+  expert: Array
+
+
+def tile_layout(experts: Array, num_experts: int, tile: int) -> TileLayout:
+  """Lay out ``experts: [M]`` (an expert id per assignment) in expert-pure tiles.
+
+  At most ``ceil(M / tile) + num_experts`` tiles are needed (each expert pads one tile at most),
+  a static bound, so the layout has static shapes whatever the routing.
+  """
+  m = experts.shape[0]
+  sizes = jnp.bincount(experts, length=num_experts)
+  padded = -(-sizes // tile) * tile
+  ends = jnp.cumsum(padded)
+  order = jnp.argsort(experts, stable=True)  # assignments grouped by expert
+  rank = jnp.arange(m) - (jnp.cumsum(sizes) - sizes)[experts[order]]  # position inside its expert's group
+  slot = jnp.zeros(m, jnp.int32).at[order].set((ends - padded)[experts[order]] + rank)
+  tiles = -(-m // tile) + num_experts
+  source = jnp.zeros(tiles * tile, jnp.int32).at[slot].set(jnp.arange(m, dtype=jnp.int32))
+  valid = jnp.zeros(tiles * tile, bool).at[slot].set(True)
+  expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(tiles) * tile, side="right"), num_experts - 1)
+  return TileLayout(slot, source, valid, expert.astype(jnp.int32))
+
+
+class MoE(nnx.Module):
+  """``num_experts`` gated experts of width ``moe_intermediate_size`` behind a top-k router.
+
+  Parameters: ``router: [d, E]``; ``gate, up: [E, d, I]``; ``down: [E, I, d]`` (each expert's
+  kernels in tailjax's ``[in, out]`` layout, stacked on a leading ``experts`` axis).
+  """
+
+  def __init__(self, cfg: ModelConfig, dtype, param_dtype, rngs: nnx.Rngs):
+    d, m, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+    init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
+    self.router = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (d, e), param_dtype),
+                            **axes("embed", None))
+    self.gate = nnx.Param(init(rngs.params(), (e, d, m), param_dtype), **axes("experts", "embed", "mlp"))
+    self.up = nnx.Param(init(rngs.params(), (e, d, m), param_dtype), **axes("experts", "embed", "mlp"))
+    self.down = nnx.Param(init(rngs.params(), (e, m, d), param_dtype), **axes("experts", "mlp", "embed"))
+    self.num_experts = e
+    self.k = cfg.num_experts_per_tok
+    self.norm_topk_prob = cfg.norm_topk_prob
+    self.act = cfg.hidden_act
+    self.dtype = dtype
+
+  def __call__(self, x: Array) -> Array:
+    """``x: [..., d]`` -> ``[..., d]``."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    x = x.reshape(-1, d).astype(self.dtype)
+    routing = route(x, self.router[...], self.k, self.norm_topk_prob)
+    n = x.shape[0]
+    tile = min(TILE, n * self.k)
+    layout = tile_layout(routing.experts.reshape(-1), self.num_experts, tile)
+    rows = jnp.where(layout.valid[:, None], x[layout.source // self.k], 0).reshape(-1, tile, d)
+    gate, up, down = (p[...].astype(self.dtype) for p in (self.gate, self.up, self.down))
+
+    def expert_tile(_, inputs):
+      h, e = inputs  # [tile, d], the tile's expert
+      pick = lambda w: jax.lax.dynamic_index_in_dim(w, e, keepdims=False)
+      h = activation(self.act, h @ pick(gate)) * (h @ pick(up))
+      return None, h @ pick(down)
+
+    _, out = jax.lax.scan(expert_tile, None, (rows, layout.expert))
+    out = out.reshape(-1, d)[layout.slot].reshape(n, self.k, d)  # back to [token, choice]
+    y = jnp.einsum("nkd,nk->nd", out.astype(jnp.float32), routing.weights)
+    return y.astype(x.dtype).reshape(*lead, d)

@@ -1,0 +1,102 @@
+"""Every family against transformers + PyTorch on the same random weights, on tiny configs chosen
+so that what the family changes shows: head_dim != hidden / heads, GQA, windows shorter than the
+sequence, soft-caps that bite, several experts with dense layers mixed in, and norms and biases
+moved off their init."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from tailjax import models
+from test_hf import random_hf_model, torch_logprobs
+
+SEQ = 24  # longer than every window and original context below
+SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
+MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+GEMMA = dict(head_dim=24, query_pre_attn_scalar=20, sliding_window=5, initializer_range=0.1)
+LONGROPE = dict(rope_type="longrope", rope_theta=1e4, short_factor=list(np.linspace(1, 2, 8)),
+                long_factor=list(np.linspace(1, 6, 8)))
+
+FAMILIES = {
+    "qwen3": (transformers.Qwen3Config, dict(head_dim=24)),
+    "qwen3-sliding-layers": (transformers.Qwen3Config, dict(use_sliding_window=True, sliding_window=6,
+                                                            max_window_layers=1)),
+    "qwen3-moe-dense-layer": (transformers.Qwen3MoeConfig, dict(**MOE, num_experts=4, mlp_only_layers=[1])),
+    "qwen3-moe-norm-topk-step2": (transformers.Qwen3MoeConfig, dict(**MOE, num_experts=5, norm_topk_prob=True,
+                                                                    decoder_sparse_step=2, head_dim=24)),
+    "mixtral-sliding": (transformers.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2,
+                                                         sliding_window=6)),
+    "gemma2-softcaps": (transformers.Gemma2Config, dict(**GEMMA, attn_logit_softcapping=2.0,
+                                                        final_logit_softcapping=1.0)),
+    "gemma3-layer-pattern": (transformers.Gemma3TextConfig, dict(
+        **GEMMA, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                         "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0}})),
+    "phi3-longrope-long": (transformers.Phi3Config, dict(
+        pad_token_id=0, hidden_size=64, num_attention_heads=4, rope_parameters=LONGROPE,
+        original_max_position_embeddings=16)),
+    "phi3-longrope-short-window": (transformers.Phi3Config, dict(
+        pad_token_id=0, rope_parameters=LONGROPE, original_max_position_embeddings=32, sliding_window=7)),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logprobs_equal_transformers(family, tmp_path, rng):
+  config_cls, overrides = FAMILIES[family]
+  reference = random_hf_model(config_cls, tmp_path, **{**SMALL, **overrides})
+  ids = rng.integers(0, SMALL["vocab_size"], (2, SEQ))
+  loaded = models.load(tmp_path)
+  diff = np.abs(np.asarray(loaded.logprobs(ids), np.float64) - torch_logprobs(reference, ids)).max()
+  assert diff <= 1e-4, diff
+  if "moe" in family or "mixtral" in family:
+    assert loaded.config.num_experts == overrides.get("num_experts", overrides.get("num_local_experts"))
+
+
+def test_softcaps_and_window_bite(tmp_path, rng):
+  """The Gemma 2 case above would pass with a cap or the window ignored only if they changed nothing."""
+  config_cls, overrides = FAMILIES["gemma2-softcaps"]
+  random_hf_model(config_cls, tmp_path, **{**SMALL, **overrides})
+  ids = rng.integers(0, SMALL["vocab_size"], (1, SEQ))
+  base = np.asarray(models.load(tmp_path).logprobs(ids))
+  config_path = tmp_path / "config.json"
+  config = json.loads(config_path.read_text())
+  for change in (dict(final_logit_softcapping=None), dict(attn_logit_softcapping=None), dict(sliding_window=SEQ)):
+    config_path.write_text(json.dumps({**config, **change}))
+    assert np.abs(np.asarray(models.load(tmp_path).logprobs(ids)) - base).max() > 1e-2, change
+
+
+def test_gemma3_multimodal_checkpoint_loads_its_language_model(tmp_path, rng, caplog):
+  text = transformers.Gemma3TextConfig(**{**SMALL, **FAMILIES["gemma3-layer-pattern"][1]})
+  vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=28, patch_size=14)
+  cfg = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4)
+  cfg.text_config._attn_implementation = "eager"
+  reference = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+  with torch.no_grad():
+    for name, p in reference.named_parameters():
+      if name.endswith("norm.weight"):
+        p.copy_(0.1 * torch.randn_like(p))
+  reference.save_pretrained(tmp_path)
+  with caplog.at_level("WARNING", logger="tailjax"):
+    loaded = models.load(tmp_path)
+  assert "vision tower is skipped" in caplog.text
+  ids = rng.integers(0, SMALL["vocab_size"], (2, SEQ))
+  assert np.abs(np.asarray(loaded.logprobs(ids), np.float64) - torch_logprobs(reference, ids)).max() <= 1e-4
+
+
+def test_quantized_moe_candidate_rounds_every_expert(tmp_path):
+  config_cls, overrides = FAMILIES["qwen3-moe-dense-layer"]
+  random_hf_model(config_cls, tmp_path, **{**SMALL, **overrides})
+  base, quantized = models.load(tmp_path), models.load(f"{tmp_path}@int3-g16")
+  moe, moe_q = base.model.blocks[0].mlp, quantized.model.blocks[0].mlp
+  for name in ("gate", "up", "down"):
+    w, q = np.asarray(getattr(moe, name)[...]), np.asarray(getattr(moe_q, name)[...])
+    assert not np.allclose(w, q)
+    for e in range(w.shape[0]):  # each expert rounded on its own grid: at most 7 levels per group of 16 inputs
+      groups = q[e].reshape(-1, 16, q.shape[-1])
+      assert max(len(np.unique(groups[g, :, c])) for g in range(groups.shape[0]) for c in range(3)) <= 7
+  np.testing.assert_array_equal(moe.router[...], moe_q.router[...])  # routers stay in full precision
