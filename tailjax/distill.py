@@ -153,14 +153,14 @@ def token_losses(student: Decoder, batch: dict[str, jax.Array], *, objective: st
   read from them; otherwise ``teacher`` runs here, as a constant.
   """
   inputs, segments, targets = batch["tokens"][:, :-1], batch["segments"][:, :-1], batch["tokens"][:, 1:]
-  hidden, unembedding = student(inputs, segments), student.unembedding()
+  hidden, unembedding = student(inputs, segments), student.output_head()
   if objective == "ce":
     return head.cross_entropy(hidden, unembedding, targets, vocab_size=vocab_size, block_size=block_size)
   if "topk_ids" in batch:
     top = TopK(batch["topk_ids"], batch["topk_logprobs"])
   else:
     teacher_hidden = jax.lax.stop_gradient(teacher(inputs, segments))
-    teacher_unembedding = jax.lax.stop_gradient(teacher.unembedding())
+    teacher_unembedding = jax.lax.stop_gradient(teacher.output_head())
     if objective == "kl":
       return head.kl_divergence(teacher_hidden, teacher_unembedding, hidden, unembedding, temperature=temperature,
                                 vocab_size=vocab_size, block_size=block_size)
@@ -212,7 +212,7 @@ def _add_val_ce(sketch: LogHistogram, params: nnx.State, tokens: jax.Array, segm
                 graphdef, vocab_size: int, block_size: int) -> LogHistogram:
   model = nnx.merge(graphdef, params)
   hidden = model(tokens[:, :-1], segments[:, :-1])
-  ce = head.cross_entropy(hidden, model.unembedding(), tokens[:, 1:], vocab_size=vocab_size, block_size=block_size)
+  ce = head.cross_entropy(hidden, model.output_head(), tokens[:, 1:], vocab_size=vocab_size, block_size=block_size)
   return sketch.add(ce, jnp.broadcast_to(rows[:, None], ce.shape))
 
 

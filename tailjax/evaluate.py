@@ -92,17 +92,19 @@ def _token_stats(models: tuple, tokens: jax.Array, scored: jax.Array, base, voca
   reference, *candidates = models
   targets = tokens[:, 1:]
   if base is None:
-    out = head.candidates_token_stats(reference(tokens)[:, :-1], reference.unembedding(),
-                                      [(cand(tokens)[:, :-1], cand.unembedding()) for cand in candidates], targets,
+    out = head.candidates_token_stats(reference(tokens)[:, :-1], reference.output_head(),
+                                      [(cand(tokens)[:, :-1], cand.output_head()) for cand in candidates], targets,
                                       where=scored, vocab_size=vocab_size, reference_topk=cache_k or None)
     return out if cache_k else (out, None)
   if isinstance(base, refcache.CacheBatch):
-    return [refcache.cache_token_stats(base, cand(tokens)[:, :-1], cand.unembedding(), targets, scored, vocab_size)
+    return [refcache.cache_token_stats(base, cand(tokens)[:, :-1], cand.output_head(), targets, scored, vocab_size)
             for cand in candidates], None
   stats = []
   for cand in candidates:  # a base file is materialized log-probs already: the candidate's logits are too
     logits = jnp.einsum("btd,dv->btv", cand(tokens)[:, :-1], cand.unembedding()[:, :vocab_size],
                         preferred_element_type=jnp.float32)
+    if (cap := cand.cfg.final_logit_softcap) is not None:
+      logits = cap * jnp.tanh(logits / cap)
     values = llamacpp.base_token_stats(*base, logits, targets)
     stats.append(head.TokenStats(*(jnp.where(scored, v, 0.0) for v in values)))
   return stats, None

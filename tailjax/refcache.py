@@ -80,7 +80,8 @@ def load(path: str | Path) -> ReferenceCache:
   return cache
 
 
-def cache_token_stats(cache: CacheBatch, cand_hidden: jax.Array, cand_unembedding: jax.Array, targets: jax.Array,
+def cache_token_stats(cache: CacheBatch, cand_hidden: jax.Array, cand_unembedding: jax.Array | head.OutputHead,
+                      targets: jax.Array,
                       scored: jax.Array, vocab_size: int) -> head.TokenStats:
   """Per-token values of a candidate against cached reference top-K log-probs (see module docstring)."""
   k = cache.ids.shape[-1]

@@ -74,7 +74,7 @@ def _shard_dir(directory: Path, shard: int) -> Path:
 @nnx.jit(static_argnums=(3, 4, 5))
 def _topk(teacher: Decoder, tokens: jax.Array, segments: jax.Array, k: int, temperature: float, vocab_size: int):
   hidden = teacher(tokens, segments)
-  return head.teacher_topk(hidden, teacher.unembedding(), k, temperature=temperature, vocab_size=vocab_size)
+  return head.teacher_topk(hidden, teacher.output_head(), k, temperature=temperature, vocab_size=vocab_size)
 
 
 def write(teacher: LoadedModel, name: str, packed: Packed, k: int, directory: str | Path, *, vocab_size: int,

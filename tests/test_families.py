@@ -3,6 +3,7 @@ so that what the family changes shows: head_dim != hidden / heads, GQA, windows 
 sequence, soft-caps that bite, several experts with dense layers mixed in, and norms and biases
 moved off their init."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -100,3 +101,37 @@ def test_quantized_moe_candidate_rounds_every_expert(tmp_path):
       groups = q[e].reshape(-1, 16, q.shape[-1])
       assert max(len(np.unique(groups[g, :, c])) for g in range(groups.shape[0]) for c in range(3)) <= 7
   np.testing.assert_array_equal(moe.router[...], moe_q.router[...])  # routers stay in full precision
+
+
+# What llama.cpp's converter can express: Qwen3-MoE renormalises (llama.cpp always does), Mixtral
+# files carry no window, Gemma files no query scale (head_dim) and no layer pattern (Gemma 3: 5 of 6).
+GGUF_CASES = {
+    "qwen3": ("qwen3", "qwen3", {}),
+    "qwen3moe": ("qwen3-moe-norm-topk-step2", "qwen3moe", {}),
+    "mixtral-stacked": ("mixtral-sliding", "llama", dict(sliding_window=None)),
+    "mixtral-per-expert": ("mixtral-sliding", "llama", dict(sliding_window=None)),
+    "gemma2": ("gemma2-softcaps", "gemma2", dict(query_pre_attn_scalar=24)),
+    "gemma3": ("gemma3-layer-pattern", "gemma3", dict(
+        query_pre_attn_scalar=24, layer_types=None, num_hidden_layers=6,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0}})),
+    "phi3": ("phi3-longrope-long", "phi3", {}),
+}
+
+
+@pytest.mark.parametrize("case", GGUF_CASES)
+def test_gguf_as_llama_cpp_writes_it_equals_the_hugging_face_source(case, tmp_path, rng):
+  import gguf_convert
+
+  variant, arch, changes = GGUF_CASES[case]
+  config_cls, overrides = FAMILIES[variant]
+  reference = random_hf_model(config_cls, tmp_path / "hf", **{**SMALL, **overrides, **changes})
+  path = gguf_convert.write(tmp_path / "hf", tmp_path / f"{case}.gguf", arch, per_expert=case == "mixtral-per-expert")
+  from_gguf, from_hf = models.load(path), models.load(tmp_path / "hf")
+  same = dict(vocab_size=from_gguf.config.vocab_size)
+  if arch == "phi3":  # LongRoPE factors as float32 tensors and the attention factor written out: same angles
+    same["rope_scaling"] = from_gguf.config.rope_scaling
+  assert from_gguf.config == dataclasses.replace(from_hf.config, **same)
+  ids = rng.integers(0, SMALL["vocab_size"], (2, SEQ))
+  diff = np.abs(np.asarray(from_gguf.logprobs(ids), np.float64) - torch_logprobs(reference, ids)).max()
+  assert diff <= 1e-4, diff

@@ -217,3 +217,42 @@ def test_temporary_memory_is_flat_in_vocabulary():
   assert temps[32768][0] < 1.2 * temps[8192][0]
   assert temps[32768][1] > 3 * temps[8192][1]
   assert temps[32768][0] * 10 < temps[32768][1]
+
+
+def capped(z, cap):
+  return cap * np.tanh(ref.f64(z) / cap)
+
+
+@pytest.mark.parametrize("block_size", [128, 1000])
+def test_final_logit_softcap_values_and_gradients_match_float64(rng, block_size):
+  """Gemma 2's soft-cap, applied blockwise before every softmax: values and gradients vs float64 on the
+  materialized capped logits (caps of 3 and 5 bite: the raw logits reach ~10)."""
+  h, w, h_c, w_c = model_pair(rng)
+  targets = rng.integers(0, 1000, (2, 19))
+  ref_head, cand_head = head.OutputHead(jnp.asarray(w), 5.0), head.OutputHead(jnp.asarray(w_c), 3.0)
+  raw_a, raw_c = ref.f64(logits(h, w)), ref.f64(logits(h_c, w_c))
+  assert np.abs(raw_c).max() > 6
+  a, c = capped(raw_a, 5.0), capped(raw_c, 3.0)
+  with jax.default_matmul_precision("highest"):
+    stats = head.token_stats(h, ref_head, h_c, cand_head, targets, block_size=block_size)
+    ce = head.cross_entropy(h_c, cand_head, targets, block_size=block_size)
+    top = head.teacher_topk(h, ref_head, 6, block_size=block_size)
+    topk_kl = head.topk_kl_divergence(h_c, cand_head, top, block_size=block_size)
+    d_ce = jax.grad(lambda x, u: head.cross_entropy(x, head.OutputHead(u, 3.0), targets, block_size=block_size).sum(),
+                    argnums=(0, 1))(h_c, w_c)
+    d_kl = jax.grad(lambda x: head.kl_divergence(h, ref_head, x, cand_head, temperature=2.0,
+                                                 block_size=block_size).sum())(h_c)
+  np.testing.assert_allclose(stats.kld, ref.kl(a, c), rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(stats.ref_ce, ref.cross_entropy(a, targets), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ce, ref.cross_entropy(c, targets), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(topk_kl, ref.topk_kl(c, a, 6, "full"), rtol=1e-4, atol=1e-6)
+  assert np.abs(ref.kl(a, c) - ref.kl(raw_a, raw_c)).max() > 0.1  # the caps change the answer
+  # d CE / d raw logits = (softmax(c) - onehot) * (1 - tanh^2); then through the matmul.
+  g_c = np.exp(c - ref.lse(c)[..., None]) - np.eye(1000)[targets]
+  g_raw = g_c * (1 - np.tanh(raw_c / 3.0)**2)
+  np.testing.assert_allclose(d_ce[0], g_raw @ ref.f64(w_c).T, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(d_ce[1], np.einsum("ntd,ntv->dv", ref.f64(h_c), g_raw), rtol=1e-4, atol=1e-5)
+  # d KL(p || q) / d raw candidate logits at temperature T = (q_T - p_T) / T * (1 - tanh^2).
+  p, q = (np.exp(z / 2.0 - ref.lse(z / 2.0)[..., None]) for z in (a, c))
+  g_raw = (q - p) / 2.0 * (1 - np.tanh(raw_c / 3.0)**2)
+  np.testing.assert_allclose(d_kl, g_raw @ ref.f64(w_c).T, rtol=1e-4, atol=1e-6)

@@ -1,10 +1,14 @@
 """GGUF files (llama.cpp's format) -> ``ModelConfig``, weights and tokenizer.
 
-Tensors are dequantized by the ``gguf`` package (every common quant type) to float32
-in PyTorch's ``[out, in]`` order. llama.cpp stores the rows of ``attn_q``/``attn_k``
-permuted for its rotary layout; they are permuted back to Hugging Face's
-``rotate_half`` layout, which ``tailjax.models.transformer`` uses. The tokenizer is
-rebuilt from the file's vocabulary and merges with transformers' own GGUF mapping.
+Tensors are dequantized by the ``gguf`` package (every common quant type) to float32 in
+PyTorch's ``[out, in]`` order (stacked experts: ``[E, out, in]``) and renamed to the canonical
+(Hugging Face) names ``tailjax.models.load`` fills. What llama.cpp's converter changed is
+undone here: ``attn_q``/``attn_k`` rows of ``llama``-arch files are permuted for its rotary
+layout (permuted back to ``rotate_half``'s), Gemma's zero-centred norms are stored as
+``1 + w`` (1 is subtracted), Phi-3's LongRoPE factors are tensors (read into the config).
+Metadata llama.cpp does not store is filled in the way llama.cpp itself assumes it (Gemma's
+layer pattern and query scale: see ``read_config``). The tokenizer is rebuilt from the file's
+vocabulary and merges with transformers' own GGUF mapping.
 """
 
 from __future__ import annotations
@@ -14,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from tailjax.models import families
 from tailjax.models.config import ModelConfig, RopeScaling
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
-
-# GGUF tensor names -> Hugging Face names (``{}`` is the layer index).
+# GGUF tensor names -> canonical names (``{}`` is the layer index).
 _HF_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -29,25 +32,47 @@ _HF_NAMES = {
     "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
     "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
     "blk.{}.attn_output.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "blk.{}.attn_output.bias": "model.layers.{}.self_attn.o_proj.bias",
+    "blk.{}.attn_q_norm.weight": "model.layers.{}.self_attn.q_norm.weight",
+    "blk.{}.attn_k_norm.weight": "model.layers.{}.self_attn.k_norm.weight",
+    "blk.{}.attn_qkv.weight": "model.layers.{}.self_attn.qkv_proj.weight",
+    "blk.{}.ffn_gate_inp.weight": "model.layers.{}.mlp.gate.weight",
+    **{f"blk.{{}}.ffn_{x}_exps.weight": f"model.layers.{{}}.mlp.experts.{x}_proj.weight" for x in ("gate", "up", "down")},
     **{f"blk.{{}}.attn_{x}.{kind}": f"model.layers.{{}}.self_attn.{x}_proj.{kind}"
        for x in "qkv" for kind in ("weight", "bias")},
 }
+# Gemma's four norms per block (elsewhere ``ffn_norm`` is the one norm before the MLP).
+_SANDWICH_NAMES = {
+    "blk.{}.post_attention_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "blk.{}.ffn_norm.weight": "model.layers.{}.pre_feedforward_layernorm.weight",
+    "blk.{}.post_ffw_norm.weight": "model.layers.{}.post_feedforward_layernorm.weight",
+}
+_ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
-def hf_name(name: str) -> str:
-  """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight`` (unknown names pass through)."""
+def hf_name(name: str, cfg: ModelConfig | None = None, arch: str | None = None) -> str:
+  """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight`` (unknown names pass through).
+
+  Old Mixtral files keep one tensor per expert: ``blk.3.ffn_gate.5.weight`` -> ``...mlp.experts.5.gate_proj.weight``.
+  """
+  table = {**_HF_NAMES, **_SANDWICH_NAMES} if cfg is not None and cfg.sandwich_norms else _HF_NAMES
+  if arch == "phi3":  # its ffn_up holds gate and up, stacked
+    table = {**table, "blk.{}.ffn_up.weight": "model.layers.{}.mlp.gate_up_proj.weight"}
   parts = name.split(".")
   if parts[0] == "blk" and len(parts) > 2 and parts[1].isdigit():
-    pattern = _HF_NAMES.get(".".join(["blk", "{}", *parts[2:]]))
+    if len(parts) == 5 and parts[2] in ("ffn_gate", "ffn_up", "ffn_down") and parts[3].isdigit():
+      return f"model.layers.{parts[1]}.mlp.experts.{parts[3]}.{parts[2][4:]}_proj.{parts[4]}"
+    pattern = table.get(".".join(["blk", "{}", *parts[2:]]))
     return pattern.format(parts[1]) if pattern else name
-  return _HF_NAMES.get(name, name)
+  return table.get(name, name)
 
 
-def _field(reader, key: str, default=None):
-  field = reader.fields.get(key)
-  if field is None:
+def field(reader, key: str, default=None):
+  """The value of a metadata key, or ``default`` when the file lacks it."""
+  value = reader.fields.get(key)
+  if value is None:
     return default
-  return field.contents()
+  return value.contents()
 
 
 def _f32(value) -> float:
@@ -56,53 +81,98 @@ def _f32(value) -> float:
 
 
 def read_config(reader, path: Path) -> ModelConfig:
-  arch = _field(reader, "general.architecture")
-  if arch not in SUPPORTED_ARCHITECTURES:
-    raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {SUPPORTED_ARCHITECTURES})")
+  arch = field(reader, "general.architecture")
+  names = {t.name: t for t in reader.tensors}
+  family = families.for_gguf(arch, bool(field(reader, f"{arch}.expert_count", 0)), str(path))
 
   need = lambda key: _need(reader, f"{arch}.{key}", path)
-  names = {t.name: t for t in reader.tensors}
-  vocab = _field(reader, f"{arch}.vocab_size") or len(_field(reader, "tokenizer.ggml.tokens") or [])
+  opt = lambda key, default=None: field(reader, f"{arch}.{key}", default)
+  vocab = opt("vocab_size") or len(field(reader, "tokenizer.ggml.tokens") or [])
   heads = int(need("attention.head_count"))
   hidden = int(need("embedding_length"))
-  head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // heads))
-  rotary_dims = int(_field(reader, f"{arch}.rope.dimension_count", head_dim))
+  layers = int(need("block_count"))
+  head_dim = int(opt("attention.key_length", hidden // heads))
+  rotary_dims = int(opt("rope.dimension_count", head_dim))
   if rotary_dims != head_dim:
     raise ValueError(f"{path}: partial rotary embeddings ({arch}.rope.dimension_count={rotary_dims} < "
                      f"head_dim={head_dim}) are not supported")
-  return ModelConfig(
+  fields = dict(
       vocab_size=int(vocab),
       hidden_size=hidden,
       intermediate_size=int(need("feed_forward_length")),
-      num_layers=int(need("block_count")),
+      num_layers=layers,
       num_heads=heads,
-      num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
+      num_kv_heads=int(opt("attention.head_count_kv", heads)),
       head_dim=head_dim,
-      rope_theta=_f32(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
-      rope_scaling=_rope_scaling(reader, arch, names.get("rope_freqs.weight"), path),
+      rope_theta=_f32(opt("rope.freq_base", 10000.0)),
+      rope_scaling=_rope_scaling(reader, arch, names, path),
       rms_norm_eps=_f32(need("attention.layer_norm_rms_epsilon")),
       tie_word_embeddings="output.weight" not in names,
       qkv_bias="blk.0.attn_q.bias" in names,
-      max_position_embeddings=int(_field(reader, f"{arch}.context_length", 4096)),
+      o_bias="blk.0.attn_output.bias" in names,
+      max_position_embeddings=int(opt("context_length", 4096)),
+      sliding_window=None if opt("attention.sliding_window") is None else int(opt("attention.sliding_window")),
   )
+  fields.update(family.config_fields())
+  fields["qkv_bias"] = "blk.0.attn_q.bias" in names
+  if family.name.startswith("gemma"):
+    fields.update(_gemma(reader, arch, layers, head_dim, hidden // heads, fields["sliding_window"]))
+  if opt("expert_count"):
+    dense = tuple(i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in names)
+    fields.update(num_experts=int(opt("expert_count")), num_experts_per_tok=int(need("expert_used_count")),
+                  moe_intermediate_size=int(opt("expert_feed_forward_length", fields["intermediate_size"])),
+                  norm_topk_prob=bool(opt("expert_weights_norm", arch in ("llama", "qwen3moe"))), dense_layers=dense)
+  try:
+    return ModelConfig(**fields)
+  except (TypeError, ValueError) as err:
+    raise ValueError(f"{path}: {err}") from err
 
 
-def _rope_scaling(reader, arch: str, freqs_tensor, path: Path) -> RopeScaling | None:
-  """llama.cpp stores Llama 3's scaling as per-frequency divisors (``rope_freqs``), others as metadata."""
-  if freqs_tensor is not None:
-    return RopeScaling(type="factors", divisors=tuple(float(x) for x in np.asarray(freqs_tensor.data).ravel()))
-  kind = _field(reader, f"{arch}.rope.scaling.type", "none")
+def _gemma(reader, arch: str, layers: int, head_dim: int, hidden_per_head: int, window: int | None) -> dict:
+  """What Gemma files leave to llama.cpp's code: which layers slide (Gemma 2: every other one, from the
+  first; Gemma 3: five of every six, unless ``attention.sliding_window_pattern`` says), the local RoPE
+  base (10000 unless ``rope.freq_base_swa``), and the query scale (``head_dim``, but ``hidden / heads``
+  for the 27B models, 46 and 62 layers, as in llama.cpp; ``attention.scale`` overrides)."""
+  opt = lambda key, default=None: field(reader, f"{arch}.{key}", default)
+  pattern = opt("attention.sliding_window_pattern", 2 if arch == "gemma2" else 6)
+  if isinstance(pattern, list):  # one flag per layer
+    kinds = tuple("sliding" if flag else "full" for flag in pattern)
+  else:
+    kinds = tuple("sliding" if (i + 1) % int(pattern) else "full" for i in range(layers))
+  big = (arch, layers) in (("gemma2", 46), ("gemma3", 62))
+  scale = opt("attention.scale")
+  out = dict(layer_types=kinds if window is not None else None,
+             query_pre_attn_scalar=float(scale**-2) if scale else float(hidden_per_head if big else head_dim),
+             attn_logit_softcap=opt("attn_logit_softcapping"), final_logit_softcap=opt("final_logit_softcapping"))
+  if arch == "gemma3":
+    out["rope_local_theta"] = _f32(opt("rope.freq_base_swa", 10000.0))
+  return {k: _f32(v) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def _rope_scaling(reader, arch: str, names: dict, path: Path) -> RopeScaling | None:
+  """llama.cpp stores Llama 3's scaling as per-frequency divisors (``rope_freqs``), Phi-3's LongRoPE as
+  ``rope_factors_long`` / ``_short`` tensors, the others as metadata."""
+  vector = lambda name: tuple(float(x) for x in np.asarray(names[name].data, np.float64).ravel())
+  if "rope_freqs.weight" in names:
+    return RopeScaling(type="factors", divisors=vector("rope_freqs.weight"))
+  original = field(reader, f"{arch}.rope.scaling.original_context_length")
+  if "rope_factors_long.weight" in names:
+    attn = field(reader, f"{arch}.rope.scaling.attn_factor")
+    return RopeScaling(type="longrope", long_factor=vector("rope_factors_long.weight"),
+                       short_factor=vector("rope_factors_short.weight"),
+                       original_max_position_embeddings=None if original is None else int(original),
+                       attention_factor=None if attn is None else _f32(attn))
+  kind = field(reader, f"{arch}.rope.scaling.type", "none")
   if kind == "none":
     return None
   if kind not in ("linear", "yarn"):
     raise ValueError(f"{path}: {arch}.rope.scaling.type={kind!r} is not supported")
-  original = _field(reader, f"{arch}.rope.scaling.original_context_length")
   return RopeScaling(type=kind, factor=_f32(_need(reader, f"{arch}.rope.scaling.factor", path)),
                      original_max_position_embeddings=None if original is None else int(original))
 
 
 def _need(reader, key: str, path: Path):
-  value = _field(reader, key)
+  value = field(reader, key)
   if value is None:
     raise ValueError(f"{path}: GGUF metadata lacks {key}")
   return value
@@ -115,12 +185,12 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def read_tensors(reader, cfg: ModelConfig, path: Path) -> Iterator[tuple[str, np.ndarray]]:
-  """``(Hugging Face name, float32 array in PyTorch layout)``, q/k rows in Hugging Face order."""
+  """``(canonical name, float32 array in PyTorch layout)``, q/k rows in Hugging Face order."""
   from gguf.quants import dequantize
 
-  arch = _field(reader, "general.architecture")
+  arch = field(reader, "general.architecture")
   for t in reader.tensors:
-    if t.name == "rope_freqs.weight":  # read into the config
+    if t.name in _ROPE_TENSORS:  # read into the config
       continue
     try:
       w = np.asarray(dequantize(t.data, t.tensor_type), np.float32)
@@ -130,7 +200,9 @@ def read_tensors(reader, cfg: ModelConfig, path: Path) -> Iterator[tuple[str, np
       w = _unpermute(w, cfg.num_heads)
     elif arch == "llama" and t.name.endswith(("attn_k.weight", "attn_k.bias")):
       w = _unpermute(w, cfg.num_kv_heads)
-    yield hf_name(t.name), w
+    elif cfg.norm_unit_offset and t.name.endswith("norm.weight"):
+      w = w - np.float32(1.0)
+    yield hf_name(t.name, cfg, arch), w
 
 
 def read_tokenizer(reader, path: Path):
@@ -138,9 +210,9 @@ def read_tokenizer(reader, path: Path):
   from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
   mapping = GGUF_TOKENIZER_MAPPING["tokenizer"]
-  fields = {name: _field(reader, f"tokenizer.{key}") for key, name in mapping.items()}
+  fields = {name: field(reader, f"tokenizer.{key}") for key, name in mapping.items()}
   fields = {k: v for k, v in fields.items() if v is not None}
   if "tokens" not in fields:
     raise ValueError(f"{path}: GGUF file has no tokenizer vocabulary (tokenizer.ggml.tokens)")
-  tokenizer, _ = convert_gguf_tokenizer(_field(reader, "general.architecture"), fields)
+  tokenizer, _ = convert_gguf_tokenizer(field(reader, "general.architecture"), fields)
   return tokenizer

@@ -215,8 +215,8 @@ def from_gguf(path: str | Path, dtype=jnp.float32, param_dtype=None) -> LoadedMo
 
 
 def _gguf_tokenizer(reader, path: Path) -> Tokenizer:
-  return Tokenizer(gguf.read_tokenizer(reader, path), bool(gguf._field(reader, "tokenizer.ggml.add_bos_token")),
-                   gguf._field(reader, "tokenizer.ggml.bos_token_id"))
+  return Tokenizer(gguf.read_tokenizer(reader, path), bool(gguf.field(reader, "tokenizer.ggml.add_bos_token")),
+                   gguf.field(reader, "tokenizer.ggml.bos_token_id"))
 
 
 def from_hf(directory: str | Path, dtype=jnp.float32, param_dtype=None) -> LoadedModel:

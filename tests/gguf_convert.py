@@ -1,0 +1,134 @@
+"""A Hugging Face model written as GGUF the way llama.cpp's ``convert_hf_to_gguf.py`` lays it out.
+
+Only what tailjax reads back and what the converter changes: tensor names, llama-arch q/k row
+permutation, Gemma norms stored as ``1 + w``, experts stacked ``[E, out, in]`` (or, for old
+Mixtral files, one tensor per expert), Phi-3's fused tensors and LongRoPE factor tensors, and
+the metadata keys each architecture's converter writes. Weights stay float32 so that a
+round trip is exact up to the arithmetic.
+"""
+
+from pathlib import Path
+
+import gguf as gguf_lib
+import numpy as np
+
+LETTERS = [chr(ord("a") + i) for i in range(26)]
+
+
+def add_letter_tokenizer(writer: gguf_lib.GGUFWriter, vocab_size: int) -> None:
+  """A GPT-2-style byte-level vocabulary of letters, ``Ġ`` and ``?e`` merges, padded to ``vocab_size``."""
+  writer.add_tokenizer_model("gpt2")
+  tokens = LETTERS + ["Ġ"] + [f"{a}e" for a in LETTERS][:vocab_size - 27]
+  tokens += [f"<extra{i}>" for i in range(vocab_size - len(tokens) - 1)] + ["<|endoftext|>"]
+  writer.add_token_list(tokens)
+  writer.add_token_merges([f"{t[0]} {t[1]}" for t in tokens[27:53]])
+  writer.add_token_types([1] * len(tokens))
+
+
+def permute(w: np.ndarray, heads: int) -> np.ndarray:
+  """llama.cpp's permutation of q/k rows (the inverse of what tailjax undoes)."""
+  return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_BLOCK_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "self_attn.qkv_proj.weight": "attn_qkv.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight", "mlp.gate_up_proj.weight": "ffn_up.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight", "block_sparse_moe.gate.weight": "ffn_gate_inp.weight",
+}
+_GEMMA_NORMS = {"post_attention_layernorm.weight": "post_attention_norm.weight",
+                "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+                "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}
+_EXPERT = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
+
+
+def write(directory: Path, path: Path, arch: str, per_expert: bool = False) -> Path:
+  """A Hugging Face directory (its files, as llama.cpp reads them) -> GGUF ``path`` of architecture ``arch``."""
+  import transformers
+  from safetensors.numpy import load_file
+
+  cfg = transformers.AutoConfig.from_pretrained(directory)
+  gemma = arch.startswith("gemma")
+  w = gguf_lib.GGUFWriter(str(path), arch)
+  heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+  head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+  w.add_block_count(cfg.num_hidden_layers)
+  w.add_context_length(cfg.max_position_embeddings)
+  w.add_embedding_length(cfg.hidden_size)
+  w.add_feed_forward_length(cfg.intermediate_size)
+  w.add_head_count(heads)
+  w.add_head_count_kv(kv)
+  w.add_key_length(head_dim)
+  w.add_value_length(head_dim)
+  rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
+  w.add_rope_freq_base(rope["rope_theta"])
+  if rope.get("rope_type") == "linear":
+    w.add_rope_scaling_type(gguf_lib.RopeScalingType.LINEAR)
+    w.add_rope_scaling_factor(rope["factor"])
+  w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+  w.add_vocab_size(cfg.vocab_size)
+  if getattr(cfg, "sliding_window", None) is not None:
+    w.add_sliding_window(cfg.sliding_window)
+  if arch == "gemma2":
+    w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+    w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+  experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", 0)
+  if experts:
+    w.add_expert_count(experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    if arch == "qwen3moe":
+      w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+  add_letter_tokenizer(w, cfg.vocab_size)
+  state = {k: v for f in sorted(Path(directory).glob("*.safetensors")) for k, v in load_file(f).items()}
+  stacks: dict[str, dict[int, np.ndarray]] = {}
+  if rope.get("rope_type") == "longrope":
+    original = cfg.original_max_position_embeddings
+    scale = cfg.max_position_embeddings / original
+    w.add_rope_scaling_orig_ctx_len(original)
+    w.add_rope_scaling_attn_factors(float(np.sqrt(1 + np.log(scale) / np.log(original)) if scale > 1 else 1.0))
+    w.add_tensor("rope_factors_long.weight", np.asarray(rope["long_factor"], np.float32))
+    w.add_tensor("rope_factors_short.weight", np.asarray(rope["short_factor"], np.float32))
+  for name, tensor in state.items():
+    value = tensor.astype(np.float32)
+    if name.endswith("rotary_emb.inv_freq"):
+      continue
+    if gemma and name.endswith("norm.weight"):
+      value = value + 1
+    if name == "model.embed_tokens.weight":
+      w.add_tensor("token_embd.weight", value)
+      continue
+    if name == "model.norm.weight":
+      w.add_tensor("output_norm.weight", value)
+      continue
+    if name == "lm_head.weight":
+      if not cfg.tie_word_embeddings:
+        w.add_tensor("output.weight", value)
+      continue
+    _, _, layer, rest = name.split(".", 3)
+    if arch == "llama" and rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+      value = permute(value, heads if "q_proj" in rest else kv)
+    if rest.startswith(("mlp.experts.", "block_sparse_moe.experts.")):
+      expert, kind = rest.split(".")[2:4]
+      if per_expert:
+        w.add_tensor(f"blk.{layer}.ffn_{_EXPERT[kind]}.{expert}.weight", value)
+      else:
+        stacks.setdefault(f"blk.{layer}.ffn_{_EXPERT[kind]}_exps.weight", {})[int(expert)] = value
+      continue
+    if rest == "post_attention_layernorm.weight" and not gemma:
+      w.add_tensor(f"blk.{layer}.ffn_norm.weight", value)
+      continue
+    table = {**_BLOCK_NAMES, **(_GEMMA_NORMS if gemma else {})}
+    w.add_tensor(f"blk.{layer}.{table[rest]}", value)
+  for name, parts in stacks.items():
+    w.add_tensor(name, np.stack([parts[j] for j in range(len(parts))]))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return path
