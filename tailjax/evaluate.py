@@ -49,6 +49,9 @@ class EvalState:
   seq_tokens: list[int] = dataclasses.field(default_factory=list)
   moments: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # per candidate, MOMENTS
   worst: dict[str, list[tuple[float, int, int]]] = dataclasses.field(default_factory=dict)  # (KLD, window, pos)
+  # MoE models: "load/<label>" [MoE layers, experts] scored-token assignments; "overlap/<label>" [MoE layers]
+  # summed |top-k ∩ reference's top-k| / k of a candidate routed like the reference.
+  routing: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     for label in self.labels:
@@ -84,25 +87,27 @@ def check_compatible(reference, candidates: Sequence[LoadedModel]) -> None:
                        "identical tokenization")
 
 
-def _token_stats(models: tuple, tokens: jax.Array, scored: jax.Array, base, vocab_size: int, cache_k: int):
+def _token_stats(models: tuple, outputs: list, tokens: jax.Array, scored: jax.Array, base, vocab_size: int,
+                 cache_k: int):
   """Per candidate, per-token values against the reference: a model, llama.cpp base log-probs or a cache.
 
-  Returns ``(stats per candidate, the reference's top-``cache_k`` log-probs or None)``.
+  ``outputs`` are the models' ``DecoderOutput`` (None for a reference that is no model). Returns
+  ``(stats per candidate, the reference's top-``cache_k`` log-probs or None)``.
   """
   reference, *candidates = models
+  hidden = [None if out is None else out.hidden[:, :-1] for out in outputs]
   targets = tokens[:, 1:]
   if base is None:
-    out = head.candidates_token_stats(reference(tokens)[:, :-1], reference.output_head(),
-                                      [(cand(tokens)[:, :-1], cand.output_head()) for cand in candidates], targets,
+    out = head.candidates_token_stats(hidden[0], reference.output_head(),
+                                      [(h, cand.output_head()) for h, cand in zip(hidden[1:], candidates)], targets,
                                       where=scored, vocab_size=vocab_size, reference_topk=cache_k or None)
     return out if cache_k else (out, None)
   if isinstance(base, refcache.CacheBatch):
-    return [refcache.cache_token_stats(base, cand(tokens)[:, :-1], cand.output_head(), targets, scored, vocab_size)
-            for cand in candidates], None
+    return [refcache.cache_token_stats(base, h, cand.output_head(), targets, scored, vocab_size)
+            for h, cand in zip(hidden[1:], candidates)], None
   stats = []
-  for cand in candidates:  # a base file is materialized log-probs already: the candidate's logits are too
-    logits = jnp.einsum("btd,dv->btv", cand(tokens)[:, :-1], cand.unembedding()[:, :vocab_size],
-                        preferred_element_type=jnp.float32)
+  for h, cand in zip(hidden[1:], candidates):  # a base file is materialized log-probs already: so are these logits
+    logits = jnp.einsum("btd,dv->btv", h, cand.unembedding()[:, :vocab_size], preferred_element_type=jnp.float32)
     if (cap := cand.cfg.final_logit_softcap) is not None:
       logits = cap * jnp.tanh(logits / cap)
     values = llamacpp.base_token_stats(*base, logits, targets)
@@ -115,7 +120,8 @@ def _batch_stats(models: tuple, tokens: jax.Array, scored: jax.Array, base, spec
   mask = scored.astype(jnp.float32)
   finite = lambda x: scored & (jnp.abs(x) < jnp.inf)
   sketches, seq_ce, moments, top, per_token = {}, [], [], [], []
-  stats, ref_topk = _token_stats(models, tokens, scored, base, vocab_size, cache_k)
+  outputs = [None if model is None else model.forward(tokens) for model in models]
+  stats, ref_topk = _token_stats(models, outputs, tokens, scored, base, vocab_size, cache_k)
   for i, s in enumerate(stats):
     if i == 0:
       sketches["ce/0"] = LogHistogram.empty(spec).add(s.ref_ce, scored)
@@ -137,7 +143,27 @@ def _batch_stats(models: tuple, tokens: jax.Array, scored: jax.Array, base, spec
   top_values, top_index = (jnp.stack(x) for x in zip(*top))
   cached = None if ref_topk is None else (ref_topk.ids, ref_topk.logprobs, -stats[0].ref_ce)
   return (sketches, jnp.stack(seq_ce), jnp.sum(scored, axis=1), jnp.stack(moments), top_values, top_index,
-          jnp.stack(per_token) if dump else None, cached)
+          jnp.stack(per_token) if dump else None, cached, _routing_sums(models, outputs, scored))
+
+
+def _routing_sums(models: tuple, outputs: list, scored: jax.Array) -> dict[str, jax.Array]:
+  """Of every MoE model ``i``: ``load/i`` ``[MoE layers, E]`` how many scored tokens each expert got (a token
+  counts once for each of its k experts); of a candidate with the reference's MoE layout, ``overlap/i``
+  ``[MoE layers]`` the sum over scored tokens of ``|its experts ∩ the reference's| / k``."""
+  sums = {}
+  ref = outputs[0]
+  for i, (model, out) in enumerate(zip(models, outputs)):
+    if out is None or not out.experts:
+      continue
+    chosen = jnp.stack(out.experts)[:, :, :-1]  # [L, B, T-1, k]: the positions that predict a target
+    weight = jnp.broadcast_to(scored[None, :, :, None], chosen.shape).astype(jnp.int32)
+    count = jax.vmap(lambda e, w: jnp.bincount(e.ravel(), w.ravel(), length=model.cfg.num_experts))
+    sums[f"load/{i}"] = count(chosen, weight)
+    if i and ref is not None and len(ref.experts) == len(out.experts) and ref.experts[0].shape == out.experts[0].shape:
+      theirs = jnp.stack(ref.experts)[:, :, :-1]
+      shared = jnp.any(chosen[..., :, None] == theirs[..., None, :], axis=-1).sum(-1) / chosen.shape[-1]
+      sums[f"overlap/{i}"] = jnp.sum(jnp.where(scored[None], shared, 0.0), axis=(1, 2))
+  return sums
 
 
 _batch_stats_jit = nnx.jit(_batch_stats, static_argnums=(4, 5, 6, 7, 8))
@@ -202,6 +228,10 @@ def evaluate(reference: Reference, candidates: Sequence[LoadedModel], windows: W
   from_base = isinstance(reference, llamacpp.KldBase)
   from_cache = isinstance(reference, refcache.ReferenceCache)
   models = (None if from_base or from_cache else reference.model, *(c.model for c in candidates))
+  for label, model in zip(state.labels, models):
+    if model is not None and model.cfg.num_experts:
+      state.routing[f"layers/{label}"] = np.asarray([i for i in range(model.cfg.num_layers)
+                                                     if model.cfg.is_moe_layer(i)], np.int64)
   vocab_size = _describe(reference)[1]
   cache_k = 0 if cache is None else cache["k"]
   if cache_k and (from_base or from_cache):
@@ -224,7 +254,11 @@ def evaluate(reference: Reference, candidates: Sequence[LoadedModel], windows: W
     if base is not None:
       base = jax.tree.map(place, base)
     out = step(models, place(tokens), place(scored), base, spec, vocab_size, worst, dump is not None, cache_k)
-    sketches, seq_ce, seq_tokens, moments, top_values, top_index, per_token, cached = jax.device_get(out)
+    sketches, seq_ce, seq_tokens, moments, top_values, top_index, per_token, cached, routing = jax.device_get(out)
+    for key, value in routing.items():
+      kind, index = key.split("/")
+      name = f"{kind}/{state.labels[int(index)]}"
+      state.routing[name] = state.routing.get(name, 0) + np.asarray(value, np.float64 if kind == "overlap" else np.int64)
     if cache_k:
       for name, values in zip(("ids", "logprobs", "target_logprob"), cached):
         cache.setdefault(name, []).append(np.asarray(values[:count]))
@@ -296,7 +330,10 @@ def save_state(state: EvalState, path: Path) -> None:
   for label in state.labels[1:]:
     arrays[f"moments:{label}"] = state.moments[label]
     arrays[f"worst:{label}"] = np.asarray(state.worst.get(label, []), np.float64).reshape(-1, 3)
-  meta = {"labels": state.labels, "keys": keys, "specs": {k: state.blocks[0][k].spec.to_dict() for k in keys}}
+  for key, value in state.routing.items():
+    arrays[f"routing:{key}"] = value
+  meta = {"labels": state.labels, "keys": keys, "specs": {k: state.blocks[0][k].spec.to_dict() for k in keys},
+          "routing": sorted(state.routing)}
   tmp = path.with_name(path.name + ".tmp")
   with tmp.open("wb") as f:
     np.savez_compressed(f, meta=np.asarray(json.dumps(meta)), **arrays)
@@ -316,6 +353,7 @@ def load_state(path: Path) -> EvalState:
       for label in state.labels[1:]:
         state.moments[label] = z[f"moments:{label}"]
         state.worst[label] = [(float(v), int(w), int(p)) for v, w, p in z[f"worst:{label}"]]
+      state.routing = {key: z[f"routing:{key}"] for key in meta.get("routing", [])}
   except (OSError, ValueError, KeyError) as err:
     raise ValueError(f"{path}: unreadable evaluation state ({err}); delete it to start the run over") from err
   blocks = len(next(iter(columns.values()))[0]) if columns else 0

@@ -1,14 +1,15 @@
 """Where arrays live: one mesh, one table of logical-axis rules, multi-host start-up.
 
 tailjax runs on JAX's own SPMD runtime. Models name logical axes on their parameters
-(``vocab``, ``embed``, ``heads``, ``kv_heads``, ``mlp``, ``norm``: see
-``tailjax.models.transformer``) and batches are ``[batch, ...]``; this module alone decides
+(``vocab``, ``embed``, ``heads``, ``kv_heads``, ``mlp``, ``experts``, ``norm``: see
+``tailjax.models.layers``) and batches are ``[batch, ...]``; this module alone decides
 which mesh axes those map to. The jitted steps are unchanged: XLA partitions them
 (GSPMD), so a sketch summed over a batch sharded across ``data`` is merged by the
 all-reduce it inserts, the same integer counts on any mesh.
 
-Mesh axes: ``data`` (batch), ``fsdp`` (batch and parameters' ``embed`` dimension) and
-``model`` (heads, MLP and vocabulary columns). ``--mesh data=4,model=2``; ``auto`` puts
+Mesh axes: ``data`` (batch), ``fsdp`` (batch and parameters' ``embed`` dimension), ``expert``
+(batch and the experts of mixture-of-experts layers: each device stores ``E / expert`` of
+them) and ``model`` (heads, MLP and vocabulary columns). ``--mesh data=4,model=2``; ``auto`` puts
 every device on ``data``. A parameter dimension that a mesh axis does not divide is
 replicated along it rather than refused (small test models, odd head counts).
 """
@@ -23,8 +24,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-AXES = ("data", "fsdp", "model")
-BATCH = ("data", "fsdp")
+AXES = ("data", "fsdp", "expert", "model")
+BATCH = ("data", "fsdp", "expert")
 # logical axis -> mesh axes it is split over
 RULES: dict[str, tuple[str, ...]] = {
     "batch": BATCH,
@@ -33,6 +34,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "heads": ("model",),
     "kv_heads": ("model",),
     "mlp": ("model",),
+    "experts": ("expert",),
     "norm": (),
 }
 

@@ -75,7 +75,30 @@ def build_report(state: EvalState, run: dict[str, Any], sources: dict[str, str],
     report["candidates"][label]["delta_p"].update(min=dp.min, max=dp.max, sketch=dp.to_dict(),
                                                   quantiles=_quantile_table(dp, DELTA_P_QUANTILES))
   report["comparison"] = compare_candidates(report)
+  if state.routing:
+    report["routing"] = routing_report(state.routing, reference, int(tokens.sum()))
   return report
+
+
+def routing_report(routing: dict[str, np.ndarray], reference: str, scored_tokens: int) -> dict[str, Any]:
+  """Per MoE model: each MoE layer's share of expert assignments per expert, its busiest and idlest expert,
+  and for a candidate routed like the reference the mean share of its top-k experts that are the reference's."""
+  out = {}
+  for key, layers in routing.items():
+    if not key.startswith("layers/"):
+      continue
+    label = key.split("/", 1)[1]
+    load = np.asarray(routing[f"load/{label}"], np.float64)
+    share = load / np.maximum(load.sum(axis=1, keepdims=True), 1)
+    entry = {"layers": [int(i) for i in layers], "experts": int(share.shape[1]), "share": share.tolist(),
+             "max_share": share.max(axis=1).tolist(), "min_share": share.min(axis=1).tolist(),
+             "imbalance": float(share.max() * share.shape[1])}  # 1.0: every expert equally busy
+    if f"overlap/{label}" in routing and label != reference:
+      overlap = np.asarray(routing[f"overlap/{label}"], np.float64) / max(scored_tokens, 1)
+      entry["overlap_with_reference"] = overlap.tolist()
+      entry["mean_overlap"] = float(overlap.mean())
+    out[label] = entry
+  return out
 
 
 def read(path) -> dict[str, Any]:
@@ -185,6 +208,15 @@ def _notes(report: dict[str, Any]) -> list[str]:
   nonfinite = {name: m["ce"]["nonfinite"] for name, m in report["models"].items() if m["ce"]["nonfinite"]}
   if nonfinite:
     notes.append(f"non-finite CE values (NaN/Inf logits), counted apart and never averaged in: {nonfinite}")
+  for name, r in report.get("routing", {}).items():
+    busiest = int(np.argmax(r["max_share"]))
+    note = (f"{name} router: busiest expert takes {100 * r['max_share'][busiest]:.1f}% of assignments in layer "
+            f"{r['layers'][busiest]} (uniform: {100 / r['experts']:.1f}%)")
+    if "overlap_with_reference" in r:
+      worst = int(np.argmin(r["overlap_with_reference"]))
+      note += (f"; {100 * r['mean_overlap']:.2f}% of its top-k experts are the reference's (layer "
+               f"{r['layers'][worst]}: {100 * r['overlap_with_reference'][worst]:.2f}%)")
+    notes.append(note)
   comparison = report["comparison"]
   notes.extend(comparison["verdicts"])
   if comparison["mean_median_disagree"]:

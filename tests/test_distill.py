@@ -39,7 +39,11 @@ def config(tiny, **fields):
 def materialized_loss(setup: distill.Setup, batch, cfg: distill.DistillConfig) -> float:
   """The same loss from ``tailjax.losses`` on full [B, T, V] logits, in float64 on the host."""
   inputs, segments, targets = batch["tokens"][:, :-1], batch["segments"][:, :-1], batch["tokens"][:, 1:]
-  logits = lambda m: np.asarray(jnp.einsum("btd,dv->btv", m(inputs, segments), m.unembedding()), np.float64)
+  def logits(m):
+    z = np.asarray(jnp.einsum("btd,dv->btv", m(inputs, segments), m.unembedding()), np.float64)
+    cap = m.cfg.final_logit_softcap
+    return z if cap is None else cap * np.tanh(z / cap)
+
   student = logits(setup.student)
   v = setup.vocab_size
   with jax.enable_x64():

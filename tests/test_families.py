@@ -173,3 +173,52 @@ def test_gemma3_270m_equals_transformers_and_its_tokenizer():
     want = torch.log_softmax(hf_model(torch.as_tensor(window)).logits.double(), -1).numpy()
   diff = np.abs(got - want).max()
   assert diff <= 2e-3, diff
+
+
+def test_readme_lists_exactly_the_supported_families():
+  import re
+  from pathlib import Path
+
+  from tailjax.models import families
+
+  readme = (Path(__file__).parents[1] / "README.md").read_text()
+  section = readme.split("### Model families")[1].split("\n\n", 3)[2]
+  rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines()[2:]]
+  listed = {row[0]: (tuple(re.findall(r"`([^`]+)`", row[1])), tuple(re.findall(r"`([^`]+)`", row[2])), row[3])
+            for row in rows}
+  assert listed == {f.name: (f.hf_model_types, f.gguf_architectures, f.examples) for f in families.FAMILIES}
+
+
+@pytest.mark.parametrize("objective", ["kl", "topk"])
+def test_distill_a_soft_capped_moe_student_from_a_gemma2_gguf_teacher(objective, tmp_path):
+  """The families where a model is trained, not only loaded: a Gemma 2 teacher (GGUF, both soft-caps) and
+  a student with experts, q/k norms, sandwich norms and its own final cap. The first step's loss equals
+  tailjax.losses on the materialized (capped) float64 logits; the checkpoint is a model that loads back."""
+  import gguf_convert
+  from test_distill import config, materialized_loss
+
+  from tailjax import distill
+
+  config_cls, overrides = FAMILIES["gemma2-softcaps"]
+  random_hf_model(config_cls, tmp_path / "hf", **{**SMALL, **overrides, "query_pre_attn_scalar": 24})
+  root = tmp_path / "data"
+  root.mkdir()
+  gguf_convert.write(tmp_path / "hf", root / "teacher.gguf", "gemma2")
+  from pydoc_data.topics import topics
+  from test_models import letter_text
+
+  with (root / "corpus.jsonl").open("w") as f:
+    for key in sorted(topics)[:30]:
+      f.write(json.dumps({"text": letter_text(topics[key])}) + "\n")
+  student = dict(hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, qk_norm=True,
+                 sandwich_norms=True, norm_unit_offset=True, final_logit_softcap=2.0, num_experts=4,
+                 num_experts_per_tok=2, moe_intermediate_size=16)
+  cfg = config(root, objective=objective, student=student, steps=2, save_every=2, eval_every=2)
+  setup = distill.prepare(cfg)
+  assert setup.teacher.config.final_logit_softcap == 1.0 and setup.student.cfg.num_experts == 4
+  expected = materialized_loss(setup, next(distill.batches(setup)), cfg)
+  result = distill.distill(cfg, tmp_path / "run")
+  assert result.losses[1] == pytest.approx(expected, rel=2e-5)
+  trained = models.load(tmp_path / "run" / "checkpoints" / "2")
+  assert trained.config.num_experts == 4 and trained.config.final_logit_softcap == 2.0
+  assert trained.model.blocks[1].mlp.gate[...].shape == (4, 32, 16)

@@ -130,6 +130,20 @@ def _targets(model: Decoder) -> dict[str, _Target]:
   return targets
 
 
+def hf_tensors(model: Decoder) -> dict[str, np.ndarray]:
+  """The inverse of loading: every parameter under its canonical (Hugging Face) name, in PyTorch layout,
+  float32; experts one tensor each (``mlp.experts.{j}.gate_proj.weight``), as checkpoints store them.
+  Written with a family's ``config.json`` it is a directory transformers loads (benchmarks, parity)."""
+  out = {}
+  for name, target in _targets(model).items():
+    value = np.asarray(target.param.get_value(), np.float32)
+    if target.param.get_value().ndim == 3 and target.expert is None:
+      continue  # the stacked name; each expert has its own
+    value = value[target.expert] if target.expert is not None else value
+    out[name] = np.ascontiguousarray(np.swapaxes(value, -1, -2) if target.transpose else value)
+  return out
+
+
 def _unfuse(name: str, value: np.ndarray, cfg: ModelConfig) -> list[tuple[str, np.ndarray]]:
   """Fused projections (Phi-3's ``qkv_proj`` and ``gate_up_proj``; transformers 5's stacked experts
   ``experts.gate_up_proj`` / ``experts.down_proj``) -> the canonical tensors they concatenate."""

@@ -101,8 +101,8 @@ class MoE(nnx.Module):
     self.act = cfg.hidden_act
     self.dtype = dtype
 
-  def __call__(self, x: Array) -> Array:
-    """``x: [..., d]`` -> ``[..., d]``."""
+  def __call__(self, x: Array) -> tuple[Array, Array]:
+    """``x: [..., d]`` -> (``[..., d]``, the chosen experts ``[..., k]``)."""
     lead, d = x.shape[:-1], x.shape[-1]
     x = x.reshape(-1, d).astype(self.dtype)
     routing = route(x, self.router[...], self.k, self.norm_topk_prob)
@@ -121,4 +121,4 @@ class MoE(nnx.Module):
     _, out = jax.lax.scan(expert_tile, None, (rows, layout.expert))
     out = out.reshape(-1, d)[layout.slot].reshape(n, self.k, d)  # back to [token, choice]
     y = jnp.einsum("nkd,nk->nd", out.astype(jnp.float32), routing.weights)
-    return y.astype(x.dtype).reshape(*lead, d)
+    return y.astype(x.dtype).reshape(*lead, d), routing.experts.reshape(*lead, self.k)

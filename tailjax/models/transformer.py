@@ -9,6 +9,8 @@ arrangement of them, chosen by ``ModelConfig`` (see its docstring).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -20,6 +22,14 @@ from tailjax.models.layers import MLP, RMSNorm, axes
 from tailjax.models.moe import MoE
 
 Array = jax.Array
+
+
+class DecoderOutput(NamedTuple):
+  """What one forward pass gives: ``hidden: [B, T, d]`` final-norm states and, per MoE layer in order,
+  ``experts: [B, T, k]`` the experts each token was routed to (empty for a dense model)."""
+
+  hidden: Array
+  experts: tuple[Array, ...]
 
 
 class Block(nnx.Module):
@@ -42,11 +52,12 @@ class Block(nnx.Module):
     self.sandwich = cfg.sandwich_norms
     self.layer_type = cfg.layer_type(layer)
 
-  def __call__(self, x: Array, positions: Array, masks: dict[str, Array]) -> Array:
+  def __call__(self, x: Array, positions: Array, masks: dict[str, Array]) -> tuple[Array, Array | None]:
+    """-> (the block's output, ``[B, T, k]`` chosen experts of an MoE block, else None)."""
     h = self.attn(self.attn_norm(x), positions, masks[self.layer_type])
     x = x + (self.attn_post_norm(h) if self.sandwich else h)
-    h = self.mlp(self.mlp_norm(x))
-    return x + (self.mlp_post_norm(h) if self.sandwich else h)
+    h, experts = self.mlp(self.mlp_norm(x)) if isinstance(self.mlp, MoE) else (self.mlp(self.mlp_norm(x)), None)
+    return x + (self.mlp_post_norm(h) if self.sandwich else h), experts
 
 
 class Decoder(nnx.Module):
@@ -71,7 +82,11 @@ class Decoder(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, tokens: Array, segment_ids: Array | None = None) -> Array:
-    """``tokens: [B, T]`` int -> ``[B, T, d]``.
+    """``tokens: [B, T]`` int -> ``[B, T, d]`` hidden states (``forward(...).hidden``)."""
+    return self.forward(tokens, segment_ids).hidden
+
+  def forward(self, tokens: Array, segment_ids: Array | None = None) -> DecoderOutput:
+    """``tokens: [B, T]`` int -> ``DecoderOutput``.
 
     ``segment_ids: [B, T]`` (optional) keeps packed documents apart and marks padding
     with 0: a token attends to earlier tokens of its own non-zero segment only, and
@@ -95,9 +110,12 @@ class Decoder(nnx.Module):
     x = self.embed(tokens)
     if self.cfg.scale_embeddings:  # Gemma: sqrt(d), rounded to the compute dtype as Hugging Face does
       x = x * jnp.asarray(self.cfg.hidden_size**0.5, self.dtype).astype(x.dtype)
+    routed = []
     for block in self.blocks:
-      x = block(x, positions, masks)
-    return self.norm(x)
+      x, experts = block(x, positions, masks)
+      if experts is not None:
+        routed.append(experts)
+    return DecoderOutput(self.norm(x), tuple(routed))
 
   def unembedding(self) -> Array:
     """``[d, V]`` output matrix (the transposed embedding when tied)."""
