@@ -222,3 +222,25 @@ def test_distill_a_soft_capped_moe_student_from_a_gemma2_gguf_teacher(objective,
   trained = models.load(tmp_path / "run" / "checkpoints" / "2")
   assert trained.config.num_experts == 4 and trained.config.final_logit_softcap == 2.0
   assert trained.model.blocks[1].mlp.gate[...].shape == (4, 32, 16)
+
+
+@pytest.mark.parametrize("implementation", ["tiles", "ragged"])
+def test_expert_outputs_match_a_float64_loop(implementation, rng):
+  """Both groupings of assignments equal running each token's experts one by one: an expert with no token,
+  one with more tokens than a tile, a token whose k experts sit in different tiles."""
+  import jax.numpy as jnp
+
+  from tailjax.models import moe
+
+  n, k, d, m, e = 150, 2, 8, 12, 5
+  x = rng.standard_normal((n, d)).astype(np.float32)
+  experts = np.stack([rng.choice([0, 1, 3, 4], size=2, replace=False, p=[0.7, 0.1, 0.1, 0.1]) for _ in range(n)])
+  gate, up, down = (rng.standard_normal(s).astype(np.float32) / 3 for s in ((e, d, m), (e, d, m), (e, m, d)))
+  got = moe.expert_outputs(jnp.asarray(x), jnp.asarray(experts, jnp.int32), *map(jnp.asarray, (gate, up, down)),
+                           "silu", implementation)
+  silu = lambda z: z / (1 + np.exp(-z))
+  f = lambda a: a.astype(np.float64)
+  want = np.stack([[(silu(f(x[i]) @ f(gate[j])) * (f(x[i]) @ f(up[j]))) @ f(down[j]) for j in experts[i]]
+                   for i in range(n)])
+  assert (experts == 0).sum() > moe.TILE  # expert 0 fills more than one tile
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -218,13 +218,18 @@ def test_quantized_candidate_and_checkpoint_round_trip(tmp_path, rng):
     models.load(saved)
 
 
-def test_every_parameter_names_its_logical_axes():
-  model = Decoder(models.ModelConfig(**{**TINY.to_dict(), "qkv_bias": True}), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("fields", [dict(qkv_bias=True), dict(
+    qk_norm=True, sandwich_norms=True, norm_unit_offset=True, num_experts=4, num_experts_per_tok=2,
+    moe_intermediate_size=16, dense_layers=(1,))])
+def test_every_parameter_names_its_logical_axes(fields):
+  cfg = models.ModelConfig(**{**TINY.to_dict(), **fields})
+  model = Decoder(cfg, rngs=nnx.Rngs(0))
   specs = jax.tree.leaves(nnx.get_partition_spec(nnx.state(model, nnx.Param)),
                           is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   params = jax.tree.leaves(nnx.state(model, nnx.Param))
   assert len(specs) == len(params)
   assert all(len(spec) == p.ndim for spec, p in zip(specs, params))
+  assert sum(p.size for p in params) == cfg.num_params
 
 
 def test_retention_matches_its_recurrent_form(rng):

@@ -30,7 +30,7 @@ _INERT_FIELDS = frozenset({
     "return_dict", "is_llama_config", "tokenizer_class", "tie_encoder_decoder", "torchscript", "use_bfloat16",
     "max_length", "min_length", "do_sample", "num_beams", "temperature", "top_k", "top_p", "embedding_dropout",
     "router_aux_loss_coef", "output_router_logits", "router_jitter_noise", "resid_pdrop", "embd_pdrop",
-    "cache_implementation", "final_logit_softcapping_enabled",
+    "cache_implementation", "auto_map",
 })
 _MODEL_FIELDS = frozenset({
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -197,6 +197,7 @@ def _rope(raw: dict, path: Path, gemma: bool) -> tuple[float, RopeScaling | None
                      "supported (rotary over the whole head)")
   kind = params.pop("rope_type", params.pop("type", "default"))
   params.pop("type", None)
+  kind = "longrope" if kind == "su" else kind  # Phi-3's first name for it
   theta = params.pop("rope_theta")
   local_theta = float(local_theta) if gemma and local_theta is not None else None
   if kind == "default":

@@ -6,11 +6,12 @@ weights ``p_i`` or, with ``norm_topk_prob``, ``p_i / sum_topk p`` (Mixtral alway
 ``softmax`` over the chosen logits is the same thing). The output is
 ``sum_i w_i * down_i(silu(gate_i(x)) * up_i(x))``, exactly these ``k`` experts per token.
 
-Grouping: the ``N * k`` (token, expert) assignments are sorted by expert and laid out in tiles
-of ``tile`` rows, each tile holding one expert's rows (an expert's last tile is padded). A scan
-over the tiles runs the tile's expert on it: the work is that of the active parameters plus
-at most one padded tile per expert, never every expert on every token. (``lax.ragged_dot`` on
-the same layout measured 8x slower than one dense matmul of the same rows on CPU.)
+Grouping (``expert_outputs``): the ``N * k`` (token, expert) assignments are sorted by expert.
+On a CPU they are laid out in tiles of ``TILE`` rows, each tile holding one expert's rows (an
+expert's last tile is padded), and a scan over the tiles runs the tile's expert on it: the work
+is that of the active parameters plus at most one padded tile per expert, never every expert on
+every token. On accelerators the sorted rows go through ``lax.ragged_dot`` (grouped matmuls),
+which on this CPU measured 8x slower than one dense matmul of the same rows.
 """
 
 from __future__ import annotations
@@ -106,19 +107,39 @@ class MoE(nnx.Module):
     lead, d = x.shape[:-1], x.shape[-1]
     x = x.reshape(-1, d).astype(self.dtype)
     routing = route(x, self.router[...], self.k, self.norm_topk_prob)
-    n = x.shape[0]
-    tile = min(TILE, n * self.k)
-    layout = tile_layout(routing.experts.reshape(-1), self.num_experts, tile)
-    rows = jnp.where(layout.valid[:, None], x[layout.source // self.k], 0).reshape(-1, tile, d)
-    gate, up, down = (p[...].astype(self.dtype) for p in (self.gate, self.up, self.down))
-
-    def expert_tile(_, inputs):
-      h, e = inputs  # [tile, d], the tile's expert
-      pick = lambda w: jax.lax.dynamic_index_in_dim(w, e, keepdims=False)
-      h = activation(self.act, h @ pick(gate)) * (h @ pick(up))
-      return None, h @ pick(down)
-
-    _, out = jax.lax.scan(expert_tile, None, (rows, layout.expert))
-    out = out.reshape(-1, d)[layout.slot].reshape(n, self.k, d)  # back to [token, choice]
+    weights = [p[...].astype(self.dtype) for p in (self.gate, self.up, self.down)]
+    out = expert_outputs(x, routing.experts, *weights, self.act)
     y = jnp.einsum("nkd,nk->nd", out.astype(jnp.float32), routing.weights)
     return y.astype(x.dtype).reshape(*lead, d), routing.experts.reshape(*lead, self.k)
+
+
+def expert_outputs(x: Array, experts: Array, gate: Array, up: Array, down: Array, act: str,
+                   implementation: str | None = None) -> Array:
+  """Each token through each of its experts: ``x: [N, d]``, ``experts: [N, k]`` ->  ``[N, k, d]``.
+
+  ``implementation``: ``"tiles"`` (expert-pure tiles and a scan; the CPU's choice) or ``"ragged"``
+  (one ``lax.ragged_dot`` per projection over the assignments sorted by expert: grouped GEMMs,
+  the accelerators' choice); None picks by the default backend. Both are exact.
+  """
+  implementation = implementation or ("tiles" if jax.default_backend() == "cpu" else "ragged")
+  n, k = experts.shape
+  flat = experts.reshape(-1)
+  if implementation == "ragged":
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
+    rows = x[order // k]
+    h = activation(act, jax.lax.ragged_dot(rows, gate, sizes)) * jax.lax.ragged_dot(rows, up, sizes)
+    out = jax.lax.ragged_dot(h, down, sizes)
+    return jnp.zeros_like(out).at[order].set(out).reshape(n, k, -1)
+  tile = min(TILE, n * k)
+  layout = tile_layout(flat, gate.shape[0], tile)
+  rows = jnp.where(layout.valid[:, None], x[layout.source // k], 0).reshape(-1, tile, x.shape[-1])
+
+  def expert_tile(_, inputs):
+    h, e = inputs  # [tile, d], the tile's expert
+    pick = lambda w: jax.lax.dynamic_index_in_dim(w, e, keepdims=False)
+    h = activation(act, h @ pick(gate)) * (h @ pick(up))
+    return None, h @ pick(down)
+
+  _, out = jax.lax.scan(expert_tile, None, (rows, layout.expert))
+  return out.reshape(-1, out.shape[-1])[layout.slot].reshape(n, k, -1)  # back to [token, choice]
