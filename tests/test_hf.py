@@ -111,6 +111,9 @@ def test_bad_directories(tmp_path):
   config_path.write_text(json.dumps({**config, "partial_rotary_factor": 0.5}))
   with pytest.raises(ValueError, match=r"partial_rotary_factor=0.5 is not supported"):
     models.load(tmp_path)
+  config_path.write_text(json.dumps({k: v for k, v in config.items() if k != "hidden_size"}))
+  with pytest.raises(ValueError, match=r"config.json: lacks the fields \['hidden_size'\]"):
+    models.load(tmp_path)
   config_path.write_text(json.dumps({**config, "model_type": "gpt2"}))
   with pytest.raises(ValueError, match="config.json: model_type 'gpt2' is not supported"):
     models.load(tmp_path)

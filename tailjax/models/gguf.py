@@ -114,7 +114,6 @@ def read_config(reader, path: Path) -> ModelConfig:
       sliding_window=None if opt("attention.sliding_window") is None else int(opt("attention.sliding_window")),
   )
   fields.update(family.config_fields())
-  fields["qkv_bias"] = "blk.0.attn_q.bias" in names
   if family.name.startswith("gemma"):
     fields.update(_gemma(reader, arch, layers, head_dim, hidden // heads, fields["sliding_window"]))
   if opt("expert_count"):

@@ -86,6 +86,10 @@ def read_config(directory: Path) -> ModelConfig:
     if not condition:
       raise ValueError(f"{path}: {field}={raw.get(field)!r} is not supported ({why})")
 
+  missing = [key for key in _REQUIRED if raw.get(key) is None]
+  if missing:
+    raise ValueError(f"{path}: lacks the fields {missing}")
+
   gemma = family.name.startswith("gemma")
   act_field = "hidden_activation" if gemma and raw.get("hidden_activation") else "hidden_act"
   act = raw.get(act_field) or ("gelu_pytorch_tanh" if gemma else "silu")
@@ -123,13 +127,13 @@ def read_config(directory: Path) -> ModelConfig:
       **_experts(raw, layers),
   )
   fields.update(family.config_fields())
-  fields["qkv_bias"] = fields["qkv_bias"] or bool(raw.get("attention_bias", False))
   try:
     return ModelConfig(**fields)
   except (KeyError, TypeError, ValueError) as err:
     raise ValueError(f"{path}: {err!r}") from err
 
 
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
