@@ -48,8 +48,9 @@ _GEMMA_NORMS = {"post_attention_layernorm.weight": "post_attention_norm.weight",
 _EXPERT = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
 
 
-def write(directory: Path, path: Path, arch: str, per_expert: bool = False) -> Path:
-  """A Hugging Face directory (its files, as llama.cpp reads them) -> GGUF ``path`` of architecture ``arch``."""
+def write(directory: Path, path: Path, arch: str, per_expert: bool = False, extra: dict | None = None) -> Path:
+  """A Hugging Face directory (its files, as llama.cpp reads them) -> GGUF ``path`` of architecture ``arch``;
+  ``extra``: more float metadata (keys tailjax must refuse)."""
   import transformers
   from safetensors.numpy import load_file
 
@@ -85,6 +86,8 @@ def write(directory: Path, path: Path, arch: str, per_expert: bool = False) -> P
     if arch == "qwen3moe":
       w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
   add_letter_tokenizer(w, cfg.vocab_size)
+  for key, value in (extra or {}).items():
+    w.add_float32(key, value)
   state = {k: v for f in sorted(Path(directory).glob("*.safetensors")) for k, v in load_file(f).items()}
   stacks: dict[str, dict[int, np.ndarray]] = {}
   if rope.get("rope_type") == "longrope":

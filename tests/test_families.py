@@ -244,3 +244,14 @@ def test_expert_outputs_match_a_float64_loop(implementation, rng):
                    for i in range(n)])
   assert (experts == 0).sum() > moe.TILE  # expert 0 fills more than one tile
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_gguf_metadata_that_would_change_the_forward_pass_is_refused(tmp_path):
+  import gguf_convert
+
+  config_cls, overrides = FAMILIES["gemma3-layer-pattern"]
+  random_hf_model(config_cls, tmp_path / "hf", **{**SMALL, **overrides})
+  for key in ("gemma3.logit_scale", "gemma3.attention.temperature_scale"):
+    path = gguf_convert.write(tmp_path / "hf", tmp_path / "odd.gguf", "gemma3", extra={key: 2.0})
+    with pytest.raises(ValueError, match=rf"odd.gguf: GGUF metadata {key}=2.0 is not supported"):
+      models.load(path)

@@ -48,6 +48,16 @@ _SANDWICH_NAMES = {
     "blk.{}.post_ffw_norm.weight": "model.layers.{}.post_feedforward_layernorm.weight",
 }
 _ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+# ``{arch}.*`` metadata this reader understands; any other key might change the forward pass: an error.
+_KNOWN_KEYS = frozenset({
+    "context_length", "embedding_length", "block_count", "feed_forward_length", "vocab_size",
+    "attention.head_count", "attention.head_count_kv", "attention.key_length", "attention.value_length",
+    "attention.layer_norm_rms_epsilon", "attention.sliding_window", "attention.sliding_window_pattern",
+    "attention.scale", "rope.freq_base", "rope.freq_base_swa", "rope.dimension_count", "rope.scaling.type",
+    "rope.scaling.factor", "rope.scaling.original_context_length", "rope.scaling.attn_factor",
+    "rope.scaling.finetuned", "attn_logit_softcapping", "final_logit_softcapping", "expert_count",
+    "expert_used_count", "expert_feed_forward_length", "expert_weights_norm", "expert_gating_func",
+})
 
 
 def hf_name(name: str, cfg: ModelConfig | None = None, arch: str | None = None) -> str:
@@ -87,11 +97,20 @@ def read_config(reader, path: Path) -> ModelConfig:
 
   need = lambda key: _need(reader, f"{arch}.{key}", path)
   opt = lambda key, default=None: field(reader, f"{arch}.{key}", default)
+  for key in reader.fields:
+    if key.startswith(f"{arch}.") and key[len(arch) + 1:] not in _KNOWN_KEYS:
+      raise ValueError(f"{path}: GGUF metadata {key}={field(reader, key)!r} is not supported "
+                       "(tailjax will not guess what it changes)")
+  if opt("expert_gating_func", 1) != 1:  # llama.cpp: 1 softmax, 2 sigmoid
+    raise ValueError(f"{path}: {arch}.expert_gating_func={opt('expert_gating_func')} is not supported (softmax only)")
   vocab = opt("vocab_size") or len(field(reader, "tokenizer.ggml.tokens") or [])
   heads = int(need("attention.head_count"))
   hidden = int(need("embedding_length"))
   layers = int(need("block_count"))
   head_dim = int(opt("attention.key_length", hidden // heads))
+  if int(opt("attention.value_length", head_dim)) != head_dim:
+    raise ValueError(f"{path}: {arch}.attention.value_length={opt('attention.value_length')} differs from "
+                     f"key_length={head_dim}; not supported")
   rotary_dims = int(opt("rope.dimension_count", head_dim))
   if rotary_dims != head_dim:
     raise ValueError(f"{path}: partial rotary embeddings ({arch}.rope.dimension_count={rotary_dims} < "
