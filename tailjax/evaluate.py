@@ -159,7 +159,9 @@ def _routing_sums(models: tuple, outputs: list, scored: jax.Array) -> dict[str, 
     weight = jnp.broadcast_to(scored[None, :, :, None], chosen.shape).astype(jnp.int32)
     count = jax.vmap(lambda e, w: jnp.bincount(e.ravel(), w.ravel(), length=model.cfg.num_experts))
     sums[f"load/{i}"] = count(chosen, weight)
-    if i and ref is not None and len(ref.experts) == len(out.experts) and ref.experts[0].shape == out.experts[0].shape:
+    routed_alike = (ref is not None and models[0].cfg.num_experts == model.cfg.num_experts and
+                    len(ref.experts) == len(out.experts) and ref.experts[0].shape == out.experts[0].shape)
+    if i and routed_alike:
       theirs = jnp.stack(ref.experts)[:, :, :-1]
       shared = jnp.any(chosen[..., :, None] == theirs[..., None, :], axis=-1).sum(-1) / chosen.shape[-1]
       sums[f"overlap/{i}"] = jnp.sum(jnp.where(scored[None], shared, 0.0), axis=(1, 2))

@@ -159,7 +159,7 @@ def test_experts_split_over_the_expert_axis_with_the_same_numbers(tiny_moe):
     assert_same_numbers(run(layout), single, rtol=1e-5)
 
 
-def test_routing_equals_transformers_router_and_is_reported(tiny_moe, rng):
+def test_routing_equals_transformers_router_and_is_reported(tiny_moe, rng, tmp_path):
   import torch
   import transformers
 
@@ -176,7 +176,8 @@ def test_routing_equals_transformers_router_and_is_reported(tiny_moe, rng):
     np.testing.assert_array_equal(np.sort(np.asarray(mine), -1), np.sort(theirs, -1))
 
   report = runner.run_eval(str(tiny_moe / "model"), [str(tiny_moe / "model"), "@int2-g16"],
-                           str(tiny_moe / "corpus.txt"), protocol=PROTOCOL, batch_size=8, save_every=0.0)
+                           str(tiny_moe / "corpus.txt"), protocol=PROTOCOL, batch_size=8, save_every=0.0,
+                           output=tmp_path / "run")
   scored = report["run"]["scored_tokens"]
   for label, r in report["routing"].items():
     assert r["layers"] == [0, 2] and r["experts"] == 8
@@ -185,3 +186,9 @@ def test_routing_equals_transformers_router_and_is_reported(tiny_moe, rng):
   assert itself["overlap_with_reference"] == [1.0, 1.0]  # the same model routes every token the same way
   assert 0.3 < int2["mean_overlap"] < 1.0
   assert scored > 0 and "routing" not in report["models"]
+  from tailjax import evaluate  # the saved state (what a resumed run starts from) keeps the routing sums
+
+  saved = evaluate.load_state(tmp_path / "run" / "state.npz").routing
+  expected = [f"{kind}/{label}" for label in report["routing"] for kind in ("layers", "load")]
+  assert sorted(saved) == sorted(expected + [f"overlap/{label}" for label in report["candidates"]])
+  assert saved[f"load/{list(report['candidates'])[1]}"].sum() == 2 * 2 * scored  # k=2, two MoE layers
