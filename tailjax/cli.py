@@ -10,17 +10,26 @@ from rich.console import Console
 
 from tailjax import __version__
 
+DTYPE_HELP = ("Parameters stored and computed as bfloat16, float16 or float32; auto: each checkpoint's own "
+              "dtype on an accelerator, float32 on a CPU.")
+
 
 @click.group()
 @click.version_option(__version__)
-def main() -> None:
+@click.option("--compile-cache/--no-compile-cache", default=True, show_default=True,
+              help="Keep compiled steps on disk (TAILJAX_COMPILE_CACHE: its directory, or 'off'; default "
+              "~/.cache/tailjax/jax), so a second run of the same shapes skips compilation.")
+def main(compile_cache: bool) -> None:
   """Judge and train language models by the shape of their per-token loss.
 
   Multi-host runs start every process with the same command; JAX_COORDINATOR_ADDRESS,
   JAX_NUM_PROCESSES and JAX_PROCESS_ID (or a TPU pod's own environment) join them.
   """
+  from tailjax import compile_cache as cache
   from tailjax import mesh
 
+  if compile_cache:
+    cache.enable()
   mesh.initialize()
 
 
@@ -36,8 +45,9 @@ def main() -> None:
               help="A subset of checkpoints (names matching GLOB) with its own concordance (repeatable).")
 @click.option("--corpus", help="Evaluate checkpoints that have no saved summary on this corpus.")
 @click.option("--mesh", "device_mesh", help="Device mesh for --corpus evaluations (data=8, auto, ...).")
+@click.option("--dtype", default="auto", show_default=True, help=DTYPE_HELP)
 def select(tables: tuple[Path, ...], by: str, summaries: str, task_scores: Path | None, output: Path | None,
-           force: bool, families: tuple[str, ...], corpus: str | None, device_mesh: str | None) -> None:
+           force: bool, families: tuple[str, ...], corpus: str | None, device_mesh: str | None, dtype: str) -> None:
   """Select a checkpoint from summary TABLES (CSV with a name column, JSON), tailjax eval report directories
   (one row per model) or tailjax distill runs (one row per checkpoint), with concordance diagnostics."""
   from tailjax import mesh
@@ -49,7 +59,7 @@ def select(tables: tuple[Path, ...], by: str, summaries: str, task_scores: Path 
     table: dict[str, dict[str, float]] = {}
     scored = {}  # input -> the tokens it was measured on: a family is ranked on one corpus and protocol
     for path in tables:
-      part, fingerprint = selection.read_source(path, corpus, placed)
+      part, fingerprint = selection.read_source(path, corpus, placed, dtype)
       if fingerprint is not None:
         scored[path] = fingerprint
         if len(set(scored.values())) > 1 and not force:
@@ -106,9 +116,10 @@ def _wide_console() -> Console:
 @click.option("--reference-cache", type=click.Path(path_type=Path),
               help="A cache written by --save-reference-cache as the reference (KLD over top-K + tail bucket).")
 @click.option("--mesh", "device_mesh", help="Device mesh, e.g. data=8 or data=4,model=2 or auto (all on data).")
+@click.option("--dtype", default="auto", show_default=True, help=DTYPE_HELP)
 def eval_command(reference, candidates, corpus, text_field, protocol, seq_len, num_sequences, seed, batch_size,
                  spike_thresholds, output, dump_tokens, worst, kl_divergence_base, save_reference_cache, cache_k,
-                 reference_cache, device_mesh) -> None:
+                 reference_cache, device_mesh, dtype) -> None:
   """Per-token KLD and CE distributions of candidates against a reference, with tails and intervals."""
   import dataclasses
 
@@ -126,7 +137,7 @@ def eval_command(reference, candidates, corpus, text_field, protocol, seq_len, n
                              batch_size=batch_size, spike_thresholds=spike_thresholds, output=output,
                              dump_tokens=dump_tokens, worst=worst, kl_divergence_base=kl_divergence_base,
                              reference_cache=reference_cache, save_reference_cache=save_reference_cache,
-                             cache_k=cache_k, mesh=device_mesh, console=Console(stderr=True))
+                             cache_k=cache_k, mesh=device_mesh, dtype=dtype, console=Console(stderr=True))
   except (ValueError, FileNotFoundError) as err:
     raise click.ClickException(str(err)) from None
   except KeyboardInterrupt:

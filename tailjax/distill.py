@@ -42,12 +42,13 @@ from flax import nnx
 
 from tailjax import data, head, mesh, teacher_cache
 from tailjax.losses import TopK
-from tailjax.models import PRESETS, Decoder, LoadedModel, ModelConfig, Tokenizer, load, load_tokenizer
+from tailjax.models import DTYPES as MODEL_DTYPES
+from tailjax.models import PRESETS, Decoder, LoadedModel, ModelConfig, Tokenizer, load, load_tokenizer, resolve_dtype
 from tailjax.models.load import CHECKPOINT_FILE
 from tailjax.stats import LogHistogram, Summary, spec_for
 
 OBJECTIVES = ("ce", "kl", "topk")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {name: MODEL_DTYPES[name] for name in ("float32", "bfloat16")}  # training: no float16
 # May change when a run resumes: they decide when to log, evaluate and save, not what is computed.
 OPERATIONAL = ("save_every", "keep", "eval_every", "log_every", "cache_batch_size", "mesh")
 EVAL_FILE = "eval.json"
@@ -575,14 +576,15 @@ def _progress(console, total: int, start: int):
   return progress, progress.add_task("distill", total=total, completed=start, loss=float("nan"), speed=0.0)
 
 
-def evaluate_checkpoint(step_dir: str | Path, corpus: str, *, text_field: str = "text",
-                        device_mesh=None) -> dict[str, Any]:
-  """The validation CE summary of a checkpoint on ``corpus``, windows shaped as its run's (or 64 x 512)."""
+def evaluate_checkpoint(step_dir: str | Path, corpus: str, *, text_field: str = "text", device_mesh=None,
+                        dtype: str = "auto") -> dict[str, Any]:
+  """The validation CE summary of a checkpoint on ``corpus``, windows shaped as its run's (or 64 x 512), with
+  parameters in ``dtype`` (``"auto"``: ``tailjax.models.resolve_dtype``)."""
   step_dir = Path(step_dir)
   run_config = step_dir.parent.parent / "config.json"
   shape = json.loads(run_config.read_text()) if run_config.exists() else {}
   seq_len, count = shape.get("seq_len", 512), shape.get("val_windows") or 64
-  loaded = load(step_dir)
+  loaded = load(step_dir, MODEL_DTYPES[resolve_dtype(step_dir, dtype)])
   if loaded.tokenizer is None:
     raise ValueError(f"{step_dir}: the checkpoint has no tokenizer to read {corpus} with")
   windows = data.pack_documents(data.read_documents(corpus, text_field), loaded.tokenizer, seq_len, corpus).take(count)
@@ -594,7 +596,8 @@ def evaluate_checkpoint(step_dir: str | Path, corpus: str, *, text_field: str = 
   return {"windows": len(windows), "fingerprint": windows.fingerprint, "corpus": corpus, "ce": summary.to_dict()}
 
 
-def read_run(directory: str | Path, corpus: str | None = None, device_mesh=None) -> dict[str, dict[str, Any]]:
+def read_run(directory: str | Path, corpus: str | None = None, device_mesh=None,
+             dtype: str = "auto") -> dict[str, dict[str, Any]]:
   """A distill run (or one checkpoint) -> ``{"<run>@<step>": CE summary}``, one entry per checkpoint.
 
   Summaries saved with the checkpoints are read; a checkpoint without one is evaluated on
@@ -610,7 +613,7 @@ def read_run(directory: str | Path, corpus: str | None = None, device_mesh=None)
     if path.exists():
       found[name] = json.loads(path.read_text())
     elif corpus is not None:
-      found[name] = evaluate_checkpoint(step_dir, corpus, device_mesh=device_mesh)
+      found[name] = evaluate_checkpoint(step_dir, corpus, device_mesh=device_mesh, dtype=dtype)
     else:
       raise FileNotFoundError(f"{path}: this checkpoint has no saved evaluation (give a corpus to evaluate it on)")
   if not found:

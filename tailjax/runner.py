@@ -49,10 +49,11 @@ def _split_label(spec: str) -> tuple[str | None, str]:
   return (label, rest) if sep and "/" not in label else (None, spec)
 
 
-def load_candidate(spec: str, reference: LoadedModel) -> LoadedModel:
-  """A model spec, or ``@<quantization>``: the reference itself, rounded (no second load)."""
+def load_candidate(spec: str, reference: LoadedModel, dtype: str = "float32") -> LoadedModel:
+  """A model spec (in ``dtype``, or its own with ``"auto"``: ``models.resolve_dtype``), or
+  ``@<quantization>``: the reference itself, rounded (no second load), in the reference's dtype."""
   if not spec.startswith("@"):
-    return models.load(spec)
+    return load_model(spec, dtype)
   quantization = QuantSpec.parse(spec[1:])
   model = nnx.clone(reference.model)
   models.quantize_model(model, quantization)
@@ -79,7 +80,11 @@ def _labels(named: Sequence[tuple[str | None, LoadedModel]], reference: LoadedMo
 
 def _identity(run: dict[str, Any]) -> dict[str, Any]:
   return {k: run[k] for k in ("models", "corpus", "protocol", "seq_len", "num_sequences", "seed", "fingerprint",
-                              "batch_size", "spike_thresholds")}
+                              "batch_size", "spike_thresholds", "dtype")}
+
+
+def _dtype_name(loaded: LoadedModel) -> str:
+  return str(loaded.model.embed.embedding.get_value().dtype)
 
 
 def _prepare_output(output: Path, identity: dict[str, Any]) -> bool:
@@ -99,22 +104,27 @@ def _prepare_output(output: Path, identity: dict[str, Any]) -> bool:
   return False
 
 
-def _load_models(reference: str | None, candidates: Sequence[str]):
+def load_model(spec: str, dtype: str = "float32") -> LoadedModel:
+  """``models.load`` with parameters stored and computed in ``dtype`` (a name, or ``"auto"``)."""
+  return models.load(spec, models.DTYPES[models.resolve_dtype(spec, dtype)])
+
+
+def _load_models(reference: str | None, candidates: Sequence[str], dtype: str):
   reference_label, reference_spec = _split_label(reference or default_reference())
   candidates = list(candidates) or (list(DEFAULT_CANDIDATES) if reference is None else [])
   if not candidates:
     raise ValueError("give at least one --candidate (a model spec, or @int4 for the reference quantized)")
-  ref = models.load(reference_spec)
+  ref = load_model(reference_spec, dtype)
   if ref.tokenizer is None:
     raise ValueError(f"{reference_spec}: the reference has no tokenizer to cut the corpus with")
   named = [(reference_label, ref)]
   for spec in candidates:
     label, spec = _split_label(spec)
-    named.append((label, load_candidate(spec, ref)))
+    named.append((label, load_candidate(spec, ref, dtype)))
   return ref, _labels(named, ref), [loaded for _, loaded in named[1:]]
 
 
-def _against_stored(path, kind: str, reference: str | None, candidates: Sequence[str]):
+def _against_stored(path, kind: str, reference: str | None, candidates: Sequence[str], dtype: str):
   """A stored reference (llama.cpp base file or tailjax reference cache) and the candidates to score against it."""
   if reference is not None:
     raise ValueError(f"give --reference or --{kind}, not both")
@@ -123,7 +133,7 @@ def _against_stored(path, kind: str, reference: str | None, candidates: Sequence
                      "quantize)")
   stored = llamacpp.read_base(path) if kind == "kl-divergence-base" else refcache.load(path)
   named = [_split_label(spec) for spec in candidates]
-  cands = [models.load(spec) for _, spec in named]
+  cands = [load_model(spec, dtype) for _, spec in named]
   labels = [Path(path).stem, *_labels(list(zip((label for label, _ in named), cands)), None)]
   tokenizer = next((c.tokenizer for c in cands if c.tokenizer is not None), None)
   if tokenizer is None:
@@ -141,7 +151,7 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
              dump_tokens: str | Path | None = None, worst: int = 20, save_every: float = 30.0,
              kl_divergence_base: str | Path | None = None, reference_cache: str | Path | None = None,
              save_reference_cache: str | Path | None = None, cache_k: int = 32, mesh: str | None = None,
-             console=None) -> dict[str, Any]:
+             dtype: str = "auto", console=None) -> dict[str, Any]:
   """Evaluate ``candidates`` against ``reference`` on ``corpus``; returns the ``report.json`` dictionary.
 
   ``kl_divergence_base`` (instead of a reference and a corpus) is a llama.cpp base file: its
@@ -151,6 +161,10 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
 
   With no reference and no candidates this is the embedded default: SmolLM2-135M against its
   own int4 and int3 round-to-nearest quantizations on CPython's reference manual.
+
+  ``dtype`` (``float32``, ``bfloat16``, ``float16``) is how every model's parameters are stored and
+  computed; ``"auto"``: each checkpoint's own dtype on an accelerator, float32 on a CPU. The fused
+  head accumulates in float32 either way.
 
   ``mesh`` (``"data=8"``, ``"data=4,model=2"``, ``"auto"``: ``tailjax.mesh``) spreads the run over
   devices, and over hosts after ``tailjax.mesh.initialize``: every process runs this same call,
@@ -168,11 +182,11 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
     kind = "kl-divergence-base" if kl_divergence_base is not None else "reference-cache"
     if save_reference_cache is not None:
       raise ValueError(f"--save-reference-cache needs a reference model, not --{kind}")
-    ref, labels, cands, windows, tokenizer = _against_stored(stored, kind, reference, candidates)
+    ref, labels, cands, windows, tokenizer = _against_stored(stored, kind, reference, candidates, dtype)
     corpus, sources = str(stored), [str(stored), *(c.name for c in cands)]
     protocol = dataclasses.replace(DEFAULT_PROTOCOL, name=kind, seq_len=windows.tokens.shape[1], num_sequences=None)
   else:
-    ref, labels, cands = _load_models(reference, candidates)
+    ref, labels, cands = _load_models(reference, candidates, dtype)
     tokenizer = ref.tokenizer
     windows = data.corpus_windows(corpus, tokenizer, protocol, text_field)
     sources = [m.name for m in (ref, *cands)]
@@ -186,8 +200,13 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
          "seed": protocol.seed, "fingerprint": windows.fingerprint, "batch_size": batch_size,
          "spike_thresholds": list(spike_thresholds), "windows": len(windows), "scored_tokens": windows.scored_tokens,
          "corpus_tokens": windows.corpus_tokens}
-  console.print(f"loaded {len(labels)} models and {len(windows)} windows x {protocol.seq_len} tokens "
-                f"({windows.scored_tokens} scored) in {time.perf_counter() - started:.1f} s", highlight=False)
+  loaded = cands if stored is not None else [ref, *cands]
+  run["dtype"] = dict(zip(labels[1:] if stored is not None else labels, (_dtype_name(m) for m in loaded)))
+  how = "as asked" if dtype != "auto" else ("float32 on a CPU" if jax.default_backend() == "cpu" else
+                                            "each checkpoint's own")
+  console.print(f"loaded {len(labels)} models ({', '.join(sorted(set(run['dtype'].values())))}: {how}) and "
+                f"{len(windows)} windows x {protocol.seq_len} tokens ({windows.scored_tokens} scored) in "
+                f"{time.perf_counter() - started:.1f} s", highlight=False)
 
   device_mesh = meshes.parse(mesh) if mesh else None
   if device_mesh is not None:

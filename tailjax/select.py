@@ -51,17 +51,17 @@ def _ce_row(ce: dict[str, Any]) -> dict[str, float]:
   return row
 
 
-def read_distill_run(path: str | Path, corpus: str | None = None,
-                     device_mesh=None) -> tuple[dict[str, dict[str, float]], str]:
+def read_distill_run(path: str | Path, corpus: str | None = None, device_mesh=None,
+                     dtype: str = "auto") -> tuple[dict[str, dict[str, float]], str]:
   """A ``tailjax distill`` run -> (``{run@step: CE summaries}``, fingerprint of the windows they were measured on).
 
   A checkpoint without a saved summary is evaluated on ``corpus`` when one is given (on
-  ``device_mesh`` if any).
+  ``device_mesh`` if any, with parameters in ``dtype``).
   """
   from tailjax import distill
 
   table, fingerprints = {}, set()
-  for name, saved in distill.read_run(path, corpus, device_mesh).items():
+  for name, saved in distill.read_run(path, corpus, device_mesh, dtype).items():
     table[name] = _ce_row(saved["ce"])
     fingerprints.add(saved["fingerprint"])
   if len(fingerprints) > 1:
@@ -69,12 +69,12 @@ def read_distill_run(path: str | Path, corpus: str | None = None,
   return table, fingerprints.pop()
 
 
-def read_source(path: str | Path, corpus: str | None = None,
-                device_mesh=None) -> tuple[dict[str, dict[str, float]], str | None]:
+def read_source(path: str | Path, corpus: str | None = None, device_mesh=None,
+                dtype: str = "auto") -> tuple[dict[str, dict[str, float]], str | None]:
   """Any input of ``tailjax select`` -> (table, fingerprint of the tokens it was measured on, if known)."""
   path = Path(path)
   if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "tailjax_model.json").exists()):
-    return read_distill_run(path, corpus, device_mesh)
+    return read_distill_run(path, corpus, device_mesh, dtype)
   if path.is_dir() or path.name == "report.json":
     return read_eval_report(path)
   return read_table(path), None

@@ -5,6 +5,8 @@ import jax
 import numpy as np
 import pytest
 
+# The command line's persistent compilation cache stays out of the user's cache directory in tests.
+os.environ["TAILJAX_COMPILE_CACHE"] = "off"
 # Eight CPU devices, so sharding and mesh merges are tested on one machine.
 jax.config.update("jax_num_cpu_devices", 8)
 

@@ -28,6 +28,41 @@ from tailjax.models.quantize import QuantSpec, quantize_model
 from tailjax.models.transformer import Decoder
 
 CHECKPOINT_FILE = "tailjax_model.json"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float32"}
+
+
+def native_dtype(spec: str | Path) -> str:
+  """The dtype a model spec's checkpoint stores its weights in, from metadata only (no weights read):
+  a Hugging Face ``config.json``'s ``dtype``/``torch_dtype`` or else its first safetensors tensor, a tailjax
+  checkpoint's recorded dtype; for GGUF (quantized blocks, dequantized on load) ``bfloat16``."""
+  path = Path(str(spec).rpartition("@")[0] if "@" in str(spec) else spec)
+  if path.is_file() and path.suffix == ".gguf":
+    return "bfloat16"
+  if path.is_dir() and (path / CHECKPOINT_FILE).exists():
+    return str(json.loads((path / CHECKPOINT_FILE).read_text()).get("dtype", "float32"))
+  if path.is_dir() and (path / "config.json").exists():
+    raw = hf.read_raw_config(path)
+    named = raw.get("dtype") or raw.get("torch_dtype")
+    if named in DTYPES:
+      return named
+    from safetensors import safe_open
+
+    with safe_open(hf.safetensors_files(path)[0], framework="numpy") as f:
+      for name in f.keys():
+        if (kind := _SAFETENSORS_DTYPES.get(f.get_slice(name).get_dtype())) is not None:
+          return kind
+  return "float32"
+
+
+def resolve_dtype(spec: str | Path, dtype: str = "auto") -> str:
+  """``dtype`` by name, or for ``"auto"`` the checkpoint's own (``native_dtype``) on an accelerator and
+  float32 on a CPU (whose matmuls upcast half-precision weights anyway)."""
+  if dtype != "auto":
+    if dtype not in DTYPES:
+      raise ValueError(f"dtype {dtype!r}: expected auto or one of {sorted(DTYPES)}")
+    return dtype
+  return "float32" if jax.default_backend() == "cpu" else native_dtype(spec)
 
 
 @dataclasses.dataclass
