@@ -167,15 +167,9 @@ def run_jax(args) -> dict:
 
 def compiled_temp_bytes(models, tokens, scored, vocab_size: int) -> int:
   """Temporary memory of the eval step compiled for these models and inputs (arrays or abstract shapes)."""
-  import jax
-  from flax import nnx
-
   from tailjax import evaluate
-  from tailjax.stats import spec_for
 
-  graph, params = nnx.split(models)
-  step = lambda p, t, s: evaluate._batch_stats(nnx.merge(graph, p), t, s, None, spec_for(), vocab_size, 20, False, 0)
-  return jax.jit(step).lower(params, tokens, scored).compile().memory_analysis().temp_size_in_bytes
+  return evaluate.step_temp_bytes(models, tokens.shape[0], tokens.shape[1], vocab_size)
 
 
 def plan(args) -> list[tuple]:

@@ -117,9 +117,13 @@ def _wide_console() -> Console:
               help="A cache written by --save-reference-cache as the reference (KLD over top-K + tail bucket).")
 @click.option("--mesh", "device_mesh", help="Device mesh, e.g. data=8 or data=4,model=2 or auto (all on data).")
 @click.option("--dtype", default="auto", show_default=True, help=DTYPE_HELP)
+@click.option("--plan", "plan_only", is_flag=True,
+              help="Print per-device weights and the compiled step's temporaries for these models, batch and mesh, "
+              "and whether they fit, without reading weights or running anything.")
+@click.option("--device-memory", type=float, help="GiB one device holds, for --plan (default: what it reports).")
 def eval_command(reference, candidates, corpus, text_field, protocol, seq_len, num_sequences, seed, batch_size,
                  spike_thresholds, output, dump_tokens, worst, kl_divergence_base, save_reference_cache, cache_k,
-                 reference_cache, device_mesh, dtype) -> None:
+                 reference_cache, device_mesh, dtype, plan_only, device_memory) -> None:
   """Per-token KLD and CE distributions of candidates against a reference, with tails and intervals."""
   import dataclasses
 
@@ -133,6 +137,17 @@ def eval_command(reference, candidates, corpus, text_field, protocol, seq_len, n
     if num_sequences is not None:
       overrides["num_sequences"] = num_sequences or None
     chosen = dataclasses.replace(chosen, **overrides)
+    if plan_only:
+      from tailjax import mesh, plan
+
+      made = plan.plan_eval(reference or runner.default_reference(),
+                            candidates or (runner.DEFAULT_CANDIDATES if reference is None else ()),
+                            batch_size=batch_size, seq_len=chosen.seq_len, dtype=dtype,
+                            device_mesh=mesh.parse(device_mesh) if device_mesh else None,
+                            device_bytes=None if device_memory is None else int(device_memory * 2**30))
+      for line in made.lines():
+        console.print(line, highlight=False)
+      return
     result = runner.run_eval(reference, candidates, corpus, protocol=chosen, text_field=text_field,
                              batch_size=batch_size, spike_thresholds=spike_thresholds, output=output,
                              dump_tokens=dump_tokens, worst=worst, kl_divergence_base=kl_divergence_base,

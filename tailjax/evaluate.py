@@ -171,6 +171,22 @@ def _routing_sums(models: tuple, outputs: list, scored: jax.Array) -> dict[str, 
 _batch_stats_jit = nnx.jit(_batch_stats, static_argnums=(4, 5, 6, 7, 8))
 
 
+def step_temp_bytes(models: tuple, batch_size: int, seq_len: int, vocab_size: int,
+                    device_mesh: jax.sharding.Mesh | None = None) -> int:
+  """Temporary memory (per device) of the batch step compiled for ``models`` (real or ``nnx.eval_shape``
+  abstract: nothing is allocated or run) on ``[batch_size, seq_len]`` windows, on ``device_mesh`` if any."""
+  graph, params = nnx.split(models)
+  tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
+  scored = jax.ShapeDtypeStruct((batch_size, seq_len - 1), jnp.bool_)
+  if device_mesh is not None:
+    params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), params,
+                          mesh.parameter_shardings(params, device_mesh))
+    tokens, scored = (jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=mesh.batch_sharding(device_mesh, 2))
+                      for x in (tokens, scored))
+  step = lambda p, t, s: _batch_stats(nnx.merge(graph, p), t, s, None, spec_for(), vocab_size, 20, False, 0)
+  return jax.jit(step).lower(params, tokens, scored).compile().memory_analysis().temp_size_in_bytes
+
+
 @functools.lru_cache(maxsize=None)
 def _batch_stats_on(device_mesh: jax.sharding.Mesh):
   """The batch step partitioned over ``device_mesh``; its (small) outputs replicated, so every host has them."""

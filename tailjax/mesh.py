@@ -71,14 +71,17 @@ def _mesh_spec(logical: PartitionSpec | tuple, shape: tuple[int, ...], mesh: Mes
   return PartitionSpec(*(a[0] if isinstance(a, tuple) and len(a) == 1 else a for a in out))
 
 
+def parameter_shardings(state: nnx.State, mesh: Mesh):
+  """The ``NamedSharding`` of every variable of ``state`` (arrays or abstract shapes) on ``mesh``."""
+  logical = nnx.get_partition_spec(state)
+  return jax.tree.map(lambda spec, value: NamedSharding(mesh, _mesh_spec(spec, value.shape, mesh)), logical, state,
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
   """Places every parameter of ``model`` on ``mesh`` by its logical axis names (in place; returns it)."""
   state = nnx.state(model)
-  logical = nnx.get_partition_spec(state)
-  placed = jax.tree.map(lambda spec, value: jax.device_put(value, NamedSharding(mesh, _mesh_spec(spec, value.shape,
-                                                                                                  mesh))),
-                        logical, state, is_leaf=lambda x: isinstance(x, PartitionSpec))
-  nnx.update(model, placed)
+  nnx.update(model, jax.tree.map(jax.device_put, state, parameter_shardings(state, mesh)))
   return model
 
 

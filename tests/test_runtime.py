@@ -3,11 +3,13 @@
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 from tailjax import compile_cache, data, head, models, runner
 from test_hf import random_hf_model, tokenizer_files
@@ -84,3 +86,31 @@ def test_fused_head_keeps_kld_precision_with_bfloat16_inputs(rng):
   assert got.min() >= 0 and want.min() < 1e-8 and want.max() > 1e-3
   tiny = want > 1e-12
   np.testing.assert_allclose(got[tiny], want[tiny], rtol=1e-2, atol=1e-12)
+
+
+def test_plan_counts_the_bytes_a_real_placement_holds(tmp_path):
+  """--plan from configs alone: per-device weights equal the bytes each device holds once the real models are
+  loaded and placed (one device, and fsdp=4 x model=2); the verdict follows the device size."""
+  from tailjax import mesh, plan
+
+  random_hf_model(transformers.Qwen3MoeConfig, tmp_path / "moe", vocab_size=300, hidden_size=64, intermediate_size=80,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                  num_experts_per_tok=2, moe_intermediate_size=32)
+  spec = str(tmp_path / "moe")
+  single = plan.plan_eval(spec, ["@int4"], batch_size=2, seq_len=32, dtype="bfloat16", device_bytes=2**30)
+  cfg = models.load_config(spec)
+  assert single.dtypes == ["bfloat16", "bfloat16"] and single.temp_bytes > 0 and single.fits
+  norms = cfg.hidden_size + cfg.num_layers * (2 * cfg.hidden_size + 2 * cfg.head_dim)  # stay float32 ...
+  assert single.weights_bytes == 2 * (2 * cfg.num_params + 2 * norms)  # ... bf16 everywhere else, 2 models
+  assert not plan.plan_eval(spec, ["@int4"], batch_size=2, seq_len=32, device_bytes=2**16).fits
+
+  device_mesh = mesh.parse("fsdp=4,model=2")
+  placed = plan.plan_eval(spec, ["@int4"], batch_size=8, seq_len=32, dtype="float32", device_mesh=device_mesh)
+  loaded = [runner.load_model(spec, "float32") for _ in range(2)]
+  first = jax.devices()[0]
+  held = 0
+  for model in loaded:
+    mesh.shard_model(model.model, device_mesh)
+    held += sum(s.data.nbytes for x in jax.tree.leaves(nnx.state(model.model, nnx.Param))
+                for s in x.addressable_shards if s.device == first)
+  assert placed.devices == 8 and placed.weights_bytes == held < single.weights_bytes * 2

@@ -344,6 +344,20 @@ def _checkpoint_tokenizer(directory: Path, meta: dict) -> Tokenizer | None:
   return Tokenizer(Backend.from_file(str(directory / t["file"])), t["add_bos"], t["bos_id"])
 
 
+def load_config(spec: str | Path) -> ModelConfig:
+  """Only the ``ModelConfig`` of a model spec, from its metadata (no weights read)."""
+  import gguf as gguf_lib
+
+  path = Path(str(spec).rpartition("@")[0] if "@" in str(spec) else spec)
+  if path.is_file() and path.suffix == ".gguf":
+    return gguf.read_config(gguf_lib.GGUFReader(path), path)
+  if path.is_dir() and (path / CHECKPOINT_FILE).exists():
+    return ModelConfig.from_dict(json.loads((path / CHECKPOINT_FILE).read_text())["config"])
+  if path.is_dir() and (path / "config.json").exists():
+    return hf.read_config(path)
+  raise FileNotFoundError(f"{path}: no such model (a .gguf file, a Hugging Face directory or a tailjax checkpoint)")
+
+
 def load_tokenizer(spec: str | Path) -> Tokenizer:
   """Only the tokenizer of a model spec (no weights read), or a ``tokenizer.json`` file."""
   import gguf as gguf_lib

@@ -1,0 +1,66 @@
+"""Will an evaluation fit? Per-device weights and the compiled step's temporaries, before any weight is read.
+
+From the models' configs alone (``tailjax.models.load_config``), abstract parameters in the run's
+dtype are placed on the mesh by ``tailjax.mesh``'s rules and the eval batch step is compiled for
+them (``tailjax.evaluate.step_temp_bytes``): nothing is allocated or run, so a user sizes
+``batch_size`` and the mesh before holding the devices. The compiler is the local backend's: on a
+CPU it converts bfloat16 dot operands to float32, so a CPU plan of a bfloat16 run overstates the
+temporaries (an upper bound); plan on the target device kind for its own figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from tailjax import evaluate, mesh, models
+
+
+@dataclasses.dataclass
+class Plan:
+  devices: int
+  device_kind: str
+  dtypes: list[str]  # per model, reference first
+  weights_bytes: int  # per device, every model together
+  temp_bytes: int  # per device, the compiled batch step
+  device_bytes: int | None  # what one device holds, when known
+
+  @property
+  def fits(self) -> bool | None:
+    return None if self.device_bytes is None else self.weights_bytes + self.temp_bytes <= self.device_bytes
+
+  def lines(self) -> list[str]:
+    gib = lambda b: f"{b / 2**30:.2f} GiB"
+    verdict = ("fits" if self.fits else "does NOT fit") if self.fits is not None else "device memory unknown"
+    room = f" of {gib(self.device_bytes)}" if self.device_bytes is not None else ""
+    return [f"plan on {self.devices} x {self.device_kind}, parameters {', '.join(self.dtypes)}:",
+            f"  weights per device {gib(self.weights_bytes)} + compiled step temporaries {gib(self.temp_bytes)} = "
+            f"{gib(self.weights_bytes + self.temp_bytes)}{room}: {verdict}"]
+
+
+def plan_eval(reference: str, candidates: Sequence[str], *, batch_size: int, seq_len: int, dtype: str = "auto",
+              device_mesh: jax.sharding.Mesh | None = None, device_bytes: int | None = None) -> Plan:
+  """The memory plan of ``tailjax eval`` with these models (specs; ``@int4`` candidates are the reference's
+  shape) on ``[batch_size, seq_len]`` windows. ``device_bytes`` defaults to what the first device reports."""
+  specs = [reference, *(reference if spec.startswith("@") else spec for spec in candidates)]
+  configs = [models.load_config(spec) for spec in specs]
+  dtypes = [models.resolve_dtype(spec, dtype) for spec in specs]
+  abstract = nnx.eval_shape(lambda: tuple(models.Decoder(cfg, dtype=models.DTYPES[d], rngs=nnx.Rngs(0))
+                                          for cfg, d in zip(configs, dtypes)))
+  state = nnx.state(abstract, nnx.Param)
+  if device_mesh is None:
+    weights = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state))
+  else:
+    weights = sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in
+                  zip(jax.tree.leaves(state), jax.tree.leaves(mesh.parameter_shardings(state, device_mesh))))
+  temp = evaluate.step_temp_bytes(abstract, batch_size, seq_len, configs[0].vocab_size, device_mesh)
+  device = jax.devices()[0]
+  if device_bytes is None:
+    device_bytes = (device.memory_stats() or {}).get("bytes_limit") if device.platform != "cpu" else None
+  count = 1 if device_mesh is None else int(np.prod(list(device_mesh.shape.values())))
+  return Plan(count, device.device_kind, dtypes, int(weights), int(temp), device_bytes)
