@@ -43,7 +43,7 @@ from flax import nnx
 from tailjax import data, head, mesh, teacher_cache
 from tailjax.losses import TopK
 from tailjax.models import DTYPES as MODEL_DTYPES
-from tailjax.models import PRESETS, Decoder, LoadedModel, ModelConfig, Tokenizer, load, load_tokenizer, resolve_dtype
+from tailjax.models import PRESETS, Decoder, LoadedModel, ModelConfig, Tokenizer, load, load_tokenizer
 from tailjax.models.load import CHECKPOINT_FILE
 from tailjax.stats import LogHistogram, Summary, spec_for
 
@@ -584,7 +584,7 @@ def evaluate_checkpoint(step_dir: str | Path, corpus: str, *, text_field: str = 
   run_config = step_dir.parent.parent / "config.json"
   shape = json.loads(run_config.read_text()) if run_config.exists() else {}
   seq_len, count = shape.get("seq_len", 512), shape.get("val_windows") or 64
-  loaded = load(step_dir, MODEL_DTYPES[resolve_dtype(step_dir, dtype)])
+  loaded = load(step_dir, dtype)
   if loaded.tokenizer is None:
     raise ValueError(f"{step_dir}: the checkpoint has no tokenizer to read {corpus} with")
   windows = data.pack_documents(data.read_documents(corpus, text_field), loaded.tokenizer, seq_len, corpus).take(count)

@@ -53,7 +53,7 @@ def load_candidate(spec: str, reference: LoadedModel, dtype: str = "float32") ->
   """A model spec (in ``dtype``, or its own with ``"auto"``: ``models.resolve_dtype``), or
   ``@<quantization>``: the reference itself, rounded (no second load), in the reference's dtype."""
   if not spec.startswith("@"):
-    return load_model(spec, dtype)
+    return models.load(spec, dtype)
   quantization = QuantSpec.parse(spec[1:])
   model = nnx.clone(reference.model)
   models.quantize_model(model, quantization)
@@ -104,17 +104,12 @@ def _prepare_output(output: Path, identity: dict[str, Any]) -> bool:
   return False
 
 
-def load_model(spec: str, dtype: str = "float32") -> LoadedModel:
-  """``models.load`` with parameters stored and computed in ``dtype`` (a name, or ``"auto"``)."""
-  return models.load(spec, models.DTYPES[models.resolve_dtype(spec, dtype)])
-
-
 def _load_models(reference: str | None, candidates: Sequence[str], dtype: str):
   reference_label, reference_spec = _split_label(reference or default_reference())
   candidates = list(candidates) or (list(DEFAULT_CANDIDATES) if reference is None else [])
   if not candidates:
     raise ValueError("give at least one --candidate (a model spec, or @int4 for the reference quantized)")
-  ref = load_model(reference_spec, dtype)
+  ref = models.load(reference_spec, dtype)
   if ref.tokenizer is None:
     raise ValueError(f"{reference_spec}: the reference has no tokenizer to cut the corpus with")
   named = [(reference_label, ref)]
@@ -133,7 +128,7 @@ def _against_stored(path, kind: str, reference: str | None, candidates: Sequence
                      "quantize)")
   stored = llamacpp.read_base(path) if kind == "kl-divergence-base" else refcache.load(path)
   named = [_split_label(spec) for spec in candidates]
-  cands = [load_model(spec, dtype) for _, spec in named]
+  cands = [models.load(spec, dtype) for _, spec in named]
   labels = [Path(path).stem, *_labels(list(zip((label for label, _ in named), cands)), None)]
   tokenizer = next((c.tokenizer for c in cands if c.tokenizer is not None), None)
   if tokenizer is None:

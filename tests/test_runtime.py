@@ -55,7 +55,7 @@ def test_bfloat16_checkpoint_runs_in_bfloat16_and_reports_what_float32_does(tmp_
   assert models.resolve_dtype(tmp_path / "model", "auto") == "float32"  # on a CPU
   with pytest.raises(ValueError, match="dtype 'fp8'"):
     models.resolve_dtype(tmp_path / "model", "fp8")
-  loaded = runner.load_model(str(tmp_path / "model"), "bfloat16")
+  loaded = models.load(tmp_path / "model", "bfloat16")
   assert loaded.model.blocks[0].attn.q.kernel[...].dtype == jnp.bfloat16
   assert loaded.model.blocks[0].attn_norm.scale[...].dtype == jnp.float32  # norms stay float32
 
@@ -106,7 +106,7 @@ def test_plan_counts_the_bytes_a_real_placement_holds(tmp_path):
 
   device_mesh = mesh.parse("fsdp=4,model=2")
   placed = plan.plan_eval(spec, ["@int4"], batch_size=8, seq_len=32, dtype="float32", device_mesh=device_mesh)
-  loaded = [runner.load_model(spec, "float32") for _ in range(2)]
+  loaded = [models.load(spec, "float32") for _ in range(2)]
   first = jax.devices()[0]
   held = 0
   for model in loaded:

@@ -32,11 +32,18 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float32"}
 
 
+def _split_spec(spec: str | Path) -> tuple[Path, str]:
+  """``path[@quantization]`` -> (the path, the quantization text or "")."""
+  text = str(spec)
+  path, _, quant = text.rpartition("@") if "@" in text else (text, "", "")
+  return Path(path), quant
+
+
 def native_dtype(spec: str | Path) -> str:
   """The dtype a model spec's checkpoint stores its weights in, from metadata only (no weights read):
   a Hugging Face ``config.json``'s ``dtype``/``torch_dtype`` or else its first safetensors tensor, a tailjax
   checkpoint's recorded dtype; for GGUF (quantized blocks, dequantized on load) ``bfloat16``."""
-  path = Path(str(spec).rpartition("@")[0] if "@" in str(spec) else spec)
+  path, _ = _split_spec(spec)
   if path.is_file() and path.suffix == ".gguf":
     return "bfloat16"
   if path.is_dir() and (path / CHECKPOINT_FILE).exists():
@@ -348,7 +355,7 @@ def load_config(spec: str | Path) -> ModelConfig:
   """Only the ``ModelConfig`` of a model spec, from its metadata (no weights read)."""
   import gguf as gguf_lib
 
-  path = Path(str(spec).rpartition("@")[0] if "@" in str(spec) else spec)
+  path, _ = _split_spec(spec)
   if path.is_file() and path.suffix == ".gguf":
     return gguf.read_config(gguf_lib.GGUFReader(path), path)
   if path.is_dir() and (path / CHECKPOINT_FILE).exists():
@@ -363,7 +370,7 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
   import gguf as gguf_lib
   from tokenizers import Tokenizer as Backend
 
-  path = Path(str(spec).rpartition("@")[0] if "@" in str(spec) else spec)
+  path, _ = _split_spec(spec)
   tokenizer = None
   if path.is_file() and path.suffix == ".gguf":
     tokenizer = _gguf_tokenizer(gguf_lib.GGUFReader(path), path)
@@ -387,14 +394,15 @@ def load(spec: str | Path, dtype=jnp.float32, param_dtype=None) -> LoadedModel:
   """``path[@quantization]``: a ``.gguf`` file, a Hugging Face directory or a tailjax checkpoint.
 
   With ``@int4`` (see ``QuantSpec.parse``) every transformer-block linear weight is rounded
-  to nearest, so the candidate runs the same code on quantized numbers.
+  to nearest, so the candidate runs the same code on quantized numbers. ``dtype`` is a JAX
+  dtype or a name from ``DTYPES``, or ``"auto"`` (``resolve_dtype``).
   """
-  text = str(spec)
-  path_text, _, quant = text.rpartition("@") if "@" in text else (text, "", "")
+  path, quant = _split_spec(spec)
   quantization = QuantSpec.parse(quant) if quant else None
-  path = Path(path_text)
   if not path.exists():
     raise FileNotFoundError(f"{path}: no such model file or directory")
+  if isinstance(dtype, str):
+    dtype = DTYPES[resolve_dtype(path, dtype)]
   if path.is_file() and path.suffix == ".gguf":
     loaded = from_gguf(path, dtype, param_dtype)
   elif path.is_dir() and (path / CHECKPOINT_FILE).exists():
