@@ -35,13 +35,10 @@ def measure(depth: int, cache: str, seq_len: int, batch: int) -> dict:
   cfg = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=depth, num_heads=9,
                     num_kv_heads=3, tie_word_embeddings=True, rope_theta=1e5)
   models = nnx.eval_shape(lambda: (Decoder(cfg, rngs=nnx.Rngs(0)), Decoder(cfg, rngs=nnx.Rngs(1))))
-  graph, params = nnx.split(models)
   tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
   scored = jax.ShapeDtypeStruct((batch, seq_len - 1), jnp.bool_)
-  step = lambda p, t, s: evaluate._batch_stats(nnx.merge(graph, p), t, s, None, spec_for(), cfg.vocab_size, 20,
-                                               False, 0)
   start = time.perf_counter()
-  lowered = jax.jit(step).lower(params, tokens, scored)
+  lowered = evaluate.batch_step().lower(models, tokens, scored, None, spec_for(), cfg.vocab_size, 20, False, 0)
   traced = time.perf_counter() - start
   start = time.perf_counter()
   lowered.compile()

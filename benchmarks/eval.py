@@ -152,7 +152,7 @@ def run_jax(args) -> dict:
   tokens = jnp.asarray(token_batch(args.batch, args.seq_len, ref.config.vocab_size, encode))
   scored = jnp.ones((args.batch, args.seq_len - 1), bool)
   models = (ref.model, *(cand.model for cand in cands))
-  step = lambda: jax.block_until_ready(evaluate._batch_stats_jit(
+  step = lambda: jax.block_until_ready(evaluate.batch_step()(
       models, tokens, scored, None, spec_for(), ref.config.vocab_size, 20, False, 0))
   device = jax.local_devices()[0]
   if device.platform == "cpu":
@@ -250,7 +250,7 @@ def torch_models(args, torch) -> tuple[list, object, object]:
 
   from safetensors.numpy import save_file
 
-  from tailjax.models.load import hf_tensors
+  from tailjax.models.place import hf_tensors
 
   ref_j, cands_j = jax_models(args)  # same weights as the JAX side, candidates included
   built = []

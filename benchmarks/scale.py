@@ -51,7 +51,7 @@ def main() -> None:
   for layout in args.meshes:
     device_mesh = mesh.parse(layout, jax.devices()[:_size(layout)])
     models = tuple(mesh.shard_model(Decoder(cfg, rngs=nnx.Rngs(i)), device_mesh) for i in (0, 1))
-    step = evaluate._batch_stats_on(device_mesh)
+    step = evaluate.batch_step(device_mesh)
     inputs = (mesh.global_batch(tokens, device_mesh), mesh.global_batch(scored, device_mesh))
     run = lambda: jax.block_until_ready(step(models, *inputs, None, spec_for(), cfg.vocab_size, 20, False, 0))
     run()

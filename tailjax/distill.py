@@ -294,9 +294,10 @@ def prepare(config: DistillConfig) -> Setup:
   """Loads what a run needs and checks that the pieces fit together, naming what does not."""
   teacher = None
   tokenizer, tokenizer_name = None, None
+  device_mesh = None if config.mesh is None else mesh.parse(config.mesh)  # teacher and student load into it
   if config.teacher is not None:
     if config.teacher_cache is None:
-      teacher = load(config.teacher, DTYPES[config.dtype])
+      teacher = load(config.teacher, DTYPES[config.dtype], device_mesh=device_mesh)
       tokenizer = teacher.tokenizer
     else:
       tokenizer = load_tokenizer(config.teacher)
@@ -320,12 +321,11 @@ def prepare(config: DistillConfig) -> Setup:
   dtype = DTYPES[config.dtype]
   fields = _student_fields(config.student)
   if fields is None:  # a model spec: the student starts from its weights
-    pretrained = load(config.student, jnp.float32)
+    pretrained = load(config.student, dtype, param_dtype=jnp.float32, device_mesh=device_mesh)  # master weights
     if pretrained.tokenizer is not None and tokenizer is not None:
       _same_tokenizer(tokenizer, tokenizer_name, pretrained.tokenizer, f"student {config.student}")
     tokenizer = tokenizer or pretrained.tokenizer
-    student = Decoder(pretrained.config, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(config.seed))
-    nnx.update(student, nnx.state(pretrained.model, nnx.Param))
+    student = pretrained.model
   elif tokenizer is None:
     raise ValueError("no tokenizer: give a teacher, a tokenizer, or a student model that has one")
   else:
@@ -584,12 +584,10 @@ def evaluate_checkpoint(step_dir: str | Path, corpus: str, *, text_field: str = 
   run_config = step_dir.parent.parent / "config.json"
   shape = json.loads(run_config.read_text()) if run_config.exists() else {}
   seq_len, count = shape.get("seq_len", 512), shape.get("val_windows") or 64
-  loaded = load(step_dir, dtype)
+  loaded = load(step_dir, dtype, device_mesh=device_mesh)
   if loaded.tokenizer is None:
     raise ValueError(f"{step_dir}: the checkpoint has no tokenizer to read {corpus} with")
   windows = data.pack_documents(data.read_documents(corpus, text_field), loaded.tokenizer, seq_len, corpus).take(count)
-  if device_mesh is not None:
-    mesh.shard_model(loaded.model, device_mesh)
   graphdef, params = nnx.split(loaded.model, nnx.Param)
   summary = validation_ce(graphdef, params, windows, batch_size=shape.get("batch_size", 8),
                           vocab_size=loaded.tokenizer.vocab_size, device_mesh=device_mesh)

@@ -29,6 +29,7 @@ from flax import nnx
 
 from tailjax import head, llamacpp, mesh, refcache
 from tailjax.data import Windows
+from tailjax.frozen import frozen_jit
 from tailjax.models import LoadedModel
 from tailjax.stats import BucketSpec, HostHistogram, LogHistogram, spec_for
 
@@ -168,29 +169,30 @@ def _routing_sums(models: tuple, outputs: list, scored: jax.Array) -> dict[str, 
   return sums
 
 
-_batch_stats_jit = nnx.jit(_batch_stats, static_argnums=(4, 5, 6, 7, 8))
+@functools.lru_cache(maxsize=None)
+def batch_step(device_mesh: jax.sharding.Mesh | None = None):
+  """The compiled batch step, ``step(models, tokens, scored, base, spec, vocab_size, worst, dump, cache_k)`` ->
+  the batch's sketches and sums (``models``: the reference, None for a stored one, then the candidates).
+  The models are only read (``frozen_jit``: no second copy of their weights). On ``device_mesh`` it is
+  partitioned over the mesh and its (small) outputs replicated, so every host has them."""
+  options = {} if device_mesh is None else {"out_shardings": mesh.replicated(device_mesh)}
+  return frozen_jit(_batch_stats, static_argnums=(4, 5, 6, 7, 8), **options)
 
 
 def step_temp_bytes(models: tuple, batch_size: int, seq_len: int, vocab_size: int,
                     device_mesh: jax.sharding.Mesh | None = None) -> int:
   """Temporary memory (per device) of the batch step compiled for ``models`` (real or ``nnx.eval_shape``
   abstract: nothing is allocated or run) on ``[batch_size, seq_len]`` windows, on ``device_mesh`` if any."""
-  graph, params = nnx.split(models)
   tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
   scored = jax.ShapeDtypeStruct((batch_size, seq_len - 1), jnp.bool_)
   if device_mesh is not None:
-    params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), params,
-                          mesh.parameter_shardings(params, device_mesh))
+    graph, params = nnx.split(models)
+    models = nnx.merge(graph, jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), params,
+                                           mesh.parameter_shardings(params, device_mesh)))
     tokens, scored = (jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=mesh.batch_sharding(device_mesh, 2))
                       for x in (tokens, scored))
-  step = lambda p, t, s: _batch_stats(nnx.merge(graph, p), t, s, None, spec_for(), vocab_size, 20, False, 0)
-  return jax.jit(step).lower(params, tokens, scored).compile().memory_analysis().temp_size_in_bytes
-
-
-@functools.lru_cache(maxsize=None)
-def _batch_stats_on(device_mesh: jax.sharding.Mesh):
-  """The batch step partitioned over ``device_mesh``; its (small) outputs replicated, so every host has them."""
-  return nnx.jit(_batch_stats, static_argnums=(4, 5, 6, 7, 8), out_shardings=mesh.replicated(device_mesh))
+  lowered = batch_step(device_mesh).lower(models, tokens, scored, None, spec_for(), vocab_size, 20, False, 0)
+  return lowered.compile().memory_analysis().temp_size_in_bytes
 
 
 @dataclasses.dataclass
@@ -254,12 +256,12 @@ def evaluate(reference: Reference, candidates: Sequence[LoadedModel], windows: W
   cache_k = 0 if cache is None else cache["k"]
   if cache_k and (from_base or from_cache):
     raise ValueError("a reference cache is written from a reference model, not from a base file or another cache")
-  step, place = _batch_stats_jit, jnp.asarray
+  step, place = batch_step(device_mesh), jnp.asarray
   if device_mesh is not None:
     for model in models:
       if model is not None:
         mesh.shard_model(model, device_mesh)
-    step, place = _batch_stats_on(device_mesh), functools.partial(_place, device_mesh=device_mesh)
+    place = functools.partial(_place, device_mesh=device_mesh)
   n, t = windows.tokens.shape
   worst = max(1, min(worst, batch_size * (t - 1)))
   for start in range(state.windows_done, n, batch_size):

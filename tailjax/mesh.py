@@ -78,6 +78,12 @@ def parameter_shardings(state: nnx.State, mesh: Mesh):
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+def variable_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:
+  """The ``NamedSharding`` of one variable (array or abstract shape) on ``mesh``, as ``parameter_shardings``."""
+  logical = nnx.get_partition_spec(variable).get_value()
+  return NamedSharding(mesh, _mesh_spec(logical, variable.get_value().shape, mesh))
+
+
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
   """Places every parameter of ``model`` on ``mesh`` by its logical axis names (in place; returns it)."""
   state = nnx.state(model)

@@ -49,13 +49,15 @@ def _split_label(spec: str) -> tuple[str | None, str]:
   return (label, rest) if sep and "/" not in label else (None, spec)
 
 
-def load_candidate(spec: str, reference: LoadedModel, dtype: str = "float32") -> LoadedModel:
-  """A model spec (in ``dtype``, or its own with ``"auto"``: ``models.resolve_dtype``), or
-  ``@<quantization>``: the reference itself, rounded (no second load), in the reference's dtype."""
+def load_candidate(spec: str, reference: LoadedModel, dtype: str = "float32", device_mesh=None) -> LoadedModel:
+  """A model spec (in ``dtype``, or its own with ``"auto"``: ``models.resolve_dtype``; placed on
+  ``device_mesh``), or ``@<quantization>``: the reference itself, rounded shard by shard where it lies
+  (no second load), in the reference's dtype."""
   if not spec.startswith("@"):
-    return models.load(spec, dtype)
+    return models.load(spec, dtype, device_mesh=device_mesh)
   quantization = QuantSpec.parse(spec[1:])
-  model = nnx.clone(reference.model)
+  graph, state = nnx.split(reference.model)
+  model = nnx.merge(graph, jax.tree.map(lambda x: x, state))  # new variables, same arrays: the unrounded are shared
   models.quantize_model(model, quantization)
   return LoadedModel(reference.config, model, reference.tokenizer, reference.source, quantization)
 
@@ -104,22 +106,22 @@ def _prepare_output(output: Path, identity: dict[str, Any]) -> bool:
   return False
 
 
-def _load_models(reference: str | None, candidates: Sequence[str], dtype: str):
+def _load_models(reference: str | None, candidates: Sequence[str], dtype: str, device_mesh):
   reference_label, reference_spec = _split_label(reference or default_reference())
   candidates = list(candidates) or (list(DEFAULT_CANDIDATES) if reference is None else [])
   if not candidates:
     raise ValueError("give at least one --candidate (a model spec, or @int4 for the reference quantized)")
-  ref = models.load(reference_spec, dtype)
+  ref = models.load(reference_spec, dtype, device_mesh=device_mesh)
   if ref.tokenizer is None:
     raise ValueError(f"{reference_spec}: the reference has no tokenizer to cut the corpus with")
   named = [(reference_label, ref)]
   for spec in candidates:
     label, spec = _split_label(spec)
-    named.append((label, load_candidate(spec, ref, dtype)))
+    named.append((label, load_candidate(spec, ref, dtype, device_mesh)))
   return ref, _labels(named, ref), [loaded for _, loaded in named[1:]]
 
 
-def _against_stored(path, kind: str, reference: str | None, candidates: Sequence[str], dtype: str):
+def _against_stored(path, kind: str, reference: str | None, candidates: Sequence[str], dtype: str, device_mesh):
   """A stored reference (llama.cpp base file or tailjax reference cache) and the candidates to score against it."""
   if reference is not None:
     raise ValueError(f"give --reference or --{kind}, not both")
@@ -128,7 +130,7 @@ def _against_stored(path, kind: str, reference: str | None, candidates: Sequence
                      "quantize)")
   stored = llamacpp.read_base(path) if kind == "kl-divergence-base" else refcache.load(path)
   named = [_split_label(spec) for spec in candidates]
-  cands = [models.load(spec, dtype) for _, spec in named]
+  cands = [models.load(spec, dtype, device_mesh=device_mesh) for _, spec in named]
   labels = [Path(path).stem, *_labels(list(zip((label for label, _ in named), cands)), None)]
   tokenizer = next((c.tokenizer for c in cands if c.tokenizer is not None), None)
   if tokenizer is None:
@@ -170,6 +172,7 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
 
   console = console or Console(stderr=True)
   started = time.perf_counter()
+  device_mesh = meshes.parse(mesh) if mesh else None
   stored = kl_divergence_base if kl_divergence_base is not None else reference_cache
   if kl_divergence_base is not None and reference_cache is not None:
     raise ValueError("give --kl-divergence-base or --reference-cache, not both")
@@ -177,11 +180,11 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
     kind = "kl-divergence-base" if kl_divergence_base is not None else "reference-cache"
     if save_reference_cache is not None:
       raise ValueError(f"--save-reference-cache needs a reference model, not --{kind}")
-    ref, labels, cands, windows, tokenizer = _against_stored(stored, kind, reference, candidates, dtype)
+    ref, labels, cands, windows, tokenizer = _against_stored(stored, kind, reference, candidates, dtype, device_mesh)
     corpus, sources = str(stored), [str(stored), *(c.name for c in cands)]
     protocol = dataclasses.replace(DEFAULT_PROTOCOL, name=kind, seq_len=windows.tokens.shape[1], num_sequences=None)
   else:
-    ref, labels, cands = _load_models(reference, candidates, dtype)
+    ref, labels, cands = _load_models(reference, candidates, dtype, device_mesh)
     tokenizer = ref.tokenizer
     windows = data.corpus_windows(corpus, tokenizer, protocol, text_field)
     sources = [m.name for m in (ref, *cands)]
@@ -203,7 +206,6 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
                 f"{len(windows)} windows x {protocol.seq_len} tokens ({windows.scored_tokens} scored) in "
                 f"{time.perf_counter() - started:.1f} s", highlight=False)
 
-  device_mesh = meshes.parse(mesh) if mesh else None
   if device_mesh is not None:
     run["mesh"] = dict(device_mesh.shape)
   output = Path(output) if output else None

@@ -30,10 +30,10 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from flax import nnx
 
 from tailjax import head
 from tailjax.data import Packed
+from tailjax.frozen import frozen_jit
 from tailjax.models import LoadedModel
 from tailjax.models.transformer import Decoder
 
@@ -71,10 +71,12 @@ def _shard_dir(directory: Path, shard: int) -> Path:
   return directory / f"shard-{shard:05d}"
 
 
-@nnx.jit(static_argnums=(3, 4, 5))
-def _topk(teacher: Decoder, tokens: jax.Array, segments: jax.Array, k: int, temperature: float, vocab_size: int):
+def _teacher_topk(teacher: Decoder, tokens: jax.Array, segments: jax.Array, k: int, temperature: float, vocab_size: int):
   hidden = teacher(tokens, segments)
   return head.teacher_topk(hidden, teacher.output_head(), k, temperature=temperature, vocab_size=vocab_size)
+
+
+_topk = frozen_jit(_teacher_topk, static_argnums=(3, 4, 5))
 
 
 def write(teacher: LoadedModel, name: str, packed: Packed, k: int, directory: str | Path, *, vocab_size: int,

@@ -83,20 +83,22 @@ def test_report_matches_exact_quantiles_of_the_token_dump(tiny, tmp_path):
 def test_interrupted_run_resumes_to_identical_numbers(tiny, tmp_path, monkeypatch):
   uninterrupted = run(tiny, tmp_path / "whole")
   calls = {"n": 0}
-  real = evaluate._batch_stats_jit
+  real = evaluate.batch_step
 
-  def flaky(*args):
-    calls["n"] += 1
-    if calls["n"] == 3:
-      raise KeyboardInterrupt
-    return real(*args)
+  def flaky_step(device_mesh=None):
+    def step(*args):
+      calls["n"] += 1
+      if calls["n"] == 3:
+        raise KeyboardInterrupt
+      return real(device_mesh)(*args)
+    return step
 
-  monkeypatch.setattr(evaluate, "_batch_stats_jit", flaky)
+  monkeypatch.setattr(evaluate, "batch_step", flaky_step)
   with pytest.raises(KeyboardInterrupt):
     run(tiny, tmp_path / "resumed")
   assert not (tmp_path / "resumed" / "report.json").exists()
   assert evaluate.load_state(tmp_path / "resumed" / "state.npz").windows_done == 6
-  monkeypatch.setattr(evaluate, "_batch_stats_jit", real)
+  monkeypatch.setattr(evaluate, "batch_step", real)
   resumed = run(tiny, tmp_path / "resumed")
   strip = lambda r: json.loads(json.dumps({k: v for k, v in r.items() if k != "run"}, default=str))
   assert strip(resumed) == strip(uninterrupted)
@@ -295,3 +297,14 @@ def test_select_ranks_a_family_of_eval_reports(tiny, tmp_path):
   assert refused.exit_code != 0 and "was measured on different tokens" in refused.output
   forced = CliRunner().invoke(cli.main, ["select", str(tmp_path / "sweep1"), str(tmp_path / "other"), "--force"])
   assert forced.exit_code != 0 and "already came from an earlier table" in forced.output  # 'tiny' differs
+
+
+def test_a_quantized_candidate_shares_what_it_does_not_round_and_leaves_the_reference_alone(tiny):
+  reference = models.load(tiny / "tiny.gguf")
+  kernel = np.asarray(reference.model.blocks[0].attn.q.kernel.get_value())
+  candidate = runner.load_candidate("@int3-g16", reference)
+  assert candidate.model.embed.embedding.get_value() is reference.model.embed.embedding.get_value()
+  np.testing.assert_array_equal(np.asarray(reference.model.blocks[0].attn.q.kernel.get_value()), kernel)
+  rounded = np.asarray(candidate.model.blocks[0].attn.q.kernel.get_value())
+  assert not np.array_equal(rounded, kernel)
+  np.testing.assert_array_equal(rounded, np.asarray(models.fake_quantize(kernel, models.QuantSpec.parse("int3-g16"))))

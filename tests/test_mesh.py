@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from pydoc_data.topics import topics
 
-from tailjax import data, mesh, runner
+from tailjax import data, mesh, models, runner
 from tailjax.models import Decoder
 from test_eval import write_tiny_model_and_corpus
 from test_models import TINY, letter_text, write_tiny_gguf
@@ -67,7 +67,30 @@ def test_parameters_follow_their_logical_axes():
   assert spec(odd.blocks[0].attn.k.kernel) == jax.sharding.PartitionSpec(None, "model")
 
 
-@pytest.mark.parametrize("layout", ["data=8", "data=4,model=2", "data=2,model=4", "fsdp=8", "data=2,fsdp=2,model=2"])
+@pytest.mark.parametrize("layout", ["fsdp=8", "fsdp=4,model=2"])
+def test_loading_creates_each_parameter_in_its_shards(tiny, tmp_path, layout):
+  """Every parameter is born on the mesh: its sharding is the rules', each device holds only its own box,
+  and the boxes assemble to the one-device load (a GGUF dequantized row range by row range, then
+  rounded shard by shard; and a tailjax checkpoint restored by orbax into the same shardings)."""
+  device_mesh = mesh.parse(layout)
+  spec = f"{tiny / 'tiny.gguf'}@int3-g16"
+  whole = nnx.state(models.load(spec).model, nnx.Param)
+  placed_model = models.load(spec, device_mesh=device_mesh)
+  saved = models.save_checkpoint(placed_model, tmp_path / "saved")
+  for placed in (placed_model, models.load(saved, device_mesh=device_mesh)):
+    state = nnx.state(placed.model, nnx.Param)
+    rules = mesh.parameter_shardings(state, device_mesh)
+    split = 0
+    for array, expected, reference in zip(jax.tree.leaves(state), jax.tree.leaves(rules), jax.tree.leaves(whole)):
+      assert array.sharding.is_equivalent_to(expected, array.ndim)
+      shard = expected.shard_shape(array.shape)
+      assert len(array.addressable_shards) == 8 and {s.data.shape for s in array.addressable_shards} == {shard}
+      split += shard != array.shape
+      np.testing.assert_array_equal(np.asarray(array), np.asarray(reference))
+    assert split >= len(jax.tree.leaves(state)) // 2  # every matrix is split; only norms are whole
+
+
+@pytest.mark.parametrize("layout", ["data=8", "data=4,model=2", "fsdp=4,model=2", "fsdp=8", "data=2,fsdp=2,model=2"])
 def test_eval_gives_the_same_numbers_on_every_mesh(tiny, layout):
   assert_same_numbers(evaluate(tiny, layout), evaluate(tiny))
 

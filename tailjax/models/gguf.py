@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tailjax.models import families
+from tailjax.models import families, lazy
 from tailjax.models.config import ModelConfig, RopeScaling
 
 # GGUF tensor names -> canonical names (``{}`` is the layer index).
@@ -196,30 +196,62 @@ def _need(reader, key: str, path: Path):
   return value
 
 
-def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
-  """Undo llama.cpp's rotary row permutation of a q/k weight ``[heads * head_dim, ...]``."""
-  rows = w.shape[0]
-  return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def _unpermuted_rows(rows: int, heads: int) -> np.ndarray:
+  """The row order that undoes llama.cpp's rotary permutation of a q/k weight ``[heads * head_dim, ...]``:
+  within each head, rows ``0, 2, 4, ..., 1, 3, 5, ...`` (the inverse of its interleave)."""
+  return np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(1, 2).reshape(rows)
 
 
-def read_tensors(reader, cfg: ModelConfig, path: Path) -> Iterator[tuple[str, np.ndarray]]:
-  """``(canonical name, float32 array in PyTorch layout)``, q/k rows in Hugging Face order."""
+_CHUNK = 1 << 23  # elements dequantized at a time (32 MiB of float32): bounds gguf's temporaries
+
+
+def _tensor(t, path: Path) -> lazy.LazyTensor:
+  """One GGUF tensor, lazily, in PyTorch layout (numpy order of llama.cpp's ``ne``): a box dequantizes
+  only the rows (leading indices) it covers, a few MiB at a time, whole quant blocks along the last axis,
+  keeping the box's columns. Each read maps the tensor's bytes afresh and drops the map after, so the
+  pages it touched leave the process."""
   from gguf.quants import dequantize
 
+  shape = tuple(int(n) for n in reversed(t.shape))
+  stored_shape, stored_dtype = t.data.shape, t.data.dtype
+
+  def read(box):
+    *lead, last = box
+    data = np.memmap(path, dtype=stored_dtype, mode="r", offset=t.data_offset, shape=stored_shape)
+    out = np.empty([s.stop - s.start for s in box], np.float32)
+    try:
+      if not lead:
+        out[...] = dequantize(np.asarray(data), t.tensor_type).reshape(shape)[last]
+        return out
+      *outer, rows = lead
+      step = max(1, _CHUNK // (shape[-1] * int(np.prod([s.stop - s.start for s in outer], dtype=np.int64))))
+      for start in range(rows.start, rows.stop, step):
+        stop = min(start + step, rows.stop)
+        part = dequantize(np.asarray(data[(*outer, slice(start, stop))]), t.tensor_type)
+        out[..., start - rows.start:stop - rows.start, :] = part.reshape(*out.shape[:-2], stop - start,
+                                                                          shape[-1])[..., last]
+      return out
+    except NotImplementedError as err:
+      raise ValueError(f"{path}: tensor {t.name} has quant type {t.tensor_type.name} that gguf cannot read") from err
+    finally:
+      del data
+
+  return lazy.Stored(shape, read)
+
+
+def read_tensors(reader, cfg: ModelConfig, path: Path) -> Iterator[tuple[str, lazy.LazyTensor]]:
+  """``(canonical name, lazy float32 tensor in PyTorch layout)``, q/k rows in Hugging Face order."""
   arch = field(reader, "general.architecture")
   for t in reader.tensors:
     if t.name in _ROPE_TENSORS:  # read into the config
       continue
-    try:
-      w = np.asarray(dequantize(t.data, t.tensor_type), np.float32)
-    except NotImplementedError as err:
-      raise ValueError(f"{path}: tensor {t.name} has quant type {t.tensor_type.name} that gguf cannot read") from err
-    if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias")):
-      w = _unpermute(w, cfg.num_heads)
-    elif arch == "llama" and t.name.endswith(("attn_k.weight", "attn_k.bias")):
-      w = _unpermute(w, cfg.num_kv_heads)
+    w = _tensor(t, path)
+    w.read(tuple(slice(0, min(1, n)) for n in w.shape))  # an unreadable quant type fails now, not mid-placement
+    if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
+      heads = cfg.num_heads if ".attn_q." in t.name else cfg.num_kv_heads
+      w = lazy.RowsPermuted(w, _unpermuted_rows(w.shape[0], heads))
     elif cfg.norm_unit_offset and t.name.endswith("norm.weight"):
-      w = w - np.float32(1.0)
+      w = lazy.Mapped(w, lambda x: x - np.float32(1.0))
     yield hf_name(t.name, cfg, arch), w
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tailjax.models import families
+from tailjax.models import families, lazy
 from tailjax.models.config import ModelConfig, RopeScaling
 
 log = logging.getLogger("tailjax")
@@ -238,19 +238,35 @@ def safetensors_files(directory: Path) -> list[Path]:
   return files
 
 
-def read_tensors(directory: Path) -> Iterator[tuple[str, np.ndarray]]:
-  """``(canonical name, array in PyTorch layout)``, one tensor at a time (see ``canonical_name``)."""
+def read_tensors(directory: Path) -> Iterator[tuple[str, lazy.LazyTensor]]:
+  """``(canonical name, lazy tensor in PyTorch layout)`` (see ``canonical_name``): nothing read until a box is
+  asked for, and then only that box, in the file's dtype. Each read maps the file afresh and unmaps it after,
+  so the pages a load touches leave the process as it goes (they stay in the page cache, not in its RSS)."""
   from safetensors import SafetensorError, safe_open
 
   for file in safetensors_files(directory):
     try:
-      with safe_open(file, framework="numpy") as f:
-        for name in f.keys():
-          canonical = canonical_name(name)
-          if canonical is not None:
-            yield canonical, f.get_tensor(name)
+      with safe_open(file, framework="numpy") as handle:
+        shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except (OSError, SafetensorError) as err:
       raise ValueError(f"{file}: unreadable safetensors file ({err})") from err
+    for name, shape in shapes.items():
+      if (canonical := canonical_name(name)) is not None:
+        yield canonical, lazy.Stored(shape, _box_reader(file, name))
+
+
+def _box_reader(file: Path, name: str):
+  from safetensors import SafetensorError, safe_open
+
+  def read(box):
+    try:
+      with safe_open(file, framework="numpy") as handle:
+        part = handle.get_slice(name)
+        return part[box] if box else part[...]
+    except (OSError, SafetensorError, TypeError) as err:
+      raise ValueError(f"{file}: tensor {name} unreadable ({err})") from err
+
+  return read
 
 
 _RENAMES = (

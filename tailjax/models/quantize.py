@@ -19,6 +19,7 @@ MoE routers stay in full precision (the usual RTN baseline; AWQ and GPTQ keep ro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -80,21 +81,27 @@ def fake_quantize(kernel: jax.Array, spec: QuantSpec) -> jax.Array:
 
 def quantize_model(model: nnx.Module, spec: QuantSpec) -> int:
   """Replace every transformer-block linear kernel (and expert) by its RTN rounding, in place; returns how
-  many kernels (an MoE layer's stack of E experts counts E times)."""
+  many kernels (an MoE layer's stack of E experts counts E times). Each kernel keeps its sharding: on a
+  mesh every device rounds its own shard (groups run along the input axis, which ``fsdp`` splits into
+  whole groups when it divides them)."""
   from tailjax.models.moe import MoE
 
   count = 0
   for path, module in nnx.iter_graph(model):
     if isinstance(module, nnx.Linear) and "blocks" in path:
-      module.kernel.set_value(_jit_fake_quantize(module.kernel.get_value(), spec))
+      kernel = module.kernel.get_value()
+      module.kernel.set_value(_rounder(spec, kernel.sharding, False)(kernel))
       count += 1
     elif isinstance(module, MoE):
       for param in (module.gate, module.up, module.down):
-        param.set_value(_jit_fake_quantize_experts(param.get_value(), spec))
-        count += param.get_value().shape[0]
+        kernels = param.get_value()
+        param.set_value(_rounder(spec, kernels.sharding, True)(kernels))
+        count += kernels.shape[0]
   return count
 
 
-_jit_fake_quantize = jax.jit(fake_quantize, static_argnums=1)
-_jit_fake_quantize_experts = jax.jit(lambda kernels, spec: jax.vmap(lambda w: fake_quantize(w, spec))(kernels),
-                                     static_argnums=1)
+@functools.lru_cache(maxsize=64)
+def _rounder(spec: QuantSpec, sharding, experts: bool):
+  """``fake_quantize`` compiled once per (spec, sharding), its output in the input's sharding."""
+  one = functools.partial(fake_quantize, spec=spec)
+  return jax.jit(jax.vmap(one) if experts else one, out_shardings=sharding)

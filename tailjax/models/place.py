@@ -1,0 +1,180 @@
+"""Checkpoint tensors -> a decoder's parameters, each created once, on its devices, in its final sharding.
+
+Every checkpoint format is read as ``(canonical tensor name, lazy PyTorch-layout tensor)`` pairs
+(``tailjax.models.lazy``). ``fill`` finds each tensor's parameter in an abstract decoder
+(``nnx.eval_shape``: no random init to throw away), checks every name and shape before a byte is
+read (a tensor with no place, a place with no tensor, a shape mismatch, a parameter filled twice:
+errors naming the source), then builds each parameter with ``jax.make_array_from_callback`` on the
+sharding ``tailjax.mesh`` gives it: every device asks for its own box, and only that box is read,
+dequantized and cast to the parameter dtype. Peak host memory is about one parameter's largest
+shard, not the model; on a pod each host reads only the boxes of its own devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import jax
+import numpy as np
+from flax import nnx
+
+from tailjax import mesh as meshes
+from tailjax.models import lazy
+from tailjax.models.config import ModelConfig
+from tailjax.models.moe import MoE
+from tailjax.models.transformer import Decoder
+
+
+class _Target(NamedTuple):
+  """Where a tensor goes: the parameter, whether its last two axes are PyTorch's ``[out, in]``, and
+  for one expert of a stacked ``[E, ...]`` parameter, which expert (None: the whole parameter)."""
+
+  param: nnx.Variable
+  transpose: bool
+  expert: int | None = None
+
+
+def _targets(model: Decoder) -> dict[str, _Target]:
+  """Canonical tensor name (``hf.canonical_name``) -> the parameter it fills."""
+  cfg = model.cfg
+  targets = {"model.embed_tokens.weight": _Target(model.embed.embedding, False),
+             "model.norm.weight": _Target(model.norm.scale, False)}
+  if not cfg.tie_word_embeddings:
+    targets["lm_head.weight"] = _Target(model.lm_head, True)
+  for i, block in enumerate(model.blocks):
+    p = f"model.layers.{i}."
+    targets[p + "input_layernorm.weight"] = _Target(block.attn_norm.scale, False)
+    if cfg.sandwich_norms:
+      targets[p + "post_attention_layernorm.weight"] = _Target(block.attn_post_norm.scale, False)
+      targets[p + "pre_feedforward_layernorm.weight"] = _Target(block.mlp_norm.scale, False)
+      targets[p + "post_feedforward_layernorm.weight"] = _Target(block.mlp_post_norm.scale, False)
+    else:
+      targets[p + "post_attention_layernorm.weight"] = _Target(block.mlp_norm.scale, False)
+    for name in "qkvo":
+      layer = getattr(block.attn, name)
+      targets[f"{p}self_attn.{name}_proj.weight"] = _Target(layer.kernel, True)
+      if layer.bias is not None:
+        targets[f"{p}self_attn.{name}_proj.bias"] = _Target(layer.bias, False)
+    if cfg.qk_norm:
+      targets[p + "self_attn.q_norm.weight"] = _Target(block.attn.q_norm.scale, False)
+      targets[p + "self_attn.k_norm.weight"] = _Target(block.attn.k_norm.scale, False)
+    if isinstance(block.mlp, MoE):
+      targets[p + "mlp.gate.weight"] = _Target(block.mlp.router, True)
+      for name in ("gate", "up", "down"):
+        param = getattr(block.mlp, name)
+        targets[f"{p}mlp.experts.{name}_proj.weight"] = _Target(param, True)  # stacked [E, out, in] (GGUF)
+        for j in range(cfg.num_experts):
+          targets[f"{p}mlp.experts.{j}.{name}_proj.weight"] = _Target(param, True, j)
+    else:
+      for name in ("gate", "up", "down"):
+        targets[f"{p}mlp.{name}_proj.weight"] = _Target(getattr(block.mlp, name).kernel, True)
+  return targets
+
+
+def hf_tensors(model: Decoder) -> dict[str, np.ndarray]:
+  """The inverse of loading: every parameter under its canonical (Hugging Face) name, in PyTorch layout,
+  float32; experts one tensor each (``mlp.experts.{j}.gate_proj.weight``), as checkpoints store them.
+  Written with a family's ``config.json`` it is a directory transformers loads (benchmarks, parity)."""
+  out = {}
+  for name, target in _targets(model).items():
+    value = np.asarray(target.param.get_value(), np.float32)
+    if target.param.get_value().ndim == 3 and target.expert is None:
+      continue  # the stacked name; each expert has its own
+    value = value[target.expert] if target.expert is not None else value
+    out[name] = np.ascontiguousarray(np.swapaxes(value, -1, -2) if target.transpose else value)
+  return out
+
+
+def _unfuse(name: str, value: lazy.LazyTensor, cfg: ModelConfig) -> list[tuple[str, lazy.LazyTensor]]:
+  """Fused projections (Phi-3's ``qkv_proj`` and ``gate_up_proj``; transformers 5's stacked experts
+  ``experts.gate_up_proj`` / ``experts.down_proj``) -> the canonical tensors they concatenate."""
+  prefix, found, leaf = name.rpartition(".self_attn.qkv_proj.")
+  if found:
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    bounds = [0, q, q + kv, value.shape[0]]
+    return [(f"{prefix}.self_attn.{x}_proj.{leaf}", lazy.Part(value, 0, bounds[i], bounds[i + 1]))
+            for i, x in enumerate("qkv")]
+  for fused in (".mlp.gate_up_proj.", ".mlp.experts.gate_up_proj"):
+    prefix, found, _ = name.rpartition(fused)
+    if found:
+      expert = "experts." if "experts" in fused else ""
+      axis, rows = len(value.shape) - 2, value.shape[-2]
+      if rows % 2:
+        raise ValueError(f"tensor {name} has {rows} rows, not gate and up halves")
+      return [(f"{prefix}.mlp.{expert}gate_proj.weight", lazy.Part(value, axis, 0, rows // 2)),
+              (f"{prefix}.mlp.{expert}up_proj.weight", lazy.Part(value, axis, rows // 2, rows))]
+  if name.endswith(".mlp.experts.down_proj"):
+    return [(name + ".weight", value)]
+  return [(name, value)]
+
+
+def fill(cfg: ModelConfig, tensors: Iterable[tuple[str, lazy.LazyTensor]], source: str, dtype, param_dtype=None,
+         device_mesh: jax.sharding.Mesh | None = None) -> Decoder:
+  """A ``Decoder`` of ``cfg`` whose parameters are ``tensors``, each placed by ``tailjax.mesh``'s rules on
+  ``device_mesh`` (None: the first local device) and stored in ``param_dtype`` (default ``dtype``)."""
+  model = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  for param, tensor in _assign(model, tensors, source, cfg):
+    param.set_value(_array(tensor, param.get_value().dtype, _sharding(param, device_mesh)))
+  return model
+
+
+def _assign(model: Decoder, tensors, source: str, cfg: ModelConfig) -> list[tuple[nnx.Variable, lazy.LazyTensor]]:
+  """Every parameter with the lazy tensor that fills it, all names and shapes checked, nothing read."""
+  targets = _targets(model)
+  whole: dict[int, tuple[nnx.Variable, lazy.LazyTensor]] = {}
+  experts: dict[int, tuple[nnx.Variable, dict[int, lazy.LazyTensor]]] = {}  # experts stored one by one
+  for name, value in (piece for item in tensors for piece in _unfuse(*item, cfg)):
+    if name not in targets:
+      if name == "lm_head.weight" and cfg.tie_word_embeddings or name.endswith("rotary_emb.inv_freq"):
+        continue
+      raise ValueError(f"{source}: tensor {name} has no place in the model")
+    target = targets.pop(name)
+    value = lazy.Transposed(value) if target.transpose else value
+    expected = target.param.get_value().shape
+    if target.expert is not None:
+      expected = expected[1:]
+    if tuple(value.shape) != tuple(expected):
+      raise ValueError(f"{source}: tensor {name} has shape {tuple(value.shape)}, the model expects {expected}")
+    key = id(target.param)
+    if key in whole:
+      raise ValueError(f"{source}: tensor {name} fills a parameter that another tensor already filled")
+    if target.expert is None:
+      whole[key] = (target.param, value)
+      _drop_expert_names(targets, target.param)
+      continue
+    _, parts = experts.setdefault(key, (target.param, {}))
+    parts[target.expert] = value
+    if len(parts) == cfg.num_experts:
+      whole[key] = (target.param, lazy.Stacked(tuple(parts[j] for j in range(cfg.num_experts))))
+      del experts[key]
+      _drop_expert_names(targets, target.param)
+  if targets:
+    raise ValueError(f"{source}: tensors missing: {sorted(targets)[:5]}{' ...' if len(targets) > 5 else ''}")
+  return list(whole.values())
+
+
+def _drop_expert_names(targets: dict[str, _Target], param: nnx.Variable) -> None:
+  """A stacked expert parameter is filled either whole or expert by expert: once filled, forget the other names."""
+  for name in [n for n, t in targets.items() if t.param is param]:
+    del targets[name]
+
+
+def _sharding(param: nnx.Variable, device_mesh) -> jax.sharding.Sharding:
+  if device_mesh is None:
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return meshes.variable_sharding(param, device_mesh)
+
+
+def _array(tensor: lazy.LazyTensor, dtype, sharding: jax.sharding.Sharding) -> jax.Array:
+  """One parameter: each addressable device's box read (once per distinct box: replicas share it) and cast."""
+  boxes: dict[tuple, np.ndarray] = {}
+
+  def piece(index) -> np.ndarray:
+    box = lazy.box_of(index, tensor.shape)
+    key = tuple((s.start, s.stop) for s in box)
+    if key not in boxes:
+      boxes[key] = np.asarray(tensor.read(box), dtype)
+    return boxes[key]
+
+  return jax.make_array_from_callback(tuple(tensor.shape), sharding, piece)

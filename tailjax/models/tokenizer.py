@@ -1,0 +1,74 @@
+"""Tokenizers as tailjax uses them: a ``tokenizers.Tokenizer`` with its BOS rule made explicit, read from
+each checkpoint format (GGUF metadata, a Hugging Face directory, a tailjax checkpoint's ``tokenizer.json``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+from tailjax.models import gguf, hf
+
+
+@dataclasses.dataclass
+class Tokenizer:
+  """A ``tokenizers.Tokenizer`` with the calls tailjax needs; BOS handling made explicit."""
+
+  backend: object
+  add_bos: bool = False
+  bos_id: int | None = None
+
+  def encode(self, text: str) -> list[int]:
+    ids = self.backend.encode(text, add_special_tokens=False).ids
+    return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
+
+  def decode(self, ids) -> str:
+    return self.backend.decode(list(ids))
+
+  @property
+  def vocab_size(self) -> int:
+    return self.backend.get_vocab_size(with_added_tokens=True)
+
+  def fingerprint(self) -> str:
+    """Hash of the id <-> token map and the BOS rule: equal fingerprints tokenize alike."""
+    vocab = sorted(self.backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps([vocab, self.add_bos, self.bos_id]).encode()).hexdigest()[:16]
+
+
+def from_gguf_reader(reader, path: Path) -> Tokenizer:
+  return Tokenizer(gguf.read_tokenizer(reader, path), bool(gguf.field(reader, "tokenizer.ggml.add_bos_token")),
+                   gguf.field(reader, "tokenizer.ggml.bos_token_id"))
+
+
+def from_hf_directory(directory: Path) -> Tokenizer | None:
+  if (auto := hf.read_tokenizer(directory)) is None:
+    return None
+  if not getattr(auto, "is_fast", False):
+    raise ValueError(f"{directory}: the tokenizer has no fast (tokenizers) version")
+  bos = auto.bos_token_id
+  plain = auto.backend_tokenizer.encode("a", add_special_tokens=False).ids
+  return Tokenizer(auto.backend_tokenizer, bos is not None and auto("a")["input_ids"] == [bos, *plain], bos)
+
+
+def from_checkpoint_meta(directory: Path, meta: dict) -> Tokenizer | None:
+  """The tokenizer a tailjax checkpoint's description names (``{"file", "add_bos", "bos_id"}``), if any."""
+  if "tokenizer" not in meta:
+    return None
+  t = meta["tokenizer"]
+  return from_json(directory / t["file"], t["add_bos"], t["bos_id"])
+
+
+def from_json(path: Path, add_bos: bool = False, bos_id: int | None = None) -> Tokenizer:
+  """A ``tokenizers`` JSON file."""
+  from tokenizers import Tokenizer as Backend
+
+  try:
+    return Tokenizer(Backend.from_file(str(path)), add_bos, bos_id)
+  except Exception as err:  # tokenizers raises a plain Exception for malformed files
+    raise ValueError(f"{path}: not a tokenizers JSON file ({err})") from err
+
+
+def check_vocab(tokenizer: Tokenizer | None, vocab_size: int, source: str) -> None:
+  if tokenizer is not None and tokenizer.vocab_size > vocab_size:
+    raise ValueError(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens, the model only {vocab_size}")
