@@ -29,6 +29,7 @@ class Plan:
   weights_bytes: int  # per device, every model together
   temp_bytes: int  # per device, the compiled batch step
   device_bytes: int | None  # what one device holds, when known
+  note: str | None = None  # how the temporaries were estimated, when not by the run's own compile
 
   @property
   def fits(self) -> bool | None:
@@ -40,7 +41,8 @@ class Plan:
     room = f" of {gib(self.device_bytes)}" if self.device_bytes is not None else ""
     return [f"plan on {self.devices} x {self.device_kind}, parameters {', '.join(self.dtypes)}:",
             f"  weights per device {gib(self.weights_bytes)} + compiled step temporaries {gib(self.temp_bytes)} = "
-            f"{gib(self.weights_bytes + self.temp_bytes)}{room}: {verdict}"]
+            f"{gib(self.weights_bytes + self.temp_bytes)}{room}: {verdict}"] + \
+        ([f"  ({self.note})"] if self.note else [])
 
 
 def plan_eval(reference: str, candidates: Sequence[str], *, batch_size: int, seq_len: int, dtype: str = "auto",
@@ -58,9 +60,13 @@ def plan_eval(reference: str, candidates: Sequence[str], *, batch_size: int, seq
   else:
     weights = sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in
                   zip(jax.tree.leaves(state), jax.tree.leaves(mesh.parameter_shardings(state, device_mesh))))
+  note = None
+  if jax.default_backend() == "cpu" and any(d != "float32" for d in dtypes):
+    abstract = nnx.eval_shape(lambda: tuple(models.Decoder(cfg, rngs=nnx.Rngs(0)) for cfg in configs))
+    note = "temporaries of the float32 step: XLA:CPU would add a float32 copy of every half-precision weight"
   temp = evaluate.step_temp_bytes(abstract, batch_size, seq_len, configs[0].vocab_size, device_mesh)
   device = jax.devices()[0]
   if device_bytes is None:
     device_bytes = (device.memory_stats() or {}).get("bytes_limit") if device.platform != "cpu" else None
   count = 1 if device_mesh is None else int(np.prod(list(device_mesh.shape.values())))
-  return Plan(count, device.device_kind, dtypes, int(weights), int(temp), device_bytes)
+  return Plan(count, device.device_kind, dtypes, int(weights), int(temp), device_bytes, note)

@@ -256,3 +256,32 @@ def test_final_logit_softcap_values_and_gradients_match_float64(rng, block_size)
   p, q = (np.exp(z / 2.0 - ref.lse(z / 2.0)[..., None]) for z in (a, c))
   g_raw = (q - p) / 2.0 * (1 - np.tanh(raw_c / 3.0)**2)
   np.testing.assert_allclose(d_kl, g_raw @ ref.f64(w_c).T, rtol=1e-4, atol=1e-6)
+
+
+def test_embedding_rows_equal_the_transposed_matrix_in_values_and_gradients(rng):
+  """A tied model's ``[V, d]`` embedding rows stand for its ``[d, V]`` transpose: every loss and gradient equal,
+  the gradient in the rows' layout, and the compiled pass holds no transposed vocabulary matrix."""
+  h, w, h_c, w_c = model_pair(rng, v=900, noise=0.2)
+  targets = rng.integers(0, 900, (2, 19))
+  rows = lambda x: head.EmbeddingRows(jnp.asarray(x).T)
+  stats = head.token_stats(h, rows(w), h_c, rows(w_c), targets, block_size=200)
+  plain = head.token_stats(h, w, h_c, w_c, targets, block_size=200)
+  for got, want in zip(stats, plain):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(head.teacher_topk(h, rows(w), 7, block_size=200).logprobs,
+                             head.teacher_topk(h, w, 7, block_size=200).logprobs, rtol=2e-5, atol=1e-6)
+  for loss in (lambda hc, u: head.cross_entropy(hc, u, targets, block_size=200).sum(),
+               lambda hc, u: head.kl_divergence(h, rows(w) if isinstance(u, head.EmbeddingRows) else w, hc, u,
+                                                block_size=200).sum()):
+    (g_h, g_rows), (p_h, p_w) = jax.grad(loss, (0, 1))(h_c, rows(w_c)), jax.grad(loss, (0, 1))(h_c, jnp.asarray(w_c))
+    assert isinstance(g_rows, head.EmbeddingRows) and g_rows.rows.shape == (900, 24)
+    np.testing.assert_allclose(g_h, p_h, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(g_rows.rows, p_w.T, rtol=2e-5, atol=1e-6)
+  n, d, v = 256, 64, 32768
+  shapes = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((n, d), (v, d), (n, d), (v, d))]
+  tied = lambda hr, er, hc, ec, t: head.token_stats(hr, head.EmbeddingRows(er), hc, head.EmbeddingRows(ec), t,
+                                                     block_size=1024)
+  transposed = lambda hr, er, hc, ec, t: head.token_stats(hr, er.T, hc, ec.T, t, block_size=1024)
+  temp = lambda fn: jax.jit(fn).lower(*shapes, jax.ShapeDtypeStruct((n,), jnp.int32)).compile() \
+      .memory_analysis().temp_size_in_bytes
+  assert temp(transposed) - temp(tied) >= 2 * v * d * 4  # each transpose costs a whole matrix; rows only blocks

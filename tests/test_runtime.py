@@ -100,17 +100,17 @@ def test_plan_counts_the_bytes_a_real_placement_holds(tmp_path):
   single = plan.plan_eval(spec, ["@int4"], batch_size=2, seq_len=32, dtype="bfloat16", device_bytes=2**30)
   cfg = models.load_config(spec)
   assert single.dtypes == ["bfloat16", "bfloat16"] and single.temp_bytes > 0 and single.fits
+  assert "float32 step" in single.note  # on a CPU: no float32 upcasts of the weights among the temporaries
   norms = cfg.hidden_size + cfg.num_layers * (2 * cfg.hidden_size + 2 * cfg.head_dim)  # stay float32 ...
   assert single.weights_bytes == 2 * (2 * cfg.num_params + 2 * norms)  # ... bf16 everywhere else, 2 models
   assert not plan.plan_eval(spec, ["@int4"], batch_size=2, seq_len=32, device_bytes=2**16).fits
 
   device_mesh = mesh.parse("fsdp=4,model=2")
   placed = plan.plan_eval(spec, ["@int4"], batch_size=8, seq_len=32, dtype="float32", device_mesh=device_mesh)
-  loaded = [models.load(spec, "float32") for _ in range(2)]
+  loaded = [models.load(spec, "float32", device_mesh=device_mesh) for _ in range(2)]
   first = jax.devices()[0]
   held = 0
   for model in loaded:
-    mesh.shard_model(model.model, device_mesh)
     held += sum(s.data.nbytes for x in jax.tree.leaves(nnx.state(model.model, nnx.Param))
                 for s in x.addressable_shards if s.device == first)
   assert placed.devices == 8 and placed.weights_bytes == held < single.weights_bytes * 2

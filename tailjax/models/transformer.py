@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tailjax.head import OutputHead
+from tailjax.head import EmbeddingRows, OutputHead
 from tailjax.models.attention import Attention, Retention
 from tailjax.models.config import ModelConfig
 from tailjax.models.layers import MLP, RMSNorm, axes
@@ -122,5 +122,8 @@ class Decoder(nnx.Module):
     return self.embed.embedding[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
 
   def output_head(self) -> OutputHead:
-    """The unembedding with the model's final-logit soft-cap: what ``tailjax.head`` functions take."""
-    return OutputHead(self.unembedding(), self.cfg.final_logit_softcap)
+    """The unembedding with the model's final-logit soft-cap: what ``tailjax.head`` functions take; a tied
+    embedding as its rows (``EmbeddingRows``), so no transposed copy of it is ever made."""
+    tied = self.cfg.tie_word_embeddings
+    matrix = EmbeddingRows(self.embed.embedding[...]) if tied else self.lm_head[...]
+    return OutputHead(matrix, self.cfg.final_logit_softcap)
