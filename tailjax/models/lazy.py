@@ -39,10 +39,6 @@ def box_of(index: tuple, shape: Sequence[int]) -> Box:
   return tuple(out)
 
 
-def full_box(shape: Sequence[int]) -> Box:
-  return tuple(slice(0, size) for size in shape)
-
-
 class LazyTensor:
   """``shape`` and ``read(box) -> np.ndarray`` of ``[stop - start for each axis]``."""
 
@@ -50,9 +46,6 @@ class LazyTensor:
 
   def read(self, box: Box) -> np.ndarray:
     raise NotImplementedError
-
-  def materialize(self) -> np.ndarray:
-    return self.read(full_box(self.shape))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -152,8 +145,3 @@ class Mapped(LazyTensor):
   def read(self, box: Box) -> np.ndarray:
     return self.fn(self.base.read(box))
 
-
-def constant(array: np.ndarray) -> LazyTensor:
-  """An in-memory array as a lazy tensor (tests, converted tensors)."""
-  array = np.asarray(array)
-  return Stored(array.shape, lambda box: array[box])
