@@ -43,6 +43,7 @@ from flax import nnx
 from tailjax import data, head, mesh, teacher_cache
 from tailjax.losses import TopK
 from tailjax.models import DTYPES as MODEL_DTYPES
+from tailjax.models import checkpoint
 from tailjax.models import PRESETS, Decoder, LoadedModel, ModelConfig, Tokenizer, load, load_tokenizer
 from tailjax.models.load import CHECKPOINT_FILE
 from tailjax.stats import LogHistogram, Summary, spec_for
@@ -495,6 +496,10 @@ def distill(config: DistillConfig, output: str | Path, *, force: bool = False, c
   log = (lambda name, record: _append(output / name, record)) if writer else (lambda name, record: None)
   with ocp.CheckpointManager(output / "checkpoints", options=options, item_handlers=handlers) as manager:
     start = manager.latest_step() or 0
+    if start and checkpoint.is_per_layer(output / "checkpoints" / str(start) / "params"):
+      raise ValueError(f"{output}: its checkpoints were written before layers were stacked; they still load (as "
+                       f"models, converted), so continue from {output / 'checkpoints' / str(start)} as a new run's "
+                       "student (the optimizer state starts afresh)")
     if start:
       restored = manager.restore(start, args=ocp.args.Composite(
           params=ocp.args.StandardRestore(state.params),

@@ -141,8 +141,8 @@ def test_bad_inputs_are_named(tiny, tmp_path):
 
 def test_nan_logits_are_counted_not_averaged(tiny, tmp_path):
   broken = models.load(tiny / "tiny.gguf")
-  kernel = broken.model.blocks[0].mlp.down.kernel
-  kernel.set_value(kernel.get_value().at[0, 0].set(np.nan))  # every position of every window turns NaN
+  kernel = broken.model.layers[0].blocks[0].mlp.down.kernel  # [layers, in, out]
+  kernel.set_value(kernel.get_value().at[0, 0, 0].set(np.nan))  # every position of every window turns NaN
   models.save_checkpoint(broken, tmp_path / "broken")
   result = runner.run_eval(str(tiny / "tiny.gguf"), ["@int3-g16", f"broken={tmp_path / 'broken'}"],
                            str(tiny / "corpus.txt"), protocol=PROTOCOL)
@@ -301,10 +301,12 @@ def test_select_ranks_a_family_of_eval_reports(tiny, tmp_path):
 
 def test_a_quantized_candidate_shares_what_it_does_not_round_and_leaves_the_reference_alone(tiny):
   reference = models.load(tiny / "tiny.gguf")
-  kernel = np.asarray(reference.model.blocks[0].attn.q.kernel.get_value())
+  q = lambda loaded: np.asarray(loaded.model.layers[0].blocks[0].attn.q.kernel.get_value())  # [layers, d, heads]
+  kernel = q(reference)
   candidate = runner.load_candidate("@int3-g16", reference)
   assert candidate.model.embed.embedding.get_value() is reference.model.embed.embedding.get_value()
-  np.testing.assert_array_equal(np.asarray(reference.model.blocks[0].attn.q.kernel.get_value()), kernel)
-  rounded = np.asarray(candidate.model.blocks[0].attn.q.kernel.get_value())
+  np.testing.assert_array_equal(q(reference), kernel)
+  rounded = q(candidate)
   assert not np.array_equal(rounded, kernel)
-  np.testing.assert_array_equal(rounded, np.asarray(models.fake_quantize(kernel, models.QuantSpec.parse("int3-g16"))))
+  for layer in range(len(kernel)):
+    np.testing.assert_array_equal(rounded[layer], models.fake_quantize(kernel[layer], models.QuantSpec.parse("int3-g16")))

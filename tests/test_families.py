@@ -93,7 +93,7 @@ def test_quantized_moe_candidate_rounds_every_expert(tmp_path):
   config_cls, overrides = FAMILIES["qwen3-moe-dense-layer"]
   random_hf_model(config_cls, tmp_path, **{**SMALL, **overrides})
   base, quantized = models.load(tmp_path), models.load(f"{tmp_path}@int3-g16")
-  moe, moe_q = base.model.blocks[0].mlp, quantized.model.blocks[0].mlp
+  moe, moe_q = base.model.block(0).mlp, quantized.model.block(0).mlp
   for name in ("gate", "up", "down"):
     w, q = np.asarray(getattr(moe, name)[...]), np.asarray(getattr(moe_q, name)[...])
     assert not np.allclose(w, q)
@@ -221,7 +221,7 @@ def test_distill_a_soft_capped_moe_student_from_a_gemma2_gguf_teacher(objective,
   assert result.losses[1] == pytest.approx(expected, rel=2e-5)
   trained = models.load(tmp_path / "run" / "checkpoints" / "2")
   assert trained.config.num_experts == 4 and trained.config.final_logit_softcap == 2.0
-  assert trained.model.blocks[1].mlp.gate[...].shape == (4, 32, 16)
+  assert trained.model.block(1).mlp.gate[...].shape == (4, 32, 16)
 
 
 @pytest.mark.parametrize("implementation", ["tiles", "ragged"])

@@ -58,13 +58,14 @@ def test_parameters_follow_their_logical_axes():
   model = Decoder(TINY, rngs=nnx.Rngs(0))
   mesh.shard_model(model, mesh.parse("fsdp=2,model=4"))
   spec = lambda variable: variable[...].sharding.spec
-  assert spec(model.blocks[0].attn.q.kernel) == jax.sharding.PartitionSpec("fsdp", "model")  # embed, heads
-  assert spec(model.blocks[0].mlp.down.kernel) == jax.sharding.PartitionSpec("model", "fsdp")  # mlp, embed
+  block = model.layers[0].blocks[0]  # parameters [layers, ...]: every device keeps all layers of its shard
+  assert spec(block.attn.q.kernel) == jax.sharding.PartitionSpec(None, "fsdp", "model")  # embed, heads
+  assert spec(block.mlp.down.kernel) == jax.sharding.PartitionSpec(None, "model", "fsdp")  # mlp, embed
   assert spec(model.embed.embedding) == jax.sharding.PartitionSpec("model", "fsdp")  # vocab, embed
   assert spec(model.norm.scale) == jax.sharding.PartitionSpec(None)
   odd = Decoder(TINY, rngs=nnx.Rngs(0))
   mesh.shard_model(odd, mesh.parse("model=8"))  # kv_heads x head_dim = 16 splits 8 ways; 48 (mlp) does too
-  assert spec(odd.blocks[0].attn.k.kernel) == jax.sharding.PartitionSpec(None, "model")
+  assert spec(odd.layers[0].blocks[0].attn.k.kernel) == jax.sharding.PartitionSpec(None, None, "model")
 
 
 @pytest.mark.parametrize("layout", ["fsdp=8", "fsdp=4,model=2"])
@@ -171,9 +172,9 @@ def test_experts_split_over_the_expert_axis_with_the_same_numbers(tiny_moe):
 
   loaded = models.load(tiny_moe / "model")
   mesh.shard_model(loaded.model, mesh.parse("expert=4,data=2"))
-  gate = loaded.model.blocks[0].mlp.gate[...]
-  assert gate.sharding.spec == jax.sharding.PartitionSpec("expert", None, None)
-  assert {s.data.shape for s in gate.addressable_shards} == {(2, 64, 32)}  # 8 experts / 4
+  gate = loaded.model.layers[0].blocks[0].mlp.gate[...]  # [layers, experts, d, mlp]
+  assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "expert", None, None)
+  assert {s.data.shape[1:] for s in gate.addressable_shards} == {(2, 64, 32)}  # 8 experts / 4
 
   run = lambda layout: runner.run_eval(str(tiny_moe / "model"), ["@int4-g16"], str(tiny_moe / "corpus.txt"),
                                        protocol=PROTOCOL, batch_size=8, save_every=0.0, mesh=layout)

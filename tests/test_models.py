@@ -11,6 +11,7 @@ from flax import nnx
 
 from tailjax import losses, models
 from tailjax.models import Decoder, ModelConfig
+from tailjax.models.place import hf_tensors
 
 TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                    rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
@@ -95,19 +96,19 @@ def write_tiny_gguf(path: Path, model: Decoder, arch: str = "llama"):
   w.add_token_list(tokens)
   w.add_token_merges([f"{t[0]} {t[1]}" for t in tokens[27:53]])
   w.add_token_types([1] * len(tokens))
-  f32 = lambda x: np.asarray(x, np.float32)
-  w.add_tensor("token_embd.weight", f32(model.embed.embedding[...]))
-  w.add_tensor("output_norm.weight", f32(model.norm.scale[...]))
-  w.add_tensor("output.weight", f32(model.lm_head[...]).T)
-  for i, block in enumerate(model.blocks):
-    p = f"blk.{i}."
-    w.add_tensor(p + "attn_norm.weight", f32(block.attn_norm.scale[...]))
-    w.add_tensor(p + "ffn_norm.weight", f32(block.mlp_norm.scale[...]))
-    w.add_tensor(p + "attn_q.weight", _permute(f32(block.attn.q.kernel[...]).T, cfg.num_heads))
-    w.add_tensor(p + "attn_k.weight", _permute(f32(block.attn.k.kernel[...]).T, cfg.num_kv_heads))
-    for layer, name in ((block.attn.v, "attn_v"), (block.attn.o, "attn_output"), (block.mlp.gate, "ffn_gate"),
-                        (block.mlp.up, "ffn_up"), (block.mlp.down, "ffn_down")):
-      w.add_tensor(f"{p}{name}.weight", f32(layer.kernel[...]).T)
+  t = hf_tensors(model)  # PyTorch layout, float32
+  w.add_tensor("token_embd.weight", t["model.embed_tokens.weight"])
+  w.add_tensor("output_norm.weight", t["model.norm.weight"])
+  w.add_tensor("output.weight", t["lm_head.weight"])
+  for i in range(cfg.num_layers):
+    p, hf = f"blk.{i}.", f"model.layers.{i}."
+    w.add_tensor(p + "attn_norm.weight", t[hf + "input_layernorm.weight"])
+    w.add_tensor(p + "ffn_norm.weight", t[hf + "post_attention_layernorm.weight"])
+    w.add_tensor(p + "attn_q.weight", _permute(t[hf + "self_attn.q_proj.weight"], cfg.num_heads))
+    w.add_tensor(p + "attn_k.weight", _permute(t[hf + "self_attn.k_proj.weight"], cfg.num_kv_heads))
+    for name, gguf_name in (("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"),
+                            ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down")):
+      w.add_tensor(f"{p}{gguf_name}.weight", t[f"{hf}{name}.weight"])
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
@@ -196,9 +197,8 @@ def test_quantized_candidate_and_checkpoint_round_trip(tmp_path, rng):
   reference = models.load(tmp_path / "tiny.gguf")
   candidate = models.load(f"{tmp_path / 'tiny.gguf'}@int3-g16")
   assert candidate.name.endswith("tiny.gguf@int3-g16-sym") and candidate.quantization.bits == 3
-  q = candidate.model.blocks[1].mlp.down.kernel[...]
-  np.testing.assert_array_equal(q, models.fake_quantize(reference.model.blocks[1].mlp.down.kernel[...],
-                                                        models.QuantSpec(3, 16)))
+  down = lambda loaded: loaded.model.layers[0].blocks[0].mlp.down.kernel[...][1]  # layer 1
+  np.testing.assert_array_equal(down(candidate), models.fake_quantize(down(reference), models.QuantSpec(3, 16)))
   np.testing.assert_array_equal(candidate.model.embed.embedding[...], reference.model.embed.embedding[...])
   tokens = rng.integers(0, 64, (2, 10))
   kl = losses.kl_divergence(reference.logprobs(tokens), candidate.logprobs(tokens))
@@ -211,7 +211,7 @@ def test_quantized_candidate_and_checkpoint_round_trip(tmp_path, rng):
   assert again.tokenizer.encode("abe") == candidate.tokenizer.encode("abe")
   assert again.tokenizer.fingerprint() == reference.tokenizer.fingerprint()
   half = models.load(saved, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-  assert half.model.blocks[0].attn.q.kernel[...].dtype == jnp.bfloat16
+  assert half.model.layers[0].blocks[0].attn.q.kernel[...].dtype == jnp.bfloat16
   np.testing.assert_allclose(half.logprobs(tokens), again.logprobs(tokens), atol=0.1)
   (saved / "tailjax_model.json").write_text("{")
   with pytest.raises(ValueError, match="tailjax_model.json: not a readable tailjax checkpoint"):
@@ -232,11 +232,45 @@ def test_every_parameter_names_its_logical_axes(fields):
   assert sum(p.size for p in params) == cfg.num_params
 
 
+def test_layers_are_stacked_by_their_period_and_a_per_layer_checkpoint_loads_converted(tmp_path, rng):
+  """Sliding, full, sliding: period 2 (layers 0-1 stacked once) and layer 2 left over; a checkpoint written before
+  stacking (``blocks/<layer>``) loads into that layout with the same numbers, and one missing a layer says so."""
+  import orbax.checkpoint as ocp
+
+  from tailjax.models.transformer import LayerSlot, StackSpan, slot, stack_layout
+
+  cfg = ModelConfig(**{**TINY.to_dict(), "num_layers": 3, "sliding_window": 4,
+                       "layer_types": ("sliding", "full", "sliding")})
+  assert stack_layout(cfg) == (StackSpan(0, 2, 1), StackSpan(2, 1, 1))
+  assert slot(cfg, 1) == LayerSlot(0, 0, 1) and slot(cfg, 2) == LayerSlot(1, 0, 0)
+  assert stack_layout(TINY) == (StackSpan(0, 1, 2),)  # Llama-shaped: every layer alike, one scan
+  model = Decoder(cfg, rngs=nnx.Rngs(5))
+  saved = models.save_checkpoint(models.LoadedModel(cfg, model, None, "random"), tmp_path / "ckpt")
+  tokens = jnp.asarray(rng.integers(0, 64, (2, 9)))
+  want = np.asarray(model(tokens))
+
+  valued = lambda tree: {k: valued(v) if isinstance(v, dict) else {"value": np.asarray(v)} for k, v in tree.items()}
+  pure = lambda module: valued(nnx.to_pure_dict(nnx.state(module, nnx.Param)))
+  old = {"embed": pure(model.embed), "norm": pure(model.norm), "lm_head": {"value": np.asarray(model.lm_head[...])},
+         "blocks": {str(i): pure(model.block(i)) for i in range(cfg.num_layers)}}
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(saved / "params", old, force=True)
+  again = models.load(saved)
+  assert again.model.layers[0].blocks[1].attn.q.kernel[...].shape == (1, 32, 32)
+  np.testing.assert_allclose(np.asarray(again.hidden_states(tokens)), want, rtol=1e-6, atol=1e-6)
+
+  del old["blocks"]["2"]
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(saved / "params", old, force=True)
+  with pytest.raises(ValueError, match=r"params: unreadable parameters .*layers/1/blocks/0/.* not in the checkpoint"):
+    models.load(saved)
+
+
 def test_retention_matches_its_recurrent_form(rng):
   """Parallel retention (what the model runs) == the recurrence S_n = gamma S_{n-1} + k_n^T v_n in float64."""
   cfg = models.ModelConfig(**{**TINY.to_dict(), "attention": "retention", "num_kv_heads": 4})
   model = Decoder(cfg, rngs=nnx.Rngs(4))
-  attn = model.blocks[0].attn
+  attn = model.block(0).attn
   attn.norm_scale.set_value(jnp.asarray(1 + 0.1 * rng.standard_normal(attn.norm_scale.shape), jnp.float32))
   x = rng.standard_normal((1, 9, 32)).astype(np.float32)
   t = x.shape[1]

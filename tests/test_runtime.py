@@ -56,8 +56,8 @@ def test_bfloat16_checkpoint_runs_in_bfloat16_and_reports_what_float32_does(tmp_
   with pytest.raises(ValueError, match="dtype 'fp8'"):
     models.resolve_dtype(tmp_path / "model", "fp8")
   loaded = models.load(tmp_path / "model", "bfloat16")
-  assert loaded.model.blocks[0].attn.q.kernel[...].dtype == jnp.bfloat16
-  assert loaded.model.blocks[0].attn_norm.scale[...].dtype == jnp.float32  # norms stay float32
+  assert loaded.model.block(0).attn.q.kernel[...].dtype == jnp.bfloat16
+  assert loaded.model.block(0).attn_norm.scale[...].dtype == jnp.float32  # norms stay float32
 
   run = lambda dtype: runner.run_eval(str(tmp_path / "model"), ["@int4-g16"], "pydoc",
                                       protocol=data.Protocol("t", seq_len=64, num_sequences=8, seed=1), dtype=dtype,

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tailjax.frozen import frozen_jit
-from tailjax.models import gguf, hf, place
+from tailjax.models import checkpoint, gguf, hf, place
 from tailjax.models.config import ModelConfig
 from tailjax.models.quantize import QuantSpec, quantize_model
 from tailjax.models.tokenizer import Tokenizer, check_vocab, from_checkpoint_meta, from_gguf_reader, \
@@ -162,8 +162,6 @@ def from_hf(directory: str | Path, dtype=jnp.float32, param_dtype=None, device_m
 
 def save_checkpoint(loaded: LoadedModel, directory: str | Path) -> Path:
   """Write a tailjax checkpoint: ``tailjax_model.json`` (config, BOS rule), ``tokenizer.json``, orbax ``params``."""
-  import orbax.checkpoint as ocp
-
   directory = Path(directory).absolute()
   directory.mkdir(parents=True, exist_ok=True)
   meta = {"config": loaded.config.to_dict(), "source": loaded.name,
@@ -172,8 +170,7 @@ def save_checkpoint(loaded: LoadedModel, directory: str | Path) -> Path:
     loaded.tokenizer.backend.save(str(directory / "tokenizer.json"))
     meta["tokenizer"] = {"file": "tokenizer.json", "add_bos": loaded.tokenizer.add_bos,
                          "bos_id": loaded.tokenizer.bos_id}
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(directory / "params", nnx.state(loaded.model, nnx.Param), force=True)
+  checkpoint.save(loaded.model, directory / "params")
   (directory / CHECKPOINT_FILE).write_text(json.dumps(meta, indent=1))
   return directory
 
@@ -181,29 +178,13 @@ def save_checkpoint(loaded: LoadedModel, directory: str | Path) -> Path:
 def from_checkpoint(directory: str | Path, dtype=None, param_dtype=None, device_mesh=None) -> LoadedModel:
   """A directory written by ``save_checkpoint`` (or the trainer), restored by orbax straight into each
   parameter's sharding on ``device_mesh`` (None: the first local device), in ``param_dtype``."""
-  import orbax.checkpoint as ocp
-
   directory = Path(directory).absolute()
   meta = _checkpoint_meta(directory)
   cfg = meta["config"]
   stored = jnp.dtype(meta.get("dtype", "float32"))
   dtype = dtype or stored
   model = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, param_dtype=param_dtype or stored, rngs=nnx.Rngs(0)))
-  abstract = nnx.state(model, nnx.Param)
-  if device_mesh is None:
-    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shardings = jax.tree.map(lambda _: one, abstract)
-  else:
-    from tailjax import mesh as meshes
-
-    shardings = meshes.parameter_shardings(abstract, device_mesh)
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-  try:
-    with ocp.StandardCheckpointer() as checkpointer:
-      restored = checkpointer.restore(directory / "params", target)
-  except (OSError, ValueError, KeyError) as err:
-    raise ValueError(f"{directory / 'params'}: unreadable parameters ({err})") from err
-  nnx.update(model, restored)
+  checkpoint.restore(directory / "params", model, device_mesh)
   tokenizer = from_checkpoint_meta(directory, meta)
   check_vocab(tokenizer, cfg.vocab_size, str(directory))
   return LoadedModel(cfg, model, tokenizer, str(directory))

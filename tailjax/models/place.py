@@ -23,15 +23,17 @@ from tailjax import mesh as meshes
 from tailjax.models import lazy
 from tailjax.models.config import ModelConfig
 from tailjax.models.moe import MoE
-from tailjax.models.transformer import Decoder
+from tailjax.models.transformer import Decoder, slot
 
 
 class _Target(NamedTuple):
-  """Where a tensor goes: the parameter, whether its last two axes are PyTorch's ``[out, in]``, and
-  for one expert of a stacked ``[E, ...]`` parameter, which expert (None: the whole parameter)."""
+  """Where a tensor goes: the parameter, whether its last two axes are PyTorch's ``[out, in]``, for a block's
+  parameter which row of its leading ``[repeats]`` axis (``transformer.slot``; None: the whole parameter), and
+  for one expert of a stacked ``[E, ...]`` parameter, which expert (None: all of them)."""
 
   param: nnx.Variable
   transpose: bool
+  row: int | None = None
   expert: int | None = None
 
 
@@ -42,34 +44,42 @@ def _targets(model: Decoder) -> dict[str, _Target]:
              "model.norm.weight": _Target(model.norm.scale, False)}
   if not cfg.tie_word_embeddings:
     targets["lm_head.weight"] = _Target(model.lm_head, True)
-  for i, block in enumerate(model.blocks):
-    p = f"model.layers.{i}."
-    targets[p + "input_layernorm.weight"] = _Target(block.attn_norm.scale, False)
+  for i in range(cfg.num_layers):
+    where = slot(cfg, i)
+    block, p = model.layers[where.stack].blocks[where.position], f"model.layers.{i}."
+    at = lambda param, transpose, expert=None: _Target(param, transpose, where.row, expert)
+    targets[p + "input_layernorm.weight"] = at(block.attn_norm.scale, False)
     if cfg.sandwich_norms:
-      targets[p + "post_attention_layernorm.weight"] = _Target(block.attn_post_norm.scale, False)
-      targets[p + "pre_feedforward_layernorm.weight"] = _Target(block.mlp_norm.scale, False)
-      targets[p + "post_feedforward_layernorm.weight"] = _Target(block.mlp_post_norm.scale, False)
+      targets[p + "post_attention_layernorm.weight"] = at(block.attn_post_norm.scale, False)
+      targets[p + "pre_feedforward_layernorm.weight"] = at(block.mlp_norm.scale, False)
+      targets[p + "post_feedforward_layernorm.weight"] = at(block.mlp_post_norm.scale, False)
     else:
-      targets[p + "post_attention_layernorm.weight"] = _Target(block.mlp_norm.scale, False)
+      targets[p + "post_attention_layernorm.weight"] = at(block.mlp_norm.scale, False)
     for name in "qkvo":
       layer = getattr(block.attn, name)
-      targets[f"{p}self_attn.{name}_proj.weight"] = _Target(layer.kernel, True)
+      targets[f"{p}self_attn.{name}_proj.weight"] = at(layer.kernel, True)
       if layer.bias is not None:
-        targets[f"{p}self_attn.{name}_proj.bias"] = _Target(layer.bias, False)
+        targets[f"{p}self_attn.{name}_proj.bias"] = at(layer.bias, False)
     if cfg.qk_norm:
-      targets[p + "self_attn.q_norm.weight"] = _Target(block.attn.q_norm.scale, False)
-      targets[p + "self_attn.k_norm.weight"] = _Target(block.attn.k_norm.scale, False)
+      targets[p + "self_attn.q_norm.weight"] = at(block.attn.q_norm.scale, False)
+      targets[p + "self_attn.k_norm.weight"] = at(block.attn.k_norm.scale, False)
     if isinstance(block.mlp, MoE):
-      targets[p + "mlp.gate.weight"] = _Target(block.mlp.router, True)
+      targets[p + "mlp.gate.weight"] = at(block.mlp.router, True)
       for name in ("gate", "up", "down"):
         param = getattr(block.mlp, name)
-        targets[f"{p}mlp.experts.{name}_proj.weight"] = _Target(param, True)  # stacked [E, out, in] (GGUF)
+        targets[f"{p}mlp.experts.{name}_proj.weight"] = at(param, True)  # stacked [E, out, in] (GGUF)
         for j in range(cfg.num_experts):
-          targets[f"{p}mlp.experts.{j}.{name}_proj.weight"] = _Target(param, True, j)
+          targets[f"{p}mlp.experts.{j}.{name}_proj.weight"] = at(param, True, j)
     else:
       for name in ("gate", "up", "down"):
-        targets[f"{p}mlp.{name}_proj.weight"] = _Target(getattr(block.mlp, name).kernel, True)
+        targets[f"{p}mlp.{name}_proj.weight"] = at(getattr(block.mlp, name).kernel, True)
   return targets
+
+
+def _expected(target: _Target) -> tuple[int, ...]:
+  """The shape of the tensor that fills ``target``: the parameter's, less its row and expert axes."""
+  shape = tuple(target.param.get_value().shape)
+  return shape[(target.row is not None) + (target.expert is not None):]
 
 
 def hf_tensors(model: Decoder) -> dict[str, np.ndarray]:
@@ -78,10 +88,11 @@ def hf_tensors(model: Decoder) -> dict[str, np.ndarray]:
   Written with a family's ``config.json`` it is a directory transformers loads (benchmarks, parity)."""
   out = {}
   for name, target in _targets(model).items():
+    if len(_expected(target)) == 3:
+      continue  # the stacked name of a layer's experts; each expert has its own
     value = np.asarray(target.param.get_value(), np.float32)
-    if target.param.get_value().ndim == 3 and target.expert is None:
-      continue  # the stacked name; each expert has its own
-    value = value[target.expert] if target.expert is not None else value
+    value = value if target.row is None else value[target.row]
+    value = value if target.expert is None else value[target.expert]
     out[name] = np.ascontiguousarray(np.swapaxes(value, -1, -2) if target.transpose else value)
   return out
 
@@ -120,10 +131,29 @@ def fill(cfg: ModelConfig, tensors: Iterable[tuple[str, lazy.LazyTensor]], sourc
 
 
 def _assign(model: Decoder, tensors, source: str, cfg: ModelConfig) -> list[tuple[nnx.Variable, lazy.LazyTensor]]:
-  """Every parameter with the lazy tensor that fills it, all names and shapes checked, nothing read."""
+  """Every parameter with the lazy tensor that fills it, all names and shapes checked, nothing read.
+
+  A block's parameter is filled row by row (one layer each), a row of MoE experts either whole or expert
+  by expert; the pieces are stacked lazily (``lazy.Stacked``) once all are there."""
   targets = _targets(model)
   whole: dict[int, tuple[nnx.Variable, lazy.LazyTensor]] = {}
-  experts: dict[int, tuple[nnx.Variable, dict[int, lazy.LazyTensor]]] = {}  # experts stored one by one
+  rows: dict[int, dict[int, lazy.LazyTensor]] = {}  # parameter -> row -> tensor
+  experts: dict[tuple[int, int | None], dict[int, lazy.LazyTensor]] = {}  # (parameter, row) -> expert -> tensor
+  filled: set[tuple[int, int | None]] = set()
+
+  def complete(target: _Target, value: lazy.LazyTensor) -> None:
+    key = (id(target.param), target.row)
+    filled.add(key)
+    for name in [n for n, t in targets.items() if (id(t.param), t.row) == key]:
+      del targets[name]  # the other granularity of the same piece (a row's experts stacked or one by one)
+    if target.row is None:
+      whole[id(target.param)] = (target.param, value)
+      return
+    done = rows.setdefault(id(target.param), {})
+    done[target.row] = value
+    if len(done) == target.param.get_value().shape[0]:
+      whole[id(target.param)] = (target.param, lazy.Stacked(tuple(done[r] for r in range(len(done)))))
+
   for name, value in (piece for item in tensors for piece in _unfuse(*item, cfg)):
     if name not in targets:
       if name == "lm_head.weight" and cfg.tie_word_embeddings or name.endswith("rotary_emb.inv_freq"):
@@ -131,33 +161,23 @@ def _assign(model: Decoder, tensors, source: str, cfg: ModelConfig) -> list[tupl
       raise ValueError(f"{source}: tensor {name} has no place in the model")
     target = targets.pop(name)
     value = lazy.Transposed(value) if target.transpose else value
-    expected = target.param.get_value().shape
-    if target.expert is not None:
-      expected = expected[1:]
-    if tuple(value.shape) != tuple(expected):
-      raise ValueError(f"{source}: tensor {name} has shape {tuple(value.shape)}, the model expects {expected}")
-    key = id(target.param)
-    if key in whole:
+    if tuple(value.shape) != _expected(target):
+      raise ValueError(f"{source}: tensor {name} has shape {tuple(value.shape)}, the model expects "
+                       f"{_expected(target)}")
+    key = (id(target.param), target.row)
+    if key in filled:
       raise ValueError(f"{source}: tensor {name} fills a parameter that another tensor already filled")
     if target.expert is None:
-      whole[key] = (target.param, value)
-      _drop_expert_names(targets, target.param)
+      complete(target, value)
       continue
-    _, parts = experts.setdefault(key, (target.param, {}))
+    parts = experts.setdefault(key, {})
     parts[target.expert] = value
     if len(parts) == cfg.num_experts:
-      whole[key] = (target.param, lazy.Stacked(tuple(parts[j] for j in range(cfg.num_experts))))
+      complete(target, lazy.Stacked(tuple(parts[j] for j in range(cfg.num_experts))))
       del experts[key]
-      _drop_expert_names(targets, target.param)
   if targets:
     raise ValueError(f"{source}: tensors missing: {sorted(targets)[:5]}{' ...' if len(targets) > 5 else ''}")
   return list(whole.values())
-
-
-def _drop_expert_names(targets: dict[str, _Target], param: nnx.Variable) -> None:
-  """A stacked expert parameter is filled either whole or expert by expert: once filled, forget the other names."""
-  for name in [n for n, t in targets.items() if t.param is param]:
-    del targets[name]
 
 
 def _sharding(param: nnx.Variable, device_mesh) -> jax.sharding.Sharding:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 
 import jax
@@ -81,27 +82,27 @@ def fake_quantize(kernel: jax.Array, spec: QuantSpec) -> jax.Array:
 
 def quantize_model(model: nnx.Module, spec: QuantSpec) -> int:
   """Replace every transformer-block linear kernel (and expert) by its RTN rounding, in place; returns how
-  many kernels (an MoE layer's stack of E experts counts E times). Each kernel keeps its sharding: on a
-  mesh every device rounds its own shard (groups run along the input axis, which ``fsdp`` splits into
-  whole groups when it divides them)."""
+  many ``[in, out]`` kernels that is (each layer of a stack and each of an MoE layer's E experts counts
+  once). Each kernel keeps its sharding: on a mesh every device rounds its own shard (groups run along
+  the input axis, which ``fsdp`` splits into whole groups when it divides them)."""
   from tailjax.models.moe import MoE
 
   count = 0
   for path, module in nnx.iter_graph(model):
-    if isinstance(module, nnx.Linear) and "blocks" in path:
-      kernel = module.kernel.get_value()
-      module.kernel.set_value(_rounder(spec, kernel.sharding, False)(kernel))
-      count += 1
-    elif isinstance(module, MoE):
-      for param in (module.gate, module.up, module.down):
-        kernels = param.get_value()
-        param.set_value(_rounder(spec, kernels.sharding, True)(kernels))
-        count += kernels.shape[0]
+    params = ((module.kernel,) if isinstance(module, nnx.Linear) and "blocks" in path else
+              (module.gate, module.up, module.down) if isinstance(module, MoE) else ())
+    for param in params:  # [..., in, out]: leading axes are layers of a stack, then experts
+      kernels = param.get_value()
+      param.set_value(_rounder(spec, kernels.sharding, kernels.ndim - 2)(kernels))
+      count += math.prod(kernels.shape[:-2])
   return count
 
 
 @functools.lru_cache(maxsize=64)
-def _rounder(spec: QuantSpec, sharding, experts: bool):
-  """``fake_quantize`` compiled once per (spec, sharding), its output in the input's sharding."""
+def _rounder(spec: QuantSpec, sharding, leading: int):
+  """``fake_quantize`` over ``leading`` stacked axes, compiled once per (spec, sharding, leading), its output in
+  the input's sharding."""
   one = functools.partial(fake_quantize, spec=spec)
-  return jax.jit(jax.vmap(one) if experts else one, out_shardings=sharding)
+  for _ in range(leading):
+    one = jax.vmap(one)
+  return jax.jit(one, out_shardings=sharding)

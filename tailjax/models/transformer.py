@@ -5,6 +5,14 @@ stops at the final norm, and ``tailjax.head`` reads the unembedding blockwise (w
 model's ``final_logit_softcap``, when it has one: ``Decoder.output_head``).
 The layers live in ``layers``, ``attention`` and ``moe``; a block is the family's
 arrangement of them, chosen by ``ModelConfig`` (see its docstring).
+
+Blocks are stacked, as in Flax's scan-over-layers example: a model's layers repeat with some
+period ``p`` (1 for Llama or Qwen3; 6 for Gemma 3's five sliding layers and one global; the
+whole depth when they do not repeat), so ``Decoder.layers`` holds a ``Stack`` of ``p`` blocks whose
+parameters carry a leading ``[repeats]`` axis, applied by one ``jax.lax.scan``, and a second
+``Stack`` for the ``L mod p`` layers left over. XLA compiles one period, not the depth: an 80-layer
+model traces and compiles as fast as a 1-layer one. ``stack_layout`` and ``slot`` say where layer
+``i`` lives (loaders and checkpoint conversion use them).
 """
 
 from __future__ import annotations
@@ -60,6 +68,73 @@ class Block(nnx.Module):
     return x + (self.mlp_post_norm(h) if self.sandwich else h), experts
 
 
+class StackSpan(NamedTuple):
+  """Layers ``first + r * period + j`` for ``r < repeats``, ``j < period``: one ``Stack``."""
+
+  first: int
+  period: int
+  repeats: int
+
+
+class LayerSlot(NamedTuple):
+  """Where one layer's parameters are: ``Decoder.layers[stack].blocks[position]``, row ``row`` of the leading axis."""
+
+  stack: int
+  row: int
+  position: int
+
+
+def stack_layout(cfg: ModelConfig) -> tuple[StackSpan, ...]:
+  """The shortest period ``p`` such that layer ``i`` is built like layer ``i mod p`` (same mixer window and
+  RoPE, dense or MoE): ``L // p`` repeats of it, then the ``L mod p`` layers left (a prefix of the period)."""
+  depth = cfg.num_layers
+  kind = [(cfg.layer_type(i), cfg.is_moe_layer(i)) for i in range(depth)]
+  period = next(p for p in range(1, depth + 1) if all(kind[i] == kind[i % p] for i in range(depth)))
+  spans = [StackSpan(0, period, depth // period)]
+  if depth % period:
+    spans.append(StackSpan(depth - depth % period, depth % period, 1))
+  return tuple(spans)
+
+
+def slot(cfg: ModelConfig, layer: int) -> LayerSlot:
+  """Where layer ``layer`` lives in ``stack_layout(cfg)``."""
+  for stack, span in enumerate(stack_layout(cfg)):
+    if layer < span.first + span.period * span.repeats:
+      row, position = divmod(layer - span.first, span.period)
+      return LayerSlot(stack, row, position)
+  raise IndexError(f"layer {layer} of a {cfg.num_layers}-layer model")
+
+
+class Stack(nnx.Module):
+  """``span.repeats`` x ``span.period`` blocks: ``blocks[j]`` holds layers ``first + r * period + j`` as row ``r``
+  of every parameter (logical axis None: each device keeps all rows of its shards). One ``jax.lax.scan``
+  over the rows runs the period's blocks in order."""
+
+  def __init__(self, cfg: ModelConfig, span: StackSpan, dtype, param_dtype, rngs: nnx.Rngs):
+    @nnx.split_rngs(splits=span.repeats)
+    @nnx.vmap(in_axes=0, out_axes=0, axis_size=span.repeats, transform_metadata={nnx.PARTITION_NAME: None})
+    def build(rngs):
+      return nnx.List([Block(cfg, span.first + j, dtype, param_dtype, rngs) for j in range(span.period)])
+
+    self.blocks = build(rngs)
+    self.span = span
+
+  def __call__(self, x: Array, positions: Array, masks: dict[str, Array]) -> tuple[Array, tuple[Array, ...]]:
+    """-> (output, per MoE layer in layer order ``[B, T, k]`` chosen experts)."""
+    graph, rows = nnx.split(self.blocks)
+
+    def period(x, row):
+      routed = []
+      for block in nnx.merge(graph, row):
+        x, experts = block(x, positions, masks)
+        if experts is not None:
+          routed.append(experts)
+      return x, tuple(routed)
+
+    x, routed = jax.lax.scan(period, x, rows)  # routed: per MoE position, [repeats, B, T, k]
+    return x, tuple(experts[r] for r in range(self.span.repeats) for experts in routed)
+
+
 class Decoder(nnx.Module):
   """Token ids -> final-norm hidden states; ``unembedding()`` gives the ``[d, V]`` output matrix.
 
@@ -73,7 +148,7 @@ class Decoder(nnx.Module):
     self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                            embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed"),
                                                                   eager_sharding=False))
-    self.blocks = nnx.List([Block(cfg, i, dtype, param_dtype, rngs) for i in range(cfg.num_layers)])
+    self.layers = nnx.List([Stack(cfg, span, dtype, param_dtype, rngs) for span in stack_layout(cfg)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset)
     if not cfg.tie_word_embeddings:
       init = nnx.initializers.lecun_normal()
@@ -111,11 +186,17 @@ class Decoder(nnx.Module):
     if self.cfg.scale_embeddings:  # Gemma: sqrt(d), rounded to the compute dtype as Hugging Face does
       x = x * jnp.asarray(self.cfg.hidden_size**0.5, self.dtype).astype(x.dtype)
     routed = []
-    for block in self.blocks:
-      x, experts = block(x, positions, masks)
-      if experts is not None:
-        routed.append(experts)
+    for stack in self.layers:
+      x, experts = stack(x, positions, masks)
+      routed.extend(experts)
     return DecoderOutput(self.norm(x), tuple(routed))
+
+  def block(self, layer: int) -> Block:
+    """Layer ``layer`` alone, as an ordinary ``Block`` holding a copy of its row of the stacked parameters
+    (to inspect or test one layer; changing it changes nothing in the model)."""
+    where = slot(self.cfg, layer)
+    graph, rows = nnx.split(self.layers[where.stack].blocks[where.position])
+    return nnx.merge(graph, jax.tree.map(lambda x: x[where.row], rows))
 
   def unembedding(self) -> Array:
     """``[d, V]`` output matrix (the transposed embedding when tied)."""
