@@ -6,16 +6,21 @@ Every checkpoint format is read as ``(canonical tensor name, lazy PyTorch-layout
 read (a tensor with no place, a place with no tensor, a shape mismatch, a parameter filled twice:
 errors naming the source), then builds each parameter with ``jax.make_array_from_callback`` on the
 sharding ``tailjax.mesh`` gives it: every device asks for its own box, and only that box is read,
-dequantized and cast to the parameter dtype. Peak host memory is about one parameter's largest
-shard, not the model; on a pod each host reads only the boxes of its own devices.
+dequantized and cast to the parameter dtype. A block's parameter (stacked ``[repeats, ...]``,
+``tailjax.models.transformer``) is written one layer at a time into its donated buffer. Peak host
+memory is about one layer's largest shard, not the model; on a pod each host reads only the boxes
+of its own devices.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 from collections.abc import Iterable
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -125,18 +130,21 @@ def fill(cfg: ModelConfig, tensors: Iterable[tuple[str, lazy.LazyTensor]], sourc
   """A ``Decoder`` of ``cfg`` whose parameters are ``tensors``, each placed by ``tailjax.mesh``'s rules on
   ``device_mesh`` (None: the first local device) and stored in ``param_dtype`` (default ``dtype``)."""
   model = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-  for param, tensor in _assign(model, tensors, source, cfg):
-    param.set_value(_array(tensor, param.get_value().dtype, _sharding(param, device_mesh)))
+  for param, tensor, stacked in _assign(model, tensors, source, cfg):
+    build = _stacked_array if stacked else _array
+    param.set_value(build(tensor, param.get_value().dtype, _sharding(param, device_mesh)))
   return model
 
 
-def _assign(model: Decoder, tensors, source: str, cfg: ModelConfig) -> list[tuple[nnx.Variable, lazy.LazyTensor]]:
-  """Every parameter with the lazy tensor that fills it, all names and shapes checked, nothing read.
+def _assign(model: Decoder, tensors, source: str,
+            cfg: ModelConfig) -> list[tuple[nnx.Variable, lazy.LazyTensor, bool]]:
+  """Every parameter with the lazy tensor that fills it and whether that is a block's stack of rows (layers), all
+  names and shapes checked, nothing read.
 
   A block's parameter is filled row by row (one layer each), a row of MoE experts either whole or expert
   by expert; the pieces are stacked lazily (``lazy.Stacked``) once all are there."""
   targets = _targets(model)
-  whole: dict[int, tuple[nnx.Variable, lazy.LazyTensor]] = {}
+  whole: dict[int, tuple[nnx.Variable, lazy.LazyTensor, bool]] = {}
   rows: dict[int, dict[int, lazy.LazyTensor]] = {}  # parameter -> row -> tensor
   experts: dict[tuple[int, int | None], dict[int, lazy.LazyTensor]] = {}  # (parameter, row) -> expert -> tensor
   filled: set[tuple[int, int | None]] = set()
@@ -147,12 +155,12 @@ def _assign(model: Decoder, tensors, source: str, cfg: ModelConfig) -> list[tupl
     for name in [n for n, t in targets.items() if (id(t.param), t.row) == key]:
       del targets[name]  # the other granularity of the same piece (a row's experts stacked or one by one)
     if target.row is None:
-      whole[id(target.param)] = (target.param, value)
+      whole[id(target.param)] = (target.param, value, False)
       return
     done = rows.setdefault(id(target.param), {})
     done[target.row] = value
     if len(done) == target.param.get_value().shape[0]:
-      whole[id(target.param)] = (target.param, lazy.Stacked(tuple(done[r] for r in range(len(done)))))
+      whole[id(target.param)] = (target.param, lazy.Stacked(tuple(done[r] for r in range(len(done)))), True)
 
   for name, value in (piece for item in tensors for piece in _unfuse(*item, cfg)):
     if name not in targets:
@@ -187,14 +195,44 @@ def _sharding(param: nnx.Variable, device_mesh) -> jax.sharding.Sharding:
 
 
 def _array(tensor: lazy.LazyTensor, dtype, sharding: jax.sharding.Sharding) -> jax.Array:
-  """One parameter: each addressable device's box read (once per distinct box: replicas share it) and cast."""
+  """One parameter: each addressable device's box read (once per distinct box: replicas share it, and it is
+  dropped once the last of them has it) and cast."""
+  wanted = collections.Counter(_key(lazy.box_of(index, tensor.shape)) for index in
+                               sharding.addressable_devices_indices_map(tuple(tensor.shape)).values())
   boxes: dict[tuple, np.ndarray] = {}
 
   def piece(index) -> np.ndarray:
     box = lazy.box_of(index, tensor.shape)
-    key = tuple((s.start, s.stop) for s in box)
+    key = _key(box)
     if key not in boxes:
       boxes[key] = np.asarray(tensor.read(box), dtype)
-    return boxes[key]
+    wanted[key] -= 1
+    return boxes[key] if wanted[key] > 0 else boxes.pop(key)
 
   return jax.make_array_from_callback(tuple(tensor.shape), sharding, piece)
+
+
+def _key(box) -> tuple:
+  return tuple((s.start, s.stop) for s in box)
+
+
+def _stacked_array(tensor: lazy.Stacked, dtype, sharding: jax.sharding.Sharding) -> jax.Array:
+  """A block's ``[repeats, ...]`` parameter written one row (layer) at a time into its sharded buffer, which each
+  write donates: the host holds one layer's boxes at a time and the devices the stack plus one layer."""
+  rows = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:])) \
+      if isinstance(sharding, jax.sharding.NamedSharding) else sharding  # the layer axis is never split
+  stacked = _zeros(tuple(tensor.shape), np.dtype(dtype), sharding)()
+  for i, part in enumerate(tensor.parts):
+    stacked = _write_row(sharding)(stacked, _array(part, dtype, rows), i)
+  return stacked
+
+
+@functools.lru_cache(maxsize=256)
+def _zeros(shape: tuple[int, ...], dtype, sharding):
+  return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=256)
+def _write_row(sharding):
+  return jax.jit(lambda stack, row, i: jax.lax.dynamic_update_index_in_dim(stack, row, i, 0), donate_argnums=0,
+                 out_shardings=sharding)
