@@ -27,6 +27,21 @@ BUILTIN_CORPORA = {
 }
 
 
+def check_corpus(spec: str) -> None:
+  """Whether ``spec`` can name a corpus (a built-in, a glob with matches, an existing file), without reading it."""
+  if spec in BUILTIN_CORPORA:
+    return
+  if any(c in spec for c in "*?["):
+    if not glob.glob(spec):
+      raise FileNotFoundError(f"{spec}: no file matches")
+    return
+  path = Path(spec)
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: no such corpus file (or a built-in corpus: {sorted(BUILTIN_CORPORA)})")
+  if path.is_dir():
+    raise ValueError(f"{path}: the corpus names a directory; give a file or a glob such as {path / '*.jsonl'}")
+
+
 def read_documents(spec: str, field: str = "text") -> list[str]:
   """``pydoc``, a text file, JSONL (``field`` of each line) or Parquet (column ``field``); a glob reads each match."""
   if spec == "pydoc":
@@ -38,9 +53,8 @@ def read_documents(spec: str, field: str = "text") -> list[str]:
     if not matches:
       raise FileNotFoundError(f"{spec}: no file matches")
     return [doc for match in matches for doc in read_documents(match, field)]
+  check_corpus(spec)
   path = Path(spec)
-  if not path.exists():
-    raise FileNotFoundError(f"{path}: no such corpus file (or a built-in corpus: {sorted(BUILTIN_CORPORA)})")
   if path.suffix == ".jsonl":
     documents = []
     with path.open() as f:

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tailjax import data, head, mesh, teacher_cache
+from tailjax import data, files, head, mesh, teacher_cache
 from tailjax.losses import TopK
 from tailjax.models import DTYPES as MODEL_DTYPES
 from tailjax.models import checkpoint
@@ -443,7 +443,7 @@ def _truncate_log(path: Path, last_step: int) -> None:
 
 def _append(path: Path, record: dict[str, Any]) -> None:
   with path.open("a") as f:
-    f.write(json.dumps(record) + "\n")
+    f.write(files.json_text(record, indent=None) + "\n")
     f.flush()
 
 

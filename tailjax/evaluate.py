@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tailjax import head, llamacpp, mesh, refcache
+from tailjax import files, head, llamacpp, mesh, refcache
 from tailjax.data import Windows
 from tailjax.frozen import frozen_jit
 from tailjax.models import LoadedModel
@@ -361,21 +361,18 @@ def save_state(state: EvalState, path: Path) -> None:
 
 
 def load_state(path: Path) -> EvalState:
-  try:
-    with np.load(path) as z:
-      meta = json.loads(str(z["meta"]))
-      state = EvalState(meta["labels"], windows_done=int(z["windows_done"]),
-                        seq_tokens=z["seq_tokens"].tolist())
-      specs = {k: BucketSpec(**{**v, "thresholds": tuple(v["thresholds"])}) for k, v in meta["specs"].items()}
-      columns = {key: (z[f"counts:{key}"], z[f"scalars:{key}"]) for key in meta["keys"]}
-      for label in state.labels:
-        state.seq_ce[label] = z[f"seq_ce:{label}"].tolist()
-      for label in state.labels[1:]:
-        state.moments[label] = z[f"moments:{label}"]
-        state.worst[label] = [(float(v), int(w), int(p)) for v, w, p in z[f"worst:{label}"]]
-      state.routing = {key: z[f"routing:{key}"] for key in meta.get("routing", [])}
-  except (OSError, ValueError, KeyError) as err:
-    raise ValueError(f"{path}: unreadable evaluation state ({err}); delete it to start the run over") from err
+  with files.npz(path, "evaluation state", "delete it to start the run over") as z:
+    meta = json.loads(str(z["meta"]))
+    state = EvalState(meta["labels"], windows_done=int(z["windows_done"]),
+                      seq_tokens=z["seq_tokens"].tolist())
+    specs = {k: BucketSpec(**{**v, "thresholds": tuple(v["thresholds"])}) for k, v in meta["specs"].items()}
+    columns = {key: (z[f"counts:{key}"], z[f"scalars:{key}"]) for key in meta["keys"]}
+    for label in state.labels:
+      state.seq_ce[label] = z[f"seq_ce:{label}"].tolist()
+    for label in state.labels[1:]:
+      state.moments[label] = z[f"moments:{label}"]
+      state.worst[label] = [(float(v), int(w), int(p)) for v, w, p in z[f"worst:{label}"]]
+    state.routing = {key: z[f"routing:{key}"] for key in meta.get("routing", [])}
   blocks = len(next(iter(columns.values()))[0]) if columns else 0
   for i in range(blocks):
     state.blocks.append({key: HostHistogram(specs[key], counts[i].astype(np.int64), int(scalars[i, 0]),

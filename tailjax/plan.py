@@ -49,6 +49,8 @@ def plan_eval(reference: str, candidates: Sequence[str], *, batch_size: int, seq
               device_mesh: jax.sharding.Mesh | None = None, device_bytes: int | None = None) -> Plan:
   """The memory plan of ``tailjax eval`` with these models (specs; ``@int4`` candidates are the reference's
   shape) on ``[batch_size, seq_len]`` windows. ``device_bytes`` defaults to what the first device reports."""
+  if not candidates:
+    raise ValueError("give at least one candidate (a model spec, or @int4 for the reference quantized) to plan")
   specs = [reference, *(reference if spec.startswith("@") else spec for spec in candidates)]
   configs = [models.load_config(spec) for spec in specs]
   dtypes = [models.resolve_dtype(spec, dtype) for spec in specs]

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tailjax import head, losses
+from tailjax import files, head, losses
 from tailjax.data import Windows
 from tailjax.losses import TopK
 
@@ -65,14 +65,11 @@ class ReferenceCache:
 
 def load(path: str | Path) -> ReferenceCache:
   path = Path(path)
-  try:
-    with np.load(path) as z:
-      meta = json.loads(str(z["meta"]))
-      windows = Windows(z["tokens"], z["scored"], z["starts"], meta["corpus_tokens"], meta["fingerprint"])
-      cache = ReferenceCache(windows, z["ids"], z["logprobs"], z["target_logprob"], meta["vocab_size"],
-                             meta["source"], meta["tokenizer"], path)
-  except (OSError, ValueError, KeyError) as err:
-    raise ValueError(f"{path}: not a tailjax reference cache ({err})") from err
+  with files.npz(path, "tailjax reference cache", "write it again from the reference model") as z:
+    meta = json.loads(str(z["meta"]))
+    windows = Windows(z["tokens"], z["scored"], z["starts"], meta["corpus_tokens"], meta["fingerprint"])
+    cache = ReferenceCache(windows, z["ids"], z["logprobs"], z["target_logprob"], meta["vocab_size"],
+                           meta["source"], meta["tokenizer"], path)
   n, t = cache.windows.tokens.shape
   if cache.ids.shape[:2] != (n, t - 1) or cache.logprobs.shape != cache.ids.shape:
     raise ValueError(f"{path}: inconsistent shapes tokens {cache.windows.tokens.shape}, ids {cache.ids.shape}, "

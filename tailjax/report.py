@@ -42,6 +42,9 @@ def _summary(blocks: list[HostHistogram], merged: HostHistogram, spike_threshold
   if spike_thresholds:
     statistics["spike_rate"] = lambda s: s.fraction_above(spike_thresholds[0])
   summary["ci95"] = {k: list(v) for k, v in block_bootstrap(blocks, statistics, replicates).items()}
+  if len(blocks) < 2:
+    summary["ci95_note"] = (f"no interval: {len(blocks)} block (batch) cannot be bootstrapped; use more windows or "
+                            "a smaller batch size")
   return summary
 
 
@@ -153,18 +156,24 @@ def _pair_statistics(m: dict[str, float]) -> dict[str, Any]:
 
 
 def compare_candidates(report: dict[str, Any]) -> dict[str, Any]:
-  """Dominance verdicts (lower median AND p99 KLD) and whether mean and median rank alike."""
+  """Dominance verdicts (median and p99 KLD, ``stats.compare``) and whether mean and median rank alike.
+
+  A candidate with non-finite KLD tokens is ranked after every finite one (fewest non-finite first) and
+  gets no dominance verdict: its finite part's figures say nothing about the tokens it lost."""
   cands = report["candidates"]
   names = list(cands)
   summaries = {name: Summary.from_dict(cands[name]["kld"]) for name in names}
   verdicts = [compare(summaries[a], summaries[b], (a, b)).text for i, a in enumerate(names) for b in names[i + 1:]]
-  by_mean = sorted(names, key=lambda n: cands[n]["kld"]["mean"])
-  by_median = sorted(names, key=lambda n: cands[n]["kld"]["median"])
+  nonfinite = {n: summaries[n].nonfinite for n in names if summaries[n].nonfinite}
+  value = lambda x: math.inf if x is None or math.isnan(x) else x  # null in a re-read report.json
+  rank = lambda stat: sorted(names, key=lambda n: (nonfinite.get(n, 0), value(cands[n]["kld"][stat])))
+  by_mean, by_median = rank("mean"), rank("median")
   note = None
   if by_mean != by_median:
     note = (f"mean and median KLD rank the candidates differently: by mean {' < '.join(by_mean)}, "
             f"by median {' < '.join(by_median)}")
-  return {"verdicts": verdicts, "rank_by_mean": by_mean, "rank_by_median": by_median, "mean_median_disagree": note}
+  return {"verdicts": verdicts, "rank_by_mean": by_mean, "rank_by_median": by_median, "mean_median_disagree": note,
+          "nonfinite": nonfinite}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,20 +181,28 @@ def compare_candidates(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _fmt(x, digits: int = 4) -> str:
+  """A figure for people; ``n/a`` for a missing or NaN one (report.json stores those as null)."""
   if x is None or (isinstance(x, float) and math.isnan(x)):
     return "n/a"
   return f"{x:.{digits}g}"
 
 
+def _percent(x, digits: int) -> str:
+  return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * x:.{digits}f}%"
+
+
 def _rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
-  kld_head = ["candidate", "KLD mean", "median", "p90", "p95", "p99", "p99.9", "spike>0.5", "tail share", "top-1",
+  thresholds = [list(c["kld"].get("spike_thresholds") or [0.5]) for c in report["candidates"].values()]
+  spike = f"spike>{thresholds[0][0]:g}" if thresholds and all(t[0] == thresholds[0][0] for t in thresholds) else \
+      "spike rate"
+  kld_head = ["candidate", "KLD mean", "median", "p90", "p95", "p99", "p99.9", spike, "tail share", "top-1",
               "PPL ratio", "non-finite"]
   kld_rows = []
   for name, c in report["candidates"].items():
     k = c["kld"]
     kld_rows.append([name, *(_fmt(k[key]) for key in ("mean", "median", "p90", "p95", "p99", "p99.9")),
-                     f"{100 * k['spike_rate']:.2f}%", f"{100 * k['tail_share']:.1f}%",
-                     f"{100 * c['top1_agreement']:.2f}%", _fmt(c["ppl_ratio"], 5), str(k["nonfinite"])])
+                     _percent(k["spike_rate"], 2), _percent(k["tail_share"], 1), _percent(c["top1_agreement"], 2),
+                     _fmt(c["ppl_ratio"], 5), str(k["nonfinite"])])
   ce_head = ["model", "CE mean", "median", "p99", "PPL", "seq PPL median", "P95", "P99", "outliers"]
   ce_rows = []
   for name, m in report["models"].items():
@@ -200,11 +217,12 @@ def _notes(report: dict[str, Any]) -> list[str]:
   notes = []
   for name, c in report["candidates"].items():
     ci = c["kld"]["ci95"]
-    notes.append(f"{name}: KLD mean 95% CI [{_fmt(ci['mean'][0])}, {_fmt(ci['mean'][1])}], median "
-                 f"[{_fmt(ci['median'][0])}, {_fmt(ci['median'][1])}], p99 [{_fmt(ci['p99'][0])}, "
-                 f"{_fmt(ci['p99'][1])}] (block bootstrap); Cor(ln PPL) {100 * c['ce_correlation']:.2f}%; "
-                 f"mean ln(PPL ratio) {c['ln_ppl_ratio']['mean']:.5f} ± {c['ln_ppl_ratio']['stderr']:.5f}; "
-                 f"Δp mean {100 * c['delta_p']['mean']:.3f}%, RMS {100 * c['delta_p']['rms']:.3f}%")
+    interval = lambda key: f"[{_fmt(ci[key][0])}, {_fmt(ci[key][1])}]"
+    intervals = (f"KLD mean 95% CI {interval('mean')}, median {interval('median')}, p99 {interval('p99')} (block "
+                 "bootstrap)") if "ci95_note" not in c["kld"] else f"KLD 95% CI: {c['kld']['ci95_note']}"
+    notes.append(f"{name}: {intervals}; Cor(ln PPL) {_percent(c['ce_correlation'], 2)}; "
+                 f"mean ln(PPL ratio) {_fmt(c['ln_ppl_ratio']['mean'], 5)} ± {_fmt(c['ln_ppl_ratio']['stderr'], 5)}; "
+                 f"Δp mean {_percent(c['delta_p']['mean'], 3)}, RMS {_percent(c['delta_p']['rms'], 3)}")
   nonfinite = {name: m["ce"]["nonfinite"] for name, m in report["models"].items() if m["ce"]["nonfinite"]}
   if nonfinite:
     notes.append(f"non-finite CE values (NaN/Inf logits), counted apart and never averaged in: {nonfinite}")
@@ -309,7 +327,7 @@ def plots(report: dict[str, Any]) -> dict[str, str]:
   fig, ax = plt.subplots(figsize=(6.4, 4))
   for name, m in report["models"].items():
     pct = m["ce"]["percentiles"]
-    ax.plot([float(k[1:]) for k in pct], list(pct.values()), marker=".", label=name)
+    ax.plot([float(k[1:]) for k in pct], [np.nan if v is None else v for v in pct.values()], marker=".", label=name)
   ax.set(yscale="log", xlabel="percentile", ylabel="per-token CE (nats)", title="CE percentile profile")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import signal
 import time
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from tailjax import data, llamacpp, models, refcache, report as reporting
+from tailjax import data, files, llamacpp, models, refcache, report as reporting
 from tailjax import evaluate as evaluate_module
 from tailjax.evaluate import TokenDump, evaluate, load_state, save_state
 from tailjax.models import LoadedModel, QuantSpec
@@ -172,6 +173,10 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
 
   console = console or Console(stderr=True)
   started = time.perf_counter()
+  _check_arguments(corpus=None if kl_divergence_base or reference_cache else corpus, batch_size=batch_size,
+                   spike_thresholds=spike_thresholds, worst=worst, save_every=save_every, output=output,
+                   dump_tokens=dump_tokens, save_reference_cache=save_reference_cache, cache_k=cache_k,
+                   inputs={"the llama.cpp base file": kl_divergence_base, "the reference cache": reference_cache})
   device_mesh = meshes.parse(mesh) if mesh else None
   stored = kl_divergence_base if kl_divergence_base is not None else reference_cache
   if kl_divergence_base is not None and reference_cache is not None:
@@ -245,6 +250,38 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
   return result
 
 
+def _check_arguments(*, corpus, batch_size, spike_thresholds, worst, save_every, output, dump_tokens,
+                     save_reference_cache, cache_k, inputs) -> None:
+  """Every argument a run can get wrong, checked before a model is loaded: numbers in range, inputs present,
+  every output path writable (a bad one would otherwise fail only after the whole evaluation)."""
+  whole = lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+  if not whole(batch_size) or batch_size < 1:
+    raise ValueError(f"batch size {batch_size}: give a whole number of windows, at least 1")
+  if not spike_thresholds:
+    raise ValueError("give at least one spike threshold (a KLD in nats, e.g. 0.5)")
+  for threshold in spike_thresholds:
+    if not math.isfinite(threshold) or threshold <= 0:
+      raise ValueError(f"spike threshold {threshold}: give a finite KLD above 0 (nats); 0 or less counts every "
+                       "token, and NaN or Inf none")
+  if not whole(worst) or worst < 0:
+    raise ValueError(f"worst {worst}: give how many highest-KLD tokens to list, 0 or more")
+  if not math.isfinite(save_every) or save_every < 0:
+    raise ValueError(f"save_every {save_every}: give the seconds between saved states, 0 or more")
+  if save_reference_cache is not None and (not whole(cache_k) or cache_k < 1):
+    raise ValueError(f"cache K {cache_k}: a reference cache keeps the top-K log-probs per token, K at least 1")
+  if corpus is not None:
+    data.check_corpus(corpus)
+  for what, path in inputs.items():
+    if path is not None:
+      files.input_file(path, what)
+  if output is not None:
+    files.output_dir(output, "the output directory")
+  if dump_tokens is not None:
+    files.output_file(dump_tokens, "the token dump")
+  if save_reference_cache is not None:
+    files.output_file(save_reference_cache, "the reference cache to save")
+
+
 def _run_with_progress(ref, cands, windows, labels, batch_size, spike_thresholds, worst, state, dump, cache, output,
                        save_every, console, device_mesh):
   from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -306,14 +343,6 @@ def _worst_tokens(state, windows: data.Windows, tokenizer, context: int = 12) ->
 
 def write_report(result: dict[str, Any], output: Path) -> None:
   output.mkdir(parents=True, exist_ok=True)
-  (output / "report.json").write_text(json.dumps(result, indent=1, default=_json_default))
+  (output / "report.json").write_text(files.json_text(result))
   (output / "report.md").write_text(reporting.to_markdown(result))
   (output / "report.html").write_text(reporting.to_html(result))
-
-
-def _json_default(x):
-  if isinstance(x, np.generic):
-    return x.item()
-  if dataclasses.is_dataclass(x):
-    return dataclasses.asdict(x)
-  raise TypeError(f"{type(x).__name__} is not JSON serializable")

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
-from tailjax import stats
+from tailjax import files, stats
 
 DEFAULT_SUMMARIES = ("mean", "median", "p90", "p99")
 
@@ -316,6 +316,6 @@ def write(report: SelectionReport, output: str | Path) -> None:
   """``selection.json`` (the contract), ``selection.md`` and a self-contained ``selection.html``."""
   output = Path(output)
   output.mkdir(parents=True, exist_ok=True)
-  (output / "selection.json").write_text(json.dumps(report.to_dict(), indent=2))
+  (output / "selection.json").write_text(files.json_text(report.to_dict(), indent=2))
   (output / "selection.md").write_text(to_markdown(report))
   (output / "selection.html").write_text(to_html(report))

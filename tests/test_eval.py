@@ -271,7 +271,7 @@ def test_reference_cache_replays_the_reference(tiny, tmp_path):
   with pytest.raises(ValueError, match="vocabulary of 72 tokens, the reference cache"):
     runner.run_eval(candidates=[str(tmp_path / "other.gguf")], reference_cache=tmp_path / "ref.npz")
   (tmp_path / "junk.npz").write_bytes(b"junk")
-  with pytest.raises(ValueError, match="junk.npz: not a tailjax reference cache"):
+  with pytest.raises(ValueError, match="junk.npz: unreadable tailjax reference cache"):
     refcache.load(tmp_path / "junk.npz")
 
 

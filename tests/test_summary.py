@@ -62,6 +62,28 @@ def test_compare_rule():
   assert stats.compare(high, low, ("int3", "int4")).winner == "int4"
   verdict = stats.compare(spiky, low, ("A", "B"))
   assert verdict.winner is None and verdict.text.startswith("trade-off") and "p99" in verdict.text
+  same = stats.compare(low, stats.summarize(np.linspace(0.0, 1.0, 1001, dtype=np.float32)), ("A", "B"))
+  assert same.winner is None and same.text.startswith("A and B are equal")
+  tied_median = stats.summarize(np.concatenate([np.linspace(0.0, 1.0, 1001), [0.5] * 50]).astype(np.float32))
+  assert tied_median.median == low.median and tied_median.quantile(0.99) < low.quantile(0.99)
+  assert stats.compare(low, tied_median, ("A", "B")).winner == "B"  # as good at the median, better in the tail
+  broken = stats.summarize(np.concatenate([np.linspace(0.0, 0.1, 600), [np.nan] * 300, [np.inf] * 100]))
+  verdict = stats.compare(broken, high, ("nan", "B"))
+  assert verdict.winner is None and "nan has 400 non-finite of 1000 values" in verdict.text
+
+
+def test_candidates_with_non_finite_tokens_rank_last_and_get_no_verdict():
+  from tailjax import report
+
+  summary = lambda values: stats.summarize(np.asarray(values, np.float32)).to_dict()
+  good = np.linspace(0.01, 1.0, 300)
+  cands = {"cand": good, "nan": np.concatenate([good[:200] / 100, [np.nan] * 100]), "allnan": [np.nan] * 300,
+           "twin": good}
+  comparison = report.compare_candidates({"candidates": {k: {"kld": summary(v)} for k, v in cands.items()}})
+  assert comparison["rank_by_mean"] == comparison["rank_by_median"] == ["cand", "twin", "nan", "allnan"]
+  assert comparison["nonfinite"] == {"nan": 100, "allnan": 300}
+  assert "cand and twin are equal" in comparison["verdicts"][2]
+  assert all(v.startswith("no verdict") for v in comparison["verdicts"] if "nan" in v)
 
 
 def test_sequence_summary():

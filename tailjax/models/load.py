@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import struct
 from pathlib import Path
 from typing import NamedTuple
 
@@ -61,8 +62,8 @@ def _gguf_reader(path: Path):
 
   try:
     return gguf_lib.GGUFReader(path)
-  except (OSError, ValueError) as err:
-    raise ValueError(f"{path}: not a readable GGUF file ({err})") from err
+  except (OSError, ValueError, IndexError, KeyError, TypeError, struct.error) as err:  # truncated or corrupt header
+    raise ValueError(f"{path}: not a readable GGUF file, truncated or corrupt ({type(err).__name__}: {err})") from err
 
 
 def _checkpoint_meta(directory: Path) -> dict:

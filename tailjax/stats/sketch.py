@@ -291,8 +291,9 @@ class HostHistogram:
   def to_dict(self) -> dict[str, Any]:
     """JSON-ready state: sparse counts, so an eval report stays small."""
     nz = np.flatnonzero(self.counts)
+    exact = lambda x: float(x) if np.isfinite(x) else str(float(x))  # "inf", "-inf", "nan": strict JSON, exact
     return {"spec": self.spec.to_dict(), "counts": {str(i): int(self.counts[i]) for i in nz}, "nan": self.nan,
-            "total": self.total, "min": self.min, "max": self.max}
+            "total": exact(self.total), "min": exact(self.min), "max": exact(self.max)}
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> HostHistogram:

@@ -189,17 +189,25 @@ class SequenceSummary:
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
-  winner: str | None  # name of the dominating candidate, None for a trade-off
+  winner: str | None  # name of the dominating candidate; None for a trade-off, a tie or no verdict
   text: str
 
 
 def compare(a: Summary, b: Summary, names: tuple[str, str] = ("A", "B")) -> Verdict:
-  """A dominates B when it has a lower median AND a lower p99; otherwise it is a trade-off."""
+  """A dominates B when its median and p99 are both no higher and one is lower; equal on both, they are equal;
+  otherwise it is a trade-off. A summary with non-finite values (NaN/Inf, counted apart from its sketch) gets no
+  verdict: its median and p99 describe only its finite part."""
+  broken = [f"{name} has {s.nonfinite} non-finite of {s.n} values" for name, s in zip(names, (a, b))
+            if s.nonfinite]
+  if broken:
+    return Verdict(None, f"no verdict between {names[0]} and {names[1]}: {'; '.join(broken)}")
   (ma, pa), (mb, pb) = (a.median, a.quantile(0.99)), (b.median, b.quantile(0.99))
   numbers = f"median {ma:.4g} vs {mb:.4g}, p99 {pa:.4g} vs {pb:.4g}"
-  if ma < mb and pa < pb:
+  if ma == mb and pa == pb:
+    return Verdict(None, f"{names[0]} and {names[1]} are equal ({numbers})")
+  if ma <= mb and pa <= pb:
     return Verdict(names[0], f"{names[0]} dominates {names[1]} ({numbers})")
-  if mb < ma and pb < pa:
+  if mb <= ma and pb <= pa:
     return Verdict(names[1], f"{names[1]} dominates {names[0]} ({numbers})")
   return Verdict(None, f"trade-off between {names[0]} and {names[1]} ({numbers})")
 

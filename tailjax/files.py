@@ -1,0 +1,110 @@
+"""Paths a run reads and writes: checked before any work, and damaged files named with what to do.
+
+Any file tailjax reads can be truncated or corrupt at any byte, and any path a user gives can be a
+file, a directory or missing. Readers of archives go through ``npz`` (every way ``np.load`` and the
+zip layer fail becomes one ``ValueError`` naming the file and the remedy); runs check every output
+path with ``output_file`` / ``output_dir`` and every input with ``input_file`` before they load a
+model, so a typo costs seconds, not a finished evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# What a damaged .npz raises somewhere between opening it and reading its last array.
+_DAMAGED = (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile, json.JSONDecodeError)
+
+
+@contextlib.contextmanager
+def npz(path: str | Path, what: str, remedy: str) -> Iterator[np.lib.npyio.NpzFile]:
+  """``np.load(path)`` for reading ``what`` (e.g. "evaluation state"); a missing, empty, truncated or corrupt
+  archive, or one without the keys the body reads, raises ``ValueError("<path>: unreadable <what> (...); <remedy>")``."""
+  path = Path(path)
+  if path.is_dir():
+    raise ValueError(f"{path}: a directory, not a {what} file")
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: no such {what} file")
+  try:
+    with np.load(path) as archive:
+      yield archive
+  except _DAMAGED as err:
+    raise ValueError(f"{path}: unreadable {what} ({type(err).__name__}: {err}); {remedy}") from err
+
+
+def json_text(value: Any, indent: int | None = 1) -> str:
+  """Strict JSON of ``value`` (what every other tool's parser accepts): NaN and ±Inf become ``null`` (the counts
+  of non-finite values are reported beside them), NumPy scalars and arrays plain numbers and lists, dataclasses
+  dicts."""
+  return json.dumps(_plain(value), indent=indent, allow_nan=False)
+
+
+def _plain(x: Any) -> Any:
+  if isinstance(x, dict):
+    return {k: _plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_plain(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return _plain(x.tolist())
+  if isinstance(x, np.generic):
+    x = x.item()
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  if dataclasses.is_dataclass(x) and not isinstance(x, type):
+    return _plain(dataclasses.asdict(x))
+  if x is None or isinstance(x, (str, int, float, bool)):
+    return x
+  raise TypeError(f"{type(x).__name__} is not JSON serializable")
+
+
+def input_file(path: str | Path, what: str) -> Path:
+  """A file to read: missing -> ``FileNotFoundError``, a directory -> ``ValueError``, both naming ``what``."""
+  path = Path(path)
+  if path.is_dir():
+    raise ValueError(f"{path}: {what} names a directory; give a file")
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: no such {what} file")
+  return path
+
+
+def output_file(path: str | Path, what: str) -> Path:
+  """A file a run will write at its end: refused now if it names a directory or cannot be created."""
+  path = Path(path)
+  if path.is_dir():
+    raise ValueError(f"{path}: {what} names a directory; give a file path")
+  parent = path.absolute().parent
+  if not parent.is_dir():
+    raise ValueError(f"{path}: {what} cannot be written: {parent} is {'a file' if parent.exists() else 'missing'}")
+  _writable(parent, path, what)
+  if path.exists() and not os.access(path, os.W_OK):
+    raise ValueError(f"{path}: {what} exists and is not writable")
+  return path
+
+
+def output_dir(path: str | Path, what: str) -> Path:
+  """A directory a run will write into (created if missing): refused now if it is a file or cannot be created."""
+  path = Path(path)
+  if path.exists() and not path.is_dir():
+    raise ValueError(f"{path}: {what} names a file; give a directory")
+  _writable(path if path.exists() else path.parent, path, what)
+  return path
+
+
+def _writable(directory: Path, path: Path, what: str) -> None:
+  """``directory`` (or, when it does not exist yet, the nearest ancestor that does) must be a writable directory."""
+  existing = directory.absolute()
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir():
+    raise ValueError(f"{path}: {what} cannot be created: {existing} is a file")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ValueError(f"{path}: {what} cannot be written: {existing} is not writable")
