@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -50,11 +51,15 @@ def select(tables: tuple[Path, ...], by: str, summaries: str, task_scores: Path 
            force: bool, families: tuple[str, ...], corpus: str | None, device_mesh: str | None, dtype: str) -> None:
   """Select a checkpoint from summary TABLES (CSV with a name column, JSON), tailjax eval report directories
   (one row per model) or tailjax distill runs (one row per checkpoint), with concordance diagnostics."""
-  from tailjax import mesh
+  from tailjax import files, mesh
   from tailjax import select as selection
 
   console = Console()
   try:
+    if output:
+      files.output_dir(output, "the output directory")
+    if task_scores:
+      files.input_file(task_scores, "the task scores")
     placed = mesh.parse(device_mesh) if device_mesh else None
     table: dict[str, dict[str, float]] = {}
     scored = {}  # input -> the tokens it was measured on: a family is ranked on one corpus and protocol
@@ -140,6 +145,9 @@ def eval_command(reference, candidates, corpus, text_field, protocol, seq_len, n
     if plan_only:
       from tailjax import mesh, plan
 
+      if device_memory is not None and not (math.isfinite(device_memory) and device_memory > 0):
+        raise ValueError(f"--device-memory {device_memory}: give the GiB one device holds, above 0")
+
       made = plan.plan_eval(reference or runner.default_reference(),
                             candidates or (runner.DEFAULT_CANDIDATES if reference is None else ()),
                             batch_size=batch_size, seq_len=chosen.seq_len, dtype=dtype,
@@ -158,8 +166,11 @@ def eval_command(reference, candidates, corpus, text_field, protocol, seq_len, n
   except KeyboardInterrupt:
     raise SystemExit(130) from None
   report.render(result, console)
-  if output:
+  failed = result["run"].get("write_errors", [])
+  if output and not any(f.startswith("the report") for f in failed):
     console.print(f"wrote {output / 'report.json'}, report.md, report.html")
+  if failed:
+    raise click.ClickException("the evaluation finished, but some outputs were not written: " + "; ".join(failed))
 
 
 @main.command("report")
@@ -167,10 +178,12 @@ def eval_command(reference, candidates, corpus, text_field, protocol, seq_len, n
 @click.option("--output", type=click.Path(path_type=Path), help="Directory for the combined report.md/.html/.json.")
 def report_command(runs: tuple[Path, ...], output: Path | None) -> None:
   """Re-render saved eval RUNS (directories with report.json); several are compared side by side."""
-  from tailjax import report, runner
+  from tailjax import files, report, runner
 
   console = _wide_console()
   try:
+    if output:
+      files.output_dir(output, "the output directory")
     loaded = [report.read(path) for path in runs]
     result = loaded[0] if len(loaded) == 1 else report.combine(loaded, [str(p) for p in runs])
   except (ValueError, FileNotFoundError) as err:

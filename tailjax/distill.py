@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -93,7 +94,23 @@ class DistillConfig:
   mesh: str | None = None  # device mesh (tailjax.mesh): data=8, data=4,model=2, auto; None: one device
 
   def __post_init__(self):
-    problems = []
+    problems = _type_problems(self)
+    if problems:  # the range checks below would compare a string with a number
+      raise ValueError("distill config: " + "; ".join(problems))
+    for name, low, high in (("learning_rate", 0, None), ("temperature", 0, None), ("val_fraction", None, 1),
+                            ("min_lr_ratio", None, None), ("weight_decay", None, None), ("b1", None, 1),
+                            ("b2", None, 1), ("clip_norm", 0, None)):
+      value = getattr(self, name)
+      if not math.isfinite(value) or value < 0 or low is not None and value <= low or high is not None and \
+          value >= high:
+        bounds = f"above {low}" if low is not None else "at least 0"
+        problems.append(f"{name}={value} must be finite and {bounds}{f' and below {high}' if high else ''}")
+    for name in ("warmup_steps", "seed"):
+      if getattr(self, name) < 0:
+        problems.append(f"{name}={getattr(self, name)} must be 0 or more")
+    for name in ("keep", "val_windows", "cache_batch_size", "block_size", "topk"):
+      if getattr(self, name) is not None and getattr(self, name) < 1:
+        problems.append(f"{name}={getattr(self, name)} must be at least 1")
     if self.objective not in OBJECTIVES:
       problems.append(f"objective={self.objective!r}: choose one of {OBJECTIVES}")
     if self.objective == "topk" and (self.topk is None or self.topk < 1):
@@ -134,6 +151,21 @@ class DistillConfig:
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+def _type_problems(config: DistillConfig) -> list[str]:
+  """Each field whose value is not of its annotated type (``int | None``, ``str | dict``, ...): a YAML
+  ``steps: three`` is named here, not met later as a comparison between a string and a number."""
+  kinds = {"str": (str,), "int": (int,), "float": (int, float), "dict": (dict,), "None": (type(None),)}
+  problems = []
+  for field in dataclasses.fields(config):
+    value, names = getattr(config, field.name), [n.strip() for n in str(field.type).split("|")]
+    allowed = tuple(t for n in names for t in kinds[n])
+    if not isinstance(value, allowed) or isinstance(value, bool):
+      wanted = " or ".join({"str": "text", "int": "a whole number", "float": "a number", "dict": "a mapping",
+                            "None": "null"}[n] for n in names)
+      problems.append(f"{field.name}={value!r} must be {wanted}")
+  return problems
 
 
 class TrainState(NamedTuple):
@@ -368,6 +400,9 @@ def cache_teacher(config: DistillConfig, output: str | Path, *, logprob_dtype: s
   """Writes the teacher top-K cache for ``config``'s training windows (resumable)."""
   if config.teacher is None or config.topk is None:
     raise ValueError("cache-teacher needs a teacher and topk")
+  files.output_dir(output, "the teacher cache directory")  # before the teacher loads
+  if not isinstance(shard_size, int) or shard_size < 1:
+    raise ValueError(f"shard size {shard_size}: give a whole number of windows per shard, at least 1")
   setup = prepare(dataclasses.replace(config, teacher_cache=None, objective="topk"))
   return teacher_cache.write(setup.teacher, teacher_id(config.teacher), setup.train, config.topk, output,
                              vocab_size=setup.vocab_size,
@@ -421,24 +456,47 @@ class DistillResult:
 
 
 def _check_resume(output: Path, config: DistillConfig, force: bool) -> None:
+  """A new run's directory, or this run's to resume. ``force`` accepts a changed run config, never a directory
+  that is not a distill run (a model's ``config.json``, an eval output): those are refused, nothing written."""
+  files.output_dir(output, "the run directory")
   path = output / "config.json"
+  stored = None
   if path.exists():
-    stored = json.loads(path.read_text())
-    ours = config.to_dict()
+    try:
+      stored = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+      raise ValueError(f"{path}: unreadable run config ({err}); nothing was overwritten") from err
+    if not isinstance(stored, dict) or not {"objective", "steps", "seq_len"} <= set(stored):
+      raise ValueError(f"{output}: its config.json is not a tailjax distill run's (a model directory?); nothing was "
+                       "overwritten, and force does not change that: choose another output")
+  elif output.exists() and any(output.iterdir()):
+    raise ValueError(f"{output} is not empty and holds no tailjax distill run; nothing was overwritten")
+  saved = output / "checkpoints"
+  if stored is not None and saved.is_dir() and any(p.name.isdigit() for p in saved.iterdir()):
+    ours = config.to_dict()  # a run with no checkpoint owns nothing: another config may take its place
     changed = sorted(k for k in {*stored, *ours} - set(OPERATIONAL) if stored.get(k) != ours.get(k))
     if changed and not force:
       detail = "; ".join(f"{k}: {stored.get(k)!r} -> {ours.get(k)!r}" for k in changed)
       raise ValueError(f"{output}: holds a run with another config ({detail}); resuming would not reproduce it "
                        "(force to resume anyway, or choose another output)")
-  output.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(config.to_dict(), indent=1))
 
 
-def _truncate_log(path: Path, last_step: int) -> None:
+def truncate_log(path: Path, last_step: int) -> None:
   """Drops lines logged after ``last_step``: they will be computed again."""
-  if path.exists():
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in lines))
+  if not path.exists():
+    return
+  kept, lines = [], path.read_text(errors="replace").splitlines()
+  for number, line in enumerate(lines, 1):
+    try:
+      step = json.loads(line)["step"] if line.strip() else None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+      if number == len(lines):
+        break  # a line cut short by a kill: its step runs again
+      raise ValueError(f"{path}:{number}: damaged log line ({err!r}); delete the line or the file (they are logs; "
+                       "the checkpoints hold the run)") from err
+    if step is not None and step <= last_step:
+      kept.append(line)
+  path.write_text("".join(line + "\n" for line in kept))
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:
@@ -465,10 +523,13 @@ def distill(config: DistillConfig, output: str | Path, *, force: bool = False, c
   import orbax.checkpoint as ocp
 
   output = Path(output).absolute()
-  setup = prepare(config)
   writer = mesh.is_writer()  # process 0 writes the run files; checkpoints are written by every process
   if writer:
-    _check_resume(output, config, force)
+    _check_resume(output, config, force)  # before any model loads: a wrong output costs nothing
+  setup = prepare(config)
+  if writer:
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
   device_mesh = None if config.mesh is None else mesh.parse(config.mesh)
   place = lambda batch: jax.tree.map(jnp.asarray, batch)
   if device_mesh is not None:
@@ -509,7 +570,7 @@ def distill(config: DistillConfig, output: str | Path, *, force: bool = False, c
       if writer:
         _write_sidecars(output / "checkpoints" / str(start), setup, f"{output}@{start}", None)
     for name in ("metrics.jsonl", "evals.jsonl") if writer else ():
-      _truncate_log(output / name, start)
+      truncate_log(output / name, start)
 
     def evaluate(step: int) -> dict[str, Any]:
       summary = validation_ce(graphdef, state.params, setup.val, batch_size=config.batch_size,

@@ -91,11 +91,20 @@ def _dtype_name(loaded: LoadedModel) -> str:
 
 
 def _prepare_output(output: Path, identity: dict[str, Any]) -> bool:
-  """Refuse a directory that holds something else; True when it holds this run's saved state."""
+  """Refuse a directory that holds something else; True when it holds this run's saved state. A run that
+  never saved a window (it failed its checks, or was killed at once) owns nothing: another run may take over."""
   run_file = output / "run.json"
   if run_file.exists():
-    saved = json.loads(run_file.read_text())
-    changed = sorted(k for k in identity if saved.get(k) != identity[k])
+    try:
+      saved = json.loads(run_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+      raise ValueError(f"{run_file}: unreadable run description ({err}); nothing was overwritten: delete the "
+                       "directory to start over") from err
+    changed = sorted(k for k in identity if not isinstance(saved, dict) or saved.get(k) != identity[k])
+    owns_nothing = not any((output / name).exists() for name in ("state.npz", "report.json"))
+    if changed and owns_nothing:
+      run_file.write_text(json.dumps(identity, indent=1))
+      return False
     if changed:
       raise ValueError(f"{output} holds a different run ({', '.join(changed)} differ); nothing was overwritten. "
                        "Choose another --output or delete it.")
@@ -235,19 +244,31 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
                      "(delete the state or the flag)")
   state = _run_with_progress(ref, cands, windows, labels, batch_size, spike_thresholds, worst, state, dump, cache,
                              output, save_every, console, device_mesh)
-  if cache is not None:
-    refcache.ReferenceCache(windows, *(np.concatenate(cache[k]) for k in ("ids", "logprobs", "target_logprob")),
-                            ref.config.vocab_size, ref.name, ref.tokenizer.fingerprint()).save(save_reference_cache)
-  sources = run["models"]
-  result = reporting.build_report(state, run, sources, spike_thresholds=tuple(spike_thresholds))
+  result = reporting.build_report(state, run, run["models"], spike_thresholds=tuple(spike_thresholds))
   result["worst_tokens"] = _worst_tokens(state, windows, tokenizer)
+  writes = [("the report", lambda: write_report(result, output))] if output is not None else []
+  if cache is not None:
+    writes.append(("the reference cache", lambda: refcache.ReferenceCache(
+        windows, *(np.concatenate(cache[k]) for k in ("ids", "logprobs", "target_logprob")), ref.config.vocab_size,
+        ref.name, ref.tokenizer.fingerprint()).save(save_reference_cache)))
   if dump is not None:
-    import pyarrow.parquet as pq
-
-    pq.write_table(dump.table(labels[1:]), dump_tokens)
-  if output is not None:
-    write_report(result, output)
+    writes.append(("the token dump", lambda: _write_dump(dump, labels[1:], dump_tokens)))
+  failed = []
+  for what, write in writes:  # one output's failure (a full disk) loses none of the others
+    try:
+      write()
+    except OSError as err:
+      failed.append(f"{what}: {err}")
+      console.print(f"[red]error:[/red] could not write {what} ({err})", highlight=False)
+  if failed:
+    result["run"]["write_errors"] = failed
   return result
+
+
+def _write_dump(dump: TokenDump, labels: Sequence[str], path) -> None:
+  import pyarrow.parquet as pq
+
+  pq.write_table(dump.table(labels), path)
 
 
 def _check_arguments(*, corpus, batch_size, spike_thresholds, worst, save_every, output, dump_tokens,
@@ -288,7 +309,7 @@ def _run_with_progress(ref, cands, windows, labels, batch_size, spike_thresholds
 
   columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
              TimeRemainingColumn())
-  last_save = time.monotonic()
+  last_save = None  # the first batch is saved at once, then every save_every seconds
   started = time.monotonic()
   scored = 0
 
@@ -306,7 +327,7 @@ def _run_with_progress(ref, cands, windows, labels, batch_size, spike_thresholds
       scored += tokens
       rate = scored / (time.monotonic() - started)
       progress.update(task, completed=current.windows_done, rate=f"{rate:,.0f} scored tokens/s")
-      if output is not None and time.monotonic() - last_save > save_every:
+      if output is not None and (last_save is None or time.monotonic() - last_save > save_every):
         save_state(current, output / "state.npz")
         last_save = time.monotonic()
 

@@ -93,6 +93,8 @@ def write(teacher: LoadedModel, name: str, packed: Packed, k: int, directory: st
   meta_path = directory / META_FILE
   if meta_path.exists():
     read_meta(directory).check(meta, directory)
+  elif directory.is_dir() and any(directory.iterdir()):
+    raise ValueError(f"{directory} is not empty and holds no teacher cache; nothing was overwritten")
   else:
     directory.mkdir(parents=True, exist_ok=True)
     meta_path.write_text(json.dumps(dataclasses.asdict(meta), indent=1))
@@ -145,10 +147,25 @@ class TeacherCache:
   def _shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
     if shard not in self._shards:
       path = _shard_dir(self.directory, shard)
-      self._shards[shard] = (np.load(path / "ids.npy", mmap_mode="r"), np.load(path / "logprobs.npy", mmap_mode="r"))
+      rows = min(self.meta.shard_size, self.meta.windows - shard * self.meta.shard_size)
+      arrays = []
+      for name in ("ids.npy", "logprobs.npy"):
+        try:
+          array = np.load(path / name, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as err:  # truncated: the header promises more than the file holds
+          raise ValueError(f"{path / name}: unreadable teacher cache shard ({err}); rerun cache-teacher") from err
+        if array.shape[0] != rows or array.shape[-1] != self.meta.k:
+          raise ValueError(f"{path / name}: shard of shape {array.shape}, the cache description needs {rows} rows "
+                           f"of top-{self.meta.k}; rerun cache-teacher")
+        arrays.append(array)
+      self._shards[shard] = tuple(arrays)
     return self._shards[shard]
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-    ids, logprobs = self._shard(index // self.meta.shard_size)
-    row = index % self.meta.shard_size
-    return ids[row].astype(np.int32), logprobs[row].astype(np.float32)
+    shard = index // self.meta.shard_size
+    ids, logprobs = self._shard(shard)
+    row = ids[index % self.meta.shard_size].astype(np.int32)
+    if row.size and (row.min() < 0 or row.max() >= self.meta.vocab_size):
+      raise ValueError(f"{_shard_dir(self.directory, shard) / 'ids.npy'}: window {index} holds token ids outside "
+                       f"the vocabulary of {self.meta.vocab_size} (a damaged shard); rerun cache-teacher")
+    return row, logprobs[index % self.meta.shard_size].astype(np.float32)

@@ -50,14 +50,14 @@ def restore(directory: Path, model: Decoder, device_mesh: jax.sharding.Mesh | No
   placement = shardings(abstract, device_mesh)
   try:
     with ocp.StandardCheckpointer() as checkpointer:
-      if is_per_layer(directory):
-        stored = checkpointer.metadata(directory).item_metadata.tree
+      stored = _stored_tree(checkpointer, directory)
+      if _is_per_layer(stored):
         nnx.update(model, _converted(checkpointer, directory, stored, model, abstract, placement))
         return
       target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, placement)
       nnx.update(model, checkpointer.restore(directory, target))
-  except (OSError, ValueError, KeyError, TypeError) as err:
-    raise ValueError(f"{directory}: unreadable parameters ({err})") from err
+  except Exception as err:  # orbax and TensorStore raise bare Exception for damaged data, among others
+    raise ValueError(f"{directory}: unreadable parameters ({type(err).__name__}: {err})") from err
 
 
 def is_per_layer(directory: Path) -> bool:
@@ -65,7 +65,19 @@ def is_per_layer(directory: Path) -> bool:
   import orbax.checkpoint as ocp
 
   with ocp.StandardCheckpointer() as checkpointer:
-    stored = checkpointer.metadata(directory).item_metadata.tree
+    return _is_per_layer(_stored_tree(checkpointer, directory))
+
+
+def _stored_tree(checkpointer, directory: Path) -> dict:
+  """The checkpoint's tree of array metadata; a missing or damaged metadata file is a ``ValueError``."""
+  metadata = checkpointer.metadata(directory)
+  tree = getattr(getattr(metadata, "item_metadata", None), "tree", None)
+  if not isinstance(tree, dict):
+    raise ValueError("no readable parameter metadata (a damaged or partly written checkpoint)")
+  return tree
+
+
+def _is_per_layer(stored: dict) -> bool:
   return "blocks" in stored and "layers" not in stored
 
 

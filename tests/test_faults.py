@@ -1,0 +1,263 @@
+"""Bad input and faults, by class: every file cut at many bytes, every path of the wrong kind, every number out of
+range. Each must end in one clear error naming the file, field or value (exit code 1 from the CLI, never a
+traceback), lose nothing already done, and never leave a figure silently wrong."""
+
+import dataclasses
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import transformers
+from click.testing import CliRunner
+
+from tailjax import distill, evaluate, models, runner, teacher_cache
+from tailjax.cli import main
+from test_eval import PROTOCOL, write_tiny_model_and_corpus
+from test_hf import random_hf_model, tokenizer_files
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  return write_tiny_model_and_corpus(tmp_path_factory.mktemp("faults"), seed=5, documents=6)
+
+
+def cli(*args):
+  """``tailjax ARGS`` in-process -> (exit code, output); a traceback (any exception but SystemExit) fails the test."""
+  result = CliRunner().invoke(main, [str(a) for a in args])
+  assert result.exception is None or isinstance(result.exception, SystemExit), (
+      f"traceback: {type(result.exception).__name__}: {result.exception}")
+  return result.exit_code, result.output
+
+
+def eval_args(tiny, *extra):
+  return ["eval", "--reference", tiny / "tiny.gguf", "--candidate", "@int4-g16", "--corpus", tiny / "corpus.txt",
+          "--protocol", "ram", "--seq-len", "24", "--num-sequences", "10", "--batch-size", "3", *extra]
+
+
+def cuts(size: int) -> list[int]:
+  """Byte offsets to cut a file of ``size`` bytes at: empty, inside any header, through the data, one byte short."""
+  return sorted({0, 1, 4, 8, 16, 64, 256, 1024, size // 3, size // 2, size - 64, size - 1} & set(range(size)))
+
+
+def test_a_gguf_cut_anywhere_is_named(tiny, tmp_path):
+  whole = (tiny / "tiny.gguf").read_bytes()
+  cut = tmp_path / "cut.gguf"
+  for at in cuts(len(whole)):
+    cut.write_bytes(whole[:at])
+    with pytest.raises(ValueError, match=f"{cut}: not a readable GGUF file"):
+      models.load(cut)
+  code, output = cli("eval", "--reference", cut, "--candidate", "@int4", "--corpus", tiny / "corpus.txt")
+  assert code == 1 and f"Error: {cut}: not a readable GGUF file" in output
+
+
+def test_an_eval_state_or_reference_cache_cut_anywhere_is_named_with_the_remedy(tiny, tmp_path):
+  out = tmp_path / "run"
+  code, output = cli(*eval_args(tiny, "--output", out, "--save-reference-cache", tmp_path / "ref.npz"))
+  assert code == 0, output
+  state, cache = (out / "state.npz").read_bytes(), (tmp_path / "ref.npz").read_bytes()
+  (out / "report.json").unlink()  # a resumable run again
+  for at in cuts(len(state)):
+    (out / "state.npz").write_bytes(state[:at])
+    code, output = cli(*eval_args(tiny, "--output", out))
+    assert code == 1 and "state.npz: unreadable evaluation state" in output and "delete it to start" in output
+  for at in cuts(len(cache)):
+    (tmp_path / "cut.npz").write_bytes(cache[:at])
+    with pytest.raises(ValueError, match="cut.npz: unreadable tailjax reference cache"):
+      runner.run_eval(candidates=[str(tiny / "tiny.gguf")], reference_cache=tmp_path / "cut.npz")
+
+
+def test_safetensors_and_checkpoints_cut_anywhere_are_named(tiny, tmp_path):
+  hf = tmp_path / "hf"
+  random_hf_model(transformers.LlamaConfig, hf)
+  tokenizer_files(hf, 300)
+  weights = hf / "model.safetensors"
+  whole = weights.read_bytes()
+  for at in cuts(len(whole)):
+    weights.write_bytes(whole[:at])
+    with pytest.raises(ValueError, match="model.safetensors"):
+      models.load(hf)
+  saved = models.save_checkpoint(models.load(tiny / "tiny.gguf"), tmp_path / "ckpt")
+  files = sorted(p for p in (saved / "params").rglob("*") if p.is_file() and p.stat().st_size > 0)
+  assert files
+  for path in files:
+    original = path.read_bytes()
+    for at in (0, len(original) // 2):
+      path.write_bytes(original[:at])
+      try:
+        models.load(saved)  # a cut orbax metadata file can still be read (it is rewritten on every save)
+      except ValueError as err:
+        assert "params: unreadable parameters" in str(err) or "tailjax_model.json" in str(err)
+      path.write_bytes(original)
+  (saved / "tailjax_model.json").write_text('{"config": {"vocab')
+  with pytest.raises(ValueError, match="tailjax_model.json: not a readable tailjax checkpoint description"):
+    models.load(saved)
+
+
+def test_a_damaged_teacher_cache_shard_or_metrics_log_is_named(tmp_path):
+  meta = teacher_cache.CacheMeta("t", "fp", k=3, temperature=1.0, vocab_size=10, data="d", windows=4, seq_len=5,
+                                 shard_size=4)
+  shard = tmp_path / "cache" / "shard-00000"
+  shard.mkdir(parents=True)
+  (tmp_path / "cache" / teacher_cache.META_FILE).write_text(json.dumps(dataclasses.asdict(meta)))
+  ids, logprobs = np.zeros((4, 5, 3), np.int32), np.full((4, 5, 3), -1.0, np.float32)
+  np.save(shard / "logprobs.npy", logprobs)
+  np.save(shard / "ids.npy", ids)
+  assert teacher_cache.TeacherCache(tmp_path / "cache")[3][0].shape == (5, 3)
+  whole = (shard / "ids.npy").read_bytes()
+  for at in cuts(len(whole)):
+    (shard / "ids.npy").write_bytes(whole[:at])
+    with pytest.raises(ValueError, match="ids.npy: .*rerun cache-teacher"):
+      teacher_cache.TeacherCache(tmp_path / "cache")[0]
+  ids[2, 1, 0] = 99  # the right length, a wrong value
+  np.save(shard / "ids.npy", ids)
+  with pytest.raises(ValueError, match="window 2 holds token ids outside the vocabulary of 10"):
+    teacher_cache.TeacherCache(tmp_path / "cache")[2]
+
+  log = tmp_path / "metrics.jsonl"
+  log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')  # killed mid-line
+  distill.truncate_log(log, 2)
+  assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+  log.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
+  with pytest.raises(ValueError, match="metrics.jsonl:2: damaged log line"):
+    distill.truncate_log(log, 3)
+
+
+def test_paths_of_the_wrong_kind_are_refused_before_any_model_loads(tiny, tmp_path, monkeypatch):
+  monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("a model was loaded before the paths were checked"))
+  (tmp_path / "a_file").write_text("x")
+  cases = [
+      (("--corpus", tmp_path), "the corpus names a directory"),
+      (("--output", tmp_path / "a_file"), "the output directory names a file"),
+      (("--output", tmp_path / "a_file" / "run"), "cannot be created: .*a_file is a file"),
+      (("--dump-tokens", tmp_path), "the token dump names a directory"),
+      (("--dump-tokens", tmp_path / "missing" / "t.parquet"), "the token dump cannot be written: .*missing is missing"),
+      (("--save-reference-cache", tmp_path), "the reference cache to save names a directory"),
+  ]
+  for extra, message in cases:
+    args = eval_args(tiny)
+    if extra[0] == "--corpus":
+      args[args.index("--corpus") + 1] = extra[1]
+      extra = ()
+    code, output = cli(*args, *extra)
+    assert code == 1 and message.split(".*")[0] in output, (extra, output)
+  code, output = cli("eval", "--candidate", tiny / "tiny.gguf", "--reference-cache", tmp_path)
+  assert code == 1 and "the reference cache names a directory" in output
+  code, output = cli("report", tmp_path, "--output", tmp_path / "a_file")
+  assert code == 1 and "the output directory names a file" in output
+  (tmp_path / "t.csv").write_text("name,median\na,1\nb,2\n")
+  code, output = cli("select", tmp_path / "t.csv", "--output", tmp_path / "a_file")
+  assert code == 1 and "the output directory names a file" in output
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--batch-size", "0", "batch size 0"), ("--batch-size", "-1", "batch size -1"),
+    ("--spike-threshold", "0", "spike threshold 0.0"), ("--spike-threshold", "-1", "spike threshold -1.0"),
+    ("--spike-threshold", "nan", "spike threshold nan"), ("--spike-threshold", "inf", "spike threshold inf"),
+    ("--worst", "-1", "worst -1"), ("--mesh", "data=3", "needs 3 devices"),
+])
+def test_numbers_out_of_range_are_refused_before_any_model_loads(tiny, monkeypatch, option, value, message):
+  monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("a model was loaded before the options were checked"))
+  code, output = cli(*eval_args(tiny), option, value)
+  assert code == 1 and message in output
+
+
+def test_cache_k_zero_and_distill_fields_of_the_wrong_type_are_named(tiny, tmp_path):
+  code, output = cli(*eval_args(tiny, "--save-reference-cache", tmp_path / "r.npz", "--cache-k", "0"))
+  assert code == 1 and "cache K 0" in output and not (tmp_path / "r.npz").exists()
+  for text, message in (("steps: three\n", "steps='three' must be a whole number"),
+                        ("learning_rate: .nan\n", "learning_rate=nan must be finite"),
+                        ("objective: ce\ntemperature: -1\n", "temperature=-1 must be finite and above 0"),
+                        ("objective: ce\nkeep: 0\n", "keep=0 must be at least 1"),
+                        ("objective: [ce]\n", "objective=['ce'] must be text")):
+    (tmp_path / "run.yaml").write_text(text)
+    code, output = cli("distill", "--config", tmp_path / "run.yaml", "--output", tmp_path / "never")
+    assert code == 1 and message in output, output
+    assert not (tmp_path / "never").exists()
+
+
+def test_distill_never_adopts_a_directory_that_is_not_its_run(tiny, tmp_path):
+  hf = tmp_path / "hf"
+  random_hf_model(transformers.LlamaConfig, hf)
+  before = {p.name: p.read_bytes() for p in hf.iterdir()}
+  (tmp_path / "run.yaml").write_text(f"objective: ce\ndata: {tiny / 'corpus.txt'}\ntokenizer: {tiny / 'tiny.gguf'}\n"
+                                     "student: tinystories-34m\nsteps: 1\n")
+  for force in ((), ("--force",)):
+    code, output = cli("distill", "--config", tmp_path / "run.yaml", "--output", hf, *force)
+    assert code == 1 and "not a tailjax distill run's" in output and "force does not change that" in output
+  assert {p.name: p.read_bytes() for p in hf.iterdir()} == before
+  evaluated = tmp_path / "evaluated"
+  assert cli(*eval_args(tiny, "--output", evaluated))[0] == 0
+  code, output = cli("distill", "--config", tmp_path / "run.yaml", "--output", evaluated)
+  assert code == 1 and "is not empty and holds no tailjax distill run" in output
+
+
+def test_a_run_that_never_saved_a_window_owns_nothing_and_the_first_batch_is_saved(tiny, tmp_path, monkeypatch):
+  out = tmp_path / "run"
+  broken = models.ModelConfig(**{**models.load_config(tiny / "tiny.gguf").to_dict(), "vocab_size": 72})
+  other = tmp_path / "other.gguf"
+  from flax import nnx
+  from test_models import write_tiny_gguf
+
+  write_tiny_gguf(other, models.Decoder(broken, rngs=nnx.Rngs(0)))
+  code, output = cli("eval", "--reference", tiny / "tiny.gguf", "--candidate", other, "--corpus", tiny / "corpus.txt",
+                     "--output", out, "--protocol", "ram", "--seq-len", "24", "--num-sequences", "10")
+  assert code == 1 and "vocabulary" in output
+  saves = []
+  real_save = runner.save_state
+  monkeypatch.setattr(runner, "save_state", lambda state, path: (saves.append(state.windows_done),
+                                                                  real_save(state, path)))
+  result = runner.run_eval(str(tiny / "tiny.gguf"), ["@int4-g16"], str(tiny / "corpus.txt"), protocol=PROTOCOL,
+                           batch_size=3, output=out, save_every=1e9)  # the corrected command takes the directory
+  assert saves[0] == 3 and saves[-1] == 10  # the first batch at once, not save_every seconds later
+  assert result["run"]["windows_done"] == 10
+
+
+def test_one_output_that_cannot_be_written_loses_none_of_the_others(tiny, tmp_path, monkeypatch):
+  import pyarrow.parquet as pq
+
+  def full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(pq, "write_table", full_disk)
+  code, output = cli(*eval_args(tiny, "--output", tmp_path / "run", "--dump-tokens", tmp_path / "t.parquet",
+                                "--save-reference-cache", tmp_path / "ref.npz"))
+  assert code == 1 and "the token dump: [Errno 28] No space left on device" in output
+  assert "KLD mean" in output  # the table was still printed
+  assert (tmp_path / "run" / "report.json").exists() and (tmp_path / "ref.npz").exists()
+
+
+def test_one_batch_report_is_strict_json_with_no_interval_and_says_why(tiny, tmp_path):
+  code, output = cli(*eval_args(tiny, "--output", tmp_path / "run", "--spike-threshold", "0.25", "--batch-size",
+                                "10"))
+  assert code == 0, output
+
+  def refuse(constant):
+    raise ValueError(f"{constant} in report.json")
+
+  saved = json.loads((tmp_path / "run" / "report.json").read_text(), parse_constant=refuse)
+  kld = saved["candidates"]["int4-g16-sym"]["kld"]
+  assert kld["ci95"]["mean"] == [None, None] and "1 block (batch) cannot be bootstrapped" in kld["ci95_note"]
+  assert "cannot be bootstrapped" in " ".join(output.split())
+  assert "spike>0.25" in output and "spike>0.25" in (tmp_path / "run" / "report.md").read_text()
+  assert "spike>0.5" not in (tmp_path / "run" / "report.html").read_text()
+  again_code, again = cli("report", tmp_path / "run")  # a re-read report (nulls) renders the same way
+  assert again_code == 0 and "cannot be bootstrapped" in " ".join(again.split())
+  assert math.isfinite(kld["mean"])
+
+
+def test_nan_candidates_rank_last_in_a_real_run(tiny, tmp_path):
+  broken = models.load(tiny / "tiny.gguf")
+  kernel = broken.model.layers[0].blocks[0].mlp.down.kernel
+  kernel.set_value(kernel.get_value().at[0, 0, 0].set(np.nan))
+  models.save_checkpoint(broken, tmp_path / "nan")
+  result = runner.run_eval(str(tiny / "tiny.gguf"), ["@int2-g16-asym", f"nan={tmp_path / 'nan'}", "@int8-g16"],
+                           str(tiny / "corpus.txt"), protocol=PROTOCOL, batch_size=5)
+  comparison = result["comparison"]
+  assert comparison["rank_by_mean"][-1] == comparison["rank_by_median"][-1] == "nan"
+  assert comparison["nonfinite"] == {"nan": 230}
+  assert sum(v.startswith("no verdict") and "nan has 230 non-finite of 230 values" in v
+             for v in comparison["verdicts"]) == 2  # both pairs with nan
+  assert any(v.startswith("int8-g16-sym dominates int2-g16-asym") for v in comparison["verdicts"])
+  shutil.rmtree(tmp_path / "nan")
