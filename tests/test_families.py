@@ -19,6 +19,8 @@ SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=80, num_hidden_la
              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
 MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
 GEMMA = dict(head_dim=24, query_pre_attn_scalar=20, sliding_window=5, initializer_range=0.1)
+MINISTRAL3_ROPE = dict(rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=8,
+                       beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.5)
 LONGROPE = dict(rope_type="longrope", rope_theta=1e4, short_factor=list(np.linspace(1, 2, 8)),
                 long_factor=list(np.linspace(1, 6, 8)))
 
@@ -37,6 +39,8 @@ FAMILIES = {
         **GEMMA, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
                          "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0}})),
+    "ministral3-yarn-position-scaled-queries": (transformers.Ministral3Config, dict(
+        head_dim=24, rope_parameters=MINISTRAL3_ROPE, sliding_window=9)),
     "phi3-longrope-long": (transformers.Phi3Config, dict(
         pad_token_id=0, hidden_size=64, num_attention_heads=4, rope_parameters=LONGROPE,
         original_max_position_embeddings=16)),
@@ -68,6 +72,23 @@ def test_softcaps_and_window_bite(tmp_path, rng):
   for change in (dict(final_logit_softcapping=None), dict(attn_logit_softcapping=None), dict(sliding_window=SEQ)):
     config_path.write_text(json.dumps({**config, **change}))
     assert np.abs(np.asarray(models.load(tmp_path).logprobs(ids)) - base).max() > 1e-2, change
+
+
+def test_ministral3_query_scaling_bites(tmp_path, rng):
+  """Positions past the original context (8) scale the queries: without the scale the numbers move."""
+  config_cls, overrides = FAMILIES["ministral3-yarn-position-scaled-queries"]
+  random_hf_model(config_cls, tmp_path, **{**SMALL, **overrides})
+  loaded = models.load(tmp_path)
+  assert loaded.config.query_position_scaling == (0.5, 8)
+  ids = rng.integers(0, SMALL["vocab_size"], (1, SEQ))
+  base = np.asarray(loaded.logprobs(ids))
+  config_path = tmp_path / "config.json"
+  config = json.loads(config_path.read_text())
+  config_path.write_text(json.dumps({**config, "rope_parameters": {**config["rope_parameters"],
+                                                                   "llama_4_scaling_beta": 0.0}}))
+  changed = np.asarray(models.load(tmp_path).logprobs(ids))
+  assert np.abs(changed[:, :8] - base[:, :8]).max() < 1e-6  # 10x the parity tolerance below, 0 before 8:
+  assert np.abs(changed[:, 8:] - base[:, 8:]).max() > 1e-3
 
 
 def test_gemma3_multimodal_checkpoint_loads_its_language_model(tmp_path, rng, caplog):
@@ -255,3 +276,23 @@ def test_gguf_metadata_that_would_change_the_forward_pass_is_refused(tmp_path):
     path = gguf_convert.write(tmp_path / "hf", tmp_path / "odd.gguf", "gemma3", extra={key: 2.0})
     with pytest.raises(ValueError, match=rf"odd.gguf: GGUF metadata {key}=2.0 is not supported"):
       models.load(path)
+
+
+def test_mistral3_multimodal_checkpoint_loads_its_language_model(tmp_path, rng, caplog):
+  """Devstral Small 2 / Mistral Small 3.x ship as ``mistral3``: a Pixtral tower and a ministral3 text model."""
+  text = transformers.Ministral3Config(**{**SMALL, **FAMILIES["ministral3-yarn-position-scaled-queries"][1]})
+  vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                            num_attention_heads=2, image_size=28, patch_size=14, head_dim=16)
+  cfg = transformers.Mistral3Config(text_config=text.to_dict(), vision_config=vision.to_dict())
+  cfg.text_config._attn_implementation = "eager"
+  reference = transformers.Mistral3ForConditionalGeneration(cfg).eval()
+  with torch.no_grad():
+    for name, p in reference.named_parameters():
+      if name.endswith("norm.weight"):
+        p.copy_(p + 0.1 * torch.randn_like(p))
+  reference.save_pretrained(tmp_path)
+  with caplog.at_level("WARNING", logger="tailjax"):
+    loaded = models.load(tmp_path)
+  assert "vision tower is skipped" in caplog.text and loaded.config.query_position_scaling == (0.5, 8)
+  ids = rng.integers(0, SMALL["vocab_size"], (2, SEQ))
+  assert np.abs(np.asarray(loaded.logprobs(ids), np.float64) - torch_logprobs(reference, ids)).max() <= 1e-4

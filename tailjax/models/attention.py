@@ -83,6 +83,10 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = rotary(q, positions, inv_freq, rope_scale), rotary(k, positions, inv_freq, rope_scale)
+    if cfg.query_position_scaling is not None:  # Mistral 3: 1 + beta log(1 + floor(position / period))
+      beta, period = cfg.query_position_scaling
+      scale = 1 + beta * jnp.log1p(jnp.floor(positions.astype(jnp.float32) / period))  # [B, T]
+      q = (q * scale[:, :, None, None].astype(q.dtype)).astype(q.dtype)
     window = cfg.sliding_window if self.layer_type == "sliding" else None
     scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
     out = causal_attention(q, k, v, mask, window, scale=scale, softcap=cfg.attn_logit_softcap)

@@ -61,7 +61,8 @@ class ModelConfig:
     Qwen3, Gemma 3), a score scale of ``query_pre_attn_scalar**-0.5`` and a soft-cap
     ``c * tanh(s / c)`` on scores (Gemma 2), sliding windows in every layer (Mistral) or in
     the layers ``layer_types`` marks ``"sliding"`` (Gemma 2/3), those layers with their own
-    unscaled RoPE base ``rope_local_theta`` (Gemma 3);
+    unscaled RoPE base ``rope_local_theta`` (Gemma 3), queries scaled up with their
+    position beyond the original context (``query_position_scaling``: Mistral 3);
   - blocks: norms with scale ``1 + w`` (``norm_unit_offset``), norms after attention and MLP
     as well (``sandwich_norms``), GeGLU (``hidden_act="gelu_tanh"``), embeddings times
     ``sqrt(d)`` in the compute dtype (``scale_embeddings``): Gemma 2/3;
@@ -106,6 +107,9 @@ class ModelConfig:
   moe_intermediate_size: int | None = None
   norm_topk_prob: bool = False  # renormalize the chosen experts' router probabilities to sum to 1
   dense_layers: tuple[int, ...] = ()  # layers of an MoE model whose MLP is dense (intermediate_size)
+  # (beta, period): queries scaled by 1 + beta * log(1 + floor(position / period)) after RoPE (Mistral 3's
+  # llama_4_scaling_beta over the original context length); None: no position scaling
+  query_position_scaling: tuple[float, int] | None = None
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -120,7 +124,7 @@ class ModelConfig:
       raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION_KINDS}")
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"hidden_act={self.hidden_act!r} is not one of {ACTIVATIONS}")
-    for name in ("layer_types", "dense_layers"):
+    for name in ("layer_types", "dense_layers", "query_position_scaling"):
       if getattr(self, name) is not None:
         object.__setattr__(self, name, tuple(getattr(self, name)))
     if self.layer_types is not None:
@@ -128,6 +132,9 @@ class ModelConfig:
         raise ValueError(f"layer_types={self.layer_types} must name {LAYER_TYPES} once per layer ({self.num_layers})")
       if "sliding" in self.layer_types and self.sliding_window is None:
         raise ValueError("layer_types has sliding layers but sliding_window is not set")
+    if self.query_position_scaling is not None and (len(self.query_position_scaling) != 2 or
+                                                    self.query_position_scaling[1] < 1):
+      raise ValueError(f"query_position_scaling={self.query_position_scaling} must be (beta, period >= 1)")
     if self.num_experts:
       if not 0 < self.num_experts_per_tok <= self.num_experts or not self.moe_intermediate_size:
         raise ValueError(f"an MoE config needs 0 < num_experts_per_tok={self.num_experts_per_tok} <= "

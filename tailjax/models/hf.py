@@ -49,7 +49,7 @@ _MODEL_FIELDS = frozenset({
 _ROPE_FIELDS = {
     "rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "low_freq_factor",
     "high_freq_factor", "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate",
-    "short_factor", "long_factor", "partial_rotary_factor",
+    "short_factor", "long_factor", "partial_rotary_factor", "llama_4_scaling_beta", "max_position_embeddings",
 }
 # A multimodal checkpoint's parts that are not its language model.
 _VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.", "multi_modal_projector.")
@@ -62,6 +62,14 @@ def read_raw_config(directory: Path) -> dict:
     raw = json.loads(path.read_text())
   except (OSError, json.JSONDecodeError) as err:
     raise ValueError(f"{path}: not a readable config.json ({err})") from err
+  if raw.get("model_type") == "mistral3":  # Mistral3ForConditionalGeneration (Mistral Small 3.x, Devstral 2)
+    text = raw.get("text_config")
+    if not isinstance(text, dict):
+      raise ValueError(f"{path}: a mistral3 (multimodal) config without a text_config")
+    log.warning("%s: multimodal mistral3 checkpoint: evaluating its language model; the vision tower is skipped",
+                directory)
+    return {**text, "model_type": text.get("model_type", "mistral"),
+            "tie_word_embeddings": raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))}
   if raw.get("model_type") == "gemma3":  # Gemma3ForConditionalGeneration
     text = raw.get("text_config")
     if not isinstance(text, dict):
@@ -124,6 +132,7 @@ def read_config(directory: Path) -> ModelConfig:
       query_pre_attn_scalar=raw.get("query_pre_attn_scalar") if gemma else None,
       attn_logit_softcap=raw.get("attn_logit_softcapping"),
       final_logit_softcap=raw.get("final_logit_softcapping"),
+      query_position_scaling=_query_position_scaling(raw, path),
       **_experts(raw, layers),
   )
   fields.update(family.config_fields())
@@ -166,6 +175,18 @@ def _attention_layers(raw: dict, family: str, layers: int, path: Path) -> tuple[
   return window, kinds
 
 
+def _query_position_scaling(raw: dict, path: Path) -> tuple[float, int] | None:
+  """Mistral 3's ``rope_parameters.llama_4_scaling_beta`` with the original context it scales beyond."""
+  params = raw.get("rope_parameters") or {}
+  beta = params.get("llama_4_scaling_beta")
+  if beta is None:
+    return None
+  period = params.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings")
+  if not period:
+    raise ValueError(f"{path}: rope_parameters.llama_4_scaling_beta needs original_max_position_embeddings")
+  return float(beta), int(period)
+
+
 def _experts(raw: dict, layers: int) -> dict:
   """MoE fields: Qwen3-MoE names them ``num_experts``, Mixtral ``num_local_experts``; dense layers from
   ``mlp_only_layers`` and ``decoder_sparse_step`` (a layer is sparse when ``(i + 1) % step == 0``)."""
@@ -196,6 +217,8 @@ def _rope(raw: dict, path: Path, gemma: bool) -> tuple[float, RopeScaling | None
   unknown = set(params) - _ROPE_FIELDS
   if unknown:
     raise ValueError(f"{path}: unknown rope parameters {sorted(unknown)}")
+  params.pop("llama_4_scaling_beta", None)  # a query scale, not a frequency: read_config takes it
+  params.pop("max_position_embeddings", None)  # Mistral 3 repeats the model's own here
   if params.pop("partial_rotary_factor", 1.0) != 1.0:
     raise ValueError(f"{path}: partial_rotary_factor={raw['rope_parameters']['partial_rotary_factor']} is not "
                      "supported (rotary over the whole head)")
