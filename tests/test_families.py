@@ -6,6 +6,7 @@ moved off their init."""
 import dataclasses
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -41,6 +42,11 @@ FAMILIES = {
                          "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0}})),
     "ministral3-yarn-position-scaled-queries": (transformers.Ministral3Config, dict(
         head_dim=24, rope_parameters=MINISTRAL3_ROPE, sliding_window=9)),
+    "gpt-oss-sinks-clamps-yarn": (transformers.GptOssConfig, dict(
+        intermediate_size=32, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=5,
+        swiglu_limit=0.5, initializer_range=0.3, rope_parameters=dict(
+            rope_type="yarn", rope_theta=1e4, factor=4.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+            original_max_position_embeddings=8))),
     "phi3-longrope-long": (transformers.Phi3Config, dict(
         pad_token_id=0, hidden_size=64, num_attention_heads=4, rope_parameters=LONGROPE,
         original_max_position_embeddings=16)),
@@ -89,6 +95,30 @@ def test_ministral3_query_scaling_bites(tmp_path, rng):
   changed = np.asarray(models.load(tmp_path).logprobs(ids))
   assert np.abs(changed[:, :8] - base[:, :8]).max() < 1e-6  # 10x the parity tolerance below, 0 before 8:
   assert np.abs(changed[:, 8:] - base[:, 8:]).max() > 1e-3
+
+
+def test_gpt_oss_sinks_clamps_and_biases_bite(tmp_path, rng):
+  """The gpt-oss parity case would pass with sinks, the SwiGLU clamp or the expert biases ignored only if they
+  changed nothing: each moves the numbers by far more than the parity tolerance."""
+  config_cls, overrides = FAMILIES["gpt-oss-sinks-clamps-yarn"]
+  random_hf_model(config_cls, tmp_path, **{**SMALL, **overrides})
+  loaded = models.load(tmp_path)
+  cfg = loaded.config
+  assert cfg.attention_sinks and cfg.moe_bias and cfg.layer_types == ("sliding", "full", "sliding")
+  ids = rng.integers(0, SMALL["vocab_size"], (1, SEQ))
+  base = np.asarray(loaded.logprobs(ids))
+  moved = lambda other: np.abs(np.asarray(other.logprobs(ids)) - base).max()
+  config_path = tmp_path / "config.json"
+  config = json.loads(config_path.read_text())
+  config_path.write_text(json.dumps({**config, "swiglu_limit": 100.0}))
+  assert moved(models.load(tmp_path)) > 1e-3
+  config_path.write_text(json.dumps(config))
+  for name, value in (("sinks", -1e9), ("down_bias", 0.0), ("router_bias", 0.0)):
+    changed = models.load(tmp_path)
+    for block in changed.model.layers[0].blocks:
+      param = getattr(block.attn if name == "sinks" else block.mlp, name)
+      param.set_value(jnp.full_like(param.get_value(), value))
+    assert moved(changed) > 1e-3, name
 
 
 def test_gemma3_multimodal_checkpoint_loads_its_language_model(tmp_path, rng, caplog):
@@ -249,6 +279,7 @@ def test_distill_a_soft_capped_moe_student_from_a_gemma2_gguf_teacher(objective,
 def test_expert_outputs_match_a_float64_loop(implementation, rng):
   """Both groupings of assignments equal running each token's experts one by one: an expert with no token,
   one with more tokens than a tile, a token whose k experts sit in different tiles."""
+  import jax
   import jax.numpy as jnp
 
   from tailjax.models import moe
@@ -256,15 +287,20 @@ def test_expert_outputs_match_a_float64_loop(implementation, rng):
   n, k, d, m, e = 150, 2, 8, 12, 5
   x = rng.standard_normal((n, d)).astype(np.float32)
   experts = np.stack([rng.choice([0, 1, 3, 4], size=2, replace=False, p=[0.7, 0.1, 0.1, 0.1]) for _ in range(n)])
-  gate, up, down = (rng.standard_normal(s).astype(np.float32) / 3 for s in ((e, d, m), (e, d, m), (e, m, d)))
-  got = moe.expert_outputs(jnp.asarray(x), jnp.asarray(experts, jnp.int32), *map(jnp.asarray, (gate, up, down)),
-                           "silu", implementation)
-  silu = lambda z: z / (1 + np.exp(-z))
-  f = lambda a: a.astype(np.float64)
-  want = np.stack([[(silu(f(x[i]) @ f(gate[j])) * (f(x[i]) @ f(up[j]))) @ f(down[j]) for j in experts[i]]
-                   for i in range(n)])
+  shapes = ((e, d, m), (e, d, m), (e, m, d), (e, m), (e, m), (e, d))  # kernels, then biases (gpt-oss)
+  gate, up, down, gate_b, up_b, down_b = (rng.standard_normal(s).astype(np.float32) / 3 for s in shapes)
+  glu = lambda g, u: g / (1 + np.exp(-g)) * u  # SwiGLU in float64
+  for biased in (False, True):
+    arrays = (gate, up, down, gate_b, up_b, down_b) if biased else (gate, up, down)
+    got = moe.expert_outputs(jnp.asarray(x), jnp.asarray(experts, jnp.int32),
+                             moe.ExpertWeights(*map(jnp.asarray, arrays)), lambda g, u: g * jax.nn.sigmoid(g) * u,
+                             implementation)
+    f = lambda a: a.astype(np.float64)
+    b = lambda a, j: f(a[j]) if biased else 0
+    want = np.stack([[glu(f(x[i]) @ f(gate[j]) + b(gate_b, j), f(x[i]) @ f(up[j]) + b(up_b, j)) @ f(down[j])
+                      + b(down_b, j) for j in experts[i]] for i in range(n)])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   assert (experts == 0).sum() > moe.TILE  # expert 0 fills more than one tile
-  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_gguf_metadata_that_would_change_the_forward_pass_is_refused(tmp_path):

@@ -58,7 +58,7 @@ def random_hf_model(config_cls, tmp_path, **overrides):
         p.copy_(p + 0.1 * torch.randn_like(p))
       elif name.endswith("bias"):
         p.copy_(0.1 * torch.randn_like(p))
-      elif name.endswith("mlp.gate.weight"):  # MoE router: spread the experts' scores (no near-ties)
+      elif name.endswith(("mlp.gate.weight", "mlp.router.weight", "sinks")):  # routers (no near-ties), sinks
         p.copy_(torch.randn_like(p))
   model.save_pretrained(tmp_path)
   return model

@@ -13,13 +13,14 @@ Array = jax.Array
 
 
 def causal_attention(q: Array, k: Array, v: Array, mask: Array, window: int | None = None, *,
-                     scale: float | None = None, softcap: float | None = None) -> Array:
+                     scale: float | None = None, softcap: float | None = None, sinks: Array | None = None) -> Array:
   """Grouped-query softmax attention that skips the keys a causal mask hides.
 
   ``q: [B, T, heads, hd]``; ``k, v: [B, T, kv_heads, hd]``; ``mask: [B, T, T]``, True where a query
   may see a key, never above the diagonal (nor beyond ``window`` keys back) -> ``[B, T, heads, hd]``.
   Scores are ``q.k * scale`` (default ``hd**-0.5``), soft-capped to ``softcap * tanh(s / softcap)``
-  when ``softcap`` is set (Gemma 2), then masked.
+  when ``softcap`` is set (Gemma 2), then masked. ``sinks: [heads]`` (gpt-oss) joins each row's softmax
+  as one more logit that no value follows: ``p_j = exp(s_j) / (exp(sink) + sum_i exp(s_i))``.
 
   Queries go in chunks, each against the keys from its window's start to its own last row
   only: about half the work of the full square (``jax.nn.dot_product_attention``'s XLA path
@@ -32,6 +33,7 @@ def causal_attention(q: Array, k: Array, v: Array, mask: Array, window: int | No
   q = q.reshape(b, t, kv, heads // kv, hd).transpose(0, 2, 3, 1, 4)  # [B, kv, group, T, hd]
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, kv, T, hd]
   chunk = max(128, -(-t // 8))  # more chunks save little and cost compile time
+  sink = None if sinks is None else sinks.astype(jnp.float32).reshape(1, kv, heads // kv, 1, 1)
   out = []
   for start in range(0, t, chunk):
     end = min(start + chunk, t)
@@ -41,9 +43,12 @@ def causal_attention(q: Array, k: Array, v: Array, mask: Array, window: int | No
     if softcap is not None:
       scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask[:, None, None, start:end, first:end], scores, -jnp.inf)
-    p = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))  # the diagonal is always visible
+    top = jnp.max(scores, axis=-1, keepdims=True)  # the diagonal is always visible
+    top = top if sink is None else jnp.maximum(top, sink)
+    p = jnp.exp(scores - top)
     o = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), v[:, :, first:end], preferred_element_type=jnp.float32)
-    out.append(o / jnp.sum(p, axis=-1, keepdims=True))
+    total = jnp.sum(p, axis=-1, keepdims=True) + (0 if sink is None else jnp.exp(sink - top))
+    out.append(o / total)
   out = jnp.concatenate(out, axis=3).astype(q.dtype)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, heads, hd)
 
@@ -62,7 +67,8 @@ class Attention(nnx.Module):
 
   Per layer: ``layer_type`` ``"sliding"`` attends to the last ``cfg.sliding_window`` tokens and
   (with ``cfg.rope_local_theta``) rotates at its own base. With ``cfg.qk_norm``, q and k are
-  RMS-normalised per head before the rotation (Qwen3, Gemma 3).
+  RMS-normalised per head before the rotation (Qwen3, Gemma 3); with ``cfg.attention_sinks`` each
+  head has a learned sink logit ``sinks: [heads]`` (gpt-oss).
   """
 
   def __init__(self, cfg: ModelConfig, layer_type: str, dtype, param_dtype, rngs: nnx.Rngs):
@@ -70,6 +76,8 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_unit_offset)
       self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_unit_offset)
+    if cfg.attention_sinks:
+      self.sinks = nnx.Param(jnp.zeros(cfg.num_heads, param_dtype), **axes("heads"))
     self.cfg = cfg
     self.layer_type = layer_type
 
@@ -89,7 +97,8 @@ class Attention(nnx.Module):
       q = (q * scale[:, :, None, None].astype(q.dtype)).astype(q.dtype)
     window = cfg.sliding_window if self.layer_type == "sliding" else None
     scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
-    out = causal_attention(q, k, v, mask, window, scale=scale, softcap=cfg.attn_logit_softcap)
+    sinks = self.sinks[...] if cfg.attention_sinks else None
+    out = causal_attention(q, k, v, mask, window, scale=scale, softcap=cfg.attn_logit_softcap, sinks=sinks)
     return self.o(out.reshape(b, t, cfg.num_heads * cfg.head_dim))
 
 

@@ -8,7 +8,7 @@ from typing import Any
 ATTENTION_KINDS = ("softmax", "retention")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "factors", "longrope")
 LAYER_TYPES = ("full", "sliding")
-ACTIVATIONS = ("silu", "gelu_tanh")
+ACTIVATIONS = ("silu", "gelu_tanh", "clamped_swiglu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +62,15 @@ class ModelConfig:
     ``c * tanh(s / c)`` on scores (Gemma 2), sliding windows in every layer (Mistral) or in
     the layers ``layer_types`` marks ``"sliding"`` (Gemma 2/3), those layers with their own
     unscaled RoPE base ``rope_local_theta`` (Gemma 3), queries scaled up with their
-    position beyond the original context (``query_position_scaling``: Mistral 3);
+    position beyond the original context (``query_position_scaling``: Mistral 3), a learned
+    sink logit per head in each softmax (``attention_sinks``: gpt-oss);
   - blocks: norms with scale ``1 + w`` (``norm_unit_offset``), norms after attention and MLP
     as well (``sandwich_norms``), GeGLU (``hidden_act="gelu_tanh"``), embeddings times
     ``sqrt(d)`` in the compute dtype (``scale_embeddings``): Gemma 2/3;
   - MLP: a sparse mixture of ``num_experts`` SwiGLU experts, each token through its
     ``num_experts_per_tok`` highest-scoring ones (``tailjax.models.moe``), except in
-    ``dense_layers`` (Qwen3-MoE, Mixtral);
+    ``dense_layers`` (Qwen3-MoE, Mixtral); with router and expert biases and a clamped SwiGLU
+    (``moe_bias``, ``hidden_act="clamped_swiglu"``: gpt-oss);
   - output: logits soft-capped at ``final_logit_softcap`` (Gemma 2), applied by
     ``tailjax.head`` blockwise.
 
@@ -110,6 +112,10 @@ class ModelConfig:
   # (beta, period): queries scaled by 1 + beta * log(1 + floor(position / period)) after RoPE (Mistral 3's
   # llama_4_scaling_beta over the original context length); None: no position scaling
   query_position_scaling: tuple[float, int] | None = None
+  attention_sinks: bool = False  # a learned per-head logit in every softmax's denominator (gpt-oss)
+  moe_bias: bool = False  # biases on the router and on every expert's projections (gpt-oss)
+  swiglu_alpha: float = 1.702  # hidden_act="clamped_swiglu": (clip(up) + 1) * g * sigmoid(alpha * g), g clipped
+  swiglu_limit: float = 7.0  # ... at swiglu_limit (gpt-oss)
 
   def __post_init__(self):
     if self.head_dim is None:

@@ -45,6 +45,8 @@ _MODEL_FIELDS = frozenset({
     "decoder_sparse_step", "mlp_only_layers",
     # Phi-3
     "original_max_position_embeddings", "partial_rotary_factor",
+    # gpt-oss
+    "swiglu_alpha", "swiglu_limit",
 })
 _ROPE_FIELDS = {
     "rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "low_freq_factor",
@@ -133,6 +135,7 @@ def read_config(directory: Path) -> ModelConfig:
       attn_logit_softcap=raw.get("attn_logit_softcapping"),
       final_logit_softcap=raw.get("final_logit_softcapping"),
       query_position_scaling=_query_position_scaling(raw, path),
+      **{k: float(raw[k]) for k in ("swiglu_alpha", "swiglu_limit") if raw.get(k) is not None},
       **_experts(raw, layers),
   )
   fields.update(family.config_fields())
@@ -267,6 +270,7 @@ def read_tensors(directory: Path) -> Iterator[tuple[str, lazy.LazyTensor]]:
   so the pages a load touches leave the process as it goes (they stay in the page cache, not in its RSS)."""
   from safetensors import SafetensorError, safe_open
 
+  family = families.for_hf(read_raw_config(directory).get("model_type"), str(directory / "config.json")).name
   for file in safetensors_files(directory):
     try:
       with safe_open(file, framework="numpy") as handle:
@@ -275,7 +279,29 @@ def read_tensors(directory: Path) -> Iterator[tuple[str, lazy.LazyTensor]]:
       raise ValueError(f"{file}: unreadable safetensors file ({err})") from err
     for name, shape in shapes.items():
       if (canonical := canonical_name(name)) is not None:
-        yield canonical, lazy.Stored(shape, _box_reader(file, name))
+        tensor = lazy.Stored(shape, _box_reader(file, name))
+        yield from _gpt_oss_tensors(canonical, tensor) if family == "gpt-oss" else [(canonical, tensor)]
+
+
+def _gpt_oss_tensors(name: str, tensor: lazy.LazyTensor) -> list[tuple[str, lazy.LazyTensor]]:
+  """gpt-oss keeps its experts in ``[E, in, out]`` with gate and up interleaved along the output (gate in the
+  even columns), their biases beside them, and calls its router ``mlp.router``: -> the canonical stacked
+  expert names (``mlp.experts.gate_proj.weight``, ``...bias``) in PyTorch layout, and ``mlp.gate``."""
+  prefix, found, leaf = name.rpartition(".mlp.experts.")
+  if not found:
+    return [(name.replace(".mlp.router.", ".mlp.gate."), tensor)]
+  stem = f"{prefix}.mlp.experts."
+  last = len(tensor.shape) - 1
+  halves = lambda: ((x, lazy.Strided(tensor, last, start, 2)) for start, x in enumerate(("gate", "up")))
+  if leaf == "gate_up_proj":
+    return [(f"{stem}{x}_proj.weight", lazy.Transposed(half)) for x, half in halves()]
+  if leaf == "gate_up_proj_bias":
+    return [(f"{stem}{x}_proj.bias", half) for x, half in halves()]
+  if leaf == "down_proj":
+    return [(f"{stem}down_proj.weight", lazy.Transposed(tensor))]
+  if leaf == "down_proj_bias":
+    return [(f"{stem}down_proj.bias", tensor)]
+  return [(name, tensor)]
 
 
 def _box_reader(file: Path, name: str):

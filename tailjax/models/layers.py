@@ -110,9 +110,17 @@ def linear(d_in: int, d_out: int, bias: bool, names: tuple[str, str], dtype, par
                     bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[1:], eager_sharding=False))
 
 
-def activation(name: str, x: Array) -> Array:
-  """``silu`` (SwiGLU) or ``gelu_tanh`` (GeGLU: PyTorch's ``gelu(approximate="tanh")``)."""
-  return jax.nn.silu(x) if name == "silu" else jax.nn.gelu(x, approximate=True)
+def gated(cfg: ModelConfig, gate: Array, up: Array) -> Array:
+  """The gated unit of ``cfg.hidden_act`` on the two projections: ``silu(gate) * up`` (SwiGLU),
+  ``gelu_tanh(gate) * up`` (GeGLU: PyTorch's ``gelu(approximate="tanh")``), or gpt-oss's clamped SwiGLU
+  ``(clip(up, -l, l) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, l)``."""
+  if cfg.hidden_act == "silu":
+    return jax.nn.silu(gate) * up
+  if cfg.hidden_act == "gelu_tanh":
+    return jax.nn.gelu(gate, approximate=True) * up
+  limit = cfg.swiglu_limit
+  gate = jnp.minimum(gate, limit)
+  return (jnp.clip(up, -limit, limit) + 1) * gate * jax.nn.sigmoid(gate * cfg.swiglu_alpha)
 
 
 class MLP(nnx.Module):
@@ -123,7 +131,7 @@ class MLP(nnx.Module):
     self.gate = linear(d, m, False, ("embed", "mlp"), dtype, param_dtype, rngs)
     self.up = linear(d, m, False, ("embed", "mlp"), dtype, param_dtype, rngs)
     self.down = linear(m, d, False, ("mlp", "embed"), dtype, param_dtype, rngs)
-    self.act = cfg.hidden_act
+    self.cfg = cfg
 
   def __call__(self, x: Array) -> Array:
-    return self.down(activation(self.act, self.gate(x)) * self.up(x))
+    return self.down(gated(self.cfg, self.gate(x), self.up(x)))

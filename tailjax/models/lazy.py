@@ -8,6 +8,7 @@ row range), and the loaders compose them:
 
 - ``Transposed``: the last two axes swapped (PyTorch's ``[out, in]`` -> tailjax's ``[in, out]``);
 - ``Part``: a range along one axis (Phi-3's fused ``qkv_proj`` cut into q, k, v);
+- ``Strided``: every ``step``-th index along one axis (gpt-oss's interleaved gate and up columns);
 - ``Stacked``: tensors stacked on a new leading axis (experts stored one by one);
 - ``RowsPermuted``: rows reordered (llama.cpp's rotary permutation of q/k undone);
 - ``Mapped``: an elementwise function (Gemma's GGUF norms stored as ``1 + w``),
@@ -95,6 +96,32 @@ class Part(LazyTensor):
     s = box[self.axis]
     box[self.axis] = slice(self.start + s.start, self.start + s.stop)
     return self.base.read(tuple(box))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Strided(LazyTensor):
+  """``base[..., start::step, ...]`` along ``axis`` (non-negative); a box reads the span it draws from."""
+
+  base: LazyTensor
+  axis: int
+  start: int
+  step: int
+
+  @property
+  def shape(self):
+    shape = list(self.base.shape)
+    shape[self.axis] = len(range(self.start, shape[self.axis], self.step))
+    return tuple(shape)
+
+  def read(self, box: Box) -> np.ndarray:
+    box = list(box)
+    s = box[self.axis]
+    if s.stop <= s.start:
+      box[self.axis] = slice(self.start, self.start)
+      return self.base.read(tuple(box))
+    box[self.axis] = slice(self.start + self.step * s.start, self.start + self.step * (s.stop - 1) + 1)
+    span = self.base.read(tuple(box))
+    return span[(slice(None),) * self.axis + (slice(None, None, self.step),)]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -1,10 +1,11 @@
 """Sparse mixture-of-experts MLP: a softmax top-k router and grouped expert matmuls.
 
-Routing (Qwen3-MoE, Mixtral): ``p = softmax(x @ router)`` over ``E`` experts in float32; each
+Routing (Qwen3-MoE, Mixtral, gpt-oss): ``p = softmax(x @ router + b)`` over ``E`` experts in float32; each
 token goes to its ``k`` most probable experts (ties: the lower id, as ``lax.top_k``), with
 weights ``p_i`` or, with ``norm_topk_prob``, ``p_i / sum_topk p`` (Mixtral always renormalises:
 ``softmax`` over the chosen logits is the same thing). The output is
-``sum_i w_i * down_i(silu(gate_i(x)) * up_i(x))``, exactly these ``k`` experts per token.
+``sum_i w_i * down_i(glu(gate_i(x), up_i(x)))`` (``layers.gated``; gpt-oss adds a bias to each of the
+three projections), exactly these ``k`` experts per token.
 
 Grouping (``expert_outputs``): the ``N * k`` (token, expert) assignments are sorted by expert.
 On a CPU they are laid out in tiles of ``TILE`` rows, each tile holding one expert's rows (an
@@ -16,6 +17,7 @@ which on this CPU measured 8x slower than one dense matmul of the same rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -23,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tailjax.models.config import ModelConfig
-from tailjax.models.layers import activation, axes
+from tailjax.models.layers import axes, gated
 
 Array = jax.Array
 
@@ -38,9 +40,23 @@ class Routing(NamedTuple):
   probs: Array
 
 
-def route(x: Array, router: Array, k: int, norm_topk_prob: bool) -> Routing:
-  """``x: [N, d]``, ``router: [d, E]`` -> ``Routing`` (weights in float32)."""
+class ExpertWeights(NamedTuple):
+  """Every expert's kernels, ``[in, out]`` stacked on a leading ``E`` axis: ``gate, up: [E, d, I]``,
+  ``down: [E, I, d]``; their biases ``gate_bias, up_bias: [E, I]``, ``down_bias: [E, d]`` or None."""
+
+  gate: Array
+  up: Array
+  down: Array
+  gate_bias: Array | None = None
+  up_bias: Array | None = None
+  down_bias: Array | None = None
+
+
+def route(x: Array, router: Array, k: int, norm_topk_prob: bool, bias: Array | None = None) -> Routing:
+  """``x: [N, d]``, ``router: [d, E]`` (and ``bias: [E]``) -> ``Routing`` (weights in float32)."""
   logits = jnp.dot(x, router.astype(x.dtype))
+  if bias is not None:
+    logits = logits + bias.astype(logits.dtype)
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   weights, experts = jax.lax.top_k(probs, k)
   if norm_topk_prob:
@@ -85,7 +101,8 @@ class MoE(nnx.Module):
   """``num_experts`` gated experts of width ``moe_intermediate_size`` behind a top-k router.
 
   Parameters: ``router: [d, E]``; ``gate, up: [E, d, I]``; ``down: [E, I, d]`` (each expert's
-  kernels in tailjax's ``[in, out]`` layout, stacked on a leading ``experts`` axis).
+  kernels in tailjax's ``[in, out]`` layout, stacked on a leading ``experts`` axis); with
+  ``cfg.moe_bias`` also ``router_bias: [E]``, ``gate_bias, up_bias: [E, I]``, ``down_bias: [E, d]``.
   """
 
   def __init__(self, cfg: ModelConfig, dtype, param_dtype, rngs: nnx.Rngs):
@@ -96,26 +113,34 @@ class MoE(nnx.Module):
     self.gate = nnx.Param(init(rngs.params(), (e, d, m), param_dtype), **axes("experts", "embed", "mlp"))
     self.up = nnx.Param(init(rngs.params(), (e, d, m), param_dtype), **axes("experts", "embed", "mlp"))
     self.down = nnx.Param(init(rngs.params(), (e, m, d), param_dtype), **axes("experts", "mlp", "embed"))
+    if cfg.moe_bias:
+      zeros = lambda *shape: jnp.zeros(shape, param_dtype)
+      self.router_bias = nnx.Param(zeros(e), **axes(None))
+      self.gate_bias = nnx.Param(zeros(e, m), **axes("experts", "mlp"))
+      self.up_bias = nnx.Param(zeros(e, m), **axes("experts", "mlp"))
+      self.down_bias = nnx.Param(zeros(e, d), **axes("experts", "embed"))
     self.num_experts = e
     self.k = cfg.num_experts_per_tok
     self.norm_topk_prob = cfg.norm_topk_prob
-    self.act = cfg.hidden_act
+    self.cfg = cfg
     self.dtype = dtype
 
   def __call__(self, x: Array) -> tuple[Array, Array]:
     """``x: [..., d]`` -> (``[..., d]``, the chosen experts ``[..., k]``)."""
     lead, d = x.shape[:-1], x.shape[-1]
     x = x.reshape(-1, d).astype(self.dtype)
-    routing = route(x, self.router[...], self.k, self.norm_topk_prob)
-    weights = [p[...].astype(self.dtype) for p in (self.gate, self.up, self.down)]
-    out = expert_outputs(x, routing.experts, *weights, self.act)
+    value = lambda name: getattr(self, name)[...].astype(self.dtype) if hasattr(self, name) else None
+    routing = route(x, self.router[...], self.k, self.norm_topk_prob, value("router_bias"))
+    weights = ExpertWeights(*(value(name) for name in ExpertWeights._fields))
+    out = expert_outputs(x, routing.experts, weights, lambda g, u: gated(self.cfg, g, u))
     y = jnp.einsum("nkd,nk->nd", out.astype(jnp.float32), routing.weights)
     return y.astype(x.dtype).reshape(*lead, d), routing.experts.reshape(*lead, self.k)
 
 
-def expert_outputs(x: Array, experts: Array, gate: Array, up: Array, down: Array, act: str,
+def expert_outputs(x: Array, experts: Array, weights: ExpertWeights, glu: Callable[[Array, Array], Array],
                    implementation: str | None = None) -> Array:
-  """Each token through each of its experts: ``x: [N, d]``, ``experts: [N, k]`` ->  ``[N, k, d]``.
+  """Each token through each of its experts: ``x: [N, d]``, ``experts: [N, k]`` ->  ``[N, k, d]``,
+  ``down(glu(gate(x), up(x)))`` with each projection's bias when ``weights`` has one.
 
   ``implementation``: ``"tiles"`` (expert-pure tiles and a scan; the CPU's choice) or ``"ragged"``
   (one ``lax.ragged_dot`` per projection over the assignments sorted by expert: grouped GEMMs,
@@ -124,22 +149,24 @@ def expert_outputs(x: Array, experts: Array, gate: Array, up: Array, down: Array
   implementation = implementation or ("tiles" if jax.default_backend() == "cpu" else "ragged")
   n, k = experts.shape
   flat = experts.reshape(-1)
+  w = weights
   if implementation == "ragged":
     order = jnp.argsort(flat, stable=True)
-    sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
-    rows = x[order // k]
-    h = activation(act, jax.lax.ragged_dot(rows, gate, sizes)) * jax.lax.ragged_dot(rows, up, sizes)
-    out = jax.lax.ragged_dot(h, down, sizes)
+    sizes = jnp.bincount(flat, length=w.gate.shape[0]).astype(jnp.int32)
+    rows, owner = x[order // k], flat[order]  # each sorted row and its expert
+    project = lambda h, kernel, bias: jax.lax.ragged_dot(h, kernel, sizes) + (0 if bias is None else bias[owner])
+    h = glu(project(rows, w.gate, w.gate_bias), project(rows, w.up, w.up_bias))
+    out = project(h, w.down, w.down_bias)
     return jnp.zeros_like(out).at[order].set(out).reshape(n, k, -1)
   tile = min(TILE, n * k)
-  layout = tile_layout(flat, gate.shape[0], tile)
+  layout = tile_layout(flat, w.gate.shape[0], tile)
   rows = jnp.where(layout.valid[:, None], x[layout.source // k], 0).reshape(-1, tile, x.shape[-1])
 
   def expert_tile(_, inputs):
     h, e = inputs  # [tile, d], the tile's expert
-    pick = lambda w: jax.lax.dynamic_index_in_dim(w, e, keepdims=False)
-    h = activation(act, h @ pick(gate)) * (h @ pick(up))
-    return None, h @ pick(down)
+    pick = lambda a: 0 if a is None else jax.lax.dynamic_index_in_dim(a, e, keepdims=False)
+    h = glu(h @ pick(w.gate) + pick(w.gate_bias), h @ pick(w.up) + pick(w.up_bias))
+    return None, h @ pick(w.down) + pick(w.down_bias)
 
   _, out = jax.lax.scan(expert_tile, None, (rows, layout.expert))
   return out.reshape(-1, out.shape[-1])[layout.slot].reshape(n, k, -1)  # back to [token, choice]

@@ -68,6 +68,8 @@ def _targets(model: Decoder) -> dict[str, _Target]:
     if cfg.qk_norm:
       targets[p + "self_attn.q_norm.weight"] = at(block.attn.q_norm.scale, False)
       targets[p + "self_attn.k_norm.weight"] = at(block.attn.k_norm.scale, False)
+    if cfg.attention_sinks:
+      targets[p + "self_attn.sinks"] = at(block.attn.sinks, False)
     if isinstance(block.mlp, MoE):
       targets[p + "mlp.gate.weight"] = at(block.mlp.router, True)
       for name in ("gate", "up", "down"):
@@ -75,6 +77,10 @@ def _targets(model: Decoder) -> dict[str, _Target]:
         targets[f"{p}mlp.experts.{name}_proj.weight"] = at(param, True)  # stacked [E, out, in] (GGUF)
         for j in range(cfg.num_experts):
           targets[f"{p}mlp.experts.{j}.{name}_proj.weight"] = at(param, True, j)
+      if cfg.moe_bias:  # gpt-oss: stacked [E, out]
+        targets[p + "mlp.gate.bias"] = at(block.mlp.router_bias, False)
+        for name in ("gate", "up", "down"):
+          targets[f"{p}mlp.experts.{name}_proj.bias"] = at(getattr(block.mlp, f"{name}_bias"), False)
     else:
       for name in ("gate", "up", "down"):
         targets[f"{p}mlp.{name}_proj.weight"] = at(getattr(block.mlp, name).kernel, True)
