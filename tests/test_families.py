@@ -332,3 +332,36 @@ def test_mistral3_multimodal_checkpoint_loads_its_language_model(tmp_path, rng, 
   assert "vision tower is skipped" in caplog.text and loaded.config.query_position_scaling == (0.5, 8)
   ids = rng.integers(0, SMALL["vocab_size"], (2, SEQ))
   assert np.abs(np.asarray(loaded.logprobs(ids), np.float64) - torch_logprobs(reference, ids)).max() <= 1e-4
+
+
+def test_gpt_oss_mxfp4_experts_load_as_transformers_dequantizes_them(tmp_path, rng):
+  """The published gpt-oss checkpoints keep their experts in MXFP4: random blocks and scales, dequantized by
+  transformers' own ``convert_moe_packed_tensors`` into the PyTorch model (the reference), and written as the
+  checkpoints write them (``*_blocks``/``*_scales``, ``quantization_config``) for tailjax to read."""
+  from safetensors.torch import save_file
+  from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+  from tailjax.models import lazy, mxfp4
+
+  config_cls, overrides = FAMILIES["gpt-oss-sinks-clamps-yarn"]
+  reference = random_hf_model(config_cls, tmp_path / "bf16", **{**SMALL, **overrides})
+  tensors = {k: v.contiguous() for k, v in reference.state_dict().items()}
+  for name in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+    e, d_in, d_out = tensors[name].shape
+    blocks = torch.from_numpy(rng.integers(0, 256, (e, d_out, d_in // 32, 16), dtype=np.uint8))
+    scales = torch.from_numpy(rng.integers(121, 126, (e, d_out, d_in // 32), dtype=np.uint8))
+    with torch.no_grad():
+      reference.get_parameter(name).copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+    del tensors[name]
+    tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+  (tmp_path / "mxfp4").mkdir()
+  save_file(tensors, tmp_path / "mxfp4" / "model.safetensors")
+  config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+  config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+  (tmp_path / "mxfp4" / "config.json").write_text(json.dumps(config))
+  ids = rng.integers(0, SMALL["vocab_size"], (2, SEQ))
+  loaded = models.load(tmp_path / "mxfp4")
+  assert np.abs(np.asarray(loaded.logprobs(ids), np.float64) - torch_logprobs(reference, ids)).max() <= 1e-4
+  stored = lambda a: lazy.Stored(tuple(a.shape), lambda box: a[box])
+  with pytest.raises(ValueError, match="do not pair"):
+    mxfp4.Dequantized(stored(np.zeros((2, 3, 4, 16), np.uint8)), stored(np.zeros((2, 3, 5), np.uint8)))

@@ -42,8 +42,7 @@ FAMILIES: tuple[Family, ...] = (
     _family("gemma3", ["gemma3_text", "gemma3"], ["gemma3"], "Gemma 3 (text; the language model of multimodal "
             "checkpoints)", qk_norm=True, **_GEMMA),
     _family("phi3", ["phi3"], ["phi3"], "Phi-3, Phi-3.5 mini/medium (LongRoPE)"),
-    _family("gpt-oss", ["gpt_oss"], [], "gpt-oss-20b, gpt-oss-120b (bf16 weights; MXFP4 checkpoints are not "
-            "read yet)", attention_sinks=True, moe_bias=True, hidden_act="clamped_swiglu", norm_topk_prob=True),
+    _family("gpt-oss", ["gpt_oss"], [], "gpt-oss-20b, gpt-oss-120b (MXFP4 experts dequantized on load)", attention_sinks=True, moe_bias=True, hidden_act="clamped_swiglu", norm_topk_prob=True),
     _family("ministral3", ["ministral3"], [], "Mistral 3 / Ministral 3, Devstral Small 2 (the text model of "
             "mistral3 checkpoints; YaRN with position-scaled queries)"),
 )

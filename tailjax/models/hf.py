@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tailjax.models import families, lazy
+from tailjax.models import families, lazy, mxfp4
 from tailjax.models.config import ModelConfig, RopeScaling
 
 log = logging.getLogger("tailjax")
@@ -88,6 +88,9 @@ def read_config(directory: Path) -> ModelConfig:
   raw = read_raw_config(directory)
   model_type = raw.get("model_type")
   family = families.for_hf(model_type, str(path))
+  quantization = raw.get("quantization_config")
+  if family.name == "gpt-oss" and isinstance(quantization, dict) and quantization.get("quant_method") == "mxfp4":
+    raw = {k: v for k, v in raw.items() if k != "quantization_config"}  # experts in MXFP4: dequantized on load
   unknown = set(raw) - _MODEL_FIELDS - _INERT_FIELDS
   if unknown:
     raise ValueError(f"{path}: unknown config fields {sorted(unknown)}; tailjax will not guess what they change")
@@ -271,6 +274,7 @@ def read_tensors(directory: Path) -> Iterator[tuple[str, lazy.LazyTensor]]:
   from safetensors import SafetensorError, safe_open
 
   family = families.for_hf(read_raw_config(directory).get("model_type"), str(directory / "config.json")).name
+  tensors: dict[str, lazy.LazyTensor] = {}
   for file in safetensors_files(directory):
     try:
       with safe_open(file, framework="numpy") as handle:
@@ -279,29 +283,45 @@ def read_tensors(directory: Path) -> Iterator[tuple[str, lazy.LazyTensor]]:
       raise ValueError(f"{file}: unreadable safetensors file ({err})") from err
     for name, shape in shapes.items():
       if (canonical := canonical_name(name)) is not None:
-        tensor = lazy.Stored(shape, _box_reader(file, name))
-        yield from _gpt_oss_tensors(canonical, tensor) if family == "gpt-oss" else [(canonical, tensor)]
+        tensors[canonical] = lazy.Stored(shape, _box_reader(file, name))
+  yield from (_gpt_oss_tensors(tensors, directory) if family == "gpt-oss" else tensors).items()
 
 
-def _gpt_oss_tensors(name: str, tensor: lazy.LazyTensor) -> list[tuple[str, lazy.LazyTensor]]:
-  """gpt-oss keeps its experts in ``[E, in, out]`` with gate and up interleaved along the output (gate in the
-  even columns), their biases beside them, and calls its router ``mlp.router``: -> the canonical stacked
-  expert names (``mlp.experts.gate_proj.weight``, ``...bias``) in PyTorch layout, and ``mlp.gate``."""
-  prefix, found, leaf = name.rpartition(".mlp.experts.")
-  if not found:
-    return [(name.replace(".mlp.router.", ".mlp.gate."), tensor)]
-  stem = f"{prefix}.mlp.experts."
-  last = len(tensor.shape) - 1
-  halves = lambda: ((x, lazy.Strided(tensor, last, start, 2)) for start, x in enumerate(("gate", "up")))
-  if leaf == "gate_up_proj":
-    return [(f"{stem}{x}_proj.weight", lazy.Transposed(half)) for x, half in halves()]
-  if leaf == "gate_up_proj_bias":
-    return [(f"{stem}{x}_proj.bias", half) for x, half in halves()]
-  if leaf == "down_proj":
-    return [(f"{stem}down_proj.weight", lazy.Transposed(tensor))]
-  if leaf == "down_proj_bias":
-    return [(f"{stem}down_proj.bias", tensor)]
-  return [(name, tensor)]
+def _gpt_oss_tensors(tensors: dict[str, lazy.LazyTensor], directory: Path) -> dict[str, lazy.LazyTensor]:
+  """gpt-oss keeps its experts stacked with gate and up interleaved along the output (gate first), either in
+  bf16 as ``[E, in, out]`` or as MXFP4 ``*_blocks`` + ``*_scales`` (``tailjax.models.mxfp4``: ``[E, out, in]``),
+  their biases beside them, and calls its router ``mlp.router``: -> the canonical stacked expert names
+  (``mlp.experts.gate_proj.weight``, ``...bias``) in PyTorch layout, and ``mlp.gate``."""
+  out = {}
+  for name, tensor in tensors.items():
+    prefix, found, leaf = name.rpartition(".mlp.experts.")
+    if not found:
+      out[name.replace(".mlp.router.", ".mlp.gate.")] = tensor
+      continue
+    stem = f"{prefix}.mlp.experts."
+    if leaf.endswith("_scales"):
+      continue  # read with its blocks
+    packed = leaf.endswith("_blocks")
+    if packed:
+      leaf = leaf.removesuffix("_blocks")
+      if f"{stem}{leaf}_scales" not in tensors:
+        raise ValueError(f"{directory}: MXFP4 tensor {name} has no {leaf}_scales beside it")
+      tensor = mxfp4.Dequantized(tensor, tensors[f"{stem}{leaf}_scales"], f"{directory}: {name}")
+    pytorch = (lambda t: t) if packed else lazy.Transposed  # to PyTorch's [out, in]
+    if leaf == "gate_up_proj":
+      axis = len(tensor.shape) - (2 if packed else 1)  # the interleaved output axis
+      for start, x in enumerate(("gate", "up")):
+        out[f"{stem}{x}_proj.weight"] = pytorch(lazy.Strided(tensor, axis, start, 2))
+    elif leaf == "gate_up_proj_bias":
+      for start, x in enumerate(("gate", "up")):
+        out[f"{stem}{x}_proj.bias"] = lazy.Strided(tensor, len(tensor.shape) - 1, start, 2)
+    elif leaf == "down_proj":
+      out[f"{stem}down_proj.weight"] = pytorch(tensor)
+    elif leaf == "down_proj_bias":
+      out[f"{stem}down_proj.bias"] = tensor
+    else:
+      out[name] = tensor
+  return out
 
 
 def _box_reader(file: Path, name: str):
