@@ -40,6 +40,10 @@ FAMILIES = {
         **GEMMA, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
                          "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0}})),
+    "glm4-moe-groups-shared-partial-rope": (transformers.Glm4MoeConfig, dict(
+        head_dim=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
+        n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1, norm_topk_prob=True,
+        use_qk_norm=True, attention_bias=True, partial_rotary_factor=0.5)),
     "ministral3-yarn-position-scaled-queries": (transformers.Ministral3Config, dict(
         head_dim=24, rope_parameters=MINISTRAL3_ROPE, sliding_window=9)),
     "gpt-oss-sinks-clamps-yarn": (transformers.GptOssConfig, dict(
@@ -95,6 +99,38 @@ def test_ministral3_query_scaling_bites(tmp_path, rng):
   changed = np.asarray(models.load(tmp_path).logprobs(ids))
   assert np.abs(changed[:, :8] - base[:, :8]).max() < 1e-6  # 10x the parity tolerance below, 0 before 8:
   assert np.abs(changed[:, 8:] - base[:, 8:]).max() > 1e-3
+
+
+def test_glm4_moe_groups_correction_scaling_and_partial_rope_bite(tmp_path, rng):
+  """The GLM case would pass with the expert groups, the choice-only correction bias, the routed scale or the
+  partial rotary ignored only if they changed nothing; the multi-token-prediction layer is skipped."""
+  from safetensors.numpy import save_file
+
+  config_cls, overrides = FAMILIES["glm4-moe-groups-shared-partial-rope"]
+  random_hf_model(config_cls, tmp_path, **{**SMALL, **overrides})
+  loaded = models.load(tmp_path)
+  cfg = loaded.config
+  assert (cfg.router, cfg.router_groups, cfg.rotary_dim, cfg.shared_expert_size, cfg.dense_layers) == (
+      "sigmoid_groups", (4, 2), 8, 32, (0,)) and cfg.qk_norm and cfg.qkv_bias and not cfg.o_bias
+  ids = rng.integers(0, SMALL["vocab_size"], (1, SEQ))
+  base = np.asarray(loaded.logprobs(ids))
+  moved = lambda other: np.abs(np.asarray(other.logprobs(ids)) - base).max()
+  config_path = tmp_path / "config.json"
+  config = json.loads(config_path.read_text())
+  for change in (dict(topk_group=4), dict(routed_scaling_factor=1.0), dict(
+      rope_parameters={**config["rope_parameters"], "partial_rotary_factor": 1.0})):
+    config_path.write_text(json.dumps({**config, **change}))
+    assert moved(models.load(tmp_path)) > 1e-3, change
+  config_path.write_text(json.dumps(config))
+  unbiased = models.load(tmp_path)
+  for block in unbiased.model.layers[1].blocks:
+    block.mlp.score_correction.set_value(jnp.zeros_like(block.mlp.score_correction.get_value()))
+  assert moved(unbiased) > 1e-3
+  save_file({"model.layers.3.mlp.gate.weight": np.zeros((8, 64), np.float32)}, tmp_path / "mtp.safetensors")
+  with pytest.raises(ValueError, match="model.layers.3.mlp.gate.weight has no place"):
+    models.load(tmp_path)
+  config_path.write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+  assert moved(models.load(tmp_path)) == 0
 
 
 def test_gpt_oss_sinks_clamps_and_biases_bite(tmp_path, rng):

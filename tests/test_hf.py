@@ -60,6 +60,9 @@ def random_hf_model(config_cls, tmp_path, **overrides):
         p.copy_(0.1 * torch.randn_like(p))
       elif name.endswith(("mlp.gate.weight", "mlp.router.weight", "sinks")):  # routers (no near-ties), sinks
         p.copy_(torch.randn_like(p))
+    for name, b in model.named_buffers():
+      if name.endswith("e_score_correction_bias"):  # GLM's expert-choice bias: make it change the choice
+        b.copy_(0.3 * torch.randn_like(b))
   model.save_pretrained(tmp_path)
   return model
 

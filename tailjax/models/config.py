@@ -9,6 +9,7 @@ ATTENTION_KINDS = ("softmax", "retention")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "factors", "longrope")
 LAYER_TYPES = ("full", "sliding")
 ACTIVATIONS = ("silu", "gelu_tanh", "clamped_swiglu")
+ROUTERS = ("softmax", "sigmoid_groups")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +71,9 @@ class ModelConfig:
   - MLP: a sparse mixture of ``num_experts`` SwiGLU experts, each token through its
     ``num_experts_per_tok`` highest-scoring ones (``tailjax.models.moe``), except in
     ``dense_layers`` (Qwen3-MoE, Mixtral); with router and expert biases and a clamped SwiGLU
-    (``moe_bias``, ``hidden_act="clamped_swiglu"``: gpt-oss);
+    (``moe_bias``, ``hidden_act="clamped_swiglu"``: gpt-oss); routed by group-limited top-k of
+    sigmoid scores with a shared expert beside (``router="sigmoid_groups"``, ``shared_expert_size``:
+    GLM-4.5); RoPE on the first ``rotary_dim`` dims of each head only (GLM);
   - output: logits soft-capped at ``final_logit_softcap`` (Gemma 2), applied by
     ``tailjax.head`` blockwise.
 
@@ -116,6 +119,11 @@ class ModelConfig:
   moe_bias: bool = False  # biases on the router and on every expert's projections (gpt-oss)
   swiglu_alpha: float = 1.702  # hidden_act="clamped_swiglu": (clip(up) + 1) * g * sigmoid(alpha * g), g clipped
   swiglu_limit: float = 7.0  # ... at swiglu_limit (gpt-oss)
+  rotary_dim: int | None = None  # the leading dims of each head that RoPE rotates; None: all (GLM, Phi-4-mini)
+  router: str = "softmax"  # "softmax" top-k, or "sigmoid_groups": GLM's group-limited top-k of sigmoid scores
+  router_groups: tuple[int, int] = (1, 1)  # (groups of experts, groups a token may choose): sigmoid_groups
+  routed_scaling_factor: float = 1.0  # the chosen experts' weights times this (GLM)
+  shared_expert_size: int = 0  # width of an always-on SwiGLU expert added to every MoE layer (GLM); 0: none
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -130,7 +138,7 @@ class ModelConfig:
       raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION_KINDS}")
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"hidden_act={self.hidden_act!r} is not one of {ACTIVATIONS}")
-    for name in ("layer_types", "dense_layers", "query_position_scaling"):
+    for name in ("layer_types", "dense_layers", "query_position_scaling", "router_groups"):
       if getattr(self, name) is not None:
         object.__setattr__(self, name, tuple(getattr(self, name)))
     if self.layer_types is not None:
@@ -138,6 +146,15 @@ class ModelConfig:
         raise ValueError(f"layer_types={self.layer_types} must name {LAYER_TYPES} once per layer ({self.num_layers})")
       if "sliding" in self.layer_types and self.sliding_window is None:
         raise ValueError("layer_types has sliding layers but sliding_window is not set")
+    if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+      raise ValueError(f"rotary_dim={self.rotary_dim} must be even and in (0, head_dim={self.head_dim}]")
+    if self.router not in ROUTERS:
+      raise ValueError(f"router={self.router!r} is not one of {ROUTERS}")
+    groups, chosen = self.router_groups
+    if self.num_experts and (self.num_experts % groups or not 0 < chosen <= groups or
+                             self.router == "sigmoid_groups" and self.num_experts // groups < 2):
+      raise ValueError(f"router_groups={self.router_groups} must split {self.num_experts} experts into groups of "
+                       "at least 2, of which a token chooses 1..groups")
     if self.query_position_scaling is not None and (len(self.query_position_scaling) != 2 or
                                                     self.query_position_scaling[1] < 1):
       raise ValueError(f"query_position_scaling={self.query_position_scaling} must be (beta, period >= 1)")

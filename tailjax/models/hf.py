@@ -47,6 +47,9 @@ _MODEL_FIELDS = frozenset({
     "original_max_position_embeddings", "partial_rotary_factor",
     # gpt-oss
     "swiglu_alpha", "swiglu_limit",
+    # GLM-4.5 MoE
+    "n_routed_experts", "n_shared_experts", "routed_scaling_factor", "n_group", "topk_group", "first_k_dense_replace",
+    "use_qk_norm", "num_mtp_layers", "num_nextn_predict_layers",
 })
 _ROPE_FIELDS = {
     "rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "low_freq_factor",
@@ -110,7 +113,6 @@ def read_config(directory: Path) -> ModelConfig:
   require(not raw.get("mlp_bias", False), "mlp_bias", "the MLP has no bias")
   require(raw.get("pretraining_tp", 1) in (None, 1), "pretraining_tp", "only 1")
   require(not raw.get("use_bidirectional_attention"), "use_bidirectional_attention", "decoders are causal")
-  require(raw.get("partial_rotary_factor", 1.0) == 1.0, "partial_rotary_factor", "rotary over the whole head")
   heads = raw.get("num_attention_heads")
   layers = raw.get("num_hidden_layers")
   theta, scaling, local_theta = _rope(raw, path, gemma)
@@ -138,9 +140,12 @@ def read_config(directory: Path) -> ModelConfig:
       attn_logit_softcap=raw.get("attn_logit_softcapping"),
       final_logit_softcap=raw.get("final_logit_softcapping"),
       query_position_scaling=_query_position_scaling(raw, path),
+      rotary_dim=_rotary_dim(raw),
       **{k: float(raw[k]) for k in ("swiglu_alpha", "swiglu_limit") if raw.get(k) is not None},
       **_experts(raw, layers),
   )
+  if raw.get("use_qk_norm") is not None:
+    fields["qk_norm"] = bool(raw["use_qk_norm"])
   fields.update(family.config_fields())
   try:
     return ModelConfig(**fields)
@@ -181,6 +186,15 @@ def _attention_layers(raw: dict, family: str, layers: int, path: Path) -> tuple[
   return window, kinds
 
 
+def _rotary_dim(raw: dict) -> int | None:
+  """``head_dim * partial_rotary_factor`` (top level, or in ``rope_parameters`` as transformers 5 writes it)."""
+  factor = (raw.get("rope_parameters") or {}).get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+  if factor in (None, 1, 1.0):
+    return None
+  head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
+  return int(head_dim * factor)
+
+
 def _query_position_scaling(raw: dict, path: Path) -> tuple[float, int] | None:
   """Mistral 3's ``rope_parameters.llama_4_scaling_beta`` with the original context it scales beyond."""
   params = raw.get("rope_parameters") or {}
@@ -196,15 +210,20 @@ def _query_position_scaling(raw: dict, path: Path) -> tuple[float, int] | None:
 def _experts(raw: dict, layers: int) -> dict:
   """MoE fields: Qwen3-MoE names them ``num_experts``, Mixtral ``num_local_experts``; dense layers from
   ``mlp_only_layers`` and ``decoder_sparse_step`` (a layer is sparse when ``(i + 1) % step == 0``)."""
-  experts = raw.get("num_experts") or raw.get("num_local_experts") or 0
+  experts = raw.get("num_experts") or raw.get("num_local_experts") or raw.get("n_routed_experts") or 0
   if not experts:
     return {}
   step = raw.get("decoder_sparse_step") or 1
-  only = set(raw.get("mlp_only_layers") or ())
+  only = set(raw.get("mlp_only_layers") or ()) | set(range(raw.get("first_k_dense_replace") or 0))
   dense = tuple(i for i in range(layers) if i in only or (i + 1) % step)
-  return dict(num_experts=experts, num_experts_per_tok=raw.get("num_experts_per_tok"),
-              moe_intermediate_size=raw.get("moe_intermediate_size") or raw.get("intermediate_size"),
-              norm_topk_prob=bool(raw.get("norm_topk_prob", False)), dense_layers=dense)
+  width = raw.get("moe_intermediate_size") or raw.get("intermediate_size")
+  fields = dict(num_experts=experts, num_experts_per_tok=raw.get("num_experts_per_tok"), moe_intermediate_size=width,
+                norm_topk_prob=bool(raw.get("norm_topk_prob", False)), dense_layers=dense)
+  if raw.get("n_group") is not None:  # GLM-4.5: group-limited routing and shared experts
+    fields.update(router_groups=(int(raw["n_group"]), int(raw.get("topk_group") or 1)),
+                  routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
+                  shared_expert_size=int(raw.get("n_shared_experts") or 0) * width)
+  return fields
 
 
 def _rope(raw: dict, path: Path, gemma: bool) -> tuple[float, RopeScaling | None, float | None]:
@@ -225,9 +244,7 @@ def _rope(raw: dict, path: Path, gemma: bool) -> tuple[float, RopeScaling | None
     raise ValueError(f"{path}: unknown rope parameters {sorted(unknown)}")
   params.pop("llama_4_scaling_beta", None)  # a query scale, not a frequency: read_config takes it
   params.pop("max_position_embeddings", None)  # Mistral 3 repeats the model's own here
-  if params.pop("partial_rotary_factor", 1.0) != 1.0:
-    raise ValueError(f"{path}: partial_rotary_factor={raw['rope_parameters']['partial_rotary_factor']} is not "
-                     "supported (rotary over the whole head)")
+  params.pop("partial_rotary_factor", None)  # read_config takes it (rotary_dim)
   kind = params.pop("rope_type", params.pop("type", "default"))
   params.pop("type", None)
   kind = "longrope" if kind == "su" else kind  # Phi-3's first name for it
@@ -273,7 +290,8 @@ def read_tensors(directory: Path) -> Iterator[tuple[str, lazy.LazyTensor]]:
   so the pages a load touches leave the process as it goes (they stay in the page cache, not in its RSS)."""
   from safetensors import SafetensorError, safe_open
 
-  family = families.for_hf(read_raw_config(directory).get("model_type"), str(directory / "config.json")).name
+  raw = read_raw_config(directory)
+  family = families.for_hf(raw.get("model_type"), str(directory / "config.json")).name
   tensors: dict[str, lazy.LazyTensor] = {}
   for file in safetensors_files(directory):
     try:
@@ -282,9 +300,17 @@ def read_tensors(directory: Path) -> Iterator[tuple[str, lazy.LazyTensor]]:
     except (OSError, SafetensorError) as err:
       raise ValueError(f"{file}: unreadable safetensors file ({err})") from err
     for name, shape in shapes.items():
-      if (canonical := canonical_name(name)) is not None:
+      if (canonical := canonical_name(name)) is not None and not _prediction_layer(canonical, raw):
         tensors[canonical] = lazy.Stored(shape, _box_reader(file, name))
   yield from (_gpt_oss_tensors(tensors, directory) if family == "gpt-oss" else tensors).items()
+
+
+def _prediction_layer(name: str, raw: dict) -> bool:
+  """Whether ``name`` belongs to a multi-token-prediction layer (GLM-4.5: ``num_nextn_predict_layers`` layers
+  after the last decoder layer, used for speculative decoding, not for the next-token distribution)."""
+  extra = raw.get("num_nextn_predict_layers") or raw.get("num_mtp_layers") or 0
+  match = re.match(r"model\.layers\.(\d+)\.", name)
+  return bool(extra and match and int(match[1]) >= raw.get("num_hidden_layers", 0))
 
 
 def _gpt_oss_tensors(tensors: dict[str, lazy.LazyTensor], directory: Path) -> dict[str, lazy.LazyTensor]:

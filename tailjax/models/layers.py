@@ -46,13 +46,13 @@ class RMSNorm(nnx.Module):
 
 
 def rope_frequencies(cfg: ModelConfig, seq_len: int, layer_type: str = "full") -> tuple[np.ndarray, float]:
-  """``([head_dim // 2] inverse frequencies, cos/sin scale)`` for windows of ``seq_len`` tokens.
+  """``([rotary_dim // 2] inverse frequencies, cos/sin scale)`` for windows of ``seq_len`` tokens.
 
   Computed in float64 on the host (static per shape); the variants follow Hugging Face's
   ``modeling_rope_utils`` so that converted checkpoints see the same angles. Sliding
   layers of a model with ``rope_local_theta`` (Gemma 3) use plain RoPE at that base.
   """
-  dim, base = cfg.head_dim, cfg.rope_theta
+  dim, base = cfg.rotary_dim or cfg.head_dim, cfg.rope_theta
   s = cfg.rope_scaling or RopeScaling()
   if layer_type == "sliding" and cfg.rope_local_theta is not None:
     base, s = cfg.rope_local_theta, RopeScaling()
@@ -96,12 +96,14 @@ def rope_frequencies(cfg: ModelConfig, seq_len: int, layer_type: str = "full") -
 
 
 def rotary(x: Array, positions: Array, inv_freq: np.ndarray, scale: float = 1.0) -> Array:
-  """Rotary position embedding on ``x: [B, T, heads, head_dim]`` at ``positions: [B, T]``."""
-  half = x.shape[-1] // 2
+  """Rotary position embedding on ``x: [B, T, heads, head_dim]`` at ``positions: [B, T]``: the first
+  ``2 * len(inv_freq)`` dims of each head are rotated (their two halves, ``rotate_half``), the rest pass."""
+  half = len(inv_freq)
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, half]
   cos, sin = (scale * jnp.cos(angles))[:, :, None, :], (scale * jnp.sin(angles))[:, :, None, :]
-  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:2 * half].astype(jnp.float32)
+  rotated = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+  return jnp.concatenate([*rotated, x[..., 2 * half:].astype(jnp.float32)], axis=-1).astype(x.dtype)
 
 
 def linear(d_in: int, d_out: int, bias: bool, names: tuple[str, str], dtype, param_dtype, rngs) -> nnx.Linear:
@@ -124,10 +126,11 @@ def gated(cfg: ModelConfig, gate: Array, up: Array) -> Array:
 
 
 class MLP(nnx.Module):
-  """Gated MLP: ``down(act(gate(x)) * up(x))`` with SwiGLU or GeGLU."""
+  """Gated MLP: ``down(act(gate(x)) * up(x))`` with SwiGLU or GeGLU, ``width`` wide (default
+  ``cfg.intermediate_size``; an MoE's shared expert is narrower)."""
 
-  def __init__(self, cfg: ModelConfig, dtype, param_dtype, rngs: nnx.Rngs):
-    d, m = cfg.hidden_size, cfg.intermediate_size
+  def __init__(self, cfg: ModelConfig, dtype, param_dtype, rngs: nnx.Rngs, width: int | None = None):
+    d, m = cfg.hidden_size, width or cfg.intermediate_size
     self.gate = linear(d, m, False, ("embed", "mlp"), dtype, param_dtype, rngs)
     self.up = linear(d, m, False, ("embed", "mlp"), dtype, param_dtype, rngs)
     self.down = linear(m, d, False, ("mlp", "embed"), dtype, param_dtype, rngs)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tailjax.models.config import ModelConfig
-from tailjax.models.layers import axes, gated
+from tailjax.models.layers import MLP, axes, gated
 
 Array = jax.Array
 
@@ -53,7 +53,7 @@ class ExpertWeights(NamedTuple):
 
 
 def route(x: Array, router: Array, k: int, norm_topk_prob: bool, bias: Array | None = None) -> Routing:
-  """``x: [N, d]``, ``router: [d, E]`` (and ``bias: [E]``) -> ``Routing`` (weights in float32)."""
+  """``x: [N, d]``, ``router: [d, E]`` (and ``bias: [E]``) -> ``Routing`` (weights in float32): softmax top-k."""
   logits = jnp.dot(x, router.astype(x.dtype))
   if bias is not None:
     logits = logits + bias.astype(logits.dtype)
@@ -62,6 +62,26 @@ def route(x: Array, router: Array, k: int, norm_topk_prob: bool, bias: Array | N
   if norm_topk_prob:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
   return Routing(experts.astype(jnp.int32), weights, probs)
+
+
+def route_sigmoid_groups(x: Array, router: Array, correction: Array, cfg: ModelConfig) -> Routing:
+  """GLM-4.5 (DeepSeek-V3's router): ``s = sigmoid(x @ router)`` in float32; experts are split into
+  ``G`` groups, a group scored by the sum of its two best ``s + correction``, a token keeps its best
+  ``g`` groups and takes the ``k`` best ``s + correction`` among their experts; the weights are those
+  experts' ``s`` (renormalised with ``norm_topk_prob``), times ``routed_scaling_factor``."""
+  scores = jax.nn.sigmoid(jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32)))  # [N, E]
+  n, e = scores.shape
+  groups, chosen = cfg.router_groups
+  choice = scores + correction.astype(jnp.float32)
+  group_scores = jnp.sum(jax.lax.top_k(choice.reshape(n, groups, e // groups), 2)[0], axis=-1)  # [N, G]
+  _, best = jax.lax.top_k(group_scores, chosen)
+  keep = jnp.zeros((n, groups), bool).at[jnp.arange(n)[:, None], best].set(True)
+  choice = jnp.where(jnp.repeat(keep, e // groups, axis=1), choice, -jnp.inf)
+  _, experts = jax.lax.top_k(choice, cfg.num_experts_per_tok)
+  weights = jnp.take_along_axis(scores, experts, axis=1)
+  if cfg.norm_topk_prob:
+    weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+  return Routing(experts.astype(jnp.int32), weights * cfg.routed_scaling_factor, scores)
 
 
 class TileLayout(NamedTuple):
@@ -102,7 +122,8 @@ class MoE(nnx.Module):
 
   Parameters: ``router: [d, E]``; ``gate, up: [E, d, I]``; ``down: [E, I, d]`` (each expert's
   kernels in tailjax's ``[in, out]`` layout, stacked on a leading ``experts`` axis); with
-  ``cfg.moe_bias`` also ``router_bias: [E]``, ``gate_bias, up_bias: [E, I]``, ``down_bias: [E, d]``.
+  ``cfg.moe_bias`` also ``router_bias: [E]``, ``gate_bias, up_bias: [E, I]``, ``down_bias: [E, d]``; with
+  the sigmoid-groups router ``score_correction: [E]``; with ``cfg.shared_expert_size`` a dense ``shared`` MLP.
   """
 
   def __init__(self, cfg: ModelConfig, dtype, param_dtype, rngs: nnx.Rngs):
@@ -113,6 +134,10 @@ class MoE(nnx.Module):
     self.gate = nnx.Param(init(rngs.params(), (e, d, m), param_dtype), **axes("experts", "embed", "mlp"))
     self.up = nnx.Param(init(rngs.params(), (e, d, m), param_dtype), **axes("experts", "embed", "mlp"))
     self.down = nnx.Param(init(rngs.params(), (e, m, d), param_dtype), **axes("experts", "mlp", "embed"))
+    if cfg.router == "sigmoid_groups":  # added to the scores only to choose experts (GLM: e_score_correction_bias)
+      self.score_correction = nnx.Param(jnp.zeros(e, jnp.float32), **axes(None))
+    if cfg.shared_expert_size:
+      self.shared = MLP(cfg, dtype, param_dtype, rngs, width=cfg.shared_expert_size)
     if cfg.moe_bias:
       zeros = lambda *shape: jnp.zeros(shape, param_dtype)
       self.router_bias = nnx.Param(zeros(e), **axes(None))
@@ -130,11 +155,16 @@ class MoE(nnx.Module):
     lead, d = x.shape[:-1], x.shape[-1]
     x = x.reshape(-1, d).astype(self.dtype)
     value = lambda name: getattr(self, name)[...].astype(self.dtype) if hasattr(self, name) else None
-    routing = route(x, self.router[...], self.k, self.norm_topk_prob, value("router_bias"))
+    if self.cfg.router == "sigmoid_groups":
+      routing = route_sigmoid_groups(x, self.router[...], self.score_correction[...], self.cfg)
+    else:
+      routing = route(x, self.router[...], self.k, self.norm_topk_prob, value("router_bias"))
     weights = ExpertWeights(*(value(name) for name in ExpertWeights._fields))
     out = expert_outputs(x, routing.experts, weights, lambda g, u: gated(self.cfg, g, u))
-    y = jnp.einsum("nkd,nk->nd", out.astype(jnp.float32), routing.weights)
-    return y.astype(x.dtype).reshape(*lead, d), routing.experts.reshape(*lead, self.k)
+    y = jnp.einsum("nkd,nk->nd", out.astype(jnp.float32), routing.weights).astype(x.dtype)
+    if self.cfg.shared_expert_size:
+      y = y + self.shared(x)
+    return y.reshape(*lead, d), routing.experts.reshape(*lead, self.k)
 
 
 def expert_outputs(x: Array, experts: Array, weights: ExpertWeights, glu: Callable[[Array, Array], Array],

@@ -77,6 +77,11 @@ def _targets(model: Decoder) -> dict[str, _Target]:
         targets[f"{p}mlp.experts.{name}_proj.weight"] = at(param, True)  # stacked [E, out, in] (GGUF)
         for j in range(cfg.num_experts):
           targets[f"{p}mlp.experts.{j}.{name}_proj.weight"] = at(param, True, j)
+      if cfg.router == "sigmoid_groups":
+        targets[p + "mlp.gate.e_score_correction_bias"] = at(block.mlp.score_correction, False)
+      if cfg.shared_expert_size:
+        for name in ("gate", "up", "down"):
+          targets[f"{p}mlp.shared_experts.{name}_proj.weight"] = at(getattr(block.mlp.shared, name).kernel, True)
       if cfg.moe_bias:  # gpt-oss: stacked [E, out]
         targets[p + "mlp.gate.bias"] = at(block.mlp.router_bias, False)
         for name in ("gate", "up", "down"):

@@ -7,10 +7,10 @@ The layers live in ``layers``, ``attention`` and ``moe``; a block is the family'
 arrangement of them, chosen by ``ModelConfig`` (see its docstring).
 
 Blocks are stacked, as in Flax's scan-over-layers example: a model's layers repeat with some
-period ``p`` (1 for Llama or Qwen3; 6 for Gemma 3's five sliding layers and one global; the
-whole depth when they do not repeat), so ``Decoder.layers`` holds a ``Stack`` of ``p`` blocks whose
-parameters carry a leading ``[repeats]`` axis, applied by one ``jax.lax.scan``, and a second
-``Stack`` for the ``L mod p`` layers left over. XLA compiles one period, not the depth: an 80-layer
+period ``p`` (1 for Llama or Qwen3; 6 for Gemma 3's five sliding layers and one global; 1 after
+GLM-4.5's dense first layers, which stand apart), so ``Decoder.layers`` holds a ``Stack`` of ``p``
+blocks whose parameters carry a leading ``[repeats]`` axis, applied by one ``jax.lax.scan``, with
+``Stack``s of their own for a prefix and for the layers left over. XLA compiles one period, not the depth: an 80-layer
 model traces and compiles as fast as a 1-layer one. ``stack_layout`` and ``slot`` say where layer
 ``i`` lives (loaders and checkpoint conversion use them).
 """
@@ -85,14 +85,24 @@ class LayerSlot(NamedTuple):
 
 
 def stack_layout(cfg: ModelConfig) -> tuple[StackSpan, ...]:
-  """The shortest period ``p`` such that layer ``i`` is built like layer ``i mod p`` (same mixer window and
-  RoPE, dense or MoE): ``L // p`` repeats of it, then the ``L mod p`` layers left (a prefix of the period)."""
+  """Layers grouped so that as few distinct blocks as possible are compiled: an optional prefix of ``q``
+  layers kept apart (GLM-4.5's dense first layers), then the shortest period ``p`` such that layer ``i``
+  is built like layer ``q + (i - q) mod p`` (same mixer window and RoPE, dense or MoE) repeated, then the
+  layers left over (a prefix of the period). ``q`` minimises ``q + p + leftover``, the smallest on ties."""
   depth = cfg.num_layers
   kind = [(cfg.layer_type(i), cfg.is_moe_layer(i)) for i in range(depth)]
-  period = next(p for p in range(1, depth + 1) if all(kind[i] == kind[i % p] for i in range(depth)))
-  spans = [StackSpan(0, period, depth // period)]
-  if depth % period:
-    spans.append(StackSpan(depth - depth % period, depth % period, 1))
+
+  def period(q: int) -> int:
+    rest = kind[q:]
+    return next(p for p in range(1, len(rest) + 1) if all(rest[i] == rest[i % p] for i in range(len(rest))))
+
+  cost = lambda q: q + period(q) + (depth - q) % period(q)
+  q = min(range(depth), key=lambda q: (cost(q), q))
+  p = period(q)
+  spans = [StackSpan(0, q, 1)] if q else []
+  spans.append(StackSpan(q, p, (depth - q) // p))
+  if (depth - q) % p:
+    spans.append(StackSpan(depth - (depth - q) % p, (depth - q) % p, 1))
   return tuple(spans)
 
 
