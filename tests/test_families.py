@@ -54,6 +54,8 @@ FAMILIES = {
     "phi3-longrope-long": (transformers.Phi3Config, dict(
         pad_token_id=0, hidden_size=64, num_attention_heads=4, rope_parameters=LONGROPE,
         original_max_position_embeddings=16)),
+    "phi4-mini-partial-rotary": (transformers.Phi3Config, dict(pad_token_id=0, partial_rotary_factor=0.75,
+                                                               head_dim=16)),
     "phi3-longrope-short-window": (transformers.Phi3Config, dict(
         pad_token_id=0, rope_parameters=LONGROPE, original_max_position_embeddings=32, sliding_window=7)),
 }

@@ -20,13 +20,14 @@ class Family:
   gguf_architectures: tuple[str, ...]  # a GGUF arch shared by several families is resolved by its metadata
   traits: MappingProxyType  # ModelConfig fields every checkpoint of the family has
   examples: str  # for the README and error messages
+  partial_rotary: bool = False  # its transformers model rotates only the first rotary_dim dims of a head
 
   def config_fields(self) -> dict[str, Any]:
     return dict(self.traits)
 
 
-def _family(name, hf_types, gguf_archs, examples, **traits) -> Family:
-  return Family(name, tuple(hf_types), tuple(gguf_archs), MappingProxyType(traits), examples)
+def _family(name, hf_types, gguf_archs, examples, partial_rotary=False, **traits) -> Family:
+  return Family(name, tuple(hf_types), tuple(gguf_archs), MappingProxyType(traits), examples, partial_rotary)
 
 
 _GEMMA = dict(norm_unit_offset=True, sandwich_norms=True, scale_embeddings=True, hidden_act="gelu_tanh")
@@ -41,10 +42,10 @@ FAMILIES: tuple[Family, ...] = (
     _family("gemma2", ["gemma2"], ["gemma2"], "Gemma 2", **_GEMMA),
     _family("gemma3", ["gemma3_text", "gemma3"], ["gemma3"], "Gemma 3 (text; the language model of multimodal "
             "checkpoints)", qk_norm=True, **_GEMMA),
-    _family("phi3", ["phi3"], ["phi3"], "Phi-3, Phi-3.5 mini/medium (LongRoPE)"),
+    _family("phi3", ["phi3"], ["phi3"], "Phi-3, Phi-3.5 mini/medium (LongRoPE)", partial_rotary=True),
     _family("gpt-oss", ["gpt_oss"], [], "gpt-oss-20b, gpt-oss-120b (MXFP4 experts dequantized on load)", attention_sinks=True, moe_bias=True, hidden_act="clamped_swiglu", norm_topk_prob=True),
     _family("glm4-moe", ["glm4_moe"], [], "GLM-4.5, GLM-4.5-Air, GLM-4.6, GLM-4.7 (group-limited sigmoid routing, "
-            "a shared expert, partial RoPE)", router="sigmoid_groups", o_bias=False),
+            "a shared expert, partial RoPE)", partial_rotary=True, router="sigmoid_groups", o_bias=False),
     _family("ministral3", ["ministral3"], [], "Mistral 3 / Ministral 3, Devstral Small 2 (the text model of "
             "mistral3 checkpoints; YaRN with position-scaled queries)"),
 )

@@ -115,6 +115,10 @@ def read_config(directory: Path) -> ModelConfig:
   require(not raw.get("use_bidirectional_attention"), "use_bidirectional_attention", "decoders are causal")
   heads = raw.get("num_attention_heads")
   layers = raw.get("num_hidden_layers")
+  rotary_dim = _rotary_dim(raw)
+  if rotary_dim is not None and not family.partial_rotary:
+    factor = (raw.get("rope_parameters") or {}).get("partial_rotary_factor", raw.get("partial_rotary_factor"))
+    raise ValueError(f"{path}: partial_rotary_factor={factor} is not supported ({family.name} rotates whole heads)")
   theta, scaling, local_theta = _rope(raw, path, gemma)
   sliding, layer_types = _attention_layers(raw, family.name, layers, path)
   fields = dict(
@@ -140,7 +144,7 @@ def read_config(directory: Path) -> ModelConfig:
       attn_logit_softcap=raw.get("attn_logit_softcapping"),
       final_logit_softcap=raw.get("final_logit_softcapping"),
       query_position_scaling=_query_position_scaling(raw, path),
-      rotary_dim=_rotary_dim(raw),
+      rotary_dim=rotary_dim,
       **{k: float(raw[k]) for k in ("swiglu_alpha", "swiglu_limit") if raw.get(k) is not None},
       **_experts(raw, layers),
   )
