@@ -32,6 +32,9 @@ FAMILIES = {
     "qwen3-moe-dense-layer": (transformers.Qwen3MoeConfig, dict(**MOE, num_experts=4, mlp_only_layers=[1])),
     "qwen3-moe-norm-topk-step2": (transformers.Qwen3MoeConfig, dict(**MOE, num_experts=5, norm_topk_prob=True,
                                                                     decoder_sparse_step=2, head_dim=24)),
+    "qwen2-moe-gated-shared-expert": (transformers.Qwen2MoeConfig, dict(
+        **MOE, num_experts=4, shared_expert_intermediate_size=24, decoder_sparse_step=1, mlp_only_layers=[0],
+        qkv_bias=True)),
     "mixtral-sliding": (transformers.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2,
                                                          sliding_window=6)),
     "gemma2-softcaps": (transformers.Gemma2Config, dict(**GEMMA, attn_logit_softcapping=2.0,

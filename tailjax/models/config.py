@@ -73,7 +73,8 @@ class ModelConfig:
     ``dense_layers`` (Qwen3-MoE, Mixtral); with router and expert biases and a clamped SwiGLU
     (``moe_bias``, ``hidden_act="clamped_swiglu"``: gpt-oss); routed by group-limited top-k of
     sigmoid scores with a shared expert beside (``router="sigmoid_groups"``, ``shared_expert_size``:
-    GLM-4.5); RoPE on the first ``rotary_dim`` dims of each head only (GLM);
+    GLM-4.5), a shared expert behind a sigmoid gate (``shared_expert_gate``: Qwen2-MoE);
+    RoPE on the first ``rotary_dim`` dims of each head only (GLM);
   - output: logits soft-capped at ``final_logit_softcap`` (Gemma 2), applied by
     ``tailjax.head`` blockwise.
 
@@ -124,6 +125,7 @@ class ModelConfig:
   router_groups: tuple[int, int] = (1, 1)  # (groups of experts, groups a token may choose): sigmoid_groups
   routed_scaling_factor: float = 1.0  # the chosen experts' weights times this (GLM)
   shared_expert_size: int = 0  # width of an always-on SwiGLU expert added to every MoE layer (GLM); 0: none
+  shared_expert_gate: bool = False  # the shared expert's output times sigmoid(x @ w), w: [d, 1] (Qwen2-MoE)
 
   def __post_init__(self):
     if self.head_dim is None:

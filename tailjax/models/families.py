@@ -36,6 +36,8 @@ FAMILIES: tuple[Family, ...] = (
     _family("llama", ["llama"], ["llama"], "Llama 2/3, SmolLM, TinyLlama"),
     _family("mistral", ["mistral"], [], "Mistral 7B (GGUF files of it say llama)"),
     _family("qwen2", ["qwen2"], ["qwen2"], "Qwen2, Qwen2.5", qkv_bias=True),
+    _family("qwen2-moe", ["qwen2_moe"], [], "Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B (a shared expert behind a sigmoid gate)",
+            o_bias=False),
     _family("qwen3", ["qwen3"], ["qwen3"], "Qwen3 dense", qk_norm=True),
     _family("qwen3-moe", ["qwen3_moe"], ["qwen3moe"], "Qwen3-30B-A3B, Qwen3-235B-A22B", qk_norm=True),
     _family("mixtral", ["mixtral"], ["llama"], "Mixtral 8x7B, 8x22B (GGUF: llama with experts)", norm_topk_prob=True),

@@ -50,6 +50,8 @@ _MODEL_FIELDS = frozenset({
     # GLM-4.5 MoE
     "n_routed_experts", "n_shared_experts", "routed_scaling_factor", "n_group", "topk_group", "first_k_dense_replace",
     "use_qk_norm", "num_mtp_layers", "num_nextn_predict_layers",
+    # Qwen2-MoE
+    "shared_expert_intermediate_size", "qkv_bias",
 })
 _ROPE_FIELDS = {
     "rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "low_freq_factor",
@@ -134,7 +136,7 @@ def read_config(directory: Path) -> ModelConfig:
       rope_local_theta=local_theta,
       rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
       tie_word_embeddings=bool(raw.get("tie_word_embeddings", gemma)),
-      qkv_bias=bool(raw.get("attention_bias", False)),
+      qkv_bias=bool(raw.get("attention_bias", raw.get("qkv_bias", False))),
       o_bias=bool(raw.get("attention_bias", False)),
       max_position_embeddings=raw.get("max_position_embeddings", 4096),
       sliding_window=sliding,
@@ -165,7 +167,7 @@ def _attention_layers(raw: dict, family: str, layers: int, path: Path) -> tuple[
   """``(sliding_window, layer_types)``: which layers attend through a window, as transformers decides."""
   window = raw.get("sliding_window")
   kinds = raw.get("layer_types")
-  if family in ("qwen2", "qwen3", "qwen3-moe") and not raw.get("use_sliding_window", False):
+  if family in ("qwen2", "qwen2-moe", "qwen3", "qwen3-moe") and not raw.get("use_sliding_window", False):
     window = None  # Qwen configs carry a window size that is off unless use_sliding_window
   if kinds is None and window is not None:
     if family.startswith("qwen"):
@@ -223,6 +225,8 @@ def _experts(raw: dict, layers: int) -> dict:
   width = raw.get("moe_intermediate_size") or raw.get("intermediate_size")
   fields = dict(num_experts=experts, num_experts_per_tok=raw.get("num_experts_per_tok"), moe_intermediate_size=width,
                 norm_topk_prob=bool(raw.get("norm_topk_prob", False)), dense_layers=dense)
+  if raw.get("shared_expert_intermediate_size"):  # Qwen2-MoE: one gated shared expert
+    fields.update(shared_expert_size=int(raw["shared_expert_intermediate_size"]), shared_expert_gate=True)
   if raw.get("n_group") is not None:  # GLM-4.5: group-limited routing and shared experts
     fields.update(router_groups=(int(raw["n_group"]), int(raw.get("topk_group") or 1)),
                   routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),

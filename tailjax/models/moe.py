@@ -123,7 +123,8 @@ class MoE(nnx.Module):
   Parameters: ``router: [d, E]``; ``gate, up: [E, d, I]``; ``down: [E, I, d]`` (each expert's
   kernels in tailjax's ``[in, out]`` layout, stacked on a leading ``experts`` axis); with
   ``cfg.moe_bias`` also ``router_bias: [E]``, ``gate_bias, up_bias: [E, I]``, ``down_bias: [E, d]``; with
-  the sigmoid-groups router ``score_correction: [E]``; with ``cfg.shared_expert_size`` a dense ``shared`` MLP.
+  the sigmoid-groups router ``score_correction: [E]``; with ``cfg.shared_expert_size`` a dense ``shared`` MLP
+  (and with ``cfg.shared_expert_gate`` its gate ``shared_gate: [d, 1]``).
   """
 
   def __init__(self, cfg: ModelConfig, dtype, param_dtype, rngs: nnx.Rngs):
@@ -138,6 +139,9 @@ class MoE(nnx.Module):
       self.score_correction = nnx.Param(jnp.zeros(e, jnp.float32), **axes(None))
     if cfg.shared_expert_size:
       self.shared = MLP(cfg, dtype, param_dtype, rngs, width=cfg.shared_expert_size)
+    if cfg.shared_expert_gate:
+      self.shared_gate = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (d, 1), param_dtype),
+                                   **axes("embed", None))
     if cfg.moe_bias:
       zeros = lambda *shape: jnp.zeros(shape, param_dtype)
       self.router_bias = nnx.Param(zeros(e), **axes(None))
@@ -163,7 +167,10 @@ class MoE(nnx.Module):
     out = expert_outputs(x, routing.experts, weights, lambda g, u: gated(self.cfg, g, u))
     y = jnp.einsum("nkd,nk->nd", out.astype(jnp.float32), routing.weights).astype(x.dtype)
     if self.cfg.shared_expert_size:
-      y = y + self.shared(x)
+      shared = self.shared(x)
+      if self.cfg.shared_expert_gate:
+        shared = jax.nn.sigmoid(jnp.dot(x, self.shared_gate[...].astype(x.dtype))) * shared
+      y = y + shared
     return y.reshape(*lead, d), routing.experts.reshape(*lead, self.k)
 
 

@@ -79,9 +79,12 @@ def _targets(model: Decoder) -> dict[str, _Target]:
           targets[f"{p}mlp.experts.{j}.{name}_proj.weight"] = at(param, True, j)
       if cfg.router == "sigmoid_groups":
         targets[p + "mlp.gate.e_score_correction_bias"] = at(block.mlp.score_correction, False)
-      if cfg.shared_expert_size:
+      if cfg.shared_expert_size:  # GLM: shared_experts; Qwen2-MoE: shared_expert, with its gate
+        shared = "shared_expert" if cfg.shared_expert_gate else "shared_experts"
         for name in ("gate", "up", "down"):
-          targets[f"{p}mlp.shared_experts.{name}_proj.weight"] = at(getattr(block.mlp.shared, name).kernel, True)
+          targets[f"{p}mlp.{shared}.{name}_proj.weight"] = at(getattr(block.mlp.shared, name).kernel, True)
+      if cfg.shared_expert_gate:
+        targets[p + "mlp.shared_expert_gate.weight"] = at(block.mlp.shared_gate, True)
       if cfg.moe_bias:  # gpt-oss: stacked [E, out]
         targets[p + "mlp.gate.bias"] = at(block.mlp.router_bias, False)
         for name in ("gate", "up", "down"):
