@@ -71,15 +71,21 @@ def _mesh_spec(logical: PartitionSpec | tuple, shape: tuple[int, ...], mesh: Mes
   return PartitionSpec(*(a[0] if isinstance(a, tuple) and len(a) == 1 else a for a in out))
 
 
-def parameter_shardings(state: nnx.State, mesh: Mesh):
-  """The ``NamedSharding`` of every variable of ``state`` (arrays or abstract shapes) on ``mesh``."""
+def parameter_shardings(state: nnx.State, mesh: Mesh | None):
+  """The ``NamedSharding`` of every variable of ``state`` (arrays or abstract shapes) on ``mesh``; without a
+  mesh, the first local device for all of them."""
+  if mesh is None:
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda _: one, state)
   logical = nnx.get_partition_spec(state)
   return jax.tree.map(lambda spec, value: NamedSharding(mesh, _mesh_spec(spec, value.shape, mesh)), logical, state,
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def variable_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:
-  """The ``NamedSharding`` of one variable (array or abstract shape) on ``mesh``, as ``parameter_shardings``."""
+def variable_sharding(variable: nnx.Variable, mesh: Mesh | None) -> jax.sharding.Sharding:
+  """The sharding of one variable (array or abstract shape), as ``parameter_shardings`` gives it."""
+  if mesh is None:
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   logical = nnx.get_partition_spec(variable).get_value()
   return NamedSharding(mesh, _mesh_spec(logical, variable.get_value().shape, mesh))
 

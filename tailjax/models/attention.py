@@ -94,7 +94,7 @@ class Attention(nnx.Module):
     if cfg.query_position_scaling is not None:  # Mistral 3: 1 + beta log(1 + floor(position / period))
       beta, period = cfg.query_position_scaling
       scale = 1 + beta * jnp.log1p(jnp.floor(positions.astype(jnp.float32) / period))  # [B, T]
-      q = (q * scale[:, :, None, None].astype(q.dtype)).astype(q.dtype)
+      q = q * scale[:, :, None, None].astype(q.dtype)
     window = cfg.sliding_window if self.layer_type == "sliding" else None
     scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
     sinks = self.sinks[...] if cfg.attention_sinks else None

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from tailjax import mesh as meshes
 from tailjax.models.transformer import Decoder, slot
 
 
@@ -30,24 +31,13 @@ def save(model: Decoder, directory: Path) -> None:
     checkpointer.save(directory, nnx.state(model, nnx.Param), force=True)
 
 
-def shardings(abstract: nnx.State, device_mesh: jax.sharding.Mesh | None):
-  """The sharding of every parameter of ``abstract``: ``tailjax.mesh``'s on ``device_mesh``, else the first local
-  device."""
-  if device_mesh is None:
-    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda _: one, abstract)
-  from tailjax import mesh as meshes
-
-  return meshes.parameter_shardings(abstract, device_mesh)
-
-
 def restore(directory: Path, model: Decoder, device_mesh: jax.sharding.Mesh | None = None) -> None:
   """Fill the abstract ``model`` (``nnx.eval_shape``) from the checkpoint ``directory``, in place: each parameter
   in the dtype ``model`` declares, in its sharding on ``device_mesh``; a per-layer checkpoint is converted."""
   import orbax.checkpoint as ocp
 
   abstract = nnx.state(model, nnx.Param)
-  placement = shardings(abstract, device_mesh)
+  placement = meshes.parameter_shardings(abstract, device_mesh)
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       stored = _stored_tree(checkpointer, directory)

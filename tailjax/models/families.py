@@ -45,7 +45,8 @@ FAMILIES: tuple[Family, ...] = (
     _family("gemma3", ["gemma3_text", "gemma3"], ["gemma3"], "Gemma 3 (text; the language model of multimodal "
             "checkpoints)", qk_norm=True, **_GEMMA),
     _family("phi3", ["phi3"], ["phi3"], "Phi-3, Phi-3.5 mini/medium (LongRoPE)", partial_rotary=True),
-    _family("gpt-oss", ["gpt_oss"], [], "gpt-oss-20b, gpt-oss-120b (MXFP4 experts dequantized on load)", attention_sinks=True, moe_bias=True, hidden_act="clamped_swiglu", norm_topk_prob=True),
+    _family("gpt-oss", ["gpt_oss"], [], "gpt-oss-20b, gpt-oss-120b (MXFP4 experts dequantized on load)",
+            attention_sinks=True, moe_bias=True, hidden_act="clamped_swiglu", norm_topk_prob=True),
     _family("glm4-moe", ["glm4_moe"], [], "GLM-4.5, GLM-4.5-Air, GLM-4.6, GLM-4.7 (group-limited sigmoid routing, "
             "a shared expert, partial RoPE)", partial_rotary=True, router="sigmoid_groups", o_bias=False),
     _family("ministral3", ["ministral3"], [], "Mistral 3 / Ministral 3, Devstral Small 2 (the text model of "

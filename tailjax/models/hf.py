@@ -119,8 +119,8 @@ def read_config(directory: Path) -> ModelConfig:
   layers = raw.get("num_hidden_layers")
   rotary_dim = _rotary_dim(raw)
   if rotary_dim is not None and not family.partial_rotary:
-    factor = (raw.get("rope_parameters") or {}).get("partial_rotary_factor", raw.get("partial_rotary_factor"))
-    raise ValueError(f"{path}: partial_rotary_factor={factor} is not supported ({family.name} rotates whole heads)")
+    raise ValueError(f"{path}: partial_rotary_factor={_partial_rotary_factor(raw)} is not supported ({family.name} "
+                     "rotates whole heads)")
   theta, scaling, local_theta = _rope(raw, path, gemma)
   sliding, layer_types = _attention_layers(raw, family.name, layers, path)
   fields = dict(
@@ -192,9 +192,14 @@ def _attention_layers(raw: dict, family: str, layers: int, path: Path) -> tuple[
   return window, kinds
 
 
+def _partial_rotary_factor(raw: dict) -> float | None:
+  """``partial_rotary_factor``: in ``rope_parameters`` as transformers 5 writes it, or at the top level."""
+  return (raw.get("rope_parameters") or {}).get("partial_rotary_factor", raw.get("partial_rotary_factor"))
+
+
 def _rotary_dim(raw: dict) -> int | None:
-  """``head_dim * partial_rotary_factor`` (top level, or in ``rope_parameters`` as transformers 5 writes it)."""
-  factor = (raw.get("rope_parameters") or {}).get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+  """``head_dim * partial_rotary_factor``; None when the whole head rotates."""
+  factor = _partial_rotary_factor(raw)
   if factor in (None, 1, 1.0):
     return None
   head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]

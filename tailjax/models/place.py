@@ -146,7 +146,7 @@ def fill(cfg: ModelConfig, tensors: Iterable[tuple[str, lazy.LazyTensor]], sourc
   model = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
   for param, tensor, stacked in _assign(model, tensors, source, cfg):
     build = _stacked_array if stacked else _array
-    param.set_value(build(tensor, param.get_value().dtype, _sharding(param, device_mesh)))
+    param.set_value(build(tensor, param.get_value().dtype, meshes.variable_sharding(param, device_mesh)))
   return model
 
 
@@ -200,12 +200,6 @@ def _assign(model: Decoder, tensors, source: str,
   if targets:
     raise ValueError(f"{source}: tensors missing: {sorted(targets)[:5]}{' ...' if len(targets) > 5 else ''}")
   return list(whole.values())
-
-
-def _sharding(param: nnx.Variable, device_mesh) -> jax.sharding.Sharding:
-  if device_mesh is None:
-    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  return meshes.variable_sharding(param, device_mesh)
 
 
 def _array(tensor: lazy.LazyTensor, dtype, sharding: jax.sharding.Sharding) -> jax.Array:

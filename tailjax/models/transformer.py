@@ -10,13 +10,14 @@ Blocks are stacked, as in Flax's scan-over-layers example: a model's layers repe
 period ``p`` (1 for Llama or Qwen3; 6 for Gemma 3's five sliding layers and one global; 1 after
 GLM-4.5's dense first layers, which stand apart), so ``Decoder.layers`` holds a ``Stack`` of ``p``
 blocks whose parameters carry a leading ``[repeats]`` axis, applied by one ``jax.lax.scan``, with
-``Stack``s of their own for a prefix and for the layers left over. XLA compiles one period, not the depth: an 80-layer
-model traces and compiles as fast as a 1-layer one. ``stack_layout`` and ``slot`` say where layer
+``Stack``s of their own for a prefix and for the layers left over. XLA compiles one period, not the
+depth: an 80-layer model traces and compiles as fast as a 1-layer one. ``stack_layout`` and ``slot`` say where layer
 ``i`` lives (loaders and checkpoint conversion use them).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -84,6 +85,7 @@ class LayerSlot(NamedTuple):
   position: int
 
 
+@functools.lru_cache(maxsize=64)
 def stack_layout(cfg: ModelConfig) -> tuple[StackSpan, ...]:
   """Layers grouped so that as few distinct blocks as possible are compiled: an optional prefix of ``q``
   layers kept apart (GLM-4.5's dense first layers), then the shortest period ``p`` such that layer ``i``
@@ -96,9 +98,9 @@ def stack_layout(cfg: ModelConfig) -> tuple[StackSpan, ...]:
     rest = kind[q:]
     return next(p for p in range(1, len(rest) + 1) if all(rest[i] == rest[i % p] for i in range(len(rest))))
 
-  cost = lambda q: q + period(q) + (depth - q) % period(q)
-  q = min(range(depth), key=lambda q: (cost(q), q))
-  p = period(q)
+  periods = [period(q) for q in range(depth)]
+  q = min(range(depth), key=lambda q: (q + periods[q] + (depth - q) % periods[q], q))
+  p = periods[q]
   spans = [StackSpan(0, q, 1)] if q else []
   spans.append(StackSpan(q, p, (depth - q) // p))
   if (depth - q) % p:
