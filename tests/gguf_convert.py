@@ -42,10 +42,50 @@ _BLOCK_NAMES = {
     "mlp.down_proj.weight": "ffn_down.weight", "mlp.gate_up_proj.weight": "ffn_up.weight",
     "mlp.gate.weight": "ffn_gate_inp.weight", "block_sparse_moe.gate.weight": "ffn_gate_inp.weight",
 }
+# Qwen3.5 (llama.cpp's Qwen3NextModel + _LinearAttentionVReorderBase), and shared experts (Qwen2MoeModel).
+_QWEN35_NAMES = {
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "linear_attn.in_proj_qkv.weight": "attn_qkv.weight", "linear_attn.in_proj_z.weight": "attn_gate.weight",
+    "linear_attn.in_proj_b.weight": "ssm_beta.weight", "linear_attn.in_proj_a.weight": "ssm_alpha.weight",
+    "linear_attn.out_proj.weight": "ssm_out.weight", "linear_attn.norm.weight": "ssm_norm.weight",
+    "linear_attn.conv1d.weight": "ssm_conv1d.weight", "linear_attn.A_log": "ssm_a",
+    "linear_attn.dt_bias": "ssm_dt.bias",
+}
+_SHARED_EXPERT = {"mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
+                  **{f"mlp.shared_expert.{x}_proj.weight": f"ffn_{x}_shexp.weight" for x in ("gate", "up", "down")}}
 _GEMMA_NORMS = {"post_attention_layernorm.weight": "post_attention_norm.weight",
                 "pre_feedforward_layernorm.weight": "ffn_norm.weight",
                 "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}
 _EXPERT = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
+
+
+def tiled_value_heads(value: np.ndarray, axis: int, key_heads: int, value_heads: int, width: int) -> np.ndarray:
+  """llama.cpp's ``_reorder_v_heads``: value heads grouped by key head -> tiled (``[r, key_heads]`` order)."""
+  shape = value.shape
+  grouped = value.reshape(*shape[:axis], key_heads, value_heads // key_heads, width, *shape[axis + 1:])
+  return np.swapaxes(grouped, axis, axis + 1).reshape(shape)
+
+
+def qwen35_tensor(rest: str, value: np.ndarray, cfg) -> tuple[str, np.ndarray]:
+  """One Qwen3.5 block tensor as llama.cpp's converter writes it."""
+  nk, nv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+  dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+  if rest.endswith(".A_log"):
+    value = -np.exp(value)
+  elif "conv1d" in rest:
+    value = value.squeeze()
+  if rest.startswith("linear_attn.") and nk != nv:
+    reorder = lambda x, axis, width: tiled_value_heads(x, axis, nk, nv, width)
+    leaf = rest.split(".")[1]
+    if leaf in ("in_proj_qkv", "conv1d"):
+      value = np.concatenate([value[:2 * nk * dk], reorder(value[2 * nk * dk:], 0, dv)])
+    elif leaf == "in_proj_z":
+      value = reorder(value, 0, dv)
+    elif leaf in ("in_proj_b", "in_proj_a", "A_log", "dt_bias"):
+      value = reorder(value, 0, 1)
+    elif leaf == "out_proj":
+      value = reorder(value, 1, dv)
+  return {**_BLOCK_NAMES, **_QWEN35_NAMES, **_SHARED_EXPERT}[rest], value
 
 
 def write(directory: Path, path: Path, arch: str, per_expert: bool = False, extra: dict | None = None) -> Path:
@@ -59,10 +99,13 @@ def write(directory: Path, path: Path, arch: str, per_expert: bool = False, extr
   w = gguf_lib.GGUFWriter(str(path), arch)
   heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
   head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-  w.add_block_count(cfg.num_hidden_layers)
+  qwen35 = arch.startswith("qwen35")
+  mtp = getattr(cfg, "mtp_num_hidden_layers", 0) or 0
+  w.add_block_count(cfg.num_hidden_layers + mtp)
   w.add_context_length(cfg.max_position_embeddings)
   w.add_embedding_length(cfg.hidden_size)
-  w.add_feed_forward_length(cfg.intermediate_size)
+  if getattr(cfg, "intermediate_size", None) is not None:
+    w.add_feed_forward_length(cfg.intermediate_size)
   w.add_head_count(heads)
   w.add_head_count_kv(kv)
   w.add_key_length(head_dim)
@@ -83,8 +126,21 @@ def write(directory: Path, path: Path, arch: str, per_expert: bool = False, extr
   if experts:
     w.add_expert_count(experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
-    if arch == "qwen3moe":
+    if arch in ("qwen3moe", "qwen2moe", "qwen35moe"):
       w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if getattr(cfg, "shared_expert_intermediate_size", None):
+      w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+  if qwen35:  # Qwen3NextModel.set_gguf_parameters and the MRoPE / MTP mixins
+    w.add_ssm_conv_kernel(cfg.linear_conv_kernel_dim)
+    w.add_ssm_state_size(cfg.linear_key_head_dim)
+    w.add_ssm_group_count(cfg.linear_num_key_heads)
+    w.add_ssm_time_step_rank(cfg.linear_num_value_heads)
+    w.add_ssm_inner_size(cfg.linear_value_head_dim * cfg.linear_num_value_heads)
+    w.add_full_attention_interval(4)  # what the converter writes for a config.json without the field
+    w.add_rope_dimension_count(int(head_dim * cfg.rope_parameters.get("partial_rotary_factor", 0.25)))
+    w.add_rope_dimension_sections(cfg.rope_parameters.get("mrope_section", [11, 11, 10, 0]))
+    if mtp:
+      w.add_nextn_predict_layers(mtp)
   add_letter_tokenizer(w, cfg.vocab_size)
   for key, value in (extra or {}).items():
     w.add_float32(key, value)
@@ -101,8 +157,8 @@ def write(directory: Path, path: Path, arch: str, per_expert: bool = False, extr
     value = tensor.astype(np.float32)
     if name.endswith("rotary_emb.inv_freq"):
       continue
-    if gemma and name.endswith("norm.weight"):
-      value = value + 1
+    if (gemma or qwen35 and not name.endswith("linear_attn.norm.weight")) and name.endswith("norm.weight"):
+      value = value + 1  # zero-centred norms stored as 1 + w (Qwen3.5: all but the DeltaNet output norm)
     if name == "model.embed_tokens.weight":
       w.add_tensor("token_embd.weight", value)
       continue
@@ -113,7 +169,17 @@ def write(directory: Path, path: Path, arch: str, per_expert: bool = False, extr
       if not cfg.tie_word_embeddings:
         w.add_tensor("output.weight", value)
       continue
+    if name.startswith("mtp."):  # as _Qwen35MtpMixin: the prediction layer after the last block
+      w.add_tensor(f"blk.{cfg.num_hidden_layers}.nextn.{name[4:]}", value)
+      continue
     _, _, layer, rest = name.split(".", 3)
+    if qwen35 and not rest.startswith("mlp.experts."):
+      gguf_name, value = qwen35_tensor(rest, value, cfg)
+      w.add_tensor(f"blk.{layer}.{gguf_name}", value)
+      continue
+    if rest in _SHARED_EXPERT:
+      w.add_tensor(f"blk.{layer}.{_SHARED_EXPERT[rest]}", value)
+      continue
     if arch == "llama" and rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
       value = permute(value, heads if "q_proj" in rest else kv)
     if rest.startswith(("mlp.experts.", "block_sparse_moe.experts.")):

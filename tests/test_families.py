@@ -20,6 +20,12 @@ SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=80, num_hidden_la
              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
 MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
 GEMMA = dict(head_dim=24, query_pre_attn_scalar=20, sliding_window=5, initializer_range=0.1)
+# Gated DeltaNet in layers 0, 2, 3 (grouped key heads), gated full attention with q/k norms in layer 1; the
+# default partial rotary factor (0.25) in the MoE case.
+QWEN3_5 = dict(num_hidden_layers=4, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+               linear_key_head_dim=16, linear_value_head_dim=12, linear_conv_kernel_dim=4,
+               layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"])
+QWEN3_5_INTERVAL = ["linear_attention"] * 3 + ["full_attention"]
 MINISTRAL3_ROPE = dict(rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=8,
                        beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.5)
 LONGROPE = dict(rope_type="longrope", rope_theta=1e4, short_factor=list(np.linspace(1, 2, 8)),
@@ -47,6 +53,11 @@ FAMILIES = {
         head_dim=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
         n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1, norm_topk_prob=True,
         use_qk_norm=True, attention_bias=True, partial_rotary_factor=0.5)),
+    "qwen3.5-deltanet-gated-attention": (transformers.Qwen3_5TextConfig, dict(
+        **QWEN3_5, rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5,
+                                        mrope_section=[2, 1, 1], mrope_interleaved=True))),
+    "qwen3.5-moe-gated-shared-expert": (transformers.Qwen3_5MoeTextConfig, dict(
+        **QWEN3_5, **MOE, num_experts=4, shared_expert_intermediate_size=24)),
     "ministral3-yarn-position-scaled-queries": (transformers.Ministral3Config, dict(
         head_dim=24, rope_parameters=MINISTRAL3_ROPE, sliding_window=9)),
     "gpt-oss-sinks-clamps-yarn": (transformers.GptOssConfig, dict(
@@ -209,6 +220,10 @@ GGUF_CASES = {
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0}})),
     "phi3": ("phi3-longrope-long", "phi3", {}),
+    "qwen2moe": ("qwen2-moe-gated-shared-expert", "qwen2moe", {}),
+    # llama.cpp keeps Qwen3.5's layer pattern as full_attention_interval (4): layer 3 is the full one
+    "qwen35": ("qwen3.5-deltanet-gated-attention", "qwen35", dict(layer_types=QWEN3_5_INTERVAL)),
+    "qwen35moe": ("qwen3.5-moe-gated-shared-expert", "qwen35moe", dict(layer_types=QWEN3_5_INTERVAL)),
 }
 
 
@@ -407,3 +422,73 @@ def test_gpt_oss_mxfp4_experts_load_as_transformers_dequantizes_them(tmp_path, r
   stored = lambda a: lazy.Stored(tuple(a.shape), lambda box: a[box])
   with pytest.raises(ValueError, match="do not pair"):
     mxfp4.Dequantized(stored(np.zeros((2, 3, 4, 16), np.uint8)), stored(np.zeros((2, 3, 5), np.uint8)))
+
+
+def test_qwen3_5_over_several_linear_attention_chunks_and_packed_documents(tmp_path, rng):
+  """160 tokens: the DeltaNet layers run three 64-token chunks (the last one partial), as transformers' chunked
+  rule does; packed into one row, two documents give each one's numbers alone (conv taps, the recurrent state
+  and positions all restart)."""
+  config_cls, overrides = FAMILIES["qwen3.5-deltanet-gated-attention"]
+  reference = random_hf_model(config_cls, tmp_path, **{**SMALL, **overrides})
+  loaded = models.load(tmp_path)
+  assert loaded.config.layer_types == ("linear", "full", "linear", "linear") and loaded.config.rotary_dim == 8
+  ids = rng.integers(0, SMALL["vocab_size"], (1, 160))
+  assert np.abs(np.asarray(loaded.logprobs(ids), np.float64) - torch_logprobs(reference, ids)).max() <= 1e-4
+  segments = jnp.asarray(np.repeat([[1, 2]], [70, 90], axis=1))
+  packed = np.asarray(loaded.model(jnp.asarray(ids), segments))
+  for part in (slice(0, 70), slice(70, 160)):
+    alone = np.asarray(loaded.model(jnp.asarray(ids[:, part])))
+    np.testing.assert_allclose(packed[:, part], alone, atol=2e-5)
+
+
+def test_qwen3_5_multimodal_checkpoint_loads_its_language_model(tmp_path, rng, caplog):
+  """Qwen3.5 / 3.6 ship as ``qwen3_5`` (``Qwen3_5ForConditionalGeneration``): a vision tower under
+  ``model.visual``, the language model under ``model.language_model``, and (on the Hub) a multi-token-prediction
+  head under ``mtp.``; tailjax loads the language model alone."""
+  from safetensors.numpy import load_file, save_file
+
+  text = transformers.Qwen3_5TextConfig(**{**SMALL, **FAMILIES["qwen3.5-deltanet-gated-attention"][1]})
+  vision = transformers.Qwen3_5VisionConfig(depth=1, hidden_size=32, intermediate_size=48, num_heads=2,
+                                            out_hidden_size=64, patch_size=14, num_position_embeddings=16)
+  cfg = transformers.Qwen3_5Config(text_config=text.to_dict(), vision_config=vision.to_dict())
+  cfg.text_config._attn_implementation = "eager"
+  reference = transformers.Qwen3_5ForConditionalGeneration(cfg).eval()
+  with torch.no_grad():
+    for name, p in reference.named_parameters():
+      if name.endswith("norm.weight"):
+        p.copy_(p + 0.1 * torch.randn_like(p))
+  reference.save_pretrained(tmp_path)
+  (weights,) = tmp_path.glob("*.safetensors")
+  tensors = load_file(weights)
+  assert any(k.startswith("model.visual.") for k in tensors) and any(".language_model." in k for k in tensors)
+  save_file({**tensors, "mtp.fc.weight": np.zeros((64, 128), np.float32)}, weights, metadata={"format": "pt"})
+  with caplog.at_level("WARNING", logger="tailjax"):
+    loaded = models.load(tmp_path)
+  assert "vision tower is skipped" in caplog.text and loaded.config.attn_output_gate
+  ids = rng.integers(0, SMALL["vocab_size"], (2, SEQ))
+  with torch.no_grad():
+    logits = reference(input_ids=torch.as_tensor(ids)).logits.double()
+  want = torch.log_softmax(logits, -1).numpy()
+  assert np.abs(np.asarray(loaded.logprobs(ids), np.float64) - want).max() <= 1e-4
+
+
+def test_qwen3_5_gguf_skips_its_multi_token_prediction_layer(tmp_path, rng):
+  """Hub checkpoints carry an MTP layer (``mtp.*``, ``mtp_num_hidden_layers``); llama.cpp's converter appends it
+  as block ``num_layers`` with ``nextn_predict_layers``. Neither path feeds it into the next-token distribution."""
+  import gguf_convert
+  from safetensors.numpy import load_file, save_file
+
+  config_cls, overrides = FAMILIES["qwen3.5-moe-gated-shared-expert"]
+  reference = random_hf_model(config_cls, tmp_path / "hf", **{**SMALL, **overrides, "layer_types": QWEN3_5_INTERVAL})
+  (weights,) = (tmp_path / "hf").glob("*.safetensors")
+  mtp = {"mtp.fc.weight": rng.normal(size=(64, 128)).astype(np.float32),
+         "mtp.layers.0.input_layernorm.weight": np.ones(64, np.float32)}
+  save_file({**load_file(weights), **mtp}, weights, metadata={"format": "pt"})
+  config = json.loads((tmp_path / "hf" / "config.json").read_text())
+  (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "mtp_num_hidden_layers": 1}))
+  path = gguf_convert.write(tmp_path / "hf", tmp_path / "mtp.gguf", "qwen35moe")
+  ids = rng.integers(0, SMALL["vocab_size"], (2, SEQ))
+  for source in (tmp_path / "hf", path):
+    loaded = models.load(source)
+    assert loaded.config.num_layers == 4
+    assert np.abs(np.asarray(loaded.logprobs(ids), np.float64) - torch_logprobs(reference, ids)).max() <= 1e-4

@@ -54,9 +54,11 @@ def causal_attention(q: Array, k: Array, v: Array, mask: Array, window: int | No
 
 
 def _projections(cfg: ModelConfig, dtype, param_dtype, rngs) -> tuple[nnx.Linear, ...]:
-  """q, k, v (grouped: ``num_kv_heads`` for k and v) and the output projection o."""
+  """q, k, v (grouped: ``num_kv_heads`` for k and v) and the output projection o. With ``attn_output_gate`` q
+  is twice as wide: per head its query then its gate (``[heads, 2 * hd]``, as Qwen3.5's ``q_proj``)."""
   d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  return (linear(d, h * hd, cfg.qkv_bias, ("embed", "heads"), dtype, param_dtype, rngs),
+  q_width = h * hd * (2 if cfg.attn_output_gate else 1)
+  return (linear(d, q_width, cfg.qkv_bias, ("embed", "heads"), dtype, param_dtype, rngs),
           linear(d, kv * hd, cfg.qkv_bias, ("embed", "kv_heads"), dtype, param_dtype, rngs),
           linear(d, kv * hd, cfg.qkv_bias, ("embed", "kv_heads"), dtype, param_dtype, rngs),
           linear(h * hd, d, cfg.o_bias, ("heads", "embed"), dtype, param_dtype, rngs))
@@ -68,7 +70,8 @@ class Attention(nnx.Module):
   Per layer: ``layer_type`` ``"sliding"`` attends to the last ``cfg.sliding_window`` tokens and
   (with ``cfg.rope_local_theta``) rotates at its own base. With ``cfg.qk_norm``, q and k are
   RMS-normalised per head before the rotation (Qwen3, Gemma 3); with ``cfg.attention_sinks`` each
-  head has a learned sink logit ``sinks: [heads]`` (gpt-oss).
+  head has a learned sink logit ``sinks: [heads]`` (gpt-oss); with ``cfg.attn_output_gate`` each head's
+  output is multiplied by ``sigmoid`` of its gate, the second half of its ``q`` projection (Qwen3.5).
   """
 
   def __init__(self, cfg: ModelConfig, layer_type: str, dtype, param_dtype, rngs: nnx.Rngs):
@@ -85,7 +88,8 @@ class Attention(nnx.Module):
     cfg = self.cfg
     b, t, _ = x.shape
     inv_freq, rope_scale = rope_frequencies(cfg, t, self.layer_type)
-    q = self.q(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    q = self.q(x).reshape(b, t, cfg.num_heads, -1)
+    q, gate = (q[..., :cfg.head_dim], q[..., cfg.head_dim:]) if cfg.attn_output_gate else (q, None)
     k = self.k(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = self.v(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
@@ -99,6 +103,8 @@ class Attention(nnx.Module):
     scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
     sinks = self.sinks[...] if cfg.attention_sinks else None
     out = causal_attention(q, k, v, mask, window, scale=scale, softcap=cfg.attn_logit_softcap, sinks=sinks)
+    if gate is not None:
+      out = out * jax.nn.sigmoid(gate.astype(jnp.float32)).astype(out.dtype)
     return self.o(out.reshape(b, t, cfg.num_heads * cfg.head_dim))
 
 

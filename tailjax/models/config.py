@@ -7,7 +7,7 @@ from typing import Any
 
 ATTENTION_KINDS = ("softmax", "retention")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "factors", "longrope")
-LAYER_TYPES = ("full", "sliding")
+LAYER_TYPES = ("full", "sliding", "linear")
 ACTIVATIONS = ("silu", "gelu_tanh", "clamped_swiglu")
 ROUTERS = ("softmax", "sigmoid_groups")
 
@@ -64,7 +64,10 @@ class ModelConfig:
     the layers ``layer_types`` marks ``"sliding"`` (Gemma 2/3), those layers with their own
     unscaled RoPE base ``rope_local_theta`` (Gemma 3), queries scaled up with their
     position beyond the original context (``query_position_scaling``: Mistral 3), a learned
-    sink logit per head in each softmax (``attention_sinks``: gpt-oss);
+    sink logit per head in each softmax (``attention_sinks``: gpt-oss), the output gated by
+    ``sigmoid`` of a second query-sized projection (``attn_output_gate``: Qwen3.5);
+  - layers marked ``"linear"`` in ``layer_types`` mix tokens by Gated DeltaNet instead of softmax
+    attention (``tailjax.models.deltanet``; ``linear_*`` fields: Qwen3.5 / Qwen3.6);
   - blocks: norms with scale ``1 + w`` (``norm_unit_offset``), norms after attention and MLP
     as well (``sandwich_norms``), GeGLU (``hidden_act="gelu_tanh"``), embeddings times
     ``sqrt(d)`` in the compute dtype (``scale_embeddings``): Gemma 2/3;
@@ -101,7 +104,8 @@ class ModelConfig:
   qk_norm: bool = False
   query_pre_attn_scalar: float | None = None  # None: head_dim
   attn_logit_softcap: float | None = None
-  layer_types: tuple[str, ...] | None = None  # "full" / "sliding" per layer; None: all sliding iff sliding_window
+  layer_types: tuple[str, ...] | None = None  # "full" / "sliding" / "linear" per layer; None: all sliding iff
+  # sliding_window
   rope_local_theta: float | None = None  # RoPE base of "sliding" layers (no scaling); None: as "full" layers
   norm_unit_offset: bool = False
   sandwich_norms: bool = False
@@ -126,6 +130,13 @@ class ModelConfig:
   routed_scaling_factor: float = 1.0  # the chosen experts' weights times this (GLM)
   shared_expert_size: int = 0  # width of an always-on SwiGLU expert added to every MoE layer (GLM); 0: none
   shared_expert_gate: bool = False  # the shared expert's output times sigmoid(x @ w), w: [d, 1] (Qwen2-MoE)
+  attn_output_gate: bool = False  # attention output times sigmoid(x @ w_gate), w_gate: [d, heads * hd] (Qwen3.5)
+  # Gated DeltaNet ("linear" layers): key/query and value heads, their widths, the causal convolution's taps
+  linear_num_key_heads: int = 0
+  linear_num_value_heads: int = 0
+  linear_key_head_dim: int = 0
+  linear_value_head_dim: int = 0
+  linear_conv_kernel: int = 4
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -148,6 +159,11 @@ class ModelConfig:
         raise ValueError(f"layer_types={self.layer_types} must name {LAYER_TYPES} once per layer ({self.num_layers})")
       if "sliding" in self.layer_types and self.sliding_window is None:
         raise ValueError("layer_types has sliding layers but sliding_window is not set")
+      linear = (self.linear_num_key_heads, self.linear_num_value_heads, self.linear_key_head_dim,
+                self.linear_value_head_dim, self.linear_conv_kernel)
+      if "linear" in self.layer_types and (min(linear) < 1 or self.linear_num_value_heads % self.linear_num_key_heads):
+        raise ValueError(f"linear layers need positive linear_* sizes (key heads, value heads, key dim, value dim, "
+                         f"taps: {linear}) and value heads a multiple of key heads")
     if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
       raise ValueError(f"rotary_dim={self.rotary_dim} must be even and in (0, head_dim={self.head_dim}]")
     if self.router not in ROUTERS:
@@ -168,7 +184,8 @@ class ModelConfig:
         raise ValueError(f"dense_layers={self.dense_layers} are not all layers of {self.num_layers}")
 
   def layer_type(self, layer: int) -> str:
-    """``"full"`` or ``"sliding"`` (attends to the last ``sliding_window`` tokens only)."""
+    """``"full"``, ``"sliding"`` (attends to the last ``sliding_window`` tokens only) or ``"linear"`` (Gated
+    DeltaNet)."""
     if self.layer_types is not None:
       return self.layer_types[layer]
     return "full" if self.sliding_window is None else "sliding"
@@ -184,14 +201,21 @@ class ModelConfig:
     attn += d if self.o_bias else 0
     attn += 2 * self.num_heads * hd if self.attention == "retention" else 0  # per-head norm scale and bias
     attn += 2 * hd if self.qk_norm else 0
+    attn += d * self.num_heads * hd if self.attn_output_gate else 0
+    keys, values = self.linear_num_key_heads * self.linear_key_head_dim, self.linear_num_value_heads * \
+        self.linear_value_head_dim
+    linear = (d * (2 * keys + 2 * values + 2 * self.linear_num_value_heads) + values * d  # q k v z b a, out
+              + self.linear_conv_kernel * (2 * keys + values) + 2 * self.linear_num_value_heads
+              + self.linear_value_head_dim)  # conv, dt_bias and A_log, norm
     norms = (4 if self.sandwich_norms else 2) * d
     total = self.vocab_size * d + d + (0 if self.tie_word_embeddings else d * self.vocab_size)
     for layer in range(self.num_layers):
       if self.is_moe_layer(layer):
         mlp = d * self.num_experts + 3 * d * self.moe_intermediate_size * self.num_experts
+        mlp += 3 * d * self.shared_expert_size + (d if self.shared_expert_gate else 0)
       else:
         mlp = 3 * d * self.intermediate_size
-      total += attn + mlp + norms
+      total += (linear if self.layer_type(layer) == "linear" else attn) + mlp + norms
     return total
 
   @property

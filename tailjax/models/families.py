@@ -30,14 +30,15 @@ def _family(name, hf_types, gguf_archs, examples, partial_rotary=False, **traits
   return Family(name, tuple(hf_types), tuple(gguf_archs), MappingProxyType(traits), examples, partial_rotary)
 
 
+_QWEN3_5 = dict(qk_norm=True, norm_unit_offset=True, attn_output_gate=True)
 _GEMMA = dict(norm_unit_offset=True, sandwich_norms=True, scale_embeddings=True, hidden_act="gelu_tanh")
 
 FAMILIES: tuple[Family, ...] = (
     _family("llama", ["llama"], ["llama"], "Llama 2/3, SmolLM, TinyLlama"),
     _family("mistral", ["mistral"], [], "Mistral 7B (GGUF files of it say llama)"),
     _family("qwen2", ["qwen2"], ["qwen2"], "Qwen2, Qwen2.5", qkv_bias=True),
-    _family("qwen2-moe", ["qwen2_moe"], [], "Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B (a shared expert behind a sigmoid gate)",
-            o_bias=False),
+    _family("qwen2-moe", ["qwen2_moe"], ["qwen2moe"], "Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B (a shared expert behind a "
+            "sigmoid gate)", o_bias=False),
     _family("qwen3", ["qwen3"], ["qwen3"], "Qwen3 dense", qk_norm=True),
     _family("qwen3-moe", ["qwen3_moe"], ["qwen3moe"], "Qwen3-30B-A3B, Qwen3-235B-A22B", qk_norm=True),
     _family("mixtral", ["mixtral"], ["llama"], "Mixtral 8x7B, 8x22B (GGUF: llama with experts)", norm_topk_prob=True),
@@ -49,6 +50,12 @@ FAMILIES: tuple[Family, ...] = (
             attention_sinks=True, moe_bias=True, hidden_act="clamped_swiglu", norm_topk_prob=True),
     _family("glm4-moe", ["glm4_moe"], [], "GLM-4.5, GLM-4.5-Air, GLM-4.6, GLM-4.7 (group-limited sigmoid routing, "
             "a shared expert, partial RoPE)", partial_rotary=True, router="sigmoid_groups", o_bias=False),
+    _family("qwen3.5", ["qwen3_5_text", "qwen3_5"], ["qwen35"], "Qwen3.5 / Qwen3.6 dense, e.g. Qwen3.6-27B "
+            "(Gated DeltaNet linear attention in 3 of 4 layers; the language model of multimodal checkpoints)",
+            partial_rotary=True, **_QWEN3_5),
+    _family("qwen3.5-moe", ["qwen3_5_moe_text", "qwen3_5_moe"], ["qwen35moe"], "Qwen3.5 / Qwen3.6 MoE, e.g. "
+            "Qwen3.6-35B-A3B (as qwen3.5, with a gated shared expert)", partial_rotary=True, norm_topk_prob=True,
+            **_QWEN3_5),
     _family("ministral3", ["ministral3"], [], "Mistral 3 / Ministral 3, Devstral Small 2 (the text model of "
             "mistral3 checkpoints; YaRN with position-scaled queries)"),
 )

@@ -47,6 +47,26 @@ _SANDWICH_NAMES = {
     "blk.{}.ffn_norm.weight": "model.layers.{}.pre_feedforward_layernorm.weight",
     "blk.{}.post_ffw_norm.weight": "model.layers.{}.post_feedforward_layernorm.weight",
 }
+# Qwen3.5 / 3.6 (llama.cpp ``qwen35``, ``qwen35moe``): Gated DeltaNet layers, the norm before the MLP, shared experts.
+_QWEN35_NAMES = {
+    "blk.{}.post_attention_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "blk.{}.attn_qkv.weight": "model.layers.{}.linear_attn.in_proj_qkv.weight",
+    "blk.{}.attn_gate.weight": "model.layers.{}.linear_attn.in_proj_z.weight",
+    "blk.{}.ssm_beta.weight": "model.layers.{}.linear_attn.in_proj_b.weight",
+    "blk.{}.ssm_alpha.weight": "model.layers.{}.linear_attn.in_proj_a.weight",
+    "blk.{}.ssm_out.weight": "model.layers.{}.linear_attn.out_proj.weight",
+    "blk.{}.ssm_norm.weight": "model.layers.{}.linear_attn.norm.weight",
+    "blk.{}.ssm_conv1d.weight": "model.layers.{}.linear_attn.conv1d.weight",
+    "blk.{}.ssm_a": "model.layers.{}.linear_attn.A_log",  # stored as -exp(A_log)
+    "blk.{}.ssm_dt.bias": "model.layers.{}.linear_attn.dt_bias",
+}
+# A shared expert behind a sigmoid gate (``qwen2moe``, ``qwen35moe``).
+_SHARED_EXPERT_NAMES = {
+    "blk.{}.ffn_gate_inp_shexp.weight": "model.layers.{}.mlp.shared_expert_gate.weight",
+    **{f"blk.{{}}.ffn_{x}_shexp.weight": f"model.layers.{{}}.mlp.shared_expert.{x}_proj.weight"
+       for x in ("gate", "up", "down")},
+}
+_QWEN35 = ("qwen35", "qwen35moe")
 _ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 # ``{arch}.*`` metadata this reader understands; any other key might change the forward pass: an error.
 _KNOWN_KEYS = frozenset({
@@ -57,6 +77,9 @@ _KNOWN_KEYS = frozenset({
     "rope.scaling.factor", "rope.scaling.original_context_length", "rope.scaling.attn_factor",
     "rope.scaling.finetuned", "attn_logit_softcapping", "final_logit_softcapping", "expert_count",
     "expert_used_count", "expert_feed_forward_length", "expert_weights_norm", "expert_gating_func",
+    "expert_shared_feed_forward_length", "ssm.conv_kernel", "ssm.state_size", "ssm.group_count",
+    "ssm.time_step_rank", "ssm.inner_size", "full_attention_interval", "rope.dimension_sections",
+    "nextn_predict_layers",
 })
 
 
@@ -68,6 +91,10 @@ def hf_name(name: str, cfg: ModelConfig | None = None, arch: str | None = None) 
   table = {**_HF_NAMES, **_SANDWICH_NAMES} if cfg is not None and cfg.sandwich_norms else _HF_NAMES
   if arch == "phi3":  # its ffn_up holds gate and up, stacked
     table = {**table, "blk.{}.ffn_up.weight": "model.layers.{}.mlp.gate_up_proj.weight"}
+  if arch in _QWEN35:
+    table = {**table, **_QWEN35_NAMES}
+  if arch in ("qwen2moe", "qwen35moe"):
+    table = {**table, **_SHARED_EXPERT_NAMES}
   parts = name.split(".")
   if parts[0] == "blk" and len(parts) > 2 and parts[1].isdigit():
     if len(parts) == 5 and parts[2] in ("ffn_gate", "ffn_up", "ffn_down") and parts[3].isdigit():
@@ -106,19 +133,20 @@ def read_config(reader, path: Path) -> ModelConfig:
   vocab = opt("vocab_size") or len(field(reader, "tokenizer.ggml.tokens") or [])
   heads = int(need("attention.head_count"))
   hidden = int(need("embedding_length"))
-  layers = int(need("block_count"))
+  layers = int(need("block_count")) - int(opt("nextn_predict_layers", 0))  # multi-token-prediction layers: skipped
   head_dim = int(opt("attention.key_length", hidden // heads))
   if int(opt("attention.value_length", head_dim)) != head_dim:
     raise ValueError(f"{path}: {arch}.attention.value_length={opt('attention.value_length')} differs from "
                      f"key_length={head_dim}; not supported")
   rotary_dims = int(opt("rope.dimension_count", head_dim))
-  if rotary_dims != head_dim:
+  if rotary_dims != head_dim and not family.partial_rotary:
     raise ValueError(f"{path}: partial rotary embeddings ({arch}.rope.dimension_count={rotary_dims} < "
-                     f"head_dim={head_dim}) are not supported")
+                     f"head_dim={head_dim}) are not supported for {family.name}")
+  width = opt("feed_forward_length") if opt("expert_count") else need("feed_forward_length")
   fields = dict(
       vocab_size=int(vocab),
       hidden_size=hidden,
-      intermediate_size=int(need("feed_forward_length")),
+      intermediate_size=int(width or need("expert_feed_forward_length")),  # (every layer MoE: no dense MLP)
       num_layers=layers,
       num_heads=heads,
       num_kv_heads=int(opt("attention.head_count_kv", heads)),
@@ -130,9 +158,11 @@ def read_config(reader, path: Path) -> ModelConfig:
       qkv_bias="blk.0.attn_q.bias" in names,
       o_bias="blk.0.attn_output.bias" in names,
       max_position_embeddings=int(opt("context_length", 4096)),
-      sliding_window=None if opt("attention.sliding_window") is None else int(opt("attention.sliding_window")),
+      sliding_window=int(opt("attention.sliding_window") or 0) or None,  # 0: none, as llama.cpp reads it
+      rotary_dim=None if rotary_dims == head_dim else rotary_dims,
   )
-  fields.update(family.config_fields())
+  if arch in _QWEN35:
+    fields.update(_qwen35(reader, arch, layers, path))
   if family.name.startswith("gemma"):
     fields.update(_gemma(reader, arch, layers, head_dim, hidden // heads, fields["sliding_window"]))
   if opt("expert_count"):
@@ -140,10 +170,27 @@ def read_config(reader, path: Path) -> ModelConfig:
     fields.update(num_experts=int(opt("expert_count")), num_experts_per_tok=int(need("expert_used_count")),
                   moe_intermediate_size=int(opt("expert_feed_forward_length", fields["intermediate_size"])),
                   norm_topk_prob=bool(opt("expert_weights_norm", arch in ("llama", "qwen3moe"))), dense_layers=dense)
+    if opt("expert_shared_feed_forward_length"):
+      fields.update(shared_expert_size=int(opt("expert_shared_feed_forward_length")),
+                    shared_expert_gate=any(name.endswith(".ffn_gate_inp_shexp.weight") for name in names))
+  fields.update(family.config_fields())
   try:
     return ModelConfig(**fields)
   except (TypeError, ValueError) as err:
     raise ValueError(f"{path}: {err}") from err
+
+
+def _qwen35(reader, arch: str, layers: int, path: Path) -> dict:
+  """Qwen3.5's linear-attention shapes from llama.cpp's ``ssm.*`` keys (``state_size``: the key head width,
+  ``group_count``: key heads, ``time_step_rank``: value heads, ``inner_size``: value heads x width) and its
+  layer pattern: every ``full_attention_interval``-th layer full attention, the others Gated DeltaNet."""
+  need = lambda key: int(_need(reader, f"{arch}.{key}", path))
+  interval = int(field(reader, f"{arch}.full_attention_interval", 4))
+  value_heads = need("ssm.time_step_rank")
+  return dict(layer_types=tuple("full" if (i + 1) % interval == 0 else "linear" for i in range(layers)),
+              linear_num_key_heads=need("ssm.group_count"), linear_num_value_heads=value_heads,
+              linear_key_head_dim=need("ssm.state_size"), linear_value_head_dim=need("ssm.inner_size") // value_heads,
+              linear_conv_kernel=need("ssm.conv_kernel"))
 
 
 def _gemma(reader, arch: str, layers: int, head_dim: int, hidden_per_head: int, window: int | None) -> dict:
@@ -245,14 +292,40 @@ def read_tensors(reader, cfg: ModelConfig, path: Path) -> Iterator[tuple[str, la
   for t in reader.tensors:
     if t.name in _ROPE_TENSORS:  # read into the config
       continue
+    parts = t.name.split(".")
+    if parts[0] == "blk" and int(parts[1]) >= cfg.num_layers:  # a multi-token-prediction layer
+      continue
     w = _tensor(t, path)
     w.read(tuple(slice(0, min(1, n)) for n in w.shape))  # an unreadable quant type fails now, not mid-placement
     if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
       heads = cfg.num_heads if ".attn_q." in t.name else cfg.num_kv_heads
       w = lazy.RowsPermuted(w, _unpermuted_rows(w.shape[0], heads))
+    elif arch in _QWEN35 and parts[0] == "blk" and parts[2].startswith(("attn_qkv", "attn_gate", "ssm_")):
+      w = _deltanet_tensor(w, parts[2], cfg)
     elif cfg.norm_unit_offset and t.name.endswith("norm.weight"):
       w = lazy.Mapped(w, lambda x: x - np.float32(1.0))
     yield hf_name(t.name, cfg, arch), w
+
+
+def _deltanet_tensor(w: lazy.LazyTensor, kind: str, cfg: ModelConfig) -> lazy.LazyTensor:
+  """A Gated DeltaNet tensor as Hugging Face has it: ``ssm_a`` holds ``-exp(A_log)``, and llama.cpp reorders the
+  value heads from grouped by key head (value head ``g * r + j`` uses key head ``g``, ``r`` value heads per key
+  head) to tiled (at ``j * key_heads + g``), in the rows of ``attn_qkv`` (its v part), ``attn_gate``,
+  ``ssm_conv1d`` (its v channels), ``ssm_beta``, ``ssm_alpha``, ``ssm_a``, ``ssm_dt`` and the columns of
+  ``ssm_out``; put back here. ``ssm_norm`` is stored as is (unlike the block's other norms)."""
+  if kind == "ssm_a":
+    w = lazy.Mapped(w, lambda x: np.log(-x))
+  keys, values = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+  if keys == values or kind == "ssm_norm":
+    return w
+  width = cfg.linear_value_head_dim if kind in ("attn_qkv", "attn_gate", "ssm_conv1d", "ssm_out") else 1
+  grouped = np.arange(values * width).reshape(values // keys, keys, width).swapaxes(0, 1).reshape(-1)
+  if kind in ("attn_qkv", "ssm_conv1d"):  # q and k rows first, unchanged
+    qk = 2 * keys * cfg.linear_key_head_dim
+    grouped = np.concatenate([np.arange(qk), qk + grouped])
+  if kind == "ssm_out":
+    return lazy.Transposed(lazy.RowsPermuted(lazy.Transposed(w), grouped))
+  return lazy.RowsPermuted(w, grouped)
 
 
 def read_tokenizer(reader, path: Path):

@@ -52,14 +52,24 @@ _MODEL_FIELDS = frozenset({
     "use_qk_norm", "num_mtp_layers", "num_nextn_predict_layers",
     # Qwen2-MoE
     "shared_expert_intermediate_size", "qkv_bias",
+    # Qwen3.5 / Qwen3.6 (Gated DeltaNet layers; multi-token-prediction layers skipped)
+    "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
+    "linear_num_value_heads", "full_attention_interval", "attn_output_gate", "mtp_num_hidden_layers",
+    "mtp_use_dedicated_embeddings",
 })
 _ROPE_FIELDS = {
     "rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "low_freq_factor",
     "high_freq_factor", "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate",
     "short_factor", "long_factor", "partial_rotary_factor", "llama_4_scaling_beta", "max_position_embeddings",
+    "mrope_section", "mrope_interleaved",
 }
 # A multimodal checkpoint's parts that are not its language model.
-_VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.", "multi_modal_projector.")
+_VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.", "multi_modal_projector.",
+                    "model.visual.", "visual.")
+# Qwen3.5's multi-token-prediction head (speculative decoding, not the next-token distribution).
+_PREDICTION_PREFIXES = ("mtp.", "model.mtp.")
+# Multimodal checkpoints whose language model tailjax evaluates: model_type -> the text model's type.
+_MULTIMODAL = {"mistral3": "mistral", "qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 
 
 def read_raw_config(directory: Path) -> dict:
@@ -69,13 +79,14 @@ def read_raw_config(directory: Path) -> dict:
     raw = json.loads(path.read_text())
   except (OSError, json.JSONDecodeError) as err:
     raise ValueError(f"{path}: not a readable config.json ({err})") from err
-  if raw.get("model_type") == "mistral3":  # Mistral3ForConditionalGeneration (Mistral Small 3.x, Devstral 2)
+  kind = raw.get("model_type")
+  if kind in _MULTIMODAL:  # Mistral3ForConditionalGeneration (Mistral Small 3.x, Devstral 2), Qwen3.5 / 3.6
     text = raw.get("text_config")
     if not isinstance(text, dict):
-      raise ValueError(f"{path}: a mistral3 (multimodal) config without a text_config")
-    log.warning("%s: multimodal mistral3 checkpoint: evaluating its language model; the vision tower is skipped",
-                directory)
-    return {**text, "model_type": text.get("model_type", "mistral"),
+      raise ValueError(f"{path}: a {kind} (multimodal) config without a text_config")
+    log.warning("%s: multimodal %s checkpoint: evaluating its language model; the vision tower is skipped",
+                directory, kind)
+    return {**text, "model_type": text.get("model_type", _MULTIMODAL[kind]),
             "tie_word_embeddings": raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))}
   if raw.get("model_type") == "gemma3":  # Gemma3ForConditionalGeneration
     text = raw.get("text_config")
@@ -104,7 +115,12 @@ def read_config(directory: Path) -> ModelConfig:
     if not condition:
       raise ValueError(f"{path}: {field}={raw.get(field)!r} is not supported ({why})")
 
-  missing = [key for key in _REQUIRED if raw.get(key) is None]
+  if family.name.startswith("qwen3.5") and _partial_rotary_factor(raw) is None:
+    raw = {**raw, "partial_rotary_factor": 0.25}  # transformers' default for the family
+  experts = _experts(raw, raw.get("num_hidden_layers") or 0)
+  every_layer_sparse = experts and not experts["dense_layers"]
+  missing = [key for key in _REQUIRED if raw.get(key) is None and not (key == "intermediate_size" and
+                                                                        every_layer_sparse)]
   if missing:
     raise ValueError(f"{path}: lacks the fields {missing}")
 
@@ -126,7 +142,7 @@ def read_config(directory: Path) -> ModelConfig:
   fields = dict(
       vocab_size=raw.get("vocab_size"),
       hidden_size=raw.get("hidden_size"),
-      intermediate_size=raw.get("intermediate_size"),
+      intermediate_size=raw.get("intermediate_size") or experts["moe_intermediate_size"],  # (MoE: no dense MLP)
       num_layers=layers,
       num_heads=heads,
       num_kv_heads=raw.get("num_key_value_heads") or heads,
@@ -148,10 +164,18 @@ def read_config(directory: Path) -> ModelConfig:
       query_position_scaling=_query_position_scaling(raw, path),
       rotary_dim=rotary_dim,
       **{k: float(raw[k]) for k in ("swiglu_alpha", "swiglu_limit") if raw.get(k) is not None},
-      **_experts(raw, layers),
+      **experts,
   )
   if raw.get("use_qk_norm") is not None:
     fields["qk_norm"] = bool(raw["use_qk_norm"])
+  if layer_types is not None and "linear" in layer_types:
+    fields.update(linear_num_key_heads=raw.get("linear_num_key_heads"),
+                  linear_num_value_heads=raw.get("linear_num_value_heads"),
+                  linear_key_head_dim=raw.get("linear_key_head_dim"),
+                  linear_value_head_dim=raw.get("linear_value_head_dim"),
+                  linear_conv_kernel=raw.get("linear_conv_kernel_dim", 4))
+  require(raw.get("attn_output_gate", True) or not family.config_fields().get("attn_output_gate"),
+          "attn_output_gate", f"transformers' {family.name} always gates its attention output")
   fields.update(family.config_fields())
   try:
     return ModelConfig(**fields)
@@ -169,6 +193,9 @@ def _attention_layers(raw: dict, family: str, layers: int, path: Path) -> tuple[
   kinds = raw.get("layer_types")
   if family in ("qwen2", "qwen2-moe", "qwen3", "qwen3-moe") and not raw.get("use_sliding_window", False):
     window = None  # Qwen configs carry a window size that is off unless use_sliding_window
+  if kinds is None and family.startswith("qwen3.5"):  # transformers' default: every 4th layer full attention
+    interval = raw.get("full_attention_interval") or 4
+    kinds = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(layers)]
   if kinds is None and window is not None:
     if family.startswith("qwen"):
       start = raw.get("max_window_layers", 0)
@@ -181,10 +208,16 @@ def _attention_layers(raw: dict, family: str, layers: int, path: Path) -> tuple[
   if kinds is None:
     return window, None
   names = {"full_attention": "full", "sliding_attention": "sliding"}
+  if family.startswith("qwen3.5"):
+    names["linear_attention"] = "linear"
   unknown = set(kinds) - set(names)
   if unknown:
     raise ValueError(f"{path}: layer_types {sorted(unknown)} are not supported (supported: {sorted(names)})")
+  if len(kinds) != layers:
+    raise ValueError(f"{path}: layer_types names {len(kinds)} layers, num_hidden_layers is {layers}")
   kinds = tuple(names[k] for k in kinds)
+  if "linear" in kinds and "sliding" not in kinds:
+    return None, kinds
   if "sliding" not in kinds:
     return None, None
   if window is None:
@@ -258,6 +291,8 @@ def _rope(raw: dict, path: Path, gemma: bool) -> tuple[float, RopeScaling | None
   params.pop("llama_4_scaling_beta", None)  # a query scale, not a frequency: read_config takes it
   params.pop("max_position_embeddings", None)  # Mistral 3 repeats the model's own here
   params.pop("partial_rotary_factor", None)  # read_config takes it (rotary_dim)
+  for name in ("mrope_section", "mrope_interleaved"):  # Qwen3.5's M-RoPE: a text token's three position ids are
+    params.pop(name, None)  # equal, so every section rotates by the same angle: plain RoPE
   kind = params.pop("rope_type", params.pop("type", "default"))
   params.pop("type", None)
   kind = "longrope" if kind == "su" else kind  # Phi-3's first name for it
@@ -390,8 +425,8 @@ _RENAMES = (
 
 def canonical_name(name: str) -> str | None:
   """A checkpoint's tensor name in the one naming tailjax loads (Llama's, Qwen3-MoE's for experts),
-  or None for a part that is not the language model (a vision tower)."""
-  if name.startswith(_VISION_PREFIXES):
+  or None for a part that is not the language model (a vision tower, Qwen3.5's multi-token prediction)."""
+  if name.startswith(_VISION_PREFIXES) or name.startswith(_PREDICTION_PREFIXES):
     return None
   for pattern, replacement in _RENAMES:
     name = pattern.sub(replacement, name)

@@ -11,7 +11,8 @@ row range), and the loaders compose them:
 - ``Strided``: every ``step``-th index along one axis (gpt-oss's interleaved gate and up columns);
 - ``Stacked``: tensors stacked on a new leading axis (experts stored one by one);
 - ``RowsPermuted``: rows reordered (llama.cpp's rotary permutation of q/k undone);
-- ``Mapped``: an elementwise function (Gemma's GGUF norms stored as ``1 + w``),
+- ``Mapped``: an elementwise function (Gemma's GGUF norms stored as ``1 + w``);
+- ``Squeezed``: a length-1 axis dropped (PyTorch's ``[C, 1, K]`` depthwise convolution weights),
 
 so nothing is read until a device asks for its box, and then only that box (plus, for a
 permutation, the rows it draws from). Reads come back in the file's own dtype (bfloat16 stays
@@ -172,3 +173,23 @@ class Mapped(LazyTensor):
   def read(self, box: Box) -> np.ndarray:
     return self.fn(self.base.read(box))
 
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Squeezed(LazyTensor):
+  """``base`` without its length-1 axis ``axis`` (non-negative)."""
+
+  base: LazyTensor
+  axis: int
+
+  def __post_init__(self):
+    if self.base.shape[self.axis] != 1:
+      raise ValueError(f"axis {self.axis} of a {tuple(self.base.shape)} tensor is not of length 1")
+
+  @property
+  def shape(self):
+    return tuple(n for i, n in enumerate(self.base.shape) if i != self.axis)
+
+  def read(self, box: Box) -> np.ndarray:
+    box = (*box[:self.axis], slice(0, 1), *box[self.axis:])
+    return np.squeeze(self.base.read(box), axis=self.axis)

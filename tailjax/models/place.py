@@ -60,16 +60,8 @@ def _targets(model: Decoder) -> dict[str, _Target]:
       targets[p + "post_feedforward_layernorm.weight"] = at(block.mlp_post_norm.scale, False)
     else:
       targets[p + "post_attention_layernorm.weight"] = at(block.mlp_norm.scale, False)
-    for name in "qkvo":
-      layer = getattr(block.attn, name)
-      targets[f"{p}self_attn.{name}_proj.weight"] = at(layer.kernel, True)
-      if layer.bias is not None:
-        targets[f"{p}self_attn.{name}_proj.bias"] = at(layer.bias, False)
-    if cfg.qk_norm:
-      targets[p + "self_attn.q_norm.weight"] = at(block.attn.q_norm.scale, False)
-      targets[p + "self_attn.k_norm.weight"] = at(block.attn.k_norm.scale, False)
-    if cfg.attention_sinks:
-      targets[p + "self_attn.sinks"] = at(block.attn.sinks, False)
+    mixer = _deltanet_targets if cfg.layer_type(i) == "linear" else _attention_targets
+    targets.update(mixer(cfg, block.attn, p, at))
     if isinstance(block.mlp, MoE):
       targets[p + "mlp.gate.weight"] = at(block.mlp.router, True)
       for name in ("gate", "up", "down"):
@@ -92,6 +84,35 @@ def _targets(model: Decoder) -> dict[str, _Target]:
     else:
       for name in ("gate", "up", "down"):
         targets[f"{p}mlp.{name}_proj.weight"] = at(getattr(block.mlp, name).kernel, True)
+  return targets
+
+
+def _attention_targets(cfg: ModelConfig, attn, p: str, at) -> dict[str, _Target]:
+  targets = {}
+  for name in "qkvo":
+    layer = getattr(attn, name)
+    targets[f"{p}self_attn.{name}_proj.weight"] = at(layer.kernel, True)
+    if layer.bias is not None:
+      targets[f"{p}self_attn.{name}_proj.bias"] = at(layer.bias, False)
+  if cfg.qk_norm:
+    targets[p + "self_attn.q_norm.weight"] = at(attn.q_norm.scale, False)
+    targets[p + "self_attn.k_norm.weight"] = at(attn.k_norm.scale, False)
+  if cfg.attention_sinks:
+    targets[p + "self_attn.sinks"] = at(attn.sinks, False)
+  return targets
+
+
+def _deltanet_targets(cfg: ModelConfig, mixer, p: str, at) -> dict[str, _Target]:
+  """Gated DeltaNet's tensors, ``in_proj_qkv`` and ``conv1d`` cut into q, k and v (``_unfuse``)."""
+  del cfg
+  p += "linear_attn."
+  targets = {f"{p}in_proj_{name}.weight": at(getattr(mixer, name).kernel, True) for name in "qkvzba"}
+  for name in "qkv":
+    targets[f"{p}conv1d_{name}.weight"] = at(getattr(mixer, f"conv_{name}"), True)  # [width, K] -> [K, width]
+  targets[p + "out_proj.weight"] = at(mixer.o.kernel, True)
+  targets[p + "dt_bias"] = at(mixer.dt_bias, False)
+  targets[p + "A_log"] = at(mixer.A_log, False)
+  targets[p + "norm.weight"] = at(mixer.norm.scale, False)
   return targets
 
 
@@ -118,13 +139,23 @@ def hf_tensors(model: Decoder) -> dict[str, np.ndarray]:
 
 def _unfuse(name: str, value: lazy.LazyTensor, cfg: ModelConfig) -> list[tuple[str, lazy.LazyTensor]]:
   """Fused projections (Phi-3's ``qkv_proj`` and ``gate_up_proj``; transformers 5's stacked experts
-  ``experts.gate_up_proj`` / ``experts.down_proj``) -> the canonical tensors they concatenate."""
+  ``experts.gate_up_proj`` / ``experts.down_proj``; Gated DeltaNet's ``in_proj_qkv`` and ``conv1d``) -> the
+  canonical tensors they concatenate."""
   prefix, found, leaf = name.rpartition(".self_attn.qkv_proj.")
   if found:
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     bounds = [0, q, q + kv, value.shape[0]]
     return [(f"{prefix}.self_attn.{x}_proj.{leaf}", lazy.Part(value, 0, bounds[i], bounds[i + 1]))
             for i, x in enumerate("qkv")]
+  for fused in (".linear_attn.in_proj_qkv.", ".linear_attn.conv1d."):  # Gated DeltaNet: q, k, v concatenated
+    prefix, found, leaf = name.rpartition(fused)
+    if found:
+      keys = cfg.linear_num_key_heads * cfg.linear_key_head_dim
+      bounds = [0, keys, 2 * keys, value.shape[0]]
+      conv = "conv1d" in fused
+      value = lazy.Squeezed(value, 1) if conv and len(value.shape) == 3 else value  # [C, 1, K] -> [C, K]
+      stem = f"{prefix}.linear_attn.{'conv1d_' if conv else 'in_proj_'}"
+      return [(f"{stem}{x}.{leaf}", lazy.Part(value, 0, bounds[i], bounds[i + 1])) for i, x in enumerate("qkv")]
   for fused in (".mlp.gate_up_proj.", ".mlp.experts.gate_up_proj"):
     prefix, found, _ = name.rpartition(fused)
     if found:

@@ -27,6 +27,7 @@ from flax import nnx
 from tailjax.head import EmbeddingRows, OutputHead
 from tailjax.models.attention import Attention, Retention
 from tailjax.models.config import ModelConfig
+from tailjax.models.deltanet import GatedDeltaNet, runs
 from tailjax.models.layers import MLP, RMSNorm, axes
 from tailjax.models.moe import MoE
 
@@ -50,7 +51,8 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, layer: int, dtype, param_dtype, rngs: nnx.Rngs):
     norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset)
-    mixer = Retention if cfg.attention == "retention" else Attention
+    mixer = (GatedDeltaNet if cfg.layer_type(layer) == "linear" else Retention if cfg.attention == "retention"
+             else Attention)
     self.attn_norm = norm()
     self.attn = mixer(cfg, cfg.layer_type(layer), dtype, param_dtype, rngs)
     self.mlp_norm = norm()
@@ -62,7 +64,8 @@ class Block(nnx.Module):
     self.layer_type = cfg.layer_type(layer)
 
   def __call__(self, x: Array, positions: Array, masks: dict[str, Array]) -> tuple[Array, Array | None]:
-    """-> (the block's output, ``[B, T, k]`` chosen experts of an MoE block, else None)."""
+    """``masks``: per layer type what its mixer may see (``Decoder.forward``) -> (the block's output, ``[B, T, k]``
+    chosen experts of an MoE block, else None)."""
     h = self.attn(self.attn_norm(x), positions, masks[self.layer_type])
     x = x + (self.attn_post_norm(h) if self.sandwich else h)
     h, experts = self.mlp(self.mlp_norm(x)) if isinstance(self.mlp, MoE) else (self.mlp(self.mlp_norm(x)), None)
@@ -190,7 +193,8 @@ class Decoder(nnx.Module):
       starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
       positions = index[None] - jax.lax.cummax(jnp.where(starts, index[None], 0), axis=1)
     eye = jnp.eye(t, dtype=bool)[None]  # every row keeps itself: no all-masked softmax
-    masks = {"full": causal[None] & visible | eye}
+    # softmax layers: [B, T, T] visible keys; linear layers: [B, T] document runs (a state per document)
+    masks = {"full": causal[None] & visible | eye, "linear": runs(segment_ids, (b, t))}
     if self.cfg.sliding_window is not None:
       near = index[:, None] - index[None, :] < self.cfg.sliding_window
       masks["sliding"] = (causal & near)[None] & visible | eye
