@@ -371,19 +371,25 @@ def test_gguf_metadata_that_would_change_the_forward_pass_is_refused(tmp_path):
       models.load(path)
 
 
+def save_multimodal(model_cls, cfg, directory):
+  """A multimodal checkpoint of random weights (eager attention, norms moved off their init) saved to ``directory``."""
+  cfg.text_config._attn_implementation = "eager"
+  reference = model_cls(cfg).eval()
+  with torch.no_grad():
+    for name, p in reference.named_parameters():
+      if name.endswith("norm.weight"):
+        p.copy_(p + 0.1 * torch.randn_like(p))
+  reference.save_pretrained(directory)
+  return reference
+
+
 def test_mistral3_multimodal_checkpoint_loads_its_language_model(tmp_path, rng, caplog):
   """Devstral Small 2 / Mistral Small 3.x ship as ``mistral3``: a Pixtral tower and a ministral3 text model."""
   text = transformers.Ministral3Config(**{**SMALL, **FAMILIES["ministral3-yarn-position-scaled-queries"][1]})
   vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                             num_attention_heads=2, image_size=28, patch_size=14, head_dim=16)
   cfg = transformers.Mistral3Config(text_config=text.to_dict(), vision_config=vision.to_dict())
-  cfg.text_config._attn_implementation = "eager"
-  reference = transformers.Mistral3ForConditionalGeneration(cfg).eval()
-  with torch.no_grad():
-    for name, p in reference.named_parameters():
-      if name.endswith("norm.weight"):
-        p.copy_(p + 0.1 * torch.randn_like(p))
-  reference.save_pretrained(tmp_path)
+  reference = save_multimodal(transformers.Mistral3ForConditionalGeneration, cfg, tmp_path)
   with caplog.at_level("WARNING", logger="tailjax"):
     loaded = models.load(tmp_path)
   assert "vision tower is skipped" in caplog.text and loaded.config.query_position_scaling == (0.5, 8)
@@ -451,13 +457,7 @@ def test_qwen3_5_multimodal_checkpoint_loads_its_language_model(tmp_path, rng, c
   vision = transformers.Qwen3_5VisionConfig(depth=1, hidden_size=32, intermediate_size=48, num_heads=2,
                                             out_hidden_size=64, patch_size=14, num_position_embeddings=16)
   cfg = transformers.Qwen3_5Config(text_config=text.to_dict(), vision_config=vision.to_dict())
-  cfg.text_config._attn_implementation = "eager"
-  reference = transformers.Qwen3_5ForConditionalGeneration(cfg).eval()
-  with torch.no_grad():
-    for name, p in reference.named_parameters():
-      if name.endswith("norm.weight"):
-        p.copy_(p + 0.1 * torch.randn_like(p))
-  reference.save_pretrained(tmp_path)
+  reference = save_multimodal(transformers.Qwen3_5ForConditionalGeneration, cfg, tmp_path)
   (weights,) = tmp_path.glob("*.safetensors")
   tensors = load_file(weights)
   assert any(k.startswith("model.visual.") for k in tensors) and any(".language_model." in k for k in tensors)
