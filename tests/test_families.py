@@ -26,6 +26,16 @@ QWEN3_5 = dict(num_hidden_layers=4, head_dim=16, linear_num_key_heads=2, linear_
                linear_key_head_dim=16, linear_value_head_dim=12, linear_conv_kernel_dim=4,
                layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"])
 QWEN3_5_INTERVAL = ["linear_attention"] * 3 + ["full_attention"]
+# Gemma 4: 6 layers, full attention in 1, 3, 5 with wider heads (32 vs 16), proportional RoPE on a quarter of their
+# angles; the MoE case also takes full layers' values from their keys (one KV head), gives every layer per-layer
+# inputs, lets the last two layers reuse the keys and values of layers 2 and 3 with a double-wide MLP, and puts 4
+# experts beside every MLP.
+GEMMA4 = dict(num_hidden_layers=6, head_dim=16, global_head_dim=32, sliding_window=5, hidden_size_per_layer_input=0,
+              layer_types=["sliding_attention", "full_attention"] * 3)
+GEMMA4_MOE = dict(GEMMA4, num_global_key_value_heads=1, attention_k_eq_v=True, hidden_size_per_layer_input=8,
+                  vocab_size_per_layer_input=300, num_kv_shared_layers=2, use_double_wide_mlp=True,
+                  enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=16,
+                  final_logit_softcapping=3.0)
 MINISTRAL3_ROPE = dict(rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=8,
                        beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.5)
 LONGROPE = dict(rope_type="longrope", rope_theta=1e4, short_factor=list(np.linspace(1, 2, 8)),
@@ -49,6 +59,8 @@ FAMILIES = {
         **GEMMA, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
                          "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0}})),
+    "gemma4-wide-global-layers-proportional-rope": (transformers.Gemma4TextConfig, GEMMA4),
+    "gemma4-moe-per-layer-inputs-shared-kv": (transformers.Gemma4TextConfig, GEMMA4_MOE),
     "glm4-moe-groups-shared-partial-rope": (transformers.Glm4MoeConfig, dict(
         head_dim=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
         n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1, norm_topk_prob=True,
@@ -369,6 +381,61 @@ def test_gguf_metadata_that_would_change_the_forward_pass_is_refused(tmp_path):
     path = gguf_convert.write(tmp_path / "hf", tmp_path / "odd.gguf", "gemma3", extra={key: 2.0})
     with pytest.raises(ValueError, match=rf"odd.gguf: GGUF metadata {key}=2.0 is not supported"):
       models.load(path)
+
+
+def test_gemma4_shared_kv_per_layer_inputs_scales_and_proportional_rope_bite(tmp_path, rng):
+  """The Gemma 4 cases would pass with a part ignored only if it changed nothing: the stored layer scalars, the
+  router's per-expert scales, the per-layer inputs, the proportional share of rotated angles and the keys/values
+  the last layers share (read from the layers before them, not recomputed: those layers have no projections)."""
+  config_cls, overrides = FAMILIES["gemma4-moe-per-layer-inputs-shared-kv"]
+  random_hf_model(config_cls, tmp_path, **{**SMALL, **overrides})
+  loaded = models.load(tmp_path)
+  cfg = loaded.config
+  assert (cfg.block, cfg.full_head_dim, cfg.full_num_kv_heads, cfg.full_values_from_keys, cfg.num_kv_shared_layers,
+          cfg.shared_kv_mlp_factor, cfg.per_layer_input_size, cfg.rope_scaling.proportion) == (
+              "gemma4", 32, 1, True, 2, 2, 8, 0.25)
+  assert not hasattr(loaded.model.block(4).attn, "k") and not hasattr(loaded.model.block(1).attn, "v")
+  ids = rng.integers(0, SMALL["vocab_size"], (1, SEQ))
+  base = np.asarray(loaded.logprobs(ids))
+
+  def moved(edit) -> float:
+    again = models.load(tmp_path)
+    edit(again.model)
+    return np.abs(np.asarray(again.logprobs(ids)) - base).max()
+
+  ones = lambda param: param.set_value(jnp.ones_like(param.get_value()))
+  zeros = lambda param: param.set_value(jnp.zeros_like(param.get_value()))
+  stacks = lambda m: [block for stack in m.layers for block in stack.blocks]
+  assert moved(lambda m: [ones(b.layer_scalar) for b in stacks(m)]) > 1e-3
+  assert moved(lambda m: [ones(b.moe.per_expert_scale) for b in stacks(m)]) > 1e-3
+  assert moved(lambda m: zeros(m.per_layer_inputs.embedding.embedding)) > 1e-3
+  # the shared layers' keys come from layer 2 / 3: change layer 2's key projection and layer 4 (which reads it) moves
+  assert moved(lambda m: zeros(m.layers[0].blocks[0].attn.k.kernel)) > 1e-3
+  config_path = tmp_path / "config.json"
+  config = json.loads(config_path.read_text())
+  rope = config["rope_parameters"]
+  config_path.write_text(json.dumps({**config, "rope_parameters": {
+      **rope, "full_attention": {**rope["full_attention"], "partial_rotary_factor": 1.0}}}))
+  assert moved(lambda m: None) > 1e-3
+  config_path.write_text(json.dumps({**config, "num_kv_shared_layers": 0}))  # layer 4's MLP is double-wide
+  with pytest.raises(ValueError, match=r"layers.4.mlp.down_proj.weight has shape \(160, 64\), the model expects"):
+    models.load(tmp_path)
+
+
+
+def test_gemma4_multimodal_checkpoint_loads_its_language_model(tmp_path, rng, caplog):
+  """Gemma 4 ships as ``gemma4`` (``Gemma4ForConditionalGeneration``): a vision tower and its embedder beside the
+  language model under ``model.language_model``; tailjax loads the language model alone."""
+  text = transformers.Gemma4TextConfig(**{**SMALL, **FAMILIES["gemma4-wide-global-layers-proportional-rope"][1]})
+  vision = dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, head_dim=16)
+  cfg = transformers.Gemma4Config(text_config=text.to_dict(), vision_config=vision, audio_config=None)
+  reference = save_multimodal(transformers.Gemma4ForConditionalGeneration, cfg, tmp_path)
+  with caplog.at_level("WARNING", logger="tailjax"):
+    loaded = models.load(tmp_path)
+  assert "vision tower is skipped" in caplog.text and loaded.config.full_head_dim == 32
+  ids = rng.integers(0, SMALL["vocab_size"], (2, SEQ))
+  assert np.abs(np.asarray(loaded.logprobs(ids), np.float64) - torch_logprobs(reference, ids)).max() <= 1e-4
 
 
 def save_multimodal(model_cls, cfg, directory):

@@ -21,6 +21,7 @@ from test_hf import random_hf_model, tokenizer_files
 
 CASES = {  # family case -> mesh (8 host devices); Qwen3.5 on fsdp meshes hangs on this CPU (see the notes)
     "qwen3.5-moe-gated-shared-expert": "expert=2,model=2,data=2",
+    "gemma4-moe-per-layer-inputs-shared-kv": "fsdp=2,model=2,expert=2",
 }
 PROTOCOL = data.Protocol("test", seq_len=24, num_sequences=8, seed=5)
 

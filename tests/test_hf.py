@@ -58,11 +58,15 @@ def random_hf_model(config_cls, tmp_path, **overrides):
         p.copy_(p + 0.1 * torch.randn_like(p))
       elif name.endswith("bias"):
         p.copy_(0.1 * torch.randn_like(p))
-      elif name.endswith(("mlp.gate.weight", "mlp.router.weight", "sinks")):  # routers (no near-ties), sinks
-        p.copy_(torch.randn_like(p))
+      elif name.endswith(("mlp.gate.weight", "mlp.router.weight", "router.proj.weight", "sinks")):  # routers
+        p.copy_(torch.randn_like(p))  # (no near-ties), sinks
+      elif name.endswith(("router.scale", "router.per_expert_scale")):  # Gemma 4's router scales (init ones)
+        p.copy_(p + 0.3 * torch.randn_like(p))
     for name, b in model.named_buffers():
       if name.endswith("e_score_correction_bias"):  # GLM's expert-choice bias: make it change the choice
         b.copy_(0.3 * torch.randn_like(b))
+      elif name.endswith("layer_scalar"):  # Gemma 4's per-layer output scale (init one)
+        b.copy_(b + 0.3 * torch.randn_like(b))
   model.save_pretrained(tmp_path)
   return model
 

@@ -6,10 +6,11 @@ import dataclasses
 from typing import Any
 
 ATTENTION_KINDS = ("softmax", "retention")
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "factors", "longrope")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "factors", "longrope", "proportional")
 LAYER_TYPES = ("full", "sliding", "linear")
 ACTIVATIONS = ("silu", "gelu_tanh", "clamped_swiglu")
-ROUTERS = ("softmax", "sigmoid_groups")
+ROUTERS = ("softmax", "sigmoid_groups", "scaled_softmax")
+BLOCKS = ("pre_norm", "gemma4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +24,9 @@ class RopeScaling:
   by ``divisors[i]`` (llama.cpp's ``rope_freqs`` tensor in GGUF files); ``longrope`` (Phi-3)
   divides frequency ``i`` by ``long_factor[i]`` for windows longer than
   ``original_max_position_embeddings``, else by ``short_factor[i]``, and scales cos/sin by
-  ``attention_factor`` (default ``sqrt(1 + log(factor) / log(original))``).
+  ``attention_factor`` (default ``sqrt(1 + log(factor) / log(original))``); ``proportional`` (Gemma 4's
+  global layers) rotates the first ``proportion`` of a head's ``head_dim / 2`` angle pairs at
+  ``base^(-2i / head_dim)`` (exponents over the whole head), the rest not at all, each frequency over ``factor``.
   """
 
   type: str = "default"
@@ -37,6 +40,7 @@ class RopeScaling:
   mscale: float | None = None  # yarn
   mscale_all_dim: float | None = None  # yarn
   truncate: bool = True  # yarn
+  proportion: float = 1.0  # proportional: the share of a head's angle pairs that rotate
   divisors: tuple[float, ...] | None = None  # factors
   short_factor: tuple[float, ...] | None = None  # longrope
   long_factor: tuple[float, ...] | None = None  # longrope
@@ -79,7 +83,12 @@ class ModelConfig:
     GLM-4.5), a shared expert behind a sigmoid gate (``shared_expert_gate``: Qwen2-MoE);
     RoPE on the first ``rotary_dim`` dims of each head only (GLM);
   - output: logits soft-capped at ``final_logit_softcap`` (Gemma 2), applied by
-    ``tailjax.head`` blockwise.
+    ``tailjax.head`` blockwise;
+  - ``block="gemma4"`` (``tailjax.models.gemma4``): Gemma 4's block, whose ``"full"`` layers may have their own head
+    width and KV heads (``full_head_dim``, ``full_num_kv_heads``) and take values from the key projection
+    (``full_values_from_keys``), whose last ``num_kv_shared_layers`` layers reuse the keys and values of the last
+    earlier layer of their type (their MLP ``shared_kv_mlp_factor`` times wider), with per-layer input embeddings
+    of width ``per_layer_input_size`` and an MoE beside the dense MLP (``router="scaled_softmax"``).
 
   ``attention="retention"`` swaps softmax attention for RetNet-style retention
   (the linear-attention variant of ../shared/mission/001, appendix G).
@@ -137,6 +146,16 @@ class ModelConfig:
   linear_key_head_dim: int = 0
   linear_value_head_dim: int = 0
   linear_conv_kernel: int = 4
+  block: str = "pre_norm"  # "pre_norm": Block (tailjax.models.transformer); "gemma4": tailjax.models.gemma4
+  # Gemma 4: "full" layers' head width and KV heads (None: head_dim, num_kv_heads), their values taken from the
+  # key projection; per-layer input embeddings (width, vocabulary); the last layers reusing earlier keys/values
+  full_head_dim: int | None = None
+  full_num_kv_heads: int | None = None
+  full_values_from_keys: bool = False
+  per_layer_input_size: int = 0
+  per_layer_vocab_size: int = 0
+  num_kv_shared_layers: int = 0
+  shared_kv_mlp_factor: int = 1
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -166,6 +185,24 @@ class ModelConfig:
                          f"taps: {linear}) and value heads a multiple of key heads")
     if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
       raise ValueError(f"rotary_dim={self.rotary_dim} must be even and in (0, head_dim={self.head_dim}]")
+    if self.block not in BLOCKS:
+      raise ValueError(f"block={self.block!r} is not one of {BLOCKS}")
+    if self.block != "gemma4" and (self.full_head_dim or self.full_num_kv_heads or self.full_values_from_keys or
+                                   self.per_layer_input_size or self.num_kv_shared_layers):
+      raise ValueError("full_head_dim, full_num_kv_heads, full_values_from_keys, per_layer_input_size and "
+                       "num_kv_shared_layers are Gemma 4's (block='gemma4')")
+    full_hd, full_kv = self.attention_dims("full")
+    if full_hd % 2 or self.num_heads % full_kv:
+      raise ValueError(f"full layers: head_dim={full_hd} must be even and num_heads={self.num_heads} a multiple "
+                       f"of their kv heads ({full_kv})")
+    if self.num_kv_shared_layers:
+      first = self.num_layers - self.num_kv_shared_layers
+      kinds = {self.layer_type(i) for i in range(first)}
+      if not 0 < first or not {self.layer_type(i) for i in range(first, self.num_layers)} <= kinds:
+        raise ValueError(f"num_kv_shared_layers={self.num_kv_shared_layers}: every layer type of the last "
+                         f"{self.num_kv_shared_layers} layers needs an earlier layer of that type to share from")
+    if self.per_layer_input_size and self.per_layer_vocab_size < 1:
+      raise ValueError("per_layer_input_size needs per_layer_vocab_size")
     if self.router not in ROUTERS:
       raise ValueError(f"router={self.router!r} is not one of {ROUTERS}")
     groups, chosen = self.router_groups
@@ -193,29 +230,51 @@ class ModelConfig:
   def is_moe_layer(self, layer: int) -> bool:
     return self.num_experts > 0 and layer not in self.dense_layers
 
+  def attention_dims(self, layer_type: str) -> tuple[int, int]:
+    """``(head_dim, kv_heads)`` of a softmax layer of this type (Gemma 4's full layers may differ)."""
+    if layer_type == "full":
+      return self.full_head_dim or self.head_dim, self.full_num_kv_heads or self.num_kv_heads
+    return self.head_dim, self.num_kv_heads
+
+  def kv_shared(self, layer: int) -> bool:
+    """Whether the layer reuses the keys and values of the last earlier layer of its type (Gemma 4)."""
+    return layer >= self.num_layers - self.num_kv_shared_layers
+
   @property
   def num_params(self) -> int:
-    d, hd = self.hidden_size, self.head_dim
-    attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
-    attn += hd * (self.num_heads + 2 * self.num_kv_heads) if self.qkv_bias else 0
-    attn += d if self.o_bias else 0
-    attn += 2 * self.num_heads * hd if self.attention == "retention" else 0  # per-head norm scale and bias
-    attn += 2 * hd if self.qk_norm else 0
-    attn += d * self.num_heads * hd if self.attn_output_gate else 0
+    d = self.hidden_size
+    gemma4 = self.block == "gemma4"
+
+    def attn(layer: int) -> int:
+      hd, kv = self.attention_dims(self.layer_type(layer))
+      kv_widths = 0 if self.kv_shared(layer) else 1 if self.full_values_from_keys and \
+          self.layer_type(layer) == "full" else 2
+      n = d * hd * (2 * self.num_heads + kv_widths * kv)
+      n += hd * (self.num_heads + kv_widths * kv) if self.qkv_bias else 0
+      n += d if self.o_bias else 0
+      n += 2 * self.num_heads * hd if self.attention == "retention" else 0  # per-head norm scale and bias
+      n += (1 + (kv_widths > 0)) * hd if self.qk_norm else 0
+      return n + (d * self.num_heads * hd if self.attn_output_gate else 0)
+
     keys, values = self.linear_num_key_heads * self.linear_key_head_dim, self.linear_num_value_heads * \
         self.linear_value_head_dim
     linear = (d * (2 * keys + 2 * values + 2 * self.linear_num_value_heads) + values * d  # q k v z b a, out
               + self.linear_conv_kernel * (2 * keys + values) + 2 * self.linear_num_value_heads
               + self.linear_value_head_dim)  # conv, dt_bias and A_log, norm
     norms = (4 if self.sandwich_norms else 2) * d
+    p = self.per_layer_input_size
     total = self.vocab_size * d + d + (0 if self.tie_word_embeddings else d * self.vocab_size)
+    total += (self.per_layer_vocab_size + d) * self.num_layers * p + p if p else 0  # embedding, projection, norm
     for layer in range(self.num_layers):
-      if self.is_moe_layer(layer):
-        mlp = d * self.num_experts + 3 * d * self.moe_intermediate_size * self.num_experts
-        mlp += 3 * d * self.shared_expert_size + (d if self.shared_expert_gate else 0)
-      else:
-        mlp = 3 * d * self.intermediate_size
-      total += (linear if self.layer_type(layer) == "linear" else attn) + mlp + norms
+      experts = d * self.num_experts + 3 * d * self.moe_intermediate_size * self.num_experts if \
+          self.is_moe_layer(layer) else 0
+      if self.is_moe_layer(layer) and not gemma4:
+        mlp = experts + 3 * d * self.shared_expert_size + (d if self.shared_expert_gate else 0)
+      else:  # Gemma 4: the dense MLP and beside it the experts, their router's scales and three norms
+        wide = self.shared_kv_mlp_factor if self.kv_shared(layer) else 1
+        mlp = 3 * d * self.intermediate_size * wide + (experts and experts + 4 * d + self.num_experts)
+      extra = gemma4 * (1 + (2 * d * p + d if p else 0))  # Gemma 4: layer scalar, per-layer input gate, projection, norm
+      total += (linear if self.layer_type(layer) == "linear" else attn(layer)) + mlp + norms + extra
     return total
 
   @property

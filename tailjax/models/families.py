@@ -32,6 +32,8 @@ def _family(name, hf_types, gguf_archs, examples, partial_rotary=False, **traits
 
 _QWEN3_5 = dict(qk_norm=True, norm_unit_offset=True, attn_output_gate=True)
 _GEMMA = dict(norm_unit_offset=True, sandwich_norms=True, scale_embeddings=True, hidden_act="gelu_tanh")
+_GEMMA4 = dict(block="gemma4", qk_norm=True, sandwich_norms=True, scale_embeddings=True, hidden_act="gelu_tanh",
+               query_pre_attn_scalar=1.0, router="scaled_softmax", norm_topk_prob=True)
 
 FAMILIES: tuple[Family, ...] = (
     _family("llama", ["llama"], ["llama"], "Llama 2/3, SmolLM, TinyLlama"),
@@ -45,6 +47,9 @@ FAMILIES: tuple[Family, ...] = (
     _family("gemma2", ["gemma2"], ["gemma2"], "Gemma 2", **_GEMMA),
     _family("gemma3", ["gemma3_text", "gemma3"], ["gemma3"], "Gemma 3 (text; the language model of multimodal "
             "checkpoints)", qk_norm=True, **_GEMMA),
+    _family("gemma4", ["gemma4_text", "gemma4"], [], "Gemma 4 dense and MoE, e.g. Gemma-4-31B, Gemma-4-26B-A4B, "
+            "E2B/E4B (wider global layers, per-layer inputs, shared KV; the language model of multimodal "
+            "checkpoints)", **_GEMMA4),
     _family("phi3", ["phi3"], ["phi3"], "Phi-3, Phi-3.5 mini/medium (LongRoPE)", partial_rotary=True),
     _family("gpt-oss", ["gpt_oss"], [], "gpt-oss-20b, gpt-oss-120b (MXFP4 experts dequantized on load)",
             attention_sinks=True, moe_bias=True, hidden_act="clamped_swiglu", norm_topk_prob=True),

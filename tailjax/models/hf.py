@@ -56,6 +56,10 @@ _MODEL_FIELDS = frozenset({
     "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
     "linear_num_value_heads", "full_attention_interval", "attn_output_gate", "mtp_num_hidden_layers",
     "mtp_use_dedicated_embeddings",
+    # Gemma 4
+    "vocab_size_per_layer_input", "hidden_size_per_layer_input", "attention_k_eq_v", "num_kv_shared_layers",
+    "enable_moe_block", "use_double_wide_mlp", "top_k_experts", "per_layer_config", "global_head_dim",
+    "num_global_key_value_heads",
 })
 _ROPE_FIELDS = {
     "rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "low_freq_factor",
@@ -65,11 +69,12 @@ _ROPE_FIELDS = {
 }
 # A multimodal checkpoint's parts that are not its language model.
 _VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.", "multi_modal_projector.",
-                    "model.visual.", "visual.")
+                    "model.visual.", "visual.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio.")
 # Qwen3.5's multi-token-prediction head (speculative decoding, not the next-token distribution).
 _PREDICTION_PREFIXES = ("mtp.", "model.mtp.")
 # Multimodal checkpoints whose language model tailjax evaluates: model_type -> the text model's type.
-_MULTIMODAL = {"mistral3": "mistral", "qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
+_MULTIMODAL = {"mistral3": "mistral", "qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text",
+               "gemma4": "gemma4_text"}
 
 
 def read_raw_config(directory: Path) -> dict:
@@ -115,6 +120,8 @@ def read_config(directory: Path) -> ModelConfig:
     if not condition:
       raise ValueError(f"{path}: {field}={raw.get(field)!r} is not supported ({why})")
 
+  if family.name == "gemma4":
+    raw = _gemma4_raw(raw)
   if family.name.startswith("qwen3.5") and _partial_rotary_factor(raw) is None:
     raw = {**raw, "partial_rotary_factor": 0.25}  # transformers' default for the family
   experts = _experts(raw, raw.get("num_hidden_layers") or 0)
@@ -174,6 +181,8 @@ def read_config(directory: Path) -> ModelConfig:
                   linear_key_head_dim=raw.get("linear_key_head_dim"),
                   linear_value_head_dim=raw.get("linear_value_head_dim"),
                   linear_conv_kernel=raw.get("linear_conv_kernel_dim", 4))
+  if family.name == "gemma4":
+    fields.update(_gemma4_fields(raw, layer_types, path))
   require(raw.get("attn_output_gate", True) or not family.config_fields().get("attn_output_gate"),
           "attn_output_gate", f"transformers' {family.name} always gates its attention output")
   fields.update(family.config_fields())
@@ -202,7 +211,7 @@ def _attention_layers(raw: dict, family: str, layers: int, path: Path) -> tuple[
       kinds = ["sliding_attention" if i >= start else "full_attention" for i in range(layers)]
     elif family == "gemma2":
       kinds = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
-    elif family == "gemma3":
+    elif family in ("gemma3", "gemma4"):
       pattern = raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern") or 6
       kinds = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
   if kinds is None:
@@ -223,6 +232,54 @@ def _attention_layers(raw: dict, family: str, layers: int, path: Path) -> tuple[
   if window is None:
     raise ValueError(f"{path}: layer_types has sliding layers but sliding_window is not set")
   return window, kinds
+
+
+def _gemma4_raw(raw: dict) -> dict:
+  """Gemma 4's config as the shared readers expect it, as transformers' ``Gemma4TextConfig`` reads it: experts only
+  with ``enable_moe_block`` (``top_k_experts`` of them per token), the default 5:1 layer pattern, and the last
+  layer always full attention."""
+  raw = dict(raw)
+  if not raw.get("enable_moe_block"):
+    raw.pop("num_experts", None)
+  raw["num_experts_per_tok"] = raw.pop("top_k_experts", None)
+  raw.setdefault("sliding_window", 512)
+  kinds = raw.get("layer_types") or ["sliding_attention" if (i + 1) % 6 else "full_attention"
+                                     for i in range(raw.get("num_hidden_layers") or 0)]
+  if kinds and kinds[-1] != "full_attention":
+    log.warning("gemma4 config: the last layer is %s; transformers makes it full_attention, so does tailjax",
+                kinds[-1])
+    kinds = [*kinds[:-1], "full_attention"]
+  raw["layer_types"] = kinds
+  return raw
+
+
+def _gemma4_fields(raw: dict, layer_types: tuple[str, ...] | None, path: Path) -> dict:
+  """Gemma 4's shape fields: the full layers' head width and KV heads (``per_layer_config`` as transformers 5.24
+  saves it, or ``global_head_dim`` and ``num_global_key_value_heads``), values from keys, per-layer inputs, shared
+  KV layers and their double-wide MLP."""
+  full = [i for i in range(raw["num_hidden_layers"]) if layer_types is None or layer_types[i] == "full"]
+  values_from_keys = bool(raw.get("attention_k_eq_v", False))
+  per_layer = raw.get("per_layer_config")
+  if per_layer is None:
+    overrides = {"head_dim": raw.get("global_head_dim", 512)}
+    if values_from_keys and raw.get("num_global_key_value_heads") is not None:
+      overrides["num_key_value_heads"] = raw["num_global_key_value_heads"]
+  else:
+    if not isinstance(per_layer, dict) or {int(k) for k in per_layer} != set(full) or \
+        len({json.dumps(v, sort_keys=True) for v in per_layer.values()}) > 1:
+      raise ValueError(f"{path}: per_layer_config={per_layer!r} is not supported (one override of head_dim and "
+                       f"num_key_value_heads for exactly the full-attention layers {full})")
+    overrides = next(iter(per_layer.values()), {})
+    unknown = set(overrides) - {"head_dim", "num_key_value_heads"}
+    if unknown:
+      raise ValueError(f"{path}: per_layer_config overrides {sorted(unknown)}: not supported")
+  wide = raw.get("use_double_wide_mlp", False)
+  inputs = int(raw.get("hidden_size_per_layer_input") or 0)
+  return dict(full_head_dim=overrides.get("head_dim"), full_num_kv_heads=overrides.get("num_key_value_heads"),
+              full_values_from_keys=values_from_keys,
+              per_layer_input_size=inputs,
+              per_layer_vocab_size=int(raw.get("vocab_size_per_layer_input") or raw["vocab_size"]) if inputs else 0,
+              num_kv_shared_layers=int(raw.get("num_kv_shared_layers") or 0), shared_kv_mlp_factor=2 if wide else 1)
 
 
 def _partial_rotary_factor(raw: dict) -> float | None:
@@ -290,7 +347,7 @@ def _rope(raw: dict, path: Path, gemma: bool) -> tuple[float, RopeScaling | None
     raise ValueError(f"{path}: unknown rope parameters {sorted(unknown)}")
   params.pop("llama_4_scaling_beta", None)  # a query scale, not a frequency: read_config takes it
   params.pop("max_position_embeddings", None)  # Mistral 3 repeats the model's own here
-  params.pop("partial_rotary_factor", None)  # read_config takes it (rotary_dim)
+  proportion = params.pop("partial_rotary_factor", None)  # read_config takes it (rotary_dim), except:
   for name in ("mrope_section", "mrope_interleaved"):  # Qwen3.5's M-RoPE: a text token's three position ids are
     params.pop(name, None)  # equal, so every section rotates by the same angle: plain RoPE
   kind = params.pop("rope_type", params.pop("type", "default"))
@@ -300,6 +357,8 @@ def _rope(raw: dict, path: Path, gemma: bool) -> tuple[float, RopeScaling | None
   local_theta = float(local_theta) if gemma and local_theta is not None else None
   if kind == "default":
     return theta, None, local_theta
+  if kind == "proportional":  # Gemma 4's global layers: the share of angles rotated, whatever the head width
+    return theta, RopeScaling(type=kind, factor=params.get("factor", 1.0), proportion=proportion or 1.0), local_theta
   if kind in ("yarn", "longrope") and params.get("original_max_position_embeddings") is None:
     params["original_max_position_embeddings"] = raw.get("original_max_position_embeddings")
   if kind == "yarn" and params.get("factor") is None:
@@ -416,6 +475,10 @@ _RENAMES = (
     (re.compile(r"^model\.language_model\."), "model."),  # multimodal (transformers 5 layout)
     (re.compile(r"^language_model\.model\."), "model."),  # multimodal (older layout)
     (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+    (re.compile(r"(\.layers\.\d+)\.experts\."), r"\1.moe.experts."),  # Gemma 4: experts beside the MLP
+    (re.compile(r"(\.layers\.\d+)\.router\.proj\."), r"\1.moe.gate."),
+    (re.compile(r"(\.layers\.\d+)\.router\.scale$"), r"\1.moe.router_scale"),
+    (re.compile(r"(\.layers\.\d+)\.router\.per_expert_scale$"), r"\1.moe.per_expert_scale"),
     (re.compile(r"\.block_sparse_moe\.gate\."), ".mlp.gate."),  # Mixtral
     (re.compile(r"\.block_sparse_moe\.experts\.(\d+)\.w1\."), r".mlp.experts.\1.gate_proj."),
     (re.compile(r"\.block_sparse_moe\.experts\.(\d+)\.w2\."), r".mlp.experts.\1.down_proj."),

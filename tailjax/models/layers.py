@@ -39,10 +39,16 @@ class RMSNorm(nnx.Module):
     self.unit_offset = unit_offset
 
   def __call__(self, x: Array) -> Array:
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     scale = self.scale[...].astype(jnp.float32)
-    return (x32 * (1.0 + scale if self.unit_offset else scale)).astype(x.dtype)
+    return rms_normalize(x, self.eps, 1.0 + scale if self.unit_offset else scale)
+
+
+def rms_normalize(x: Array, eps: float, scale: Array | float = 1.0) -> Array:
+  """``x / sqrt(mean(x^2) + eps) * scale`` over the last axis, in float32, returned in ``x``'s dtype (an RMSNorm
+  without a weight when ``scale`` is 1: Gemma 4's value norm and router input)."""
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (x32 * scale).astype(x.dtype)
 
 
 def rope_frequencies(cfg: ModelConfig, seq_len: int, layer_type: str = "full") -> tuple[np.ndarray, float]:
@@ -52,7 +58,7 @@ def rope_frequencies(cfg: ModelConfig, seq_len: int, layer_type: str = "full") -
   ``modeling_rope_utils`` so that converted checkpoints see the same angles. Sliding
   layers of a model with ``rope_local_theta`` (Gemma 3) use plain RoPE at that base.
   """
-  dim, base = cfg.rotary_dim or cfg.head_dim, cfg.rope_theta
+  dim, base = cfg.rotary_dim or cfg.attention_dims(layer_type)[0], cfg.rope_theta
   s = cfg.rope_scaling or RopeScaling()
   if layer_type == "sliding" and cfg.rope_local_theta is not None:
     base, s = cfg.rope_local_theta, RopeScaling()
@@ -62,6 +68,9 @@ def rope_frequencies(cfg: ModelConfig, seq_len: int, layer_type: str = "full") -
   scale = 1.0
   if s.type == "linear":
     inv_freq = inv_freq / s.factor
+  elif s.type == "proportional":  # Gemma 4: the first pairs rotate, the others keep angle 0
+    angles = int(s.proportion * dim // 2)
+    inv_freq = np.concatenate([inv_freq[:angles], np.zeros(dim // 2 - angles)]) / s.factor
   elif s.type == "factors":
     inv_freq = inv_freq / np.asarray(s.divisors, np.float64)
   elif s.type == "longrope":

@@ -1,6 +1,6 @@
 """Sparse mixture-of-experts MLP: a softmax top-k router and grouped expert matmuls.
 
-Routing (Qwen3-MoE, Mixtral, gpt-oss): ``p = softmax(x @ router + b)`` over ``E`` experts in float32; each
+Routing (Qwen3-MoE, Mixtral, gpt-oss; GLM's and Gemma 4's variants below): ``p = softmax(x @ router + b)`` over ``E`` experts in float32; each
 token goes to its ``k`` most probable experts (ties: the lower id, as ``lax.top_k``), with
 weights ``p_i`` or, with ``norm_topk_prob``, ``p_i / sum_topk p`` (Mixtral always renormalises:
 ``softmax`` over the chosen logits is the same thing). The output is
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tailjax.models.config import ModelConfig
-from tailjax.models.layers import MLP, axes, gated
+from tailjax.models.layers import MLP, axes, gated, rms_normalize
 
 Array = jax.Array
 
@@ -84,6 +84,15 @@ def route_sigmoid_groups(x: Array, router: Array, correction: Array, cfg: ModelC
   return Routing(experts.astype(jnp.int32), weights * cfg.routed_scaling_factor, scores)
 
 
+def route_scaled_softmax(x: Array, router: Array, scale: Array, per_expert_scale: Array, cfg: ModelConfig) -> Routing:
+  """Gemma 4: the softmax top-k of ``(rms_normalize(x) * scale / sqrt(d)) @ router``, its weights renormalised to
+  sum to 1, then each times its expert's ``per_expert_scale``. ``x: [N, d]``, ``scale: [d]``, ``per_expert_scale:
+  [E]``."""
+  h = rms_normalize(x, cfg.rms_norm_eps, scale.astype(jnp.float32) * x.shape[-1]**-0.5)
+  routing = route(h, router, cfg.num_experts_per_tok, True)
+  return routing._replace(weights=routing.weights * per_expert_scale.astype(jnp.float32)[routing.experts])
+
+
 class TileLayout(NamedTuple):
   """``M`` assignments grouped by expert into ``tiles`` tiles of ``tile`` rows.
 
@@ -123,8 +132,9 @@ class MoE(nnx.Module):
   Parameters: ``router: [d, E]``; ``gate, up: [E, d, I]``; ``down: [E, I, d]`` (each expert's
   kernels in tailjax's ``[in, out]`` layout, stacked on a leading ``experts`` axis); with
   ``cfg.moe_bias`` also ``router_bias: [E]``, ``gate_bias, up_bias: [E, I]``, ``down_bias: [E, d]``; with
-  the sigmoid-groups router ``score_correction: [E]``; with ``cfg.shared_expert_size`` a dense ``shared`` MLP
-  (and with ``cfg.shared_expert_gate`` its gate ``shared_gate: [d, 1]``).
+  the sigmoid-groups router ``score_correction: [E]``; with the scaled-softmax router ``router_scale: [d]`` and
+  ``per_expert_scale: [E]``; with ``cfg.shared_expert_size`` a dense ``shared`` MLP (and with
+  ``cfg.shared_expert_gate`` its gate ``shared_gate: [d, 1]``).
   """
 
   def __init__(self, cfg: ModelConfig, dtype, param_dtype, rngs: nnx.Rngs):
@@ -137,6 +147,9 @@ class MoE(nnx.Module):
     self.down = nnx.Param(init(rngs.params(), (e, m, d), param_dtype), **axes("experts", "mlp", "embed"))
     if cfg.router == "sigmoid_groups":  # added to the scores only to choose experts (GLM: e_score_correction_bias)
       self.score_correction = nnx.Param(jnp.zeros(e, jnp.float32), **axes(None))
+    if cfg.router == "scaled_softmax":  # Gemma 4
+      self.router_scale = nnx.Param(jnp.ones(d, jnp.float32), **axes("norm"))
+      self.per_expert_scale = nnx.Param(jnp.ones(e, jnp.float32), **axes(None))
     if cfg.shared_expert_size:
       self.shared = MLP(cfg, dtype, param_dtype, rngs, width=cfg.shared_expert_size)
     if cfg.shared_expert_gate:
@@ -154,15 +167,20 @@ class MoE(nnx.Module):
     self.cfg = cfg
     self.dtype = dtype
 
-  def __call__(self, x: Array) -> tuple[Array, Array]:
-    """``x: [..., d]`` -> (``[..., d]``, the chosen experts ``[..., k]``)."""
+  def __call__(self, x: Array, router_input: Array | None = None) -> tuple[Array, Array]:
+    """``x: [..., d]`` -> (``[..., d]``, the chosen experts ``[..., k]``). ``router_input: [..., d]`` (default ``x``)
+    is what the router sees (Gemma 4 routes the residual stream and feeds the experts its normalised copy)."""
     lead, d = x.shape[:-1], x.shape[-1]
     x = x.reshape(-1, d).astype(self.dtype)
+    router_input = x if router_input is None else router_input.reshape(-1, d).astype(self.dtype)
     value = lambda name: getattr(self, name)[...].astype(self.dtype) if hasattr(self, name) else None
     if self.cfg.router == "sigmoid_groups":
-      routing = route_sigmoid_groups(x, self.router[...], self.score_correction[...], self.cfg)
+      routing = route_sigmoid_groups(router_input, self.router[...], self.score_correction[...], self.cfg)
+    elif self.cfg.router == "scaled_softmax":
+      routing = route_scaled_softmax(router_input, self.router[...], self.router_scale[...],
+                                     self.per_expert_scale[...], self.cfg)
     else:
-      routing = route(x, self.router[...], self.k, self.norm_topk_prob, value("router_bias"))
+      routing = route(router_input, self.router[...], self.k, self.norm_topk_prob, value("router_bias"))
     weights = ExpertWeights(*(value(name) for name in ExpertWeights._fields))
     out = expert_outputs(x, routing.experts, weights, lambda g, u: gated(self.cfg, g, u))
     y = jnp.einsum("nkd,nk->nd", out.astype(jnp.float32), routing.weights).astype(x.dtype)

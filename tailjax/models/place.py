@@ -49,10 +49,18 @@ def _targets(model: Decoder) -> dict[str, _Target]:
              "model.norm.weight": _Target(model.norm.scale, False)}
   if not cfg.tie_word_embeddings:
     targets["lm_head.weight"] = _Target(model.lm_head, True)
+  if cfg.per_layer_input_size:
+    inputs = model.per_layer_inputs
+    targets.update({"model.embed_tokens_per_layer.weight": _Target(inputs.embedding.embedding, False),
+                    "model.per_layer_model_projection.weight": _Target(inputs.projection.kernel, True),
+                    "model.per_layer_projection_norm.weight": _Target(inputs.norm.scale, False)})
   for i in range(cfg.num_layers):
     where = slot(cfg, i)
     block, p = model.layers[where.stack].blocks[where.position], f"model.layers.{i}."
     at = lambda param, transpose, expert=None: _Target(param, transpose, where.row, expert)
+    if cfg.block == "gemma4":
+      targets.update(_gemma4_targets(cfg, block, p, at))
+      continue
     targets[p + "input_layernorm.weight"] = at(block.attn_norm.scale, False)
     if cfg.sandwich_norms:
       targets[p + "post_attention_layernorm.weight"] = at(block.attn_post_norm.scale, False)
@@ -63,12 +71,7 @@ def _targets(model: Decoder) -> dict[str, _Target]:
     mixer = _deltanet_targets if cfg.layer_type(i) == "linear" else _attention_targets
     targets.update(mixer(cfg, block.attn, p, at))
     if isinstance(block.mlp, MoE):
-      targets[p + "mlp.gate.weight"] = at(block.mlp.router, True)
-      for name in ("gate", "up", "down"):
-        param = getattr(block.mlp, name)
-        targets[f"{p}mlp.experts.{name}_proj.weight"] = at(param, True)  # stacked [E, out, in] (GGUF)
-        for j in range(cfg.num_experts):
-          targets[f"{p}mlp.experts.{j}.{name}_proj.weight"] = at(param, True, j)
+      targets.update(_expert_targets(cfg, block.mlp, p + "mlp.", at))
       if cfg.router == "sigmoid_groups":
         targets[p + "mlp.gate.e_score_correction_bias"] = at(block.mlp.score_correction, False)
       if cfg.shared_expert_size:  # GLM: shared_experts; Qwen2-MoE: shared_expert, with its gate
@@ -84,6 +87,49 @@ def _targets(model: Decoder) -> dict[str, _Target]:
     else:
       for name in ("gate", "up", "down"):
         targets[f"{p}mlp.{name}_proj.weight"] = at(getattr(block.mlp, name).kernel, True)
+  return targets
+
+
+def _expert_targets(cfg: ModelConfig, moe: MoE, p: str, at) -> dict[str, _Target]:
+  """The router ``{p}gate.weight`` and the experts, stacked ``[E, out, in]`` (GGUF, transformers 5) or one by one."""
+  targets = {p + "gate.weight": at(moe.router, True)}
+  for name in ("gate", "up", "down"):
+    param = getattr(moe, name)
+    targets[f"{p}experts.{name}_proj.weight"] = at(param, True)
+    for j in range(cfg.num_experts):
+      targets[f"{p}experts.{j}.{name}_proj.weight"] = at(param, True, j)
+  return targets
+
+
+def _gemma4_targets(cfg: ModelConfig, block, p: str, at) -> dict[str, _Target]:
+  """A Gemma 4 layer (``tailjax.models.gemma4``): attention without the projections a layer does not have, the
+  norms around the MLP and beside it the experts (``moe.``, ``hf.canonical_name``), per-layer inputs, the scalar."""
+  attn = block.attn
+  targets = {p + "layer_scalar": at(block.layer_scalar, False),
+             p + "self_attn.q_norm.weight": at(attn.q_norm.scale, False)}
+  for name in ("q", "k", "v", "o"):
+    if hasattr(attn, name):
+      layer = getattr(attn, name)
+      targets[f"{p}self_attn.{name}_proj.weight"] = at(layer.kernel, True)
+      if layer.bias is not None:
+        targets[f"{p}self_attn.{name}_proj.bias"] = at(layer.bias, False)
+  if hasattr(attn, "k_norm"):
+    targets[p + "self_attn.k_norm.weight"] = at(attn.k_norm.scale, False)
+  norms = dict(input_layernorm="attn_norm", post_attention_layernorm="attn_post_norm",
+               pre_feedforward_layernorm="mlp_norm", post_feedforward_layernorm="mlp_post_norm",
+               pre_feedforward_layernorm_2="moe_norm", post_feedforward_layernorm_1="mlp_post_norm_1",
+               post_feedforward_layernorm_2="moe_post_norm", post_per_layer_input_norm="per_layer_norm")
+  targets.update({f"{p}{name}.weight": at(getattr(block, mine).scale, False) for name, mine in norms.items()
+                  if hasattr(block, mine)})
+  targets.update({f"{p}mlp.{name}_proj.weight": at(getattr(block.mlp, name).kernel, True)
+                  for name in ("gate", "up", "down")})
+  if hasattr(block, "moe"):
+    targets.update(_expert_targets(cfg, block.moe, p + "moe.", at))
+    targets[p + "moe.router_scale"] = at(block.moe.router_scale, False)
+    targets[p + "moe.per_expert_scale"] = at(block.moe.per_expert_scale, False)
+  if cfg.per_layer_input_size:
+    targets[p + "per_layer_input_gate.weight"] = at(block.per_layer_gate.kernel, True)
+    targets[p + "per_layer_projection.weight"] = at(block.per_layer_projection.kernel, True)
   return targets
 
 
@@ -156,16 +202,16 @@ def _unfuse(name: str, value: lazy.LazyTensor, cfg: ModelConfig) -> list[tuple[s
       value = lazy.Squeezed(value, 1) if conv and len(value.shape) == 3 else value  # [C, 1, K] -> [C, K]
       stem = f"{prefix}.linear_attn.{'conv1d_' if conv else 'in_proj_'}"
       return [(f"{stem}{x}.{leaf}", lazy.Part(value, 0, bounds[i], bounds[i + 1])) for i, x in enumerate("qkv")]
-  for fused in (".mlp.gate_up_proj.", ".mlp.experts.gate_up_proj"):
+  for fused in (".mlp.gate_up_proj.", ".mlp.experts.gate_up_proj", ".moe.experts.gate_up_proj"):
     prefix, found, _ = name.rpartition(fused)
     if found:
-      expert = "experts." if "experts" in fused else ""
+      stem = fused.removesuffix("gate_up_proj.").removesuffix("gate_up_proj")
       axis, rows = len(value.shape) - 2, value.shape[-2]
       if rows % 2:
         raise ValueError(f"tensor {name} has {rows} rows, not gate and up halves")
-      return [(f"{prefix}.mlp.{expert}gate_proj.weight", lazy.Part(value, axis, 0, rows // 2)),
-              (f"{prefix}.mlp.{expert}up_proj.weight", lazy.Part(value, axis, rows // 2, rows))]
-  if name.endswith(".mlp.experts.down_proj"):
+      return [(f"{prefix}{stem}gate_proj.weight", lazy.Part(value, axis, 0, rows // 2)),
+              (f"{prefix}{stem}up_proj.weight", lazy.Part(value, axis, rows // 2, rows))]
+  if name.endswith((".mlp.experts.down_proj", ".moe.experts.down_proj")):
     return [(name + ".weight", value)]
   return [(name, value)]
 

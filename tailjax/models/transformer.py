@@ -28,6 +28,7 @@ from tailjax.head import EmbeddingRows, OutputHead
 from tailjax.models.attention import Attention, Retention
 from tailjax.models.config import ModelConfig
 from tailjax.models.deltanet import GatedDeltaNet, runs
+from tailjax.models.gemma4 import Gemma4Block, PerLayerInputs, SharedKV, initial_shared_kv
 from tailjax.models.layers import MLP, RMSNorm, axes
 from tailjax.models.moe import MoE
 
@@ -63,13 +64,16 @@ class Block(nnx.Module):
     self.sandwich = cfg.sandwich_norms
     self.layer_type = cfg.layer_type(layer)
 
-  def __call__(self, x: Array, positions: Array, masks: dict[str, Array]) -> tuple[Array, Array | None]:
+  def __call__(self, x: Array, positions: Array, masks: dict[str, Array], per_layer: Array | None,
+               shared: SharedKV) -> tuple[Array, Array | None, SharedKV]:
     """``masks``: per layer type what its mixer may see (``Decoder.forward``) -> (the block's output, ``[B, T, k]``
-    chosen experts of an MoE block, else None)."""
+    chosen experts of an MoE block, else None, ``shared`` as it came: per-layer inputs and shared keys and values
+    are Gemma 4's, ``tailjax.models.gemma4``)."""
+    del per_layer
     h = self.attn(self.attn_norm(x), positions, masks[self.layer_type])
     x = x + (self.attn_post_norm(h) if self.sandwich else h)
     h, experts = self.mlp(self.mlp_norm(x)) if isinstance(self.mlp, MoE) else (self.mlp(self.mlp_norm(x)), None)
-    return x + (self.mlp_post_norm(h) if self.sandwich else h), experts
+    return x + (self.mlp_post_norm(h) if self.sandwich else h), experts, shared
 
 
 class StackSpan(NamedTuple):
@@ -95,7 +99,7 @@ def stack_layout(cfg: ModelConfig) -> tuple[StackSpan, ...]:
   is built like layer ``q + (i - q) mod p`` (same mixer window and RoPE, dense or MoE) repeated, then the
   layers left over (a prefix of the period). ``q`` minimises ``q + p + leftover``, the smallest on ties."""
   depth = cfg.num_layers
-  kind = [(cfg.layer_type(i), cfg.is_moe_layer(i)) for i in range(depth)]
+  kind = [(cfg.layer_type(i), cfg.is_moe_layer(i), cfg.kv_shared(i)) for i in range(depth)]
 
   def period(q: int) -> int:
     rest = kind[q:]
@@ -123,31 +127,42 @@ def slot(cfg: ModelConfig, layer: int) -> LayerSlot:
 class Stack(nnx.Module):
   """``span.repeats`` x ``span.period`` blocks: ``blocks[j]`` holds layers ``first + r * period + j`` as row ``r``
   of every parameter (logical axis None: each device keeps all rows of its shards). One ``jax.lax.scan``
-  over the rows runs the period's blocks in order."""
+  over the rows runs the period's blocks in order, carrying the residual stream and the shared keys and values
+  (Gemma 4; empty for every other family)."""
 
   def __init__(self, cfg: ModelConfig, span: StackSpan, dtype, param_dtype, rngs: nnx.Rngs):
+    block = Gemma4Block if cfg.block == "gemma4" else Block
+
     @nnx.split_rngs(splits=span.repeats)
     @nnx.vmap(in_axes=0, out_axes=0, axis_size=span.repeats, transform_metadata={nnx.PARTITION_NAME: None})
     def build(rngs):
-      return nnx.List([Block(cfg, span.first + j, dtype, param_dtype, rngs) for j in range(span.period)])
+      return nnx.List([block(cfg, span.first + j, dtype, param_dtype, rngs) for j in range(span.period)])
 
     self.blocks = build(rngs)
     self.span = span
 
-  def __call__(self, x: Array, positions: Array, masks: dict[str, Array]) -> tuple[Array, tuple[Array, ...]]:
-    """-> (output, per MoE layer in layer order ``[B, T, k]`` chosen experts)."""
+  def __call__(self, x: Array, positions: Array, masks: dict[str, Array], per_layer: Array | None = None,
+               shared: SharedKV | None = None) -> tuple[Array, tuple[Array, ...], SharedKV]:
+    """``per_layer: [B, T, L, p]`` every layer's inputs (Gemma 4) or None -> (output, per MoE layer in layer order
+    ``[B, T, k]`` chosen experts, ``shared``)."""
     graph, rows = nnx.split(self.blocks)
+    first, period, repeats = self.span
+    if per_layer is not None:  # -> [repeats, period, B, T, p]: row r's inputs beside its parameters
+      b, t, _, p = per_layer.shape
+      per_layer = per_layer[:, :, first:first + period * repeats].reshape(b, t, repeats, period, p)
+      per_layer = per_layer.transpose(2, 3, 0, 1, 4)
 
-    def period(x, row):
+    def run(carry, inputs):
+      (x, shared), (row, inputs) = carry, inputs
       routed = []
-      for block in nnx.merge(graph, row):
-        x, experts = block(x, positions, masks)
+      for j, block in enumerate(nnx.merge(graph, row)):
+        x, experts, shared = block(x, positions, masks, None if inputs is None else inputs[j], shared)
         if experts is not None:
           routed.append(experts)
-      return x, tuple(routed)
+      return (x, shared), tuple(routed)
 
-    x, routed = jax.lax.scan(period, x, rows)  # routed: per MoE position, [repeats, B, T, k]
-    return x, tuple(experts[r] for r in range(self.span.repeats) for experts in routed)
+    (x, shared), routed = jax.lax.scan(run, (x, shared or {}), (rows, per_layer))  # routed: [repeats, B, T, k]
+    return x, tuple(experts[r] for r in range(repeats) for experts in routed), shared
 
 
 class Decoder(nnx.Module):
@@ -163,6 +178,8 @@ class Decoder(nnx.Module):
     self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                            embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed"),
                                                                   eager_sharding=False))
+    if cfg.per_layer_input_size:
+      self.per_layer_inputs = PerLayerInputs(cfg, dtype, param_dtype, rngs)
     self.layers = nnx.List([Stack(cfg, span, dtype, param_dtype, rngs) for span in stack_layout(cfg)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset)
     if not cfg.tie_word_embeddings:
@@ -201,9 +218,11 @@ class Decoder(nnx.Module):
     x = self.embed(tokens)
     if self.cfg.scale_embeddings:  # Gemma: sqrt(d), rounded to the compute dtype as Hugging Face does
       x = x * jnp.asarray(self.cfg.hidden_size**0.5, self.dtype).astype(x.dtype)
+    per_layer = self.per_layer_inputs(tokens, x) if self.cfg.per_layer_input_size else None
+    shared = initial_shared_kv(self.cfg, b, t, x.dtype)
     routed = []
     for stack in self.layers:
-      x, experts = stack(x, positions, masks)
+      x, experts, shared = stack(x, positions, masks, per_layer, shared)
       routed.extend(experts)
     return DecoderOutput(self.norm(x), tuple(routed))
 
