@@ -36,6 +36,11 @@ GEMMA4_MOE = dict(GEMMA4, num_global_key_value_heads=1, attention_k_eq_v=True, h
                   vocab_size_per_layer_input=300, num_kv_shared_layers=2, use_double_wide_mlp=True,
                   enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=16,
                   final_logit_softcapping=3.0)
+# Llama 4: experts (top-1 and top-2) in layers 1 and 3 beside a shared expert, dense layers 0 and 2 wider (80); RoPE
+# (llama3-scaled, on adjacent pairs) and chunks of 6 tokens in layers 0-2, layer 3 without RoPE, its queries scaled
+# from position 3 on (floor_scale 4).
+LLAMA4 = dict(intermediate_size=32, intermediate_size_mlp=80, num_hidden_layers=4, head_dim=16, num_local_experts=4,
+              interleave_moe_layer_step=2, attention_chunk_size=6, floor_scale=4, attn_scale=0.5)
 MINISTRAL3_ROPE = dict(rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=8,
                        beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.5)
 LONGROPE = dict(rope_type="longrope", rope_theta=1e4, short_factor=list(np.linspace(1, 2, 8)),
@@ -61,6 +66,11 @@ FAMILIES = {
                          "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0}})),
     "gemma4-wide-global-layers-proportional-rope": (transformers.Gemma4TextConfig, GEMMA4),
     "gemma4-moe-per-layer-inputs-shared-kv": (transformers.Gemma4TextConfig, GEMMA4_MOE),
+    "llama4-chunks-nope-scaled-input-experts": (transformers.Llama4TextConfig, dict(
+        LLAMA4, num_experts_per_tok=1, rope_parameters=dict(
+            rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=16))),
+    "llama4-top2-no-qk-norm": (transformers.Llama4TextConfig, dict(LLAMA4, num_experts_per_tok=2, use_qk_norm=False)),
     "glm4-moe-groups-shared-partial-rope": (transformers.Glm4MoeConfig, dict(
         head_dim=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
         n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1, norm_topk_prob=True,
@@ -436,6 +446,42 @@ def test_gemma4_multimodal_checkpoint_loads_its_language_model(tmp_path, rng, ca
   assert "vision tower is skipped" in caplog.text and loaded.config.full_head_dim == 32
   ids = rng.integers(0, SMALL["vocab_size"], (2, SEQ))
   assert np.abs(np.asarray(loaded.logprobs(ids), np.float64) - torch_logprobs(reference, ids)).max() <= 1e-4
+
+
+def test_llama4_chunks_nope_layers_temperature_and_qk_norm_bite(tmp_path, rng):
+  """The Llama 4 case would pass with the chunks, the layer without RoPE, its query temperature or the weightless
+  q/k norms ignored only if they changed nothing."""
+  config_cls, overrides = FAMILIES["llama4-chunks-nope-scaled-input-experts"]
+  random_hf_model(config_cls, tmp_path, **{**SMALL, **overrides})
+  loaded = models.load(tmp_path)
+  cfg = loaded.config
+  assert (cfg.layer_types, cfg.nope_layers, cfg.dense_layers, cfg.intermediate_size, cfg.shared_expert_size,
+          cfg.nope_query_scaling, cfg.router) == (("chunked",) * 3 + ("full",), (3,), (0, 2), 80, 32, (0.5, 4),
+                                                  "sigmoid_inputs") and cfg.qk_l2_norm and cfg.rope_interleaved
+  ids = rng.integers(0, SMALL["vocab_size"], (1, SEQ))
+  base = np.asarray(loaded.logprobs(ids))
+  config_path = tmp_path / "config.json"
+  config = json.loads(config_path.read_text())
+  for change in (dict(attention_chunk_size=SEQ, layer_types=None), dict(attn_temperature_tuning=False),
+                 dict(use_qk_norm=False), dict(no_rope_layers=[1, 1, 1, 1], layer_types=None)):
+    config_path.write_text(json.dumps({**config, **change}))
+    assert np.abs(np.asarray(models.load(tmp_path).logprobs(ids)) - base).max() > 1e-3, change
+
+
+def test_llama4_multimodal_checkpoint_loads_its_language_model(tmp_path, rng, caplog):
+  """Llama 4 Scout / Maverick ship as ``llama4``: a vision model and projector beside ``language_model.model``."""
+  text = transformers.Llama4TextConfig(**{**SMALL, **FAMILIES["llama4-top2-no-qk-norm"][1]})
+  vision = transformers.Llama4VisionConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=28, patch_size=14, vision_output_dim=32,
+                                           projector_input_dim=32, projector_output_dim=32)
+  cfg = transformers.Llama4Config(text_config=text.to_dict(), vision_config=vision.to_dict())
+  reference = save_multimodal(transformers.Llama4ForConditionalGeneration, cfg, tmp_path)
+  with caplog.at_level("WARNING", logger="tailjax"):
+    loaded = models.load(tmp_path)
+  assert "vision tower is skipped" in caplog.text and loaded.config.num_experts_per_tok == 2
+  ids = rng.integers(0, SMALL["vocab_size"], (2, SEQ))
+  want = torch_logprobs(reference.language_model, ids)  # (transformers 5.24's text-only multimodal forward fails)
+  assert np.abs(np.asarray(loaded.logprobs(ids), np.float64) - want).max() <= 1e-4
 
 
 def save_multimodal(model_cls, cfg, directory):

@@ -2,9 +2,10 @@
 ``@int4`` as candidate, on a mesh that splits heads, the MLP or the experts and the embedding dimension,
 giving the single-device log-probabilities; and a distillation step (teacher: the family; student: its
 ``@int4``, packed documents) on a mesh whose loss equals ``tailjax.losses`` on materialized float64
-logits. The case holds the newest model code: Gated DeltaNet with gated attention and a gated shared expert
-(Qwen3.5-MoE). (gpt-oss, GLM-4.5 and Mistral 3 passed this test too, 38 s, 52 s and 21 s: out of the suite
-for its time budget.)"""
+logits. The cases hold the model code of its own: Gated DeltaNet with gated attention and a gated shared expert
+(Qwen3.5-MoE), Gemma 4's block (per-layer inputs, shared keys and values, experts beside the MLP) and Llama 4's
+attention and input-scaled experts. (gpt-oss, GLM-4.5 and Mistral 3 passed this test too, 38 s, 52 s and 21 s:
+out of the suite for its time budget.)"""
 
 import dataclasses
 import json
@@ -22,6 +23,7 @@ from test_hf import random_hf_model, tokenizer_files
 CASES = {  # family case -> mesh (8 host devices); Qwen3.5 on fsdp meshes hangs on this CPU (see the notes)
     "qwen3.5-moe-gated-shared-expert": "expert=2,model=2,data=2",
     "gemma4-moe-per-layer-inputs-shared-kv": "fsdp=2,model=2,expert=2",
+    "llama4-chunks-nope-scaled-input-experts": "data=2,model=2,expert=2",
 }
 PROTOCOL = data.Protocol("test", seq_len=24, num_sequences=8, seed=5)
 

@@ -58,7 +58,7 @@ def random_hf_model(config_cls, tmp_path, **overrides):
         p.copy_(p + 0.1 * torch.randn_like(p))
       elif name.endswith("bias"):
         p.copy_(0.1 * torch.randn_like(p))
-      elif name.endswith(("mlp.gate.weight", "mlp.router.weight", "router.proj.weight", "sinks")):  # routers
+      elif name.endswith(("mlp.gate.weight", "router.weight", "router.proj.weight", "sinks")):  # routers
         p.copy_(torch.randn_like(p))  # (no near-ties), sinks
       elif name.endswith(("router.scale", "router.per_expert_scale")):  # Gemma 4's router scales (init ones)
         p.copy_(p + 0.3 * torch.randn_like(p))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tailjax.models.config import ModelConfig
-from tailjax.models.layers import RMSNorm, axes, linear, rope_frequencies, rotary
+from tailjax.models.layers import RMSNorm, axes, linear, rms_normalize, rope_frequencies, rotary
 
 Array = jax.Array
 
@@ -53,6 +53,12 @@ def causal_attention(q: Array, k: Array, v: Array, mask: Array, window: int | No
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, heads, hd)
 
 
+def position_scaled(q: Array, positions: Array, beta: float, period: int) -> Array:
+  """``q: [B, T, heads, hd]`` times ``1 + beta * log(1 + floor(positions / period))``, ``positions: [B, T]``."""
+  scale = 1 + beta * jnp.log1p(jnp.floor(positions.astype(jnp.float32) / period))
+  return q * scale[:, :, None, None].astype(q.dtype)
+
+
 def _projections(cfg: ModelConfig, dtype, param_dtype, rngs) -> tuple[nnx.Linear, ...]:
   """q, k, v (grouped: ``num_kv_heads`` for k and v) and the output projection o. With ``attn_output_gate`` q
   is twice as wide: per head its query then its gate (``[heads, 2 * hd]``, as Qwen3.5's ``q_proj``)."""
@@ -71,10 +77,13 @@ class Attention(nnx.Module):
   (with ``cfg.rope_local_theta``) rotates at its own base. With ``cfg.qk_norm``, q and k are
   RMS-normalised per head before the rotation (Qwen3, Gemma 3); with ``cfg.attention_sinks`` each
   head has a learned sink logit ``sinks: [heads]`` (gpt-oss); with ``cfg.attn_output_gate`` each head's
-  output is multiplied by ``sigmoid`` of its gate, the second half of its ``q`` projection (Qwen3.5).
+  output is multiplied by ``sigmoid`` of its gate, the second half of its ``q`` projection (Qwen3.5). Llama 4:
+  layers in ``cfg.nope_layers`` skip RoPE and scale their queries up with the position (``nope_query_scaling``),
+  the others RMS-normalise q and k without weights after RoPE (``qk_l2_norm``); ``"chunked"`` layers see their
+  own chunk (the mask says so; the chunk size bounds how far back keys are read).
   """
 
-  def __init__(self, cfg: ModelConfig, layer_type: str, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, layer: int, dtype, param_dtype, rngs: nnx.Rngs):
     self.q, self.k, self.v, self.o = _projections(cfg, dtype, param_dtype, rngs)
     if cfg.qk_norm:
       self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_unit_offset)
@@ -82,7 +91,8 @@ class Attention(nnx.Module):
     if cfg.attention_sinks:
       self.sinks = nnx.Param(jnp.zeros(cfg.num_heads, param_dtype), **axes("heads"))
     self.cfg = cfg
-    self.layer_type = layer_type
+    self.layer_type = cfg.layer_type(layer)
+    self.rope = cfg.uses_rope(layer)
 
   def __call__(self, x: Array, positions: Array, mask: Array) -> Array:
     cfg = self.cfg
@@ -94,12 +104,16 @@ class Attention(nnx.Module):
     v = self.v(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    q, k = rotary(q, positions, inv_freq, rope_scale), rotary(k, positions, inv_freq, rope_scale)
+    if self.rope:
+      q = rotary(q, positions, inv_freq, rope_scale, cfg.rope_interleaved)
+      k = rotary(k, positions, inv_freq, rope_scale, cfg.rope_interleaved)
+      if cfg.qk_l2_norm:
+        q, k = rms_normalize(q, cfg.rms_norm_eps), rms_normalize(k, cfg.rms_norm_eps)
     if cfg.query_position_scaling is not None:  # Mistral 3: 1 + beta log(1 + floor(position / period))
-      beta, period = cfg.query_position_scaling
-      scale = 1 + beta * jnp.log1p(jnp.floor(positions.astype(jnp.float32) / period))  # [B, T]
-      q = q * scale[:, :, None, None].astype(q.dtype)
-    window = cfg.sliding_window if self.layer_type == "sliding" else None
+      q = position_scaled(q, positions, *cfg.query_position_scaling)
+    if not self.rope and cfg.nope_query_scaling is not None:  # Llama 4: 1 + beta log(1 + floor((position + 1) / p))
+      q = position_scaled(q, positions + 1, *cfg.nope_query_scaling)
+    window = {"sliding": cfg.sliding_window, "chunked": cfg.attention_chunk_size}.get(self.layer_type)
     scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
     sinks = self.sinks[...] if cfg.attention_sinks else None
     out = causal_attention(q, k, v, mask, window, scale=scale, softcap=cfg.attn_logit_softcap, sinks=sinks)
@@ -116,8 +130,8 @@ class Retention(nnx.Module):
   per-head LayerNorm before the output projection.
   """
 
-  def __init__(self, cfg: ModelConfig, layer_type: str, dtype, param_dtype, rngs: nnx.Rngs):
-    del layer_type  # retention has no window
+  def __init__(self, cfg: ModelConfig, layer: int, dtype, param_dtype, rngs: nnx.Rngs):
+    del layer  # retention has no window
     self.q, self.k, self.v, self.o = _projections(cfg, dtype, param_dtype, rngs)
     h, hd = cfg.num_heads, cfg.head_dim
     self.norm_scale = nnx.Param(jnp.ones((h, hd), jnp.float32), **axes("heads", None))

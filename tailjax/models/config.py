@@ -7,9 +7,9 @@ from typing import Any
 
 ATTENTION_KINDS = ("softmax", "retention")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "factors", "longrope", "proportional")
-LAYER_TYPES = ("full", "sliding", "linear")
+LAYER_TYPES = ("full", "sliding", "chunked", "linear")
 ACTIVATIONS = ("silu", "gelu_tanh", "clamped_swiglu")
-ROUTERS = ("softmax", "sigmoid_groups", "scaled_softmax")
+ROUTERS = ("softmax", "sigmoid_groups", "scaled_softmax", "sigmoid_inputs")
 BLOCKS = ("pre_norm", "gemma4")
 
 
@@ -69,7 +69,11 @@ class ModelConfig:
     unscaled RoPE base ``rope_local_theta`` (Gemma 3), queries scaled up with their
     position beyond the original context (``query_position_scaling``: Mistral 3), a learned
     sink logit per head in each softmax (``attention_sinks``: gpt-oss), the output gated by
-    ``sigmoid`` of a second query-sized projection (``attn_output_gate``: Qwen3.5);
+    ``sigmoid`` of a second query-sized projection (``attn_output_gate``: Qwen3.5); Llama 4's RoPE on
+    adjacent pairs (``rope_interleaved``), layers without RoPE (``nope_layers``) whose queries grow with the
+    position (``nope_query_scaling``), q and k RMS-normalised without weights after RoPE in the other layers
+    (``qk_l2_norm``), and layers marked ``"chunked"`` that attend within aligned chunks of
+    ``attention_chunk_size`` tokens;
   - layers marked ``"linear"`` in ``layer_types`` mix tokens by Gated DeltaNet instead of softmax
     attention (``tailjax.models.deltanet``; ``linear_*`` fields: Qwen3.5 / Qwen3.6);
   - blocks: norms with scale ``1 + w`` (``norm_unit_offset``), norms after attention and MLP
@@ -80,7 +84,8 @@ class ModelConfig:
     ``dense_layers`` (Qwen3-MoE, Mixtral); with router and expert biases and a clamped SwiGLU
     (``moe_bias``, ``hidden_act="clamped_swiglu"``: gpt-oss); routed by group-limited top-k of
     sigmoid scores with a shared expert beside (``router="sigmoid_groups"``, ``shared_expert_size``:
-    GLM-4.5), a shared expert behind a sigmoid gate (``shared_expert_gate``: Qwen2-MoE);
+    GLM-4.5), a shared expert behind a sigmoid gate (``shared_expert_gate``: Qwen2-MoE); the top-k experts'
+    inputs scaled by the sigmoid of their logits beside a shared expert (``router="sigmoid_inputs"``: Llama 4);
     RoPE on the first ``rotary_dim`` dims of each head only (GLM);
   - output: logits soft-capped at ``final_logit_softcap`` (Gemma 2), applied by
     ``tailjax.head`` blockwise;
@@ -146,6 +151,13 @@ class ModelConfig:
   linear_key_head_dim: int = 0
   linear_value_head_dim: int = 0
   linear_conv_kernel: int = 4
+  # Llama 4: RoPE on adjacent pairs; layers without RoPE, their queries times 1 + beta * log1p(floor((position + 1)
+  # / period)) with (beta, period) = nope_query_scaling; weightless q/k norms after RoPE; "chunked" layers' chunks
+  rope_interleaved: bool = False
+  nope_layers: tuple[int, ...] = ()
+  nope_query_scaling: tuple[float, int] | None = None
+  qk_l2_norm: bool = False
+  attention_chunk_size: int | None = None
   block: str = "pre_norm"  # "pre_norm": Block (tailjax.models.transformer); "gemma4": tailjax.models.gemma4
   # Gemma 4: "full" layers' head width and KV heads (None: head_dim, num_kv_heads), their values taken from the
   # key projection; per-layer input embeddings (width, vocabulary); the last layers reusing earlier keys/values
@@ -170,7 +182,8 @@ class ModelConfig:
       raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION_KINDS}")
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"hidden_act={self.hidden_act!r} is not one of {ACTIVATIONS}")
-    for name in ("layer_types", "dense_layers", "query_position_scaling", "router_groups"):
+    for name in ("layer_types", "dense_layers", "query_position_scaling", "router_groups", "nope_layers",
+                 "nope_query_scaling"):
       if getattr(self, name) is not None:
         object.__setattr__(self, name, tuple(getattr(self, name)))
     if self.layer_types is not None:
@@ -178,6 +191,8 @@ class ModelConfig:
         raise ValueError(f"layer_types={self.layer_types} must name {LAYER_TYPES} once per layer ({self.num_layers})")
       if "sliding" in self.layer_types and self.sliding_window is None:
         raise ValueError("layer_types has sliding layers but sliding_window is not set")
+      if "chunked" in self.layer_types and not (self.attention_chunk_size or 0) > 0:
+        raise ValueError("layer_types has chunked layers but attention_chunk_size is not set")
       linear = (self.linear_num_key_heads, self.linear_num_value_heads, self.linear_key_head_dim,
                 self.linear_value_head_dim, self.linear_conv_kernel)
       if "linear" in self.layer_types and (min(linear) < 1 or self.linear_num_value_heads % self.linear_num_key_heads):
@@ -235,6 +250,9 @@ class ModelConfig:
     if layer_type == "full":
       return self.full_head_dim or self.head_dim, self.full_num_kv_heads or self.num_kv_heads
     return self.head_dim, self.num_kv_heads
+
+  def uses_rope(self, layer: int) -> bool:
+    return layer not in self.nope_layers
 
   def kv_shared(self, layer: int) -> bool:
     """Whether the layer reuses the keys and values of the last earlier layer of its type (Gemma 4)."""

@@ -175,8 +175,8 @@ class GatedDeltaNet(nnx.Module):
   softplus(a(x) + dt_bias)``, ``beta = sigmoid(b(x))`` per value head; the gated delta rule; per head
   ``RMSNorm(o) * silu(z(x))``; the output projection ``o``."""
 
-  def __init__(self, cfg: ModelConfig, layer_type: str, dtype, param_dtype, rngs: nnx.Rngs):
-    del layer_type
+  def __init__(self, cfg: ModelConfig, layer: int, dtype, param_dtype, rngs: nnx.Rngs):
+    del layer
     d, hk, hv = cfg.hidden_size, cfg.linear_num_key_heads, cfg.linear_num_value_heads
     dk, dv, taps = cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.linear_conv_kernel
     project = lambda width, names=("embed", "heads"): linear(d, width, False, names, dtype, param_dtype, rngs)

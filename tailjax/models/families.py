@@ -50,6 +50,9 @@ FAMILIES: tuple[Family, ...] = (
     _family("gemma4", ["gemma4_text", "gemma4"], [], "Gemma 4 dense and MoE, e.g. Gemma-4-31B, Gemma-4-26B-A4B, "
             "E2B/E4B (wider global layers, per-layer inputs, shared KV; the language model of multimodal "
             "checkpoints)", **_GEMMA4),
+    _family("llama4", ["llama4_text", "llama4"], [], "Llama 4 Scout, Maverick (experts on scaled inputs beside a "
+            "shared expert, layers without RoPE, chunked attention; the language model of multimodal checkpoints)",
+            rope_interleaved=True, router="sigmoid_inputs"),
     _family("phi3", ["phi3"], ["phi3"], "Phi-3, Phi-3.5 mini/medium (LongRoPE)", partial_rotary=True),
     _family("gpt-oss", ["gpt_oss"], [], "gpt-oss-20b, gpt-oss-120b (MXFP4 experts dequantized on load)",
             attention_sinks=True, moe_bias=True, hidden_act="clamped_swiglu", norm_topk_prob=True),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tailjax.models import families, lazy, mxfp4
+from tailjax.models import families, hf_families, lazy
 from tailjax.models.config import ModelConfig, RopeScaling
 
 log = logging.getLogger("tailjax")
@@ -60,6 +60,9 @@ _MODEL_FIELDS = frozenset({
     "vocab_size_per_layer_input", "hidden_size_per_layer_input", "attention_k_eq_v", "num_kv_shared_layers",
     "enable_moe_block", "use_double_wide_mlp", "top_k_experts", "per_layer_config", "global_head_dim",
     "num_global_key_value_heads",
+    # Llama 4
+    "intermediate_size_mlp", "moe_layers", "interleave_moe_layer_step", "no_rope_layers", "no_rope_layer_interval",
+    "attention_chunk_size", "attn_temperature_tuning", "floor_scale", "attn_scale",
 })
 _ROPE_FIELDS = {
     "rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "low_freq_factor",
@@ -69,12 +72,12 @@ _ROPE_FIELDS = {
 }
 # A multimodal checkpoint's parts that are not its language model.
 _VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.", "multi_modal_projector.",
-                    "model.visual.", "visual.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio.")
+                    "model.visual.", "visual.", "model.embed_vision.", "vision_model.", "model.audio_tower.", "model.embed_audio.")
 # Qwen3.5's multi-token-prediction head (speculative decoding, not the next-token distribution).
 _PREDICTION_PREFIXES = ("mtp.", "model.mtp.")
 # Multimodal checkpoints whose language model tailjax evaluates: model_type -> the text model's type.
 _MULTIMODAL = {"mistral3": "mistral", "qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text",
-               "gemma4": "gemma4_text"}
+               "gemma4": "gemma4_text", "llama4": "llama4_text"}
 
 
 def read_raw_config(directory: Path) -> dict:
@@ -120,8 +123,7 @@ def read_config(directory: Path) -> ModelConfig:
     if not condition:
       raise ValueError(f"{path}: {field}={raw.get(field)!r} is not supported ({why})")
 
-  if family.name == "gemma4":
-    raw = _gemma4_raw(raw)
+  raw = hf_families.normalized(family.name, raw, path)
   if family.name.startswith("qwen3.5") and _partial_rotary_factor(raw) is None:
     raw = {**raw, "partial_rotary_factor": 0.25}  # transformers' default for the family
   experts = _experts(raw, raw.get("num_hidden_layers") or 0)
@@ -181,8 +183,7 @@ def read_config(directory: Path) -> ModelConfig:
                   linear_key_head_dim=raw.get("linear_key_head_dim"),
                   linear_value_head_dim=raw.get("linear_value_head_dim"),
                   linear_conv_kernel=raw.get("linear_conv_kernel_dim", 4))
-  if family.name == "gemma4":
-    fields.update(_gemma4_fields(raw, layer_types, path))
+  fields.update(hf_families.fields(family.name, raw, layer_types, path))
   require(raw.get("attn_output_gate", True) or not family.config_fields().get("attn_output_gate"),
           "attn_output_gate", f"transformers' {family.name} always gates its attention output")
   fields.update(family.config_fields())
@@ -219,67 +220,19 @@ def _attention_layers(raw: dict, family: str, layers: int, path: Path) -> tuple[
   names = {"full_attention": "full", "sliding_attention": "sliding"}
   if family.startswith("qwen3.5"):
     names["linear_attention"] = "linear"
+  if family == "llama4":
+    names["chunked_attention"] = "chunked"
   unknown = set(kinds) - set(names)
   if unknown:
     raise ValueError(f"{path}: layer_types {sorted(unknown)} are not supported (supported: {sorted(names)})")
   if len(kinds) != layers:
     raise ValueError(f"{path}: layer_types names {len(kinds)} layers, num_hidden_layers is {layers}")
   kinds = tuple(names[k] for k in kinds)
-  if "linear" in kinds and "sliding" not in kinds:
-    return None, kinds
   if "sliding" not in kinds:
-    return None, None
+    return None, kinds if {"linear", "chunked"} & set(kinds) else None
   if window is None:
     raise ValueError(f"{path}: layer_types has sliding layers but sliding_window is not set")
   return window, kinds
-
-
-def _gemma4_raw(raw: dict) -> dict:
-  """Gemma 4's config as the shared readers expect it, as transformers' ``Gemma4TextConfig`` reads it: experts only
-  with ``enable_moe_block`` (``top_k_experts`` of them per token), the default 5:1 layer pattern, and the last
-  layer always full attention."""
-  raw = dict(raw)
-  if not raw.get("enable_moe_block"):
-    raw.pop("num_experts", None)
-  raw["num_experts_per_tok"] = raw.pop("top_k_experts", None)
-  raw.setdefault("sliding_window", 512)
-  kinds = raw.get("layer_types") or ["sliding_attention" if (i + 1) % 6 else "full_attention"
-                                     for i in range(raw.get("num_hidden_layers") or 0)]
-  if kinds and kinds[-1] != "full_attention":
-    log.warning("gemma4 config: the last layer is %s; transformers makes it full_attention, so does tailjax",
-                kinds[-1])
-    kinds = [*kinds[:-1], "full_attention"]
-  raw["layer_types"] = kinds
-  return raw
-
-
-def _gemma4_fields(raw: dict, layer_types: tuple[str, ...] | None, path: Path) -> dict:
-  """Gemma 4's shape fields: the full layers' head width and KV heads (``per_layer_config`` as transformers 5.24
-  saves it, or ``global_head_dim`` and ``num_global_key_value_heads``), values from keys, per-layer inputs, shared
-  KV layers and their double-wide MLP."""
-  full = [i for i in range(raw["num_hidden_layers"]) if layer_types is None or layer_types[i] == "full"]
-  values_from_keys = bool(raw.get("attention_k_eq_v", False))
-  per_layer = raw.get("per_layer_config")
-  if per_layer is None:
-    overrides = {"head_dim": raw.get("global_head_dim", 512)}
-    if values_from_keys and raw.get("num_global_key_value_heads") is not None:
-      overrides["num_key_value_heads"] = raw["num_global_key_value_heads"]
-  else:
-    if not isinstance(per_layer, dict) or {int(k) for k in per_layer} != set(full) or \
-        len({json.dumps(v, sort_keys=True) for v in per_layer.values()}) > 1:
-      raise ValueError(f"{path}: per_layer_config={per_layer!r} is not supported (one override of head_dim and "
-                       f"num_key_value_heads for exactly the full-attention layers {full})")
-    overrides = next(iter(per_layer.values()), {})
-    unknown = set(overrides) - {"head_dim", "num_key_value_heads"}
-    if unknown:
-      raise ValueError(f"{path}: per_layer_config overrides {sorted(unknown)}: not supported")
-  wide = raw.get("use_double_wide_mlp", False)
-  inputs = int(raw.get("hidden_size_per_layer_input") or 0)
-  return dict(full_head_dim=overrides.get("head_dim"), full_num_kv_heads=overrides.get("num_key_value_heads"),
-              full_values_from_keys=values_from_keys,
-              per_layer_input_size=inputs,
-              per_layer_vocab_size=int(raw.get("vocab_size_per_layer_input") or raw["vocab_size"]) if inputs else 0,
-              num_kv_shared_layers=int(raw.get("num_kv_shared_layers") or 0), shared_kv_mlp_factor=2 if wide else 1)
 
 
 def _partial_rotary_factor(raw: dict) -> float | None:
@@ -409,7 +362,7 @@ def read_tensors(directory: Path) -> Iterator[tuple[str, lazy.LazyTensor]]:
     for name, shape in shapes.items():
       if (canonical := canonical_name(name)) is not None and not _prediction_layer(canonical, raw):
         tensors[canonical] = lazy.Stored(shape, _box_reader(file, name))
-  yield from (_gpt_oss_tensors(tensors, directory) if family == "gpt-oss" else tensors).items()
+  yield from hf_families.tensors(family, tensors, directory).items()
 
 
 def _prediction_layer(name: str, raw: dict) -> bool:
@@ -418,43 +371,6 @@ def _prediction_layer(name: str, raw: dict) -> bool:
   extra = raw.get("num_nextn_predict_layers") or raw.get("num_mtp_layers") or 0
   match = re.match(r"model\.layers\.(\d+)\.", name)
   return bool(extra and match and int(match[1]) >= raw.get("num_hidden_layers", 0))
-
-
-def _gpt_oss_tensors(tensors: dict[str, lazy.LazyTensor], directory: Path) -> dict[str, lazy.LazyTensor]:
-  """gpt-oss keeps its experts stacked with gate and up interleaved along the output (gate first), either in
-  bf16 as ``[E, in, out]`` or as MXFP4 ``*_blocks`` + ``*_scales`` (``tailjax.models.mxfp4``: ``[E, out, in]``),
-  their biases beside them, and calls its router ``mlp.router``: -> the canonical stacked expert names
-  (``mlp.experts.gate_proj.weight``, ``...bias``) in PyTorch layout, and ``mlp.gate``."""
-  out = {}
-  for name, tensor in tensors.items():
-    prefix, found, leaf = name.rpartition(".mlp.experts.")
-    if not found:
-      out[name.replace(".mlp.router.", ".mlp.gate.")] = tensor
-      continue
-    stem = f"{prefix}.mlp.experts."
-    if leaf.endswith("_scales"):
-      continue  # read with its blocks
-    packed = leaf.endswith("_blocks")
-    if packed:
-      leaf = leaf.removesuffix("_blocks")
-      if f"{stem}{leaf}_scales" not in tensors:
-        raise ValueError(f"{directory}: MXFP4 tensor {name} has no {leaf}_scales beside it")
-      tensor = mxfp4.Dequantized(tensor, tensors[f"{stem}{leaf}_scales"], f"{directory}: {name}")
-    pytorch = (lambda t: t) if packed else lazy.Transposed  # to PyTorch's [out, in]
-    if leaf == "gate_up_proj":
-      axis = len(tensor.shape) - (2 if packed else 1)  # the interleaved output axis
-      for start, x in enumerate(("gate", "up")):
-        out[f"{stem}{x}_proj.weight"] = pytorch(lazy.Strided(tensor, axis, start, 2))
-    elif leaf == "gate_up_proj_bias":
-      for start, x in enumerate(("gate", "up")):
-        out[f"{stem}{x}_proj.bias"] = lazy.Strided(tensor, len(tensor.shape) - 1, start, 2)
-    elif leaf == "down_proj":
-      out[f"{stem}down_proj.weight"] = pytorch(tensor)
-    elif leaf == "down_proj_bias":
-      out[f"{stem}down_proj.bias"] = tensor
-    else:
-      out[name] = tensor
-  return out
 
 
 def _box_reader(file: Path, name: str):

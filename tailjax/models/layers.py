@@ -104,15 +104,22 @@ def rope_frequencies(cfg: ModelConfig, seq_len: int, layer_type: str = "full") -
   return inv_freq.astype(np.float32), scale
 
 
-def rotary(x: Array, positions: Array, inv_freq: np.ndarray, scale: float = 1.0) -> Array:
+def rotary(x: Array, positions: Array, inv_freq: np.ndarray, scale: float = 1.0, interleaved: bool = False) -> Array:
   """Rotary position embedding on ``x: [B, T, heads, head_dim]`` at ``positions: [B, T]``: the first
-  ``2 * len(inv_freq)`` dims of each head are rotated (their two halves, ``rotate_half``), the rest pass."""
+  ``2 * len(inv_freq)`` dims of each head are rotated, as their two halves (``rotate_half``) or, ``interleaved``,
+  as adjacent pairs ``(2i, 2i + 1)`` (Llama 4's complex multiplication); the rest pass."""
   half = len(inv_freq)
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, half]
   cos, sin = (scale * jnp.cos(angles))[:, :, None, :], (scale * jnp.sin(angles))[:, :, None, :]
-  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:2 * half].astype(jnp.float32)
-  rotated = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
-  return jnp.concatenate([*rotated, x[..., 2 * half:].astype(jnp.float32)], axis=-1).astype(x.dtype)
+  head, rest = x[..., :2 * half].astype(jnp.float32), x[..., 2 * half:].astype(jnp.float32)
+  if interleaved:
+    pairs = head.reshape(*head.shape[:-1], half, 2)
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    rotated = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(head.shape)
+  else:
+    x1, x2 = head[..., :half], head[..., half:]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return jnp.concatenate([rotated, rest], axis=-1).astype(x.dtype)
 
 
 def linear(d_in: int, d_out: int, bias: bool, names: tuple[str, str], dtype, param_dtype, rngs) -> nnx.Linear:

@@ -1,6 +1,6 @@
 """Sparse mixture-of-experts MLP: a softmax top-k router and grouped expert matmuls.
 
-Routing (Qwen3-MoE, Mixtral, gpt-oss; GLM's and Gemma 4's variants below): ``p = softmax(x @ router + b)`` over ``E`` experts in float32; each
+Routing (Qwen3-MoE, Mixtral, gpt-oss; GLM's, Gemma 4's and Llama 4's variants below): ``p = softmax(x @ router + b)`` over ``E`` experts in float32; each
 token goes to its ``k`` most probable experts (ties: the lower id, as ``lax.top_k``), with
 weights ``p_i`` or, with ``norm_topk_prob``, ``p_i / sum_topk p`` (Mixtral always renormalises:
 ``softmax`` over the chosen logits is the same thing). The output is
@@ -93,6 +93,14 @@ def route_scaled_softmax(x: Array, router: Array, scale: Array, per_expert_scale
   return routing._replace(weights=routing.weights * per_expert_scale.astype(jnp.float32)[routing.experts])
 
 
+def route_sigmoid_inputs(x: Array, router: Array, k: int) -> Routing:
+  """Llama 4: the top-k of ``x @ router`` with weights ``sigmoid(logit)`` (float32), which scale each chosen
+  expert's *input* (``MoE`` applies them there); ``probs`` holds every expert's sigmoid."""
+  logits = jnp.dot(x, router.astype(x.dtype)).astype(jnp.float32)
+  top, experts = jax.lax.top_k(logits, k)
+  return Routing(experts.astype(jnp.int32), jax.nn.sigmoid(top), jax.nn.sigmoid(logits))
+
+
 class TileLayout(NamedTuple):
   """``M`` assignments grouped by expert into ``tiles`` tiles of ``tile`` rows.
 
@@ -176,14 +184,22 @@ class MoE(nnx.Module):
     value = lambda name: getattr(self, name)[...].astype(self.dtype) if hasattr(self, name) else None
     if self.cfg.router == "sigmoid_groups":
       routing = route_sigmoid_groups(router_input, self.router[...], self.score_correction[...], self.cfg)
+    elif self.cfg.router == "sigmoid_inputs":
+      routing = route_sigmoid_inputs(router_input, self.router[...], self.k)
     elif self.cfg.router == "scaled_softmax":
       routing = route_scaled_softmax(router_input, self.router[...], self.router_scale[...],
                                      self.per_expert_scale[...], self.cfg)
     else:
       routing = route(router_input, self.router[...], self.k, self.norm_topk_prob, value("router_bias"))
     weights = ExpertWeights(*(value(name) for name in ExpertWeights._fields))
-    out = expert_outputs(x, routing.experts, weights, lambda g, u: gated(self.cfg, g, u))
-    y = jnp.einsum("nkd,nk->nd", out.astype(jnp.float32), routing.weights).astype(x.dtype)
+    glu = lambda g, u: gated(self.cfg, g, u)
+    if self.cfg.router == "sigmoid_inputs":  # each (token, expert) pair its own input row, scaled by its weight
+      rows = (x[:, None, :] * routing.weights[..., None].astype(x.dtype)).reshape(-1, d)
+      out = expert_outputs(rows, routing.experts.reshape(-1, 1), weights, glu).reshape(-1, self.k, d)
+      y = jnp.sum(out.astype(jnp.float32), axis=1).astype(x.dtype)
+    else:
+      out = expert_outputs(x, routing.experts, weights, glu)
+      y = jnp.einsum("nkd,nk->nd", out.astype(jnp.float32), routing.weights).astype(x.dtype)
     if self.cfg.shared_expert_size:
       shared = self.shared(x)
       if self.cfg.shared_expert_gate:

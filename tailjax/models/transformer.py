@@ -55,7 +55,7 @@ class Block(nnx.Module):
     mixer = (GatedDeltaNet if cfg.layer_type(layer) == "linear" else Retention if cfg.attention == "retention"
              else Attention)
     self.attn_norm = norm()
-    self.attn = mixer(cfg, cfg.layer_type(layer), dtype, param_dtype, rngs)
+    self.attn = mixer(cfg, layer, dtype, param_dtype, rngs)
     self.mlp_norm = norm()
     self.mlp = MoE(cfg, dtype, param_dtype, rngs) if cfg.is_moe_layer(layer) else MLP(cfg, dtype, param_dtype, rngs)
     if cfg.sandwich_norms:
@@ -99,7 +99,7 @@ def stack_layout(cfg: ModelConfig) -> tuple[StackSpan, ...]:
   is built like layer ``q + (i - q) mod p`` (same mixer window and RoPE, dense or MoE) repeated, then the
   layers left over (a prefix of the period). ``q`` minimises ``q + p + leftover``, the smallest on ties."""
   depth = cfg.num_layers
-  kind = [(cfg.layer_type(i), cfg.is_moe_layer(i), cfg.kv_shared(i)) for i in range(depth)]
+  kind = [(cfg.layer_type(i), cfg.is_moe_layer(i), cfg.kv_shared(i), cfg.uses_rope(i)) for i in range(depth)]
 
   def period(q: int) -> int:
     rest = kind[q:]
@@ -215,6 +215,9 @@ class Decoder(nnx.Module):
     if self.cfg.sliding_window is not None:
       near = index[:, None] - index[None, :] < self.cfg.sliding_window
       masks["sliding"] = (causal & near)[None] & visible | eye
+    if self.cfg.attention_chunk_size:  # Llama 4: aligned chunks of the document's positions
+      chunk = positions // self.cfg.attention_chunk_size  # [B, T]
+      masks["chunked"] = causal[None] & visible & (chunk[:, :, None] == chunk[:, None, :]) | eye
     x = self.embed(tokens)
     if self.cfg.scale_embeddings:  # Gemma: sqrt(d), rounded to the compute dtype as Hugging Face does
       x = x * jnp.asarray(self.cfg.hidden_size**0.5, self.dtype).astype(x.dtype)
