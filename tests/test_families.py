@@ -71,6 +71,16 @@ FAMILIES = {
             rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
             original_max_position_embeddings=16))),
     "llama4-top2-no-qk-norm": (transformers.Llama4TextConfig, dict(LLAMA4, num_experts_per_tok=2, use_qk_norm=False)),
+    "glm4-moe-lite-mla-q-lora-biases": (transformers.Glm4MoeLiteConfig, dict(
+        num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=12, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+        n_group=2, topk_group=1, routed_scaling_factor=1.8, attention_bias=True)),
+    "glm4-moe-lite-mla-plain-query-yarn-mscale": (transformers.Glm4MoeLiteConfig, dict(
+        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, rope_interleave=False,
+        max_position_embeddings=32, rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0,
+                                                         original_max_position_embeddings=8, mscale=1.0,
+                                                         mscale_all_dim=1.0))),
     "glm4-moe-groups-shared-partial-rope": (transformers.Glm4MoeConfig, dict(
         head_dim=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
         n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1, norm_topk_prob=True,

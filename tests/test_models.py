@@ -224,7 +224,10 @@ def test_quantized_candidate_and_checkpoint_round_trip(tmp_path, rng):
     block="gemma4", num_layers=4, layer_types=("sliding", "full") * 2, sliding_window=3, full_head_dim=16,
     full_num_kv_heads=1, full_values_from_keys=True, per_layer_input_size=4, per_layer_vocab_size=40,
     num_kv_shared_layers=2, shared_kv_mlp_factor=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-    router="scaled_softmax", qk_norm=True, sandwich_norms=True)])
+    router="scaled_softmax", qk_norm=True, sandwich_norms=True), dict(  # GLM-4.7-Flash: latent attention, groups
+    attention="mla", head_dim=12, rotary_dim=4, value_head_dim=6, q_lora_rank=8, kv_lora_rank=8, num_kv_heads=4,
+    qkv_bias=True, o_bias=True, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+    router="sigmoid_groups", router_groups=(2, 1), shared_expert_size=16)])
 def test_every_parameter_names_its_logical_axes(fields):
   cfg = models.ModelConfig(**{**TINY.to_dict(), **fields})
   model = Decoder(cfg, rngs=nnx.Rngs(0))

@@ -16,8 +16,8 @@ def causal_attention(q: Array, k: Array, v: Array, mask: Array, window: int | No
                      scale: float | None = None, softcap: float | None = None, sinks: Array | None = None) -> Array:
   """Grouped-query softmax attention that skips the keys a causal mask hides.
 
-  ``q: [B, T, heads, hd]``; ``k, v: [B, T, kv_heads, hd]``; ``mask: [B, T, T]``, True where a query
-  may see a key, never above the diagonal (nor beyond ``window`` keys back) -> ``[B, T, heads, hd]``.
+  ``q, k: [B, T, heads or kv_heads, hd]``; ``v: [B, T, kv_heads, vd]``; ``mask: [B, T, T]``, True where a query
+  may see a key, never above the diagonal (nor beyond ``window`` keys back) -> ``[B, T, heads, vd]``.
   Scores are ``q.k * scale`` (default ``hd**-0.5``), soft-capped to ``softcap * tanh(s / softcap)``
   when ``softcap`` is set (Gemma 2), then masked. ``sinks: [heads]`` (gpt-oss) joins each row's softmax
   as one more logit that no value follows: ``p_j = exp(s_j) / (exp(sink) + sum_i exp(s_i))``.
@@ -28,7 +28,7 @@ def causal_attention(q: Array, k: Array, v: Array, mask: Array, window: int | No
   Scores and softmax in float32; rows are normalised after the value product.
   """
   b, t, heads, hd = q.shape
-  kv = k.shape[2]
+  kv, vd = k.shape[2], v.shape[-1]
   scale = hd**-0.5 if scale is None else scale
   q = q.reshape(b, t, kv, heads // kv, hd).transpose(0, 2, 3, 1, 4)  # [B, kv, group, T, hd]
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, kv, T, hd]
@@ -50,7 +50,7 @@ def causal_attention(q: Array, k: Array, v: Array, mask: Array, window: int | No
     total = jnp.sum(p, axis=-1, keepdims=True) + (0 if sink is None else jnp.exp(sink - top))
     out.append(o / total)
   out = jnp.concatenate(out, axis=3).astype(q.dtype)
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, heads, hd)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, heads, vd)
 
 
 def position_scaled(q: Array, positions: Array, beta: float, period: int) -> Array:

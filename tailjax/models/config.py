@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-ATTENTION_KINDS = ("softmax", "retention")
+ATTENTION_KINDS = ("softmax", "retention", "mla")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "factors", "longrope", "proportional")
 LAYER_TYPES = ("full", "sliding", "chunked", "linear")
 ACTIVATIONS = ("silu", "gelu_tanh", "clamped_swiglu")
@@ -95,7 +95,9 @@ class ModelConfig:
     earlier layer of their type (their MLP ``shared_kv_mlp_factor`` times wider), with per-layer input embeddings
     of width ``per_layer_input_size`` and an MoE beside the dense MLP (``router="scaled_softmax"``).
 
-  ``attention="retention"`` swaps softmax attention for RetNet-style retention
+  ``attention="mla"`` is multi-head latent attention (``tailjax.models.mla``: GLM-4.7-Flash), keys and values
+  rebuilt from a ``kv_lora_rank`` latent, heads of ``head_dim`` (``rotary_dim`` of them rotated) and values of
+  ``value_head_dim``. ``attention="retention"`` swaps softmax attention for RetNet-style retention
   (the linear-attention variant of ../shared/mission/001, appendix G).
   """
 
@@ -158,6 +160,11 @@ class ModelConfig:
   nope_query_scaling: tuple[float, int] | None = None
   qk_l2_norm: bool = False
   attention_chunk_size: int | None = None
+  # multi-head latent attention (attention="mla"): query and key/value latent widths (q_lora_rank 0: a plain
+  # query projection), value head width (None: head_dim)
+  q_lora_rank: int = 0
+  kv_lora_rank: int = 0
+  value_head_dim: int | None = None
   block: str = "pre_norm"  # "pre_norm": Block (tailjax.models.transformer); "gemma4": tailjax.models.gemma4
   # Gemma 4: "full" layers' head width and KV heads (None: head_dim, num_kv_heads), their values taken from the
   # key projection; per-layer input embeddings (width, vocabulary); the last layers reusing earlier keys/values
@@ -172,6 +179,10 @@ class ModelConfig:
   def __post_init__(self):
     if self.head_dim is None:
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+    if self.value_head_dim is None:
+      object.__setattr__(self, "value_head_dim", self.head_dim)
+    if self.attention == "mla" and (self.kv_lora_rank < 1 or self.rotary_dim is None):
+      raise ValueError("attention='mla' needs kv_lora_rank and rotary_dim (the rotated share of each head)")
     if isinstance(self.rope_scaling, dict):
       object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
     if self.num_heads % self.num_kv_heads:
@@ -265,6 +276,12 @@ class ModelConfig:
 
     def attn(layer: int) -> int:
       hd, kv = self.attention_dims(self.layer_type(layer))
+      if self.attention == "mla":
+        h, rope, vd, q_lora, latent = self.num_heads, self.rotary_dim, self.value_head_dim, self.q_lora_rank, \
+            self.kv_lora_rank
+        query = (d + 1 + h * hd) * q_lora + (q_lora if self.qkv_bias else 0) if q_lora else d * h * hd
+        keys = (d + self.qkv_bias) * (latent + rope) + latent + latent * h * (hd - rope + vd)
+        return query + keys + h * vd * d + (d if self.o_bias else 0)
       kv_widths = 0 if self.kv_shared(layer) else 1 if self.full_values_from_keys and \
           self.layer_type(layer) == "full" else 2
       n = d * hd * (2 * self.num_heads + kv_widths * kv)
@@ -284,8 +301,8 @@ class ModelConfig:
     total = self.vocab_size * d + d + (0 if self.tie_word_embeddings else d * self.vocab_size)
     total += (self.per_layer_vocab_size + d) * self.num_layers * p + p if p else 0  # embedding, projection, norm
     for layer in range(self.num_layers):
-      experts = d * self.num_experts + 3 * d * self.moe_intermediate_size * self.num_experts if \
-          self.is_moe_layer(layer) else 0
+      experts = (d + (self.router == "sigmoid_groups")) * self.num_experts + 3 * d * self.moe_intermediate_size * \
+          self.num_experts if self.is_moe_layer(layer) else 0  # router (and its choice-only correction), experts
       if self.is_moe_layer(layer) and not gemma4:
         mlp = experts + 3 * d * self.shared_expert_size + (d if self.shared_expert_gate else 0)
       else:  # Gemma 4: the dense MLP and beside it the experts, their router's scales and three norms

@@ -63,6 +63,10 @@ _MODEL_FIELDS = frozenset({
     # Llama 4
     "intermediate_size_mlp", "moe_layers", "interleave_moe_layer_step", "no_rope_layers", "no_rope_layer_interval",
     "attention_chunk_size", "attn_temperature_tuning", "floor_scale", "attn_scale",
+    # GLM-4.7-Flash (multi-head latent attention)
+    "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "qk_head_dim", "v_head_dim",
+    "rope_interleave",
+    "mlp_layer_types",
 })
 _ROPE_FIELDS = {
     "rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "low_freq_factor",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 from tailjax.models import lazy, mxfp4
@@ -29,6 +30,8 @@ def fields(family: str, raw: dict, layer_types: tuple[str, ...] | None, path: Pa
     return _gemma4_fields(raw, layer_types, path)
   if family == "llama4":
     return _llama4_fields(raw)
+  if family == "glm4-moe-lite":
+    return _mla_fields(raw)
   return {}
 
 
@@ -87,6 +90,25 @@ def _gemma4_fields(raw: dict, layer_types: tuple[str, ...] | None, path: Path) -
               per_layer_input_size=inputs,
               per_layer_vocab_size=int(raw.get("vocab_size_per_layer_input") or raw["vocab_size"]) if inputs else 0,
               num_kv_shared_layers=int(raw.get("num_kv_shared_layers") or 0), shared_kv_mlp_factor=2 if wide else 1)
+
+
+def _mla_fields(raw: dict) -> dict:
+  """GLM-4.7-Flash (DeepSeek-V2 attention): head width ``qk_nope_head_dim + qk_rope_head_dim`` of which the rope
+  part rotates, latent widths, value width, the score scale with YaRN's ``mscale_all_dim`` folded in (as
+  transformers' ``yarn_apply_mscale``), dense layers from ``mlp_layer_types``."""
+  rope, nope = raw["qk_rope_head_dim"], raw["qk_nope_head_dim"]
+  scale = (rope + nope)**-0.5
+  params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+  if params.get("rope_type", params.get("type", "default")) != "default" and params.get("mscale_all_dim"):
+    factor = params["factor"]
+    mscale = 0.1 * params["mscale_all_dim"] * math.log(factor) + 1.0 if factor > 1 else 1.0
+    scale *= mscale * mscale
+  layers = raw["num_hidden_layers"]
+  kinds = raw.get("mlp_layer_types") or ["dense"] + ["sparse"] * (layers - 1)
+  return dict(head_dim=rope + nope, rotary_dim=rope, value_head_dim=raw["v_head_dim"],
+              q_lora_rank=int(raw.get("q_lora_rank") or 0), kv_lora_rank=raw["kv_lora_rank"],
+              query_pre_attn_scalar=scale**-2, rope_interleaved=bool(raw.get("rope_interleave", True)),
+              num_kv_heads=raw["num_attention_heads"], dense_layers=tuple(i for i, k in enumerate(kinds) if k != "sparse"))
 
 
 def _llama4_raw(raw: dict) -> dict:

@@ -68,7 +68,8 @@ def _targets(model: Decoder) -> dict[str, _Target]:
       targets[p + "post_feedforward_layernorm.weight"] = at(block.mlp_post_norm.scale, False)
     else:
       targets[p + "post_attention_layernorm.weight"] = at(block.mlp_norm.scale, False)
-    mixer = _deltanet_targets if cfg.layer_type(i) == "linear" else _attention_targets
+    mixer = _deltanet_targets if cfg.layer_type(i) == "linear" else _mla_targets if cfg.attention == "mla" else \
+        _attention_targets
     targets.update(mixer(cfg, block.attn, p, at))
     if isinstance(block.mlp, MoE):
       targets.update(_expert_targets(cfg, block.mlp, p + "mlp.", at))
@@ -145,6 +146,24 @@ def _attention_targets(cfg: ModelConfig, attn, p: str, at) -> dict[str, _Target]
     targets[p + "self_attn.k_norm.weight"] = at(attn.k_norm.scale, False)
   if cfg.attention_sinks:
     targets[p + "self_attn.sinks"] = at(attn.sinks, False)
+  return targets
+
+
+def _mla_targets(cfg: ModelConfig, attn, p: str, at) -> dict[str, _Target]:
+  """Multi-head latent attention (``tailjax.models.mla``) under DeepSeek's tensor names."""
+  del cfg
+  p += "self_attn."
+  names = dict(q="q_proj", q_a="q_a_proj", q_b="q_b_proj", kv_a="kv_a_proj_with_mqa", kv_b="kv_b_proj", o="o_proj")
+  targets = {}
+  for mine, name in names.items():
+    if hasattr(attn, mine):
+      layer = getattr(attn, mine)
+      targets[f"{p}{name}.weight"] = at(layer.kernel, True)
+      if layer.bias is not None:
+        targets[f"{p}{name}.bias"] = at(layer.bias, False)
+  for mine, name in (("q_a_norm", "q_a_layernorm"), ("kv_a_norm", "kv_a_layernorm")):
+    if hasattr(attn, mine):
+      targets[f"{p}{name}.weight"] = at(getattr(attn, mine).scale, False)
   return targets
 
 

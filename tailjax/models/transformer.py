@@ -30,6 +30,7 @@ from tailjax.models.config import ModelConfig
 from tailjax.models.deltanet import GatedDeltaNet, runs
 from tailjax.models.gemma4 import Gemma4Block, PerLayerInputs, SharedKV, initial_shared_kv
 from tailjax.models.layers import MLP, RMSNorm, axes
+from tailjax.models.mla import MultiLatentAttention
 from tailjax.models.moe import MoE
 
 Array = jax.Array
@@ -52,8 +53,8 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, layer: int, dtype, param_dtype, rngs: nnx.Rngs):
     norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset)
-    mixer = (GatedDeltaNet if cfg.layer_type(layer) == "linear" else Retention if cfg.attention == "retention"
-             else Attention)
+    mixers = {"retention": Retention, "mla": MultiLatentAttention, "softmax": Attention}
+    mixer = GatedDeltaNet if cfg.layer_type(layer) == "linear" else mixers[cfg.attention]
     self.attn_norm = norm()
     self.attn = mixer(cfg, layer, dtype, param_dtype, rngs)
     self.mlp_norm = norm()
