@@ -3,8 +3,8 @@
 giving the single-device log-probabilities; and a distillation step (teacher: the family; student: its
 ``@int4``, packed documents) on a mesh whose loss equals ``tailjax.losses`` on materialized float64
 logits. The cases hold the model code of its own: Gated DeltaNet with gated attention and a gated shared expert
-(Qwen3.5-MoE), Gemma 4's block (per-layer inputs, shared keys and values, experts beside the MLP) and Llama 4's
-attention and input-scaled experts. (gpt-oss, GLM-4.5 and Mistral 3 passed this test too, 38 s, 52 s and 21 s:
+(Qwen3.5-MoE), Gemma 4's block (per-layer inputs, shared keys and values, experts beside the MLP), Llama 4's
+attention and input-scaled experts, and GLM-4.7-Flash's multi-head latent attention. (gpt-oss, GLM-4.5 and Mistral 3 passed this test too, 38 s, 52 s and 21 s:
 out of the suite for its time budget.)"""
 
 import dataclasses
@@ -24,6 +24,7 @@ CASES = {  # family case -> mesh (8 host devices); Qwen3.5 on fsdp meshes hangs 
     "qwen3.5-moe-gated-shared-expert": "expert=2,model=2,data=2",
     "gemma4-moe-per-layer-inputs-shared-kv": "fsdp=2,model=2,expert=2",
     "llama4-chunks-nope-scaled-input-experts": "data=2,model=2,expert=2",
+    "glm4-moe-lite-mla-q-lora-biases": "fsdp=2,model=2,expert=2",
 }
 PROTOCOL = data.Protocol("test", seq_len=24, num_sequences=8, seed=5)
 

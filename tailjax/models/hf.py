@@ -76,7 +76,8 @@ _ROPE_FIELDS = {
 }
 # A multimodal checkpoint's parts that are not its language model.
 _VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.", "multi_modal_projector.",
-                    "model.visual.", "visual.", "model.embed_vision.", "vision_model.", "model.audio_tower.", "model.embed_audio.")
+                    "model.visual.", "visual.", "model.embed_vision.", "vision_model.", "model.audio_tower.",
+                    "model.embed_audio.")
 # Qwen3.5's multi-token-prediction head (speculative decoding, not the next-token distribution).
 _PREDICTION_PREFIXES = ("mtp.", "model.mtp.")
 # Multimodal checkpoints whose language model tailjax evaluates: model_type -> the text model's type.
@@ -127,7 +128,7 @@ def read_config(directory: Path) -> ModelConfig:
     if not condition:
       raise ValueError(f"{path}: {field}={raw.get(field)!r} is not supported ({why})")
 
-  raw = hf_families.normalized(family.name, raw, path)
+  raw = hf_families.normalized(family.name, raw)
   if family.name.startswith("qwen3.5") and _partial_rotary_factor(raw) is None:
     raw = {**raw, "partial_rotary_factor": 0.25}  # transformers' default for the family
   experts = _experts(raw, raw.get("num_hidden_layers") or 0)
@@ -216,7 +217,7 @@ def _attention_layers(raw: dict, family: str, layers: int, path: Path) -> tuple[
       kinds = ["sliding_attention" if i >= start else "full_attention" for i in range(layers)]
     elif family == "gemma2":
       kinds = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
-    elif family in ("gemma3", "gemma4"):
+    elif family == "gemma3":  # (Gemma 4 configs always list layer_types)
       pattern = raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern") or 6
       kinds = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
   if kinds is None:

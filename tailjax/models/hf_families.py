@@ -18,9 +18,8 @@ from tailjax.models import lazy, mxfp4
 log = logging.getLogger("tailjax")
 
 
-def normalized(family: str, raw: dict, path: Path) -> dict:
+def normalized(family: str, raw: dict) -> dict:
   """``raw`` with the defaults and renamings transformers' config class of the family applies."""
-  del path
   return {"gemma4": _gemma4_raw, "llama4": _llama4_raw}.get(family, dict)(raw)
 
 

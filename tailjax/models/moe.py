@@ -126,7 +126,7 @@ def tile_layout(experts: Array, num_experts: int, tile: int) -> TileLayout:
   ends = jnp.cumsum(padded)
   order = jnp.argsort(experts, stable=True)  # assignments grouped by expert
   rank = jnp.arange(m) - (jnp.cumsum(sizes) - sizes)[experts[order]]  # position inside its expert's group
-  slot = jnp.zeros(m, jnp.int32).at[order].set((ends - padded)[experts[order]] + rank)
+  slot = jnp.zeros(m, jnp.int32).at[order].set(((ends - padded)[experts[order]] + rank).astype(jnp.int32))
   tiles = -(-m // tile) + num_experts
   source = jnp.zeros(tiles * tile, jnp.int32).at[slot].set(jnp.arange(m, dtype=jnp.int32))
   valid = jnp.zeros(tiles * tile, bool).at[slot].set(True)
