@@ -88,6 +88,24 @@ def qwen35_tensor(rest: str, value: np.ndarray, cfg) -> tuple[str, np.ndarray]:
   return {**_BLOCK_NAMES, **_QWEN35_NAMES, **_SHARED_EXPERT}[rest], value
 
 
+def llama3_divisors(rope: dict, head_dim: int) -> np.ndarray:
+  """``LlamaModel.generate_extra_tensors``: Llama 3's frequency scaling as the ``rope_freqs`` divisors."""
+  freqs = 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+  factor, low, high = rope["factor"], rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+  original = rope["original_max_position_embeddings"]
+  out = []
+  for freq in freqs:
+    wavelen = 2 * np.pi / freq
+    if wavelen < original / high:
+      out.append(1.0)
+    elif wavelen > original / low:
+      out.append(factor)
+    else:
+      smooth = (original / wavelen - low) / (high - low)
+      out.append(1 / ((1 - smooth) / factor + smooth))
+  return np.asarray(out, np.float32)
+
+
 def write(directory: Path, path: Path, arch: str, per_expert: bool = False, extra: dict | None = None) -> Path:
   """A Hugging Face directory (its files, as llama.cpp reads them) -> GGUF ``path`` of architecture ``arch``;
   ``extra``: more float metadata (keys tailjax must refuse)."""
@@ -101,10 +119,15 @@ def write(directory: Path, path: Path, arch: str, per_expert: bool = False, extr
   head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
   qwen35 = arch.startswith("qwen35")
   mtp = getattr(cfg, "mtp_num_hidden_layers", 0) or 0
+  llama4 = arch == "llama4"
   w.add_block_count(cfg.num_hidden_layers + mtp)
   w.add_context_length(cfg.max_position_embeddings)
   w.add_embedding_length(cfg.hidden_size)
-  if getattr(cfg, "intermediate_size", None) is not None:
+  if llama4:  # Llama4Model swaps the names back: the dense MLP's width, then the experts'
+    w.add_feed_forward_length(cfg.intermediate_size_mlp)
+    w.add_interleave_moe_layer_step(cfg.interleave_moe_layer_step)
+    w.add_expert_feed_forward_length(cfg.intermediate_size)
+  elif getattr(cfg, "intermediate_size", None) is not None:
     w.add_feed_forward_length(cfg.intermediate_size)
   w.add_head_count(heads)
   w.add_head_count_kv(kv)
@@ -115,6 +138,16 @@ def write(directory: Path, path: Path, arch: str, per_expert: bool = False, extr
   if rope.get("rope_type") == "linear":
     w.add_rope_scaling_type(gguf_lib.RopeScalingType.LINEAR)
     w.add_rope_scaling_factor(rope["factor"])
+  if rope.get("rope_type") == "yarn":  # TextModel.set_gguf_parameters, then Ministral3Model's two keys
+    w.add_rope_scaling_type(gguf_lib.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(rope["factor"])
+    w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    for key in ("beta_fast", "beta_slow"):
+      if rope.get(key) is not None:
+        getattr(w, f"add_rope_scaling_yarn_{key}")(rope[key])
+    if arch == "mistral3":
+      w.add_rope_scaling_yarn_log_mul(rope["mscale_all_dim"])
+      w.add_attn_temperature_scale(rope["llama_4_scaling_beta"])
   w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
   w.add_vocab_size(cfg.vocab_size)
   if getattr(cfg, "sliding_window", None) is not None:
@@ -123,13 +156,25 @@ def write(directory: Path, path: Path, arch: str, per_expert: bool = False, extr
     w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
     w.add_final_logit_softcapping(cfg.final_logit_softcapping)
   experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", 0)
-  if experts:
+  if experts and arch != "glm4moe":
     w.add_expert_count(experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
     if arch in ("qwen3moe", "qwen2moe", "qwen35moe"):
       w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     if getattr(cfg, "shared_expert_intermediate_size", None):
       w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+  if arch == "glm4moe":  # TextModel's group counts, then Glm4MoeModel.set_gguf_parameters
+    w.add_expert_count(cfg.n_routed_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_expert_group_count(cfg.n_group)
+    w.add_expert_group_used_count(cfg.topk_group)
+    w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 0.5)))
+    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_expert_shared_count(cfg.n_shared_experts)
+    w.add_leading_dense_block_count(cfg.first_k_dense_replace)
+    w.add_expert_gating_func(gguf_lib.ExpertGatingFuncType.SIGMOID)
+    w.add_expert_weights_scale(cfg.routed_scaling_factor)
+    w.add_expert_weights_norm(cfg.norm_topk_prob)
   if qwen35:  # Qwen3NextModel.set_gguf_parameters and the MRoPE / MTP mixins
     w.add_ssm_conv_kernel(cfg.linear_conv_kernel_dim)
     w.add_ssm_state_size(cfg.linear_key_head_dim)
@@ -146,6 +191,8 @@ def write(directory: Path, path: Path, arch: str, per_expert: bool = False, extr
     w.add_float32(key, value)
   state = {k: v for f in sorted(Path(directory).glob("*.safetensors")) for k, v in load_file(f).items()}
   stacks: dict[str, dict[int, np.ndarray]] = {}
+  if rope.get("rope_type") == "llama3":
+    w.add_tensor("rope_freqs.weight", llama3_divisors(rope, head_dim))
   if rope.get("rope_type") == "longrope":
     original = cfg.original_max_position_embeddings
     scale = cfg.max_position_embeddings / original
@@ -180,7 +227,26 @@ def write(directory: Path, path: Path, arch: str, per_expert: bool = False, extr
     if rest in _SHARED_EXPERT:
       w.add_tensor(f"blk.{layer}.{_SHARED_EXPERT[rest]}", value)
       continue
-    if arch == "llama" and rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+    if rest.startswith("mlp.shared_experts."):  # GLM, DeepSeek: ungated
+      w.add_tensor(f"blk.{layer}.ffn_{rest.split('.')[2][:-5]}_shexp.weight", value)
+      continue
+    if rest == "mlp.gate.e_score_correction_bias":
+      w.add_tensor(f"blk.{layer}.exp_probs_b.bias", value)
+      continue
+    if llama4:  # Llama4Model.modify_tensors: feed_forward, router, experts [E, in, out] (gate | up) transposed
+      rest = rest.replace("feed_forward.", "mlp.").replace("mlp.router.", "mlp.gate.")
+      if rest.startswith("mlp.shared_expert."):
+        w.add_tensor(f"blk.{layer}.{_SHARED_EXPERT[rest]}", value)
+        continue
+      if rest == "mlp.experts.gate_up_proj":
+        gate, up = np.split(np.swapaxes(value, -1, -2), 2, axis=-2)
+        w.add_tensor(f"blk.{layer}.ffn_gate_exps.weight", np.ascontiguousarray(gate))
+        w.add_tensor(f"blk.{layer}.ffn_up_exps.weight", np.ascontiguousarray(up))
+        continue
+      if rest == "mlp.experts.down_proj":
+        w.add_tensor(f"blk.{layer}.ffn_down_exps.weight", np.ascontiguousarray(np.swapaxes(value, -1, -2)))
+        continue
+    if arch in ("llama", "mistral3") and rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
       value = permute(value, heads if "q_proj" in rest else kv)
     if rest.startswith(("mlp.experts.", "block_sparse_moe.experts.")):
       expert, kind = rest.split(".")[2:4]
@@ -190,7 +256,7 @@ def write(directory: Path, path: Path, arch: str, per_expert: bool = False, extr
         stacks.setdefault(f"blk.{layer}.ffn_{_EXPERT[kind]}_exps.weight", {})[int(expert)] = value
       continue
     if rest == "post_attention_layernorm.weight" and not gemma:
-      w.add_tensor(f"blk.{layer}.ffn_norm.weight", value)
+      w.add_tensor(f"blk.{layer}.{'post_attention_norm' if arch == 'glm4moe' else 'ffn_norm'}.weight", value)
       continue
     table = {**_BLOCK_NAMES, **(_GEMMA_NORMS if gemma else {})}
     w.add_tensor(f"blk.{layer}.{table[rest]}", value)

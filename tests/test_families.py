@@ -256,6 +256,12 @@ GGUF_CASES = {
     # llama.cpp keeps Qwen3.5's layer pattern as full_attention_interval (4): layer 3 is the full one
     "qwen35": ("qwen3.5-deltanet-gated-attention", "qwen35", dict(layer_types=QWEN3_5_INTERVAL)),
     "qwen35moe": ("qwen3.5-moe-gated-shared-expert", "qwen35moe", dict(layer_types=QWEN3_5_INTERVAL)),
+    # Mistral 3 files carry no window; Llama 4 files no attention pattern (llama.cpp: chunks of 8192 in 3 of 4
+    # layers, the 4th without RoPE, query temperature 0.1 / 8192)
+    "glm4moe": ("glm4-moe-groups-shared-partial-rope", "glm4moe", {}),
+    "mistral3": ("ministral3-yarn-position-scaled-queries", "mistral3", dict(sliding_window=None)),
+    "llama4": ("llama4-chunks-nope-scaled-input-experts", "llama4", dict(attention_chunk_size=8192, floor_scale=8192,
+                                                                         attn_scale=0.1)),
 }
 
 
@@ -269,7 +275,7 @@ def test_gguf_as_llama_cpp_writes_it_equals_the_hugging_face_source(case, tmp_pa
   path = gguf_convert.write(tmp_path / "hf", tmp_path / f"{case}.gguf", arch, per_expert=case == "mixtral-per-expert")
   from_gguf, from_hf = models.load(path), models.load(tmp_path / "hf")
   same = dict(vocab_size=from_gguf.config.vocab_size)
-  if arch == "phi3":  # LongRoPE factors as float32 tensors and the attention factor written out: same angles
+  if arch in ("phi3", "llama4"):  # LongRoPE, Llama 3 scaling as float32 factor tensors: the same angles
     same["rope_scaling"] = from_gguf.config.rope_scaling
   assert from_gguf.config == dataclasses.replace(from_hf.config, **same)
   ids = rng.integers(0, SMALL["vocab_size"], (2, SEQ))
@@ -401,6 +407,18 @@ def test_gguf_metadata_that_would_change_the_forward_pass_is_refused(tmp_path):
     path = gguf_convert.write(tmp_path / "hf", tmp_path / "odd.gguf", "gemma3", extra={key: 2.0})
     with pytest.raises(ValueError, match=rf"odd.gguf: GGUF metadata {key}=2.0 is not supported"):
       models.load(path)
+
+
+def test_llama4_gguf_without_chunked_attention_is_refused(tmp_path):
+  """llama.cpp reads ``sliding_window = 0`` in a Llama 4 file as another model (RoPE everywhere, no chunks)."""
+  import gguf_convert
+
+  config_cls, overrides = FAMILIES["llama4-top2-no-qk-norm"]
+  random_hf_model(config_cls, tmp_path / "hf", **{**SMALL, **overrides})
+  path = gguf_convert.write(tmp_path / "hf", tmp_path / "mobile.gguf", "llama4",
+                            extra={"llama4.attention.sliding_window": 0.0})
+  with pytest.raises(ValueError, match=r"mobile.gguf: llama4.attention.sliding_window=0 \(RoPE in every layer"):
+    models.load(path)
 
 
 def test_gemma4_shared_kv_per_layer_inputs_scales_and_proportional_rope_bite(tmp_path, rng):

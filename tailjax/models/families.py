@@ -50,13 +50,13 @@ FAMILIES: tuple[Family, ...] = (
     _family("gemma4", ["gemma4_text", "gemma4"], [], "Gemma 4 dense and MoE, e.g. Gemma-4-31B, Gemma-4-26B-A4B, "
             "E2B/E4B (wider global layers, per-layer inputs, shared KV; the language model of multimodal "
             "checkpoints)", **_GEMMA4),
-    _family("llama4", ["llama4_text", "llama4"], [], "Llama 4 Scout, Maverick (experts on scaled inputs beside a "
+    _family("llama4", ["llama4_text", "llama4"], ["llama4"], "Llama 4 Scout, Maverick (experts on scaled inputs beside a "
             "shared expert, layers without RoPE, chunked attention; the language model of multimodal checkpoints)",
             rope_interleaved=True, router="sigmoid_inputs"),
     _family("phi3", ["phi3"], ["phi3"], "Phi-3, Phi-3.5 mini/medium (LongRoPE)", partial_rotary=True),
     _family("gpt-oss", ["gpt_oss"], [], "gpt-oss-20b, gpt-oss-120b (MXFP4 experts dequantized on load)",
             attention_sinks=True, moe_bias=True, hidden_act="clamped_swiglu", norm_topk_prob=True),
-    _family("glm4-moe", ["glm4_moe"], [], "GLM-4.5, GLM-4.5-Air, GLM-4.6, GLM-4.7 (group-limited sigmoid routing, "
+    _family("glm4-moe", ["glm4_moe"], ["glm4moe"], "GLM-4.5, GLM-4.5-Air, GLM-4.6, GLM-4.7 (group-limited sigmoid routing, "
             "a shared expert, partial RoPE)", partial_rotary=True, router="sigmoid_groups", o_bias=False),
     _family("glm4-moe-lite", ["glm4_moe_lite"], [], "GLM-4.7-Flash (as glm4-moe, with multi-head latent attention)",
             attention="mla", router="sigmoid_groups"),
@@ -66,7 +66,7 @@ FAMILIES: tuple[Family, ...] = (
     _family("qwen3.5-moe", ["qwen3_5_moe_text", "qwen3_5_moe"], ["qwen35moe"], "Qwen3.5 / Qwen3.6 MoE, e.g. "
             "Qwen3.6-35B-A3B (as qwen3.5, with a gated shared expert)", partial_rotary=True, norm_topk_prob=True,
             **_QWEN3_5),
-    _family("ministral3", ["ministral3"], [], "Mistral 3 / Ministral 3, Devstral Small 2 (the text model of "
+    _family("ministral3", ["ministral3"], ["mistral3"], "Mistral 3 / Ministral 3, Devstral Small 2 (the text model of "
             "mistral3 checkpoints; YaRN with position-scaled queries)"),
 )
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
-from tailjax.models import lazy, mxfp4
+from tailjax.models import lazy, mla, mxfp4
 
 log = logging.getLogger("tailjax")
 
@@ -96,17 +95,15 @@ def _mla_fields(raw: dict) -> dict:
   part rotates, latent widths, value width, the score scale with YaRN's ``mscale_all_dim`` folded in (as
   transformers' ``yarn_apply_mscale``), dense layers from ``mlp_layer_types``."""
   rope, nope = raw["qk_rope_head_dim"], raw["qk_nope_head_dim"]
-  scale = (rope + nope)**-0.5
   params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-  if params.get("rope_type", params.get("type", "default")) != "default" and params.get("mscale_all_dim"):
-    factor = params["factor"]
-    mscale = 0.1 * params["mscale_all_dim"] * math.log(factor) + 1.0 if factor > 1 else 1.0
-    scale *= mscale * mscale
+  scaled = params.get("rope_type", params.get("type", "default")) != "default"
   layers = raw["num_hidden_layers"]
   kinds = raw.get("mlp_layer_types") or ["dense"] + ["sparse"] * (layers - 1)
   return dict(head_dim=rope + nope, rotary_dim=rope, value_head_dim=raw["v_head_dim"],
               q_lora_rank=int(raw.get("q_lora_rank") or 0), kv_lora_rank=raw["kv_lora_rank"],
-              query_pre_attn_scalar=scale**-2, rope_interleaved=bool(raw.get("rope_interleave", True)),
+              query_pre_attn_scalar=mla.query_pre_attn_scalar(rope + nope, params.get("factor") if scaled else None,
+                                                              params.get("mscale_all_dim")),
+              rope_interleaved=bool(raw.get("rope_interleave", True)),
               num_kv_heads=raw["num_attention_heads"], dense_layers=tuple(i for i, k in enumerate(kinds) if k != "sparse"))
 
 

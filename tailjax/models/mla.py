@@ -16,6 +16,8 @@ YaRN's ``mscale_all_dim`` correction into it). ``cfg.head_dim`` is ``nope + rope
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -25,6 +27,17 @@ from tailjax.models.config import ModelConfig
 from tailjax.models.layers import RMSNorm, linear, rope_frequencies, rotary
 
 Array = jax.Array
+
+
+def query_pre_attn_scalar(head_dim: int, factor: float | None = None, mscale_all_dim: float | None = None) -> float:
+  """``cfg.query_pre_attn_scalar`` of MLA: scores over ``sqrt(head_dim)``, times ``mscale^2`` under YaRN with
+  ``mscale_all_dim`` (``mscale = 0.1 mscale_all_dim ln(factor) + 1`` past factor 1), as transformers'
+  ``yarn_apply_mscale`` and llama.cpp's ``deepseek2`` (whose ``yarn_log_multiplier`` is ``0.1 mscale_all_dim``)."""
+  scale = head_dim**-0.5
+  if factor is not None and mscale_all_dim:
+    mscale = 0.1 * mscale_all_dim * math.log(factor) + 1.0 if factor > 1 else 1.0
+    scale *= mscale * mscale
+  return scale**-2
 
 
 class MultiLatentAttention(nnx.Module):

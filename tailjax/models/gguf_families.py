@@ -1,0 +1,188 @@
+"""What one GGUF architecture leaves to llama.cpp's code, and the tensor layouts its converter changed.
+
+``tailjax.models.gguf`` reads what every file says the same way (sizes, heads, RoPE base, experts). The
+rest is per architecture and lives here: ``config_fields`` fills in what llama.cpp's loader assumes for
+the architecture (Gemma's layer pattern and query scale, Llama 4's chunks, layers without RoPE and query
+temperature, Mistral 3's position-scaled queries, Qwen3.5's linear-attention shapes), exactly as llama.cpp
+assumes it, so a file means here what it means there; ``tensor`` undoes what the converter did to one
+tensor (llama's rotary row permutation, Qwen3.5's value-head order).
+
+``opt(key, default)`` and ``need(key)`` read ``{arch}.{key}`` metadata (floats as the shortest decimal that
+round-trips float32); ``base`` holds the fields already read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Container
+from typing import Any
+
+import numpy as np
+
+from tailjax.models import lazy
+from tailjax.models.config import ModelConfig
+
+QWEN35 = ("qwen35", "qwen35moe")
+PERMUTED_QK = ("llama", "mistral3")  # converters that permute q/k rows for llama.cpp's rotary layout
+# llama.cpp's LLM_ARCH_LLAMA4 constants: chunked attention in 3 of every 4 layers (the 4th: full, without RoPE)
+LLAMA4_CHUNK = 8192
+LLAMA4_STEP = 4
+LLAMA4_TEMPERATURE = (0.1, 8192)  # (attn_scale, floor_scale) of the layers without RoPE
+
+# ``{arch}.*`` metadata only these architectures' files carry (every file's keys: ``tailjax.models.gguf``)
+KEYS = {
+    "mistral3": frozenset({"attention.temperature_scale", "rope.scaling.yarn_log_multiplier"}),
+    "llama4": frozenset({"interleave_moe_layer_step"}),  # (which layers route: the router tensors say)
+    "glm4moe": frozenset({"expert_shared_count", "leading_dense_block_count", "expert_weights_scale",
+                          "expert_group_count", "expert_group_used_count"}),
+}
+GATING = {"glm4moe": 2}  # the expert gating function llama.cpp must find (1 softmax, the default; 2 sigmoid)
+
+Opt = Callable[..., Any]
+
+
+def config_fields(arch: str, opt: Opt, need: Callable[[str], Any], base: dict, tensors: Container[str]) -> dict:
+  """``ModelConfig`` fields of ``arch`` beyond ``base``, given the file's tensor names (a ``ValueError`` names what
+  the file lacks)."""
+  if arch in QWEN35:
+    return _qwen35(opt, need, base["num_layers"])
+  if arch in ("gemma2", "gemma3"):
+    return _gemma(arch, opt, base)
+  if arch == "llama4":
+    return _llama4(opt, base)
+  if arch == "mistral3":
+    return _mistral3(opt, base)
+  if arch == "glm4moe":
+    return _glm4moe(opt, base, tensors)
+  return {}
+
+
+def float32(value) -> float:
+  """A float32 value as the shortest decimal that round-trips (1e-05, not 9.9999997e-06)."""
+  return float(np.format_float_scientific(np.float32(value), unique=True))
+
+
+def yarn_mscales(arch: str, log_multiplier: float | None) -> dict:
+  """``RopeScaling`` fields from ``rope.scaling.yarn_log_multiplier``, which each architecture reads its own way:
+  Mistral 3's is ``mscale_all_dim`` beside an ``mscale`` of 1 (llama.cpp's reading of it)."""
+  if not log_multiplier:
+    return {}
+  if arch == "mistral3":
+    return dict(mscale=1.0, mscale_all_dim=log_multiplier)
+  raise ValueError(f"{arch}.rope.scaling.yarn_log_multiplier={log_multiplier} is not supported for {arch}")
+
+
+def _qwen35(opt: Opt, need: Callable[[str], Any], layers: int) -> dict:
+  """Qwen3.5's linear-attention shapes from llama.cpp's ``ssm.*`` keys (``state_size``: the key head width,
+  ``group_count``: key heads, ``time_step_rank``: value heads, ``inner_size``: value heads x width) and its
+  layer pattern: every ``full_attention_interval``-th layer full attention, the others Gated DeltaNet."""
+  interval = int(opt("full_attention_interval", 4))
+  value_heads = int(need("ssm.time_step_rank"))
+  return dict(layer_types=tuple("full" if (i + 1) % interval == 0 else "linear" for i in range(layers)),
+              linear_num_key_heads=int(need("ssm.group_count")), linear_num_value_heads=value_heads,
+              linear_key_head_dim=int(need("ssm.state_size")),
+              linear_value_head_dim=int(need("ssm.inner_size")) // value_heads,
+              linear_conv_kernel=int(need("ssm.conv_kernel")))
+
+
+def _gemma(arch: str, opt: Opt, base: dict) -> dict:
+  """What Gemma files leave to llama.cpp's code: which layers slide (Gemma 2: every other one, from the
+  first; Gemma 3: five of every six, unless ``attention.sliding_window_pattern`` says), the local RoPE
+  base (10000 unless ``rope.freq_base_swa``), and the query scale (``head_dim``, but ``hidden / heads``
+  for the 27B models, 46 and 62 layers, as in llama.cpp; ``attention.scale`` overrides)."""
+  layers = base["num_layers"]
+  pattern = opt("attention.sliding_window_pattern", 2 if arch == "gemma2" else 6)
+  if isinstance(pattern, list):  # one flag per layer
+    kinds = tuple("sliding" if flag else "full" for flag in pattern)
+  else:
+    kinds = tuple("sliding" if (i + 1) % int(pattern) else "full" for i in range(layers))
+  big = (arch, layers) in (("gemma2", 46), ("gemma3", 62))
+  scale = opt("attention.scale")
+  hidden_per_head = base["hidden_size"] // base["num_heads"]
+  out = dict(layer_types=kinds if base["sliding_window"] is not None else None,
+             query_pre_attn_scalar=float32(scale**-2) if scale else float(hidden_per_head if big else base["head_dim"]),
+             attn_logit_softcap=opt("attn_logit_softcapping"), final_logit_softcap=opt("final_logit_softcapping"))
+  if arch == "gemma3":
+    out["rope_local_theta"] = opt("rope.freq_base_swa", 10000.0)
+  return out
+
+
+def _llama4(opt: Opt, base: dict) -> dict:
+  """Llama 4 files store none of its attention pattern; llama.cpp fixes it: chunks of 8192 tokens in the layers
+  ``i`` with ``(i + 1) % 4 != 0``, the others full and without RoPE, their queries scaled by
+  ``1 + 0.1 log1p(floor((pos + 1) / 8192))``; weightless q/k norms unless the model has 128 experts (Maverick).
+  Experts in every ``interleave_moe_layer_step``-th layer (the dense ones have no router tensor), a shared expert
+  as wide as each expert."""
+  if opt("attention.sliding_window") == 0:  # llama.cpp's MobileLLM variant: another attention pattern
+    raise ValueError("llama4.attention.sliding_window=0 (RoPE in every layer, no chunks) is not supported")
+  layers = base["num_layers"]
+  nope = tuple(i for i in range(layers) if (i + 1) % LLAMA4_STEP == 0)
+  out = dict(attention_chunk_size=LLAMA4_CHUNK, nope_layers=nope, nope_query_scaling=LLAMA4_TEMPERATURE,
+             layer_types=tuple("full" if i in nope else "chunked" for i in range(layers)),
+             qk_l2_norm=int(opt("expert_count", 0)) != 128)
+  if opt("expert_count"):
+    out["shared_expert_size"] = int(opt("expert_feed_forward_length"))
+  return out
+
+
+def _mistral3(opt: Opt, base: dict) -> dict:
+  """Mistral 3's queries scaled by ``1 + beta log(1 + floor(pos / original context))`` (``attention.temperature_scale``
+  is beta; llama.cpp takes the period from YaRN's original context)."""
+  beta = opt("attention.temperature_scale")
+  if not beta:
+    return {}
+  scaling = base["rope_scaling"]
+  if scaling is None or not scaling.original_max_position_embeddings:
+    raise ValueError("mistral3.attention.temperature_scale needs rope.scaling.original_context_length")
+  return dict(query_position_scaling=(beta, scaling.original_max_position_embeddings))
+
+
+def _glm4moe(opt: Opt, base: dict, tensors: Container[str]) -> dict:
+  """GLM-4.5's routing: sigmoid scores, top groups (``expert_group_count`` groups, the best
+  ``expert_group_used_count`` kept), weights times ``expert_weights_scale``, ``expert_shared_count`` shared
+  experts as one MLP; q/k norms when the file has them."""
+  out = dict(qk_norm="blk.0.attn_q_norm.weight" in tensors,
+             routed_scaling_factor=float(opt("expert_weights_scale", 1.0)))
+  if opt("expert_group_count"):
+    out["router_groups"] = (int(opt("expert_group_count")), int(opt("expert_group_used_count", 1)))
+  shared = int(opt("expert_shared_count", 0))
+  if shared:
+    out["shared_expert_size"] = shared * base["moe_intermediate_size"]
+  return out
+
+
+def tensor(arch: str, name: str, w: lazy.LazyTensor, cfg: ModelConfig) -> lazy.LazyTensor:
+  """Tensor ``name`` of an ``arch`` file in the layout Hugging Face has it."""
+  parts = name.split(".")
+  if arch in PERMUTED_QK and name.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
+    heads = cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads
+    return lazy.RowsPermuted(w, unpermuted_rows(w.shape[0], heads))
+  if arch in QWEN35 and parts[0] == "blk" and parts[2].startswith(("attn_qkv", "attn_gate", "ssm_")):
+    return _deltanet_tensor(w, parts[2], cfg)
+  return w
+
+
+def unpermuted_rows(rows: int, heads: int) -> np.ndarray:
+  """The row order that undoes llama.cpp's rotary permutation of a q/k weight ``[heads * head_dim, ...]``:
+  within each head, rows ``0, 2, 4, ..., 1, 3, 5, ...`` (the inverse of its interleave)."""
+  return np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(1, 2).reshape(rows)
+
+
+def _deltanet_tensor(w: lazy.LazyTensor, kind: str, cfg: ModelConfig) -> lazy.LazyTensor:
+  """A Gated DeltaNet tensor as Hugging Face has it: ``ssm_a`` holds ``-exp(A_log)``, and llama.cpp reorders the
+  value heads from grouped by key head (value head ``g * r + j`` uses key head ``g``, ``r`` value heads per key
+  head) to tiled (at ``j * key_heads + g``), in the rows of ``attn_qkv`` (its v part), ``attn_gate``,
+  ``ssm_conv1d`` (its v channels), ``ssm_beta``, ``ssm_alpha``, ``ssm_a``, ``ssm_dt`` and the columns of
+  ``ssm_out``; put back here. ``ssm_norm`` is stored as is (unlike the block's other norms)."""
+  if kind == "ssm_a":
+    w = lazy.Mapped(w, lambda x: np.log(-x))
+  keys, values = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+  if keys == values or kind == "ssm_norm":
+    return w
+  width = cfg.linear_value_head_dim if kind in ("attn_qkv", "attn_gate", "ssm_conv1d", "ssm_out") else 1
+  grouped = np.arange(values * width).reshape(values // keys, keys, width).swapaxes(0, 1).reshape(-1)
+  if kind in ("attn_qkv", "ssm_conv1d"):  # q and k rows first, unchanged
+    qk = 2 * keys * cfg.linear_key_head_dim
+    grouped = np.concatenate([np.arange(qk), qk + grouped])
+  if kind == "ssm_out":
+    return lazy.Transposed(lazy.RowsPermuted(lazy.Transposed(w), grouped))
+  return lazy.RowsPermuted(w, grouped)
