@@ -130,9 +130,31 @@ def write(directory: Path, path: Path, arch: str, per_expert: bool = False, extr
   elif getattr(cfg, "intermediate_size", None) is not None:
     w.add_feed_forward_length(cfg.intermediate_size)
   w.add_head_count(heads)
-  w.add_head_count_kv(kv)
-  w.add_key_length(head_dim)
-  w.add_value_length(head_dim)
+  if arch == "deepseek2":  # DeepseekV2Model: MLA as MQA over the latent cache, heads' own lengths beside
+    w.add_head_count_kv(1)
+    w.add_key_length(cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    w.add_value_length(cfg.kv_lora_rank)
+    w.add_key_length_mla(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+    w.add_value_length_mla(cfg.v_head_dim)
+    w.add_kv_lora_rank(cfg.kv_lora_rank)
+    if cfg.q_lora_rank is not None:
+      w.add_q_lora_rank(cfg.q_lora_rank)
+    w.add_rope_dimension_count(cfg.qk_rope_head_dim)
+    w.add_expert_count(cfg.n_routed_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_expert_group_count(cfg.n_group)
+    w.add_expert_group_used_count(cfg.topk_group)
+    w.add_leading_dense_block_count(cfg.mlp_layer_types.index("sparse"))
+    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_expert_shared_count(cfg.n_shared_experts)
+    w.add_expert_weights_scale(cfg.routed_scaling_factor)
+    if cfg.norm_topk_prob:
+      w.add_expert_weights_norm(True)
+    w.add_expert_gating_func(gguf_lib.ExpertGatingFuncType.SIGMOID)  # as GLM-4.7-Flash's files carry
+  else:
+    w.add_head_count_kv(kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
   rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
   w.add_rope_freq_base(rope["rope_theta"])
   if rope.get("rope_type") == "linear":
@@ -145,6 +167,8 @@ def write(directory: Path, path: Path, arch: str, per_expert: bool = False, extr
     for key in ("beta_fast", "beta_slow"):
       if rope.get(key) is not None:
         getattr(w, f"add_rope_scaling_yarn_{key}")(rope[key])
+    if arch == "deepseek2" and rope.get("mscale_all_dim") is not None:
+      w.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
     if arch == "mistral3":
       w.add_rope_scaling_yarn_log_mul(rope["mscale_all_dim"])
       w.add_attn_temperature_scale(rope["llama_4_scaling_beta"])
@@ -156,7 +180,7 @@ def write(directory: Path, path: Path, arch: str, per_expert: bool = False, extr
     w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
     w.add_final_logit_softcapping(cfg.final_logit_softcapping)
   experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", 0)
-  if experts and arch != "glm4moe":
+  if experts and arch not in ("glm4moe", "deepseek2"):
     w.add_expert_count(experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
     if arch in ("qwen3moe", "qwen2moe", "qwen35moe"):
@@ -229,6 +253,18 @@ def write(directory: Path, path: Path, arch: str, per_expert: bool = False, extr
       continue
     if rest.startswith("mlp.shared_experts."):  # GLM, DeepSeek: ungated
       w.add_tensor(f"blk.{layer}.ffn_{rest.split('.')[2][:-5]}_shexp.weight", value)
+      continue
+    if arch == "deepseek2" and rest.startswith("self_attn.") and rest != "self_attn.o_proj.weight":
+      mla = {"q_a_proj": "attn_q_a", "q_a_layernorm": "attn_q_a_norm", "q_b_proj": "attn_q_b", "q_proj": "attn_q",
+             "kv_a_proj_with_mqa": "attn_kv_a_mqa", "kv_a_layernorm": "attn_kv_a_norm"}
+      leaf = rest.split(".")[1]
+      if leaf == "kv_b_proj":  # split for the absorbed form, k_b transposed
+        nope, vd = cfg.qk_nope_head_dim, cfg.v_head_dim
+        kv_b = value.reshape(kv, nope + vd, value.shape[-1])
+        w.add_tensor(f"blk.{layer}.attn_k_b.weight", np.ascontiguousarray(np.swapaxes(kv_b[:, :nope], 1, 2)))
+        w.add_tensor(f"blk.{layer}.attn_v_b.weight", np.ascontiguousarray(kv_b[:, nope:]))
+      else:
+        w.add_tensor(f"blk.{layer}.{mla[leaf]}.weight", value)
       continue
     if rest == "mlp.gate.e_score_correction_bias":
       w.add_tensor(f"blk.{layer}.exp_probs_b.bias", value)

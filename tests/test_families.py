@@ -259,6 +259,11 @@ GGUF_CASES = {
     # Mistral 3 files carry no window; Llama 4 files no attention pattern (llama.cpp: chunks of 8192 in 3 of 4
     # layers, the 4th without RoPE, query temperature 0.1 / 8192)
     "glm4moe": ("glm4-moe-groups-shared-partial-rope", "glm4moe", {}),
+    # GLM-4.7-Flash as llama.cpp's deepseek2 (which has no attention biases; RoPE on adjacent pairs, YaRN)
+    "deepseek2": ("glm4-moe-lite-mla-q-lora-biases", "deepseek2", dict(
+        attention_bias=False, max_position_embeddings=32, rope_parameters=dict(
+            rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=8, mscale=1.0,
+            mscale_all_dim=1.0))),
     "mistral3": ("ministral3-yarn-position-scaled-queries", "mistral3", dict(sliding_window=None)),
     "llama4": ("llama4-chunks-nope-scaled-input-experts", "llama4", dict(attention_chunk_size=8192, floor_scale=8192,
                                                                          attn_scale=0.1)),

@@ -58,7 +58,8 @@ FAMILIES: tuple[Family, ...] = (
             attention_sinks=True, moe_bias=True, hidden_act="clamped_swiglu", norm_topk_prob=True),
     _family("glm4-moe", ["glm4_moe"], ["glm4moe"], "GLM-4.5, GLM-4.5-Air, GLM-4.6, GLM-4.7 (group-limited sigmoid routing, "
             "a shared expert, partial RoPE)", partial_rotary=True, router="sigmoid_groups", o_bias=False),
-    _family("glm4-moe-lite", ["glm4_moe_lite"], [], "GLM-4.7-Flash (as glm4-moe, with multi-head latent attention)",
+    _family("glm4-moe-lite", ["glm4_moe_lite"], ["deepseek2"], "GLM-4.7-Flash (as glm4-moe, with multi-head latent "
+            "attention; GGUF: llama.cpp's deepseek2 with sigmoid routing)",
             attention="mla", router="sigmoid_groups"),
     _family("qwen3.5", ["qwen3_5_text", "qwen3_5"], ["qwen35"], "Qwen3.5 / Qwen3.6 dense, e.g. Qwen3.6-27B "
             "(Gated DeltaNet linear attention in 3 of 4 layers; the language model of multimodal checkpoints)",

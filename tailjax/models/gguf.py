@@ -52,6 +52,13 @@ _GLM4MOE_NAMES = {
     "blk.{}.post_attention_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
     "blk.{}.exp_probs_b.bias": "model.layers.{}.mlp.gate.e_score_correction_bias",
 }
+# GLM-4.7-Flash (``deepseek2``): multi-head latent attention, the router's choice-only bias.
+_MLA_NAMES = {
+    **{f"blk.{{}}.attn_{g}.weight": f"model.layers.{{}}.self_attn.{h}.weight" for g, h in (
+        ("q_a", "q_a_proj"), ("q_a_norm", "q_a_layernorm"), ("q_b", "q_b_proj"), ("kv_a_mqa", "kv_a_proj_with_mqa"),
+        ("kv_a_norm", "kv_a_layernorm"), ("kv_b", "kv_b_proj"))},
+    "blk.{}.exp_probs_b.bias": "model.layers.{}.mlp.gate.e_score_correction_bias",
+}
 # Qwen3.5 / 3.6 (llama.cpp ``qwen35``, ``qwen35moe``): Gated DeltaNet layers, the norm before the MLP, shared experts.
 _QWEN35_NAMES = {
     "blk.{}.post_attention_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
@@ -101,6 +108,8 @@ def hf_name(name: str, cfg: ModelConfig | None = None, arch: str | None = None) 
     table = {**table, **_QWEN35_NAMES}
   if arch == "glm4moe":
     table = {**table, **_GLM4MOE_NAMES}
+  if arch in gguf_families.MLA:
+    table = {**table, **_MLA_NAMES}
   if cfg is not None and cfg.shared_expert_size:
     table = {**table, **(_SHARED_EXPERT_NAMES if cfg.shared_expert_gate else _SHARED_EXPERTS_NAMES)}
   parts = name.split(".")
@@ -142,11 +151,12 @@ def read_config(reader, path: Path) -> ModelConfig:
   hidden = int(need("embedding_length"))
   layers = int(need("block_count")) - int(opt("nextn_predict_layers", 0))  # multi-token-prediction layers: skipped
   head_dim = int(opt("attention.key_length", hidden // heads))
-  if int(opt("attention.value_length", head_dim)) != head_dim:
+  mla = arch in gguf_families.MLA  # key and value lengths of the latent cache: the family reads its own
+  if int(opt("attention.value_length", head_dim)) != head_dim and not mla:
     raise ValueError(f"{path}: {arch}.attention.value_length={opt('attention.value_length')} differs from "
                      f"key_length={head_dim}; not supported")
   rotary_dims = int(opt("rope.dimension_count", head_dim))
-  if rotary_dims != head_dim and not family.partial_rotary:
+  if rotary_dims != head_dim and not family.partial_rotary and not mla:
     raise ValueError(f"{path}: partial rotary embeddings ({arch}.rope.dimension_count={rotary_dims} < "
                      f"head_dim={head_dim}) are not supported for {family.name}")
   width = opt("feed_forward_length") if opt("expert_count") else need("feed_forward_length")
@@ -262,6 +272,7 @@ def _tensor(t, path: Path) -> lazy.LazyTensor:
 def read_tensors(reader, cfg: ModelConfig, path: Path) -> Iterator[tuple[str, lazy.LazyTensor]]:
   """``(canonical name, lazy float32 tensor in PyTorch layout)``, q/k rows in Hugging Face order."""
   arch = field(reader, "general.architecture")
+  tensors = {}
   for t in reader.tensors:
     if t.name in _ROPE_TENSORS:  # read into the config
       continue
@@ -273,7 +284,9 @@ def read_tensors(reader, cfg: ModelConfig, path: Path) -> Iterator[tuple[str, la
     w = gguf_families.tensor(arch, t.name, w, cfg)
     if cfg.norm_unit_offset and t.name.endswith("norm.weight") and not t.name.endswith("ssm_norm.weight"):
       w = lazy.Mapped(w, lambda x: x - np.float32(1.0))
-    yield hf_name(t.name, cfg, arch), w
+    tensors[t.name] = w
+  for name, w in gguf_families.merged(arch, tensors, cfg).items():
+    yield hf_name(name, cfg, arch), w
 
 
 def read_tokenizer(reader, path: Path):

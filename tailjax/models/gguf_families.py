@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tailjax.models import lazy
+from tailjax.models import lazy, mla
 from tailjax.models.config import ModelConfig
 
 QWEN35 = ("qwen35", "qwen35moe")
@@ -35,7 +35,10 @@ KEYS = {
     "glm4moe": frozenset({"expert_shared_count", "leading_dense_block_count", "expert_weights_scale",
                           "expert_group_count", "expert_group_used_count"}),
 }
-GATING = {"glm4moe": 2}  # the expert gating function llama.cpp must find (1 softmax, the default; 2 sigmoid)
+KEYS["deepseek2"] = KEYS["glm4moe"] | {"attention.q_lora_rank", "attention.kv_lora_rank", "attention.key_length_mla",
+                                        "attention.value_length_mla", "rope.scaling.yarn_log_multiplier"}
+GATING = {"glm4moe": 2, "deepseek2": 2}
+MLA = ("deepseek2",)  # key_length / value_length are the latent cache's, not a head's  # the expert gating function llama.cpp must find (1 softmax, the default; 2 sigmoid)
 
 Opt = Callable[..., Any]
 
@@ -53,6 +56,8 @@ def config_fields(arch: str, opt: Opt, need: Callable[[str], Any], base: dict, t
     return _mistral3(opt, base)
   if arch == "glm4moe":
     return _glm4moe(opt, base, tensors)
+  if arch == "deepseek2":
+    return _deepseek2(opt, need, base)
   return {}
 
 
@@ -65,9 +70,11 @@ def yarn_mscales(arch: str, log_multiplier: float | None) -> dict:
   """``RopeScaling`` fields from ``rope.scaling.yarn_log_multiplier``, which each architecture reads its own way:
   Mistral 3's is ``mscale_all_dim`` beside an ``mscale`` of 1 (llama.cpp's reading of it)."""
   if not log_multiplier:
-    return {}
+    return dict(attention_factor=1.0) if arch == "deepseek2" else {}
   if arch == "mistral3":
     return dict(mscale=1.0, mscale_all_dim=log_multiplier)
+  if arch == "deepseek2":  # 0.1 mscale_all_dim; llama.cpp cancels YaRN's cos/sin factor (as mscale == mscale_all_dim)
+    return dict(mscale=log_multiplier / 0.1, mscale_all_dim=log_multiplier / 0.1)
   raise ValueError(f"{arch}.rope.scaling.yarn_log_multiplier={log_multiplier} is not supported for {arch}")
 
 
@@ -147,6 +154,43 @@ def _glm4moe(opt: Opt, base: dict, tensors: Container[str]) -> dict:
   shared = int(opt("expert_shared_count", 0))
   if shared:
     out["shared_expert_size"] = shared * base["moe_intermediate_size"]
+  return out
+
+
+def _deepseek2(opt: Opt, need: Callable[[str], Any], base: dict) -> dict:
+  """GLM-4.7-Flash as llama.cpp's ``deepseek2``: multi-head latent attention (heads of ``key_length_mla``, values
+  of ``value_length_mla``, RoPE on the last ``rope.dimension_count`` dims in adjacent pairs, every head its own
+  keys once decompressed), the score scale with YaRN's ``mscale_all_dim`` (``yarn_log_multiplier / 0.1``), and
+  GLM's routing (``_glm4moe``)."""
+  head_dim = int(need("attention.key_length_mla"))
+  scaling = base["rope_scaling"]
+  log_multiplier = opt("rope.scaling.yarn_log_multiplier")
+  out = dict(attention="mla", head_dim=head_dim, value_head_dim=int(need("attention.value_length_mla")),
+             rotary_dim=int(need("rope.dimension_count")), q_lora_rank=int(opt("attention.q_lora_rank", 0)),
+             kv_lora_rank=int(need("attention.kv_lora_rank")), num_kv_heads=base["num_heads"], rope_interleaved=True,
+             query_pre_attn_scalar=mla.query_pre_attn_scalar(
+                 head_dim, scaling.factor if scaling is not None else None,
+                 log_multiplier / 0.1 if log_multiplier else None))
+  return {**_glm4moe(opt, base, ()), **out, "qk_norm": False}
+
+
+def merged(arch: str, tensors: dict[str, lazy.LazyTensor], cfg: ModelConfig) -> dict[str, lazy.LazyTensor]:
+  """Tensors the converter split, joined again: ``deepseek2``'s ``attn_k_b`` ``[H, latent, nope]`` (transposed)
+  and ``attn_v_b`` ``[H, vd, latent]`` -> ``attn_kv_b`` ``[H * (nope + vd), latent]`` (older files keep it)."""
+  if arch not in MLA:
+    return tensors
+  out = dict(tensors)
+  for name in [n for n in tensors if n.endswith(".attn_k_b.weight")]:
+    k_b, v_b = out.pop(name), out.pop(name.replace(".attn_k_b.", ".attn_v_b."))
+    heads, latent, nope = k_b.shape
+    vd = v_b.shape[1]
+
+    def read(box, k_b=k_b, v_b=v_b):
+      whole = lambda t: t.read(tuple(slice(0, n) for n in t.shape))
+      kv = np.concatenate([np.swapaxes(whole(k_b), 1, 2), whole(v_b)], axis=1).reshape(heads * (nope + vd), latent)
+      return kv[box]
+
+    out[name.replace(".attn_k_b.", ".attn_kv_b.")] = lazy.Stored((heads * (nope + vd), latent), read)
   return out
 
 
