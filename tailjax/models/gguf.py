@@ -7,8 +7,8 @@ undone here: ``attn_q``/``attn_k`` rows of ``llama`` and ``mistral3`` files are 
 rotary layout (permuted back to ``rotate_half``'s), Gemma's zero-centred norms are stored as
 ``1 + w`` (1 is subtracted), Phi-3's LongRoPE factors are tensors (read into the config).
 Metadata llama.cpp does not store is filled in the way llama.cpp itself assumes it (Gemma's
-layer pattern and query scale, Llama 4's attention pattern: ``tailjax.models.gguf_families``). The tokenizer is rebuilt from the file's
-vocabulary and merges with transformers' own GGUF mapping.
+layer pattern and query scale, Llama 4's attention pattern: ``tailjax.models.gguf_families``).
+The tokenizer is rebuilt from the file's vocabulary and merges with transformers' own GGUF mapping.
 """
 
 from __future__ import annotations
@@ -47,17 +47,17 @@ _SANDWICH_NAMES = {
     "blk.{}.ffn_norm.weight": "model.layers.{}.pre_feedforward_layernorm.weight",
     "blk.{}.post_ffw_norm.weight": "model.layers.{}.post_feedforward_layernorm.weight",
 }
-# GLM-4.5 (``glm4moe``): the norm before the MLP, the router's choice-only bias.
-_GLM4MOE_NAMES = {
-    "blk.{}.post_attention_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
-    "blk.{}.exp_probs_b.bias": "model.layers.{}.mlp.gate.e_score_correction_bias",
-}
-# GLM-4.7-Flash (``deepseek2``): multi-head latent attention, the router's choice-only bias.
+# GLM's router's choice-only bias (``glm4moe``, ``deepseek2``).
+_CORRECTION_BIAS = {"blk.{}.exp_probs_b.bias": "model.layers.{}.mlp.gate.e_score_correction_bias"}
+# GLM-4.5 (``glm4moe``): the norm before the MLP.
+_GLM4MOE_NAMES = {"blk.{}.post_attention_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+                  **_CORRECTION_BIAS}
+# GLM-4.7-Flash (``deepseek2``): multi-head latent attention.
 _MLA_NAMES = {
     **{f"blk.{{}}.attn_{g}.weight": f"model.layers.{{}}.self_attn.{h}.weight" for g, h in (
         ("q_a", "q_a_proj"), ("q_a_norm", "q_a_layernorm"), ("q_b", "q_b_proj"), ("kv_a_mqa", "kv_a_proj_with_mqa"),
         ("kv_a_norm", "kv_a_layernorm"), ("kv_b", "kv_b_proj"))},
-    "blk.{}.exp_probs_b.bias": "model.layers.{}.mlp.gate.e_score_correction_bias",
+    **_CORRECTION_BIAS,
 }
 # Qwen3.5 / 3.6 (llama.cpp ``qwen35``, ``qwen35moe``): Gated DeltaNet layers, the norm before the MLP, shared experts.
 _QWEN35_NAMES = {
@@ -137,13 +137,13 @@ def read_config(reader, path: Path) -> ModelConfig:
 
   need = lambda key: _need(reader, f"{arch}.{key}", path)
   opt = lambda key, default=None: field(reader, f"{arch}.{key}", default)
+  known = _KNOWN_KEYS | gguf_families.KEYS.get(arch, frozenset())
   for key in reader.fields:
-    known = _KNOWN_KEYS | gguf_families.KEYS.get(arch, frozenset())
     if key.startswith(f"{arch}.") and key[len(arch) + 1:] not in known:
       raise ValueError(f"{path}: GGUF metadata {key}={field(reader, key)!r} is not supported "
                        "(tailjax will not guess what it changes)")
   gating = gguf_families.GATING.get(arch, 1)  # llama.cpp: 1 softmax, 2 sigmoid
-  if opt("expert_count") and opt("expert_gating_func", 1) != gating:
+  if opt("expert_gating_func", 1) != gating and (opt("expert_count") or opt("expert_gating_func") is not None):
     raise ValueError(f"{path}: {arch}.expert_gating_func={opt('expert_gating_func', 1)} is not supported "
                      f"({'softmax' if gating == 1 else 'sigmoid'} only)")
   vocab = opt("vocab_size") or len(field(reader, "tokenizer.ggml.tokens") or [])
