@@ -18,7 +18,8 @@ transform)::
 
     u_i + sum_{j < i} b_i (k_i . k_j) D_ij u_j = b_i v_i - b_i exp(G_i) k_i^T S_0
 
-so ``U = T (b V) - T (b exp(G) K) S_0`` with ``T = (I + A)^-1`` (one triangular solve per chunk), and
+so ``U = T (b V) - T (b exp(G) K) S_0`` with ``T = (I + A)^-1`` (``unit_lower_inverse``, by forward substitution
+as the FLA kernels and transformers do), and
 
     o_i = exp(G_i) q_i^T S_0 + sum_{j <= i} D_ij (q_i . k_j) u_j
     S_C = exp(G_C) S_0 + sum_j exp(G_C - G_j) k_j u_j^T.
@@ -105,6 +106,38 @@ def gated_delta_rule_recurrent(q: Array, k: Array, v: Array, g: Array, beta: Arr
   return DeltaRuleOutput(jnp.moveaxis(out, 0, 1), state)  # [T, B, H, dv] -> [B, T, H, dv]
 
 
+@jax.custom_vjp
+def unit_lower_inverse(a: Array) -> Array:
+  """``T = (I + A)^-1`` for strictly lower-triangular ``a: [..., C, C]`` (what lies on or above the diagonal is
+  ignored), by forward substitution: row ``i`` of ``T`` is ``e_i - sum_{j<i} A_ij T_j``, rows in order (``C``
+  steps of a ``[C] x [C, C]`` product). Its derivative needs no residual but ``T``: ``dT = -T dA T``, so the
+  cotangent of ``A`` is ``-T^T dT̄ T^T`` below the diagonal.
+
+  Not ``lax.linalg.triangular_solve``: jaxlib's CPU kernel for it runs its batch on XLA's intra-op pool and,
+  with two solves in flight on a 2-core host, each waits on work queued behind the other (a deadlock seen on
+  the gradient of ``gated_delta_rule``, whose two solves run concurrently)."""
+  c = a.shape[-1]
+  a = jnp.tril(a, -1)
+
+  def row(i, t):
+    return t.at[..., i, :].set(jnp.eye(c, dtype=a.dtype)[i] - jnp.einsum("...j,...jk->...k", a[..., i, :], t))
+
+  return jax.lax.fori_loop(1, c, row, jnp.broadcast_to(jnp.eye(c, dtype=a.dtype), a.shape))
+
+
+def _inverse_forward(a):
+  t = unit_lower_inverse(a)
+  return t, t
+
+
+def _inverse_backward(t, cotangent):
+  t_transposed = jnp.swapaxes(t, -1, -2)
+  return (jnp.tril(-(t_transposed @ cotangent @ t_transposed), -1),)
+
+
+unit_lower_inverse.defvjp(_inverse_forward, _inverse_backward)
+
+
 def gated_delta_rule(q: Array, k: Array, v: Array, g: Array, beta: Array, segments: Array | None = None,
                      state: Array | None = None, chunk: int = CHUNK) -> DeltaRuleOutput:
   """``gated_delta_rule_recurrent``'s outputs, computed ``chunk`` tokens at a time (the module docstring);
@@ -132,10 +165,9 @@ def gated_delta_rule(q: Array, k: Array, v: Array, g: Array, beta: Array, segmen
   to_end = jnp.where(run == run[..., -1:], jnp.exp(cum[..., -1:] - cum), 0.0)  # exp(G_C - G_j)
 
   dot = lambda x, y: jnp.einsum("bhncd,bhnsd->bhncs", x, y)
-  system = jnp.tril(dot(k, k) * decay * beta[..., None], -1) + jnp.eye(chunk, dtype=q.dtype)  # I + A
-  solve = lambda rhs: jax.lax.linalg.triangular_solve(system, rhs, left_side=True, lower=True, unit_diagonal=True)
-  written = solve(v * beta[..., None])  # T (b V): [B, H, N, C, dv]
-  corrected = solve(k * (beta * from_start)[..., None])  # T (b exp(G) K): [B, H, N, C, dk]
+  inverse = unit_lower_inverse(dot(k, k) * decay * beta[..., None])  # T = (I + A)^-1: [B, H, N, C, C]
+  written = inverse @ (v * beta[..., None])  # T (b V): [B, H, N, C, dv]
+  corrected = inverse @ (k * (beta * from_start)[..., None])  # T (b exp(G) K): [B, H, N, C, dk]
   inside = dot(q, k) * decay  # [B, H, N, C, C], the diagonal included
   q_state = q * from_start[..., None]
   k_state = k * to_end[..., None]
