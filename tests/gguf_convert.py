@@ -88,6 +88,43 @@ def qwen35_tensor(rest: str, value: np.ndarray, cfg) -> tuple[str, np.ndarray]:
   return {**_BLOCK_NAMES, **_QWEN35_NAMES, **_SHARED_EXPERT}[rest], value
 
 
+def ggml_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+  """gpt-oss's MXFP4 (``blocks: [..., G, 16]``, value ``2j`` in the low nibble of byte ``j``; ``scales: [..., G]``)
+  -> ggml's MXFP4 bytes ``[..., G * 17]`` (``GptOssModel.repack_mxfp4``): per block the scale byte, then byte ``j``
+  holding value ``j`` in its low nibble and value ``j + 16`` in its high one."""
+  codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], 32)  # value order
+  packed = (codes[..., :16] | (codes[..., 16:] << 4)).astype(np.uint8)
+  return np.concatenate([scales[..., None], packed], axis=-1).reshape(*blocks.shape[:-2], -1)
+
+
+def gpt_oss_tensors(rest: str, state: dict, prefix: str):
+  """``(gguf leaf, array, raw ggml type or None)`` for one gpt-oss block tensor, as ``GptOssModel`` writes it:
+  experts split from gate/up interleaved along the output (gate first), float ones transposed to ``[E, out, in]``,
+  MXFP4 ones repacked; the router as ``ffn_gate_inp``, sinks, the pre-MLP norm as ``post_attention_norm``."""
+  value = state[prefix + rest]
+  if rest.endswith("_scales"):
+    return []  # with its blocks
+  leaf = rest.removeprefix("mlp.experts.")
+  if leaf.endswith("_blocks"):
+    blocks, scales = value, state[prefix + rest.replace("_blocks", "_scales")]
+    if leaf == "down_proj_blocks":
+      return [("ffn_down_exps.weight", ggml_mxfp4(blocks, scales), gguf_lib.GGMLQuantizationType.MXFP4)]
+    return [(f"ffn_{x}_exps.weight", ggml_mxfp4(blocks[:, i::2], scales[:, i::2]), gguf_lib.GGMLQuantizationType.MXFP4)
+            for i, x in enumerate(("gate", "up"))]
+  value = value.astype(np.float32)
+  if leaf == "gate_up_proj":
+    value = np.swapaxes(value, -1, -2)
+    return [(f"ffn_{x}_exps.weight", np.ascontiguousarray(value[:, i::2]), None) for i, x in enumerate(("gate", "up"))]
+  if leaf == "gate_up_proj_bias":
+    return [(f"ffn_{x}_exps.bias", np.ascontiguousarray(value[..., i::2]), None) for i, x in enumerate(("gate", "up"))]
+  if leaf == "down_proj":
+    return [("ffn_down_exps.weight", np.ascontiguousarray(np.swapaxes(value, -1, -2)), None)]
+  names = {"down_proj_bias": "ffn_down_exps.bias", "mlp.router.weight": "ffn_gate_inp.weight",
+           "mlp.router.bias": "ffn_gate_inp.bias", "self_attn.sinks": "attn_sinks.weight",
+           "self_attn.o_proj.bias": "attn_output.bias", "post_attention_layernorm.weight": "post_attention_norm.weight"}
+  return [(names.get(leaf) or _BLOCK_NAMES[rest], value, None)]
+
+
 def llama3_divisors(rope: dict, head_dim: int) -> np.ndarray:
   """``LlamaModel.generate_extra_tensors``: Llama 3's frequency scaling as the ``rope_freqs`` divisors."""
   freqs = 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
@@ -185,6 +222,8 @@ def write(directory: Path, path: Path, arch: str, per_expert: bool = False, extr
     w.add_expert_used_count(cfg.num_experts_per_tok)
     if arch in ("qwen3moe", "qwen2moe", "qwen35moe"):
       w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if arch == "gpt-oss":
+      w.add_expert_feed_forward_length(cfg.intermediate_size)
     if getattr(cfg, "shared_expert_intermediate_size", None):
       w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
   if arch == "glm4moe":  # TextModel's group counts, then Glm4MoeModel.set_gguf_parameters
@@ -225,6 +264,11 @@ def write(directory: Path, path: Path, arch: str, per_expert: bool = False, extr
     w.add_tensor("rope_factors_long.weight", np.asarray(rope["long_factor"], np.float32))
     w.add_tensor("rope_factors_short.weight", np.asarray(rope["short_factor"], np.float32))
   for name, tensor in state.items():
+    if arch == "gpt-oss" and name.startswith("model.layers."):
+      prefix = name[:name.index(".", len("model.layers.")) + 1]
+      for leaf, value, raw in gpt_oss_tensors(name[len(prefix):], state, prefix):
+        w.add_tensor(f"blk.{prefix.split('.')[2]}.{leaf}", value, raw_dtype=raw)
+      continue
     value = tensor.astype(np.float32)
     if name.endswith("rotary_emb.inv_freq"):
       continue

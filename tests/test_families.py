@@ -267,6 +267,8 @@ GGUF_CASES = {
     "mistral3": ("ministral3-yarn-position-scaled-queries", "mistral3", dict(sliding_window=None)),
     "llama4": ("llama4-chunks-nope-scaled-input-experts", "llama4", dict(attention_chunk_size=8192, floor_scale=8192,
                                                                          attn_scale=0.1)),
+    # gpt-oss files carry no SwiGLU clamp (llama.cpp: alpha 1.702, limit 7); weights of 0.2 keep log p under ~15
+    "gpt-oss": ("gpt-oss-sinks-clamps-yarn", "gpt-oss", dict(swiglu_limit=7.0, initializer_range=0.2)),
 }
 
 
@@ -426,6 +428,17 @@ def test_llama4_gguf_without_chunked_attention_is_refused(tmp_path):
     models.load(path)
 
 
+def test_gpt_oss_gguf_with_its_own_sliding_rope_base_is_refused(tmp_path):
+  """llama.cpp would YaRN-scale a sliding-layer base of its own as well; no gpt-oss has one, tailjax will not guess."""
+  import gguf_convert
+
+  config_cls, overrides = FAMILIES["gpt-oss-sinks-clamps-yarn"]
+  random_hf_model(config_cls, tmp_path / "hf", **{**SMALL, **overrides})
+  path = gguf_convert.write(tmp_path / "hf", tmp_path / "swa.gguf", "gpt-oss", extra={"gpt-oss.rope.freq_base_swa": 500.0})
+  with pytest.raises(ValueError, match=r"swa.gguf: gpt-oss.rope.freq_base_swa=500.0 differs from rope.freq_base"):
+    models.load(path)
+
+
 def test_gemma4_shared_kv_per_layer_inputs_scales_and_proportional_rope_bite(tmp_path, rng):
   """The Gemma 4 cases would pass with a part ignored only if it changed nothing: the stored layer scalars, the
   router's per-expert scales, the per-layer inputs, the proportional share of rotated angles and the keys/values
@@ -543,17 +556,15 @@ def test_mistral3_multimodal_checkpoint_loads_its_language_model(tmp_path, rng, 
   assert np.abs(np.asarray(loaded.logprobs(ids), np.float64) - torch_logprobs(reference, ids)).max() <= 1e-4
 
 
-def test_gpt_oss_mxfp4_experts_load_as_transformers_dequantizes_them(tmp_path, rng):
-  """The published gpt-oss checkpoints keep their experts in MXFP4: random blocks and scales, dequantized by
-  transformers' own ``convert_moe_packed_tensors`` into the PyTorch model (the reference), and written as the
-  checkpoints write them (``*_blocks``/``*_scales``, ``quantization_config``) for tailjax to read."""
+def gpt_oss_mxfp4_checkpoint(directory, rng, **changes):
+  """A random gpt-oss model whose experts are random MXFP4 blocks and scales, written as the published checkpoints
+  are (``*_blocks``/``*_scales``, ``quantization_config``) in ``directory / "mxfp4"``; the PyTorch model (the
+  reference) holds them as transformers' own ``convert_moe_packed_tensors`` dequantizes them."""
   from safetensors.torch import save_file
   from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-  from tailjax.models import lazy, mxfp4
-
   config_cls, overrides = FAMILIES["gpt-oss-sinks-clamps-yarn"]
-  reference = random_hf_model(config_cls, tmp_path / "bf16", **{**SMALL, **overrides})
+  reference = random_hf_model(config_cls, directory / "bf16", **{**SMALL, **overrides, **changes})
   tensors = {k: v.contiguous() for k, v in reference.state_dict().items()}
   for name in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
     e, d_in, d_out = tensors[name].shape
@@ -563,17 +574,40 @@ def test_gpt_oss_mxfp4_experts_load_as_transformers_dequantizes_them(tmp_path, r
       reference.get_parameter(name).copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
     del tensors[name]
     tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
-  (tmp_path / "mxfp4").mkdir()
-  save_file(tensors, tmp_path / "mxfp4" / "model.safetensors")
-  config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+  (directory / "mxfp4").mkdir()
+  save_file(tensors, directory / "mxfp4" / "model.safetensors")
+  config = json.loads((directory / "bf16" / "config.json").read_text())
   config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
-  (tmp_path / "mxfp4" / "config.json").write_text(json.dumps(config))
+  (directory / "mxfp4" / "config.json").write_text(json.dumps(config))
+  return reference, directory / "mxfp4"
+
+
+def test_gpt_oss_mxfp4_experts_load_as_transformers_dequantizes_them(tmp_path, rng):
+  from tailjax.models import lazy, mxfp4
+
+  reference, checkpoint = gpt_oss_mxfp4_checkpoint(tmp_path, rng)
   ids = rng.integers(0, SMALL["vocab_size"], (2, SEQ))
-  loaded = models.load(tmp_path / "mxfp4")
+  loaded = models.load(checkpoint)
   assert np.abs(np.asarray(loaded.logprobs(ids), np.float64) - torch_logprobs(reference, ids)).max() <= 1e-4
   stored = lambda a: lazy.Stored(tuple(a.shape), lambda box: a[box])
   with pytest.raises(ValueError, match="do not pair"):
     mxfp4.Dequantized(stored(np.zeros((2, 3, 4, 16), np.uint8)), stored(np.zeros((2, 3, 5), np.uint8)))
+
+
+def test_gpt_oss_gguf_with_mxfp4_experts_equals_transformers(tmp_path, rng):
+  """A published gpt-oss checkpoint converted as llama.cpp does (its MXFP4 experts repacked into ggml's MXFP4
+  blocks, not dequantized; the attention and router in float): the gguf package's dequantization of those
+  blocks, through tailjax, gives transformers' model of the original checkpoint."""
+  import gguf
+  import gguf_convert
+
+  reference, checkpoint = gpt_oss_mxfp4_checkpoint(tmp_path, rng, swiglu_limit=7.0, initializer_range=0.2)
+  path = gguf_convert.write(checkpoint, tmp_path / "gpt-oss.gguf", "gpt-oss")
+  kinds = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+  assert kinds["blk.0.ffn_gate_exps.weight"] == kinds["blk.1.ffn_down_exps.weight"] == gguf.GGMLQuantizationType.MXFP4
+  ids = rng.integers(0, SMALL["vocab_size"], (2, SEQ))
+  got = np.asarray(models.load(path).logprobs(ids), np.float64)
+  assert np.abs(got - torch_logprobs(reference, ids)).max() <= 1e-4
 
 
 def test_qwen3_5_over_several_linear_attention_chunks_and_packed_documents(tmp_path, rng):

@@ -54,7 +54,8 @@ FAMILIES: tuple[Family, ...] = (
             "shared expert, layers without RoPE, chunked attention; the language model of multimodal checkpoints)",
             rope_interleaved=True, router="sigmoid_inputs"),
     _family("phi3", ["phi3"], ["phi3"], "Phi-3, Phi-3.5 mini/medium (LongRoPE)", partial_rotary=True),
-    _family("gpt-oss", ["gpt_oss"], [], "gpt-oss-20b, gpt-oss-120b (MXFP4 experts dequantized on load)",
+    _family("gpt-oss", ["gpt_oss"], ["gpt-oss"], "gpt-oss-20b, gpt-oss-120b (MXFP4 experts dequantized on load, from "
+            "safetensors or llama.cpp's MXFP4 GGUF)",
             attention_sinks=True, moe_bias=True, hidden_act="clamped_swiglu", norm_topk_prob=True),
     _family("glm4-moe", ["glm4_moe"], ["glm4moe"], "GLM-4.5, GLM-4.5-Air, GLM-4.6, GLM-4.7 (group-limited sigmoid routing, "
             "a shared expert, partial RoPE)", partial_rotary=True, router="sigmoid_groups", o_bias=False),

@@ -59,6 +59,13 @@ _MLA_NAMES = {
         ("kv_a_norm", "kv_a_layernorm"), ("kv_b", "kv_b_proj"))},
     **_CORRECTION_BIAS,
 }
+# gpt-oss: sinks, the norm before the MLP, biased router and experts.
+_GPT_OSS_NAMES = {
+    "blk.{}.attn_sinks.weight": "model.layers.{}.self_attn.sinks",
+    "blk.{}.post_attention_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "blk.{}.ffn_gate_inp.bias": "model.layers.{}.mlp.gate.bias",
+    **{f"blk.{{}}.ffn_{x}_exps.bias": f"model.layers.{{}}.mlp.experts.{x}_proj.bias" for x in ("gate", "up", "down")},
+}
 # Qwen3.5 / 3.6 (llama.cpp ``qwen35``, ``qwen35moe``): Gated DeltaNet layers, the norm before the MLP, shared experts.
 _QWEN35_NAMES = {
     "blk.{}.post_attention_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
@@ -110,6 +117,8 @@ def hf_name(name: str, cfg: ModelConfig | None = None, arch: str | None = None) 
     table = {**table, **_GLM4MOE_NAMES}
   if arch in gguf_families.MLA:
     table = {**table, **_MLA_NAMES}
+  if arch == "gpt-oss":
+    table = {**table, **_GPT_OSS_NAMES}
   if cfg is not None and cfg.shared_expert_size:
     table = {**table, **(_SHARED_EXPERT_NAMES if cfg.shared_expert_gate else _SHARED_EXPERTS_NAMES)}
   parts = name.split(".")
@@ -218,7 +227,7 @@ def _rope_scaling(reader, arch: str, names: dict, path: Path) -> RopeScaling | N
     yarn = dict(beta_fast=field(reader, f"{arch}.rope.scaling.yarn_beta_fast", 32.0),
                 beta_slow=field(reader, f"{arch}.rope.scaling.yarn_beta_slow", 1.0))
     try:
-      yarn.update(gguf_families.yarn_mscales(arch, field(reader, f"{arch}.rope.scaling.yarn_log_multiplier")))
+      yarn.update(gguf_families.yarn_fields(arch, field(reader, f"{arch}.rope.scaling.yarn_log_multiplier")))
     except ValueError as err:
       raise ValueError(f"{path}: {err}") from err
   return RopeScaling(type=kind, factor=float(_need(reader, f"{arch}.rope.scaling.factor", path)),

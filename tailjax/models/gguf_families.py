@@ -2,9 +2,10 @@
 
 ``tailjax.models.gguf`` reads what every file says the same way (sizes, heads, RoPE base, experts). The
 rest is per architecture and lives here: ``config_fields`` fills in what llama.cpp's loader assumes for
-the architecture (Gemma's layer pattern and query scale, Llama 4's chunks, layers without RoPE and query
-temperature, Mistral 3's position-scaled queries, Qwen3.5's linear-attention shapes), exactly as llama.cpp
-assumes it, so a file means here what it means there; ``tensor`` undoes what the converter did to one
+the architecture (Gemma's and gpt-oss's layer patterns, Gemma's query scale, Llama 4's chunks, layers without
+RoPE and query temperature, Mistral 3's position-scaled queries, Qwen3.5's linear-attention shapes, gpt-oss's
+SwiGLU clamp), as llama.cpp assumes it, so a file means here what it means there (one exception, stated at
+``yarn_fields``: gpt-oss's YaRN keeps its untruncated correction range, as the model defines it); ``tensor`` undoes what the converter did to one
 tensor (llama's rotary row permutation, Qwen3.5's value-head order).
 
 ``opt(key, default)`` and ``need(key)`` read ``{arch}.{key}`` metadata (floats as the shortest decimal that
@@ -27,6 +28,8 @@ PERMUTED_QK = ("llama", "mistral3")  # converters that permute q/k rows for llam
 LLAMA4_CHUNK = 8192
 LLAMA4_STEP = 4
 LLAMA4_TEMPERATURE = (0.1, 8192)  # (attn_scale, floor_scale) of the layers without RoPE
+# llama.cpp's LLM_FFN_SWIGLU_OAI_MOE constants (gpt-oss files store neither)
+GPT_OSS_SWIGLU = dict(swiglu_alpha=1.702, swiglu_limit=7.0)
 
 # ``{arch}.*`` metadata only these architectures' files carry (every file's keys: ``tailjax.models.gguf``)
 KEYS = {
@@ -37,8 +40,9 @@ KEYS = {
 }
 KEYS["deepseek2"] = KEYS["glm4moe"] | {"attention.q_lora_rank", "attention.kv_lora_rank", "attention.key_length_mla",
                                         "attention.value_length_mla", "rope.scaling.yarn_log_multiplier"}
-GATING = {"glm4moe": 2, "deepseek2": 2}
-MLA = ("deepseek2",)  # key_length / value_length are the latent cache's, not a head's  # the expert gating function llama.cpp must find (1 softmax, the default; 2 sigmoid)
+KEYS["gpt-oss"] = frozenset({"rope.freq_base_swa"})
+GATING = {"glm4moe": 2, "deepseek2": 2}  # the expert gating function llama.cpp must find (1 softmax, the default)
+MLA = ("deepseek2",)  # key_length / value_length are the latent cache's, not a head's
 
 Opt = Callable[..., Any]
 
@@ -58,6 +62,8 @@ def config_fields(arch: str, opt: Opt, need: Callable[[str], Any], base: dict, t
     return _glm4moe(opt, base, tensors)
   if arch == "deepseek2":
     return _deepseek2(opt, need, base)
+  if arch == "gpt-oss":
+    return _gpt_oss(opt, base)
   return {}
 
 
@@ -66,9 +72,14 @@ def float32(value) -> float:
   return float(np.format_float_scientific(np.float32(value), unique=True))
 
 
-def yarn_mscales(arch: str, log_multiplier: float | None) -> dict:
-  """``RopeScaling`` fields from ``rope.scaling.yarn_log_multiplier``, which each architecture reads its own way:
-  Mistral 3's is ``mscale_all_dim`` beside an ``mscale`` of 1 (llama.cpp's reading of it)."""
+def yarn_fields(arch: str, log_multiplier: float | None) -> dict:
+  """``RopeScaling`` fields of a YaRN file beyond factor, context and betas: from
+  ``rope.scaling.yarn_log_multiplier``, which each architecture reads its own way (Mistral 3's is
+  ``mscale_all_dim`` beside an ``mscale`` of 1, llama.cpp's reading of it), and gpt-oss's untruncated
+  correction range (``truncate=False`` in every gpt-oss config; llama.cpp rounds the range outwards for every
+  architecture, a difference in the rotation of a few frequencies that tailjax does not copy)."""
+  if arch == "gpt-oss":
+    return dict(truncate=False)
   if not log_multiplier:
     return dict(attention_factor=1.0) if arch == "deepseek2" else {}
   if arch == "mistral3":
@@ -97,11 +108,7 @@ def _gemma(arch: str, opt: Opt, base: dict) -> dict:
   base (10000 unless ``rope.freq_base_swa``), and the query scale (``head_dim``, but ``hidden / heads``
   for the 27B models, 46 and 62 layers, as in llama.cpp; ``attention.scale`` overrides)."""
   layers = base["num_layers"]
-  pattern = opt("attention.sliding_window_pattern", 2 if arch == "gemma2" else 6)
-  if isinstance(pattern, list):  # one flag per layer
-    kinds = tuple("sliding" if flag else "full" for flag in pattern)
-  else:
-    kinds = tuple("sliding" if (i + 1) % int(pattern) else "full" for i in range(layers))
+  kinds = _sliding_layers(opt, layers, 2 if arch == "gemma2" else 6)
   big = (arch, layers) in (("gemma2", 46), ("gemma3", 62))
   scale = opt("attention.scale")
   hidden_per_head = base["hidden_size"] // base["num_heads"]
@@ -111,6 +118,28 @@ def _gemma(arch: str, opt: Opt, base: dict) -> dict:
   if arch == "gemma3":
     out["rope_local_theta"] = opt("rope.freq_base_swa", 10000.0)
   return out
+
+
+def _sliding_layers(opt: Opt, layers: int, period: int) -> tuple[str, ...]:
+  """llama.cpp's ``set_swa_pattern``: ``attention.sliding_window_pattern`` (default ``period``) is one flag per
+  layer, or a period ``n``: every ``n``-th layer full, the others sliding."""
+  pattern = opt("attention.sliding_window_pattern", period)
+  if isinstance(pattern, list):
+    return tuple("sliding" if flag else "full" for flag in pattern)
+  return tuple("sliding" if (i + 1) % int(pattern) else "full" for i in range(layers))
+
+
+def _gpt_oss(opt: Opt, base: dict) -> dict:
+  """gpt-oss as llama.cpp's ``gpt-oss``: sliding windows in every other layer from the first (or as
+  ``attention.sliding_window_pattern`` says), one RoPE for both kinds, and the clamped SwiGLU of its experts at
+  llama.cpp's fixed alpha 1.702 and limit 7. A sliding-layer RoPE base of its own (``rope.freq_base_swa``, which
+  llama.cpp would scale with YaRN as well) is refused: no gpt-oss model has one."""
+  if base["sliding_window"] is None:
+    raise ValueError("gpt-oss.attention.sliding_window is missing: llama.cpp needs it")
+  if opt("rope.freq_base_swa") not in (None, base["rope_theta"]):
+    raise ValueError(f"gpt-oss.rope.freq_base_swa={opt('rope.freq_base_swa')} differs from rope.freq_base="
+                     f"{base['rope_theta']}; not supported")
+  return dict(layer_types=_sliding_layers(opt, base["num_layers"], 2), **GPT_OSS_SWIGLU)
 
 
 def _llama4(opt: Opt, base: dict) -> dict:
