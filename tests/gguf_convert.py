@@ -125,6 +125,68 @@ def gpt_oss_tensors(rest: str, state: dict, prefix: str):
   return [(names.get(leaf) or _BLOCK_NAMES[rest], value, None)]
 
 
+# Gemma 4 (Gemma4Model: the gguf package's tensor map for MODEL_ARCH.GEMMA4).
+_GEMMA4_NAMES = {
+    **_BLOCK_NAMES, **_GEMMA_NORMS, "layer_scalar": "layer_output_scale.weight",
+    "pre_feedforward_layernorm_2.weight": "pre_ffw_norm_2.weight",
+    "post_feedforward_layernorm_1.weight": "post_ffw_norm_1.weight",
+    "post_feedforward_layernorm_2.weight": "post_ffw_norm_2.weight",
+    "per_layer_input_gate.weight": "inp_gate.weight", "per_layer_projection.weight": "proj.weight",
+    "post_per_layer_input_norm.weight": "post_norm.weight", "router.proj.weight": "ffn_gate_inp.weight",
+    "router.scale": "ffn_gate_inp.scale", "router.per_expert_scale": "ffn_down_exps.scale",
+    "experts.gate_up_proj": "ffn_gate_up_exps.weight", "experts.down_proj": "ffn_down_exps.weight",
+    "model.embed_tokens_per_layer.weight": "per_layer_token_embd.weight",
+    "model.per_layer_model_projection.weight": "per_layer_model_proj.weight",
+    "model.per_layer_projection_norm.weight": "per_layer_proj_norm.weight",
+}
+
+
+def gemma4_metadata(w: gguf_lib.GGUFWriter, directory: Path) -> np.ndarray:
+  """``Gemma4Model.set_gguf_parameters`` (after ``TextModel``'s): per-layer arrays where layers differ, the full
+  layers' head width as ``key_length``; returns the ``rope_freqs`` tensor (1 for the pairs the full layers rotate,
+  1e30 for the rest: its proportional RoPE)."""
+  import json
+
+  raw = json.loads((Path(directory) / "config.json").read_text())
+  layers, shared = raw["num_hidden_layers"], raw.get("num_kv_shared_layers") or 0
+  swa = [kind == "sliding_attention" for kind in raw["layer_types"]]
+  full = next(iter((raw.get("per_layer_config") or {}).values()), None) or \
+      {"head_dim": raw["global_head_dim"], "num_key_value_heads": raw.get("num_global_key_value_heads")}
+  w.add_block_count(layers)
+  w.add_context_length(raw["max_position_embeddings"])
+  w.add_embedding_length(raw["hidden_size"])
+  width = raw["intermediate_size"]
+  w.add_feed_forward_length([width if i < layers - shared else 2 * width for i in range(layers)]
+                            if raw.get("use_double_wide_mlp") else width)
+  w.add_head_count(raw["num_attention_heads"])
+  kv = raw["num_key_value_heads"]
+  w.add_head_count_kv([kv if s else full["num_key_value_heads"] for s in swa] if full.get("num_key_value_heads")
+                      else kv)
+  w.add_key_length(full["head_dim"])
+  w.add_value_length(full["head_dim"])
+  w.add_key_length_swa(raw["head_dim"])
+  w.add_value_length_swa(raw["head_dim"])
+  rope = raw["rope_parameters"]
+  w.add_rope_freq_base(rope["full_attention"]["rope_theta"])
+  w.add_rope_freq_base_swa(rope["sliding_attention"]["rope_theta"])
+  w.add_rope_dimension_count(full["head_dim"])
+  w.add_rope_dimension_count_swa(raw["head_dim"])
+  w.add_layer_norm_rms_eps(raw["rms_norm_eps"])
+  w.add_vocab_size(raw["vocab_size"])
+  if raw.get("final_logit_softcapping"):
+    w.add_final_logit_softcapping(raw["final_logit_softcapping"])
+  w.add_sliding_window(raw["sliding_window"])
+  w.add_shared_kv_layers(shared)
+  w.add_embedding_length_per_layer_input(raw.get("hidden_size_per_layer_input") or 0)
+  w.add_sliding_window_pattern(swa)
+  if raw.get("enable_moe_block"):
+    w.add_expert_count(raw["num_experts"])
+    w.add_expert_used_count(raw["top_k_experts"])
+    w.add_expert_feed_forward_length(raw["moe_intermediate_size"])
+  rotated = int(full["head_dim"] * rope["full_attention"]["partial_rotary_factor"] / 2)
+  return np.asarray([1.0] * rotated + [1e30] * (full["head_dim"] // 2 - rotated), np.float32)
+
+
 def llama3_divisors(rope: dict, head_dim: int) -> np.ndarray:
   """``LlamaModel.generate_extra_tensors``: Llama 3's frequency scaling as the ``rope_freqs`` divisors."""
   freqs = 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
@@ -150,8 +212,23 @@ def write(directory: Path, path: Path, arch: str, per_expert: bool = False, extr
   from safetensors.numpy import load_file
 
   cfg = transformers.AutoConfig.from_pretrained(directory)
-  gemma = arch.startswith("gemma")
+  gemma = arch in ("gemma2", "gemma3")  # norms stored as 1 + w (Gemma 4's as they are)
   w = gguf_lib.GGUFWriter(str(path), arch)
+  if arch == "gemma4":
+    w.add_tensor("rope_freqs.weight", gemma4_metadata(w, directory))
+    add_letter_tokenizer(w, cfg.vocab_size)
+    state = {k: v for f in sorted(Path(directory).glob("*.safetensors")) for k, v in load_file(f).items()}
+    for name, value in state.items():
+      if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        continue
+      if name.startswith("model.layers."):
+        _, _, layer, rest = name.split(".", 3)
+        name = f"blk.{layer}.{_GEMMA4_NAMES[rest]}"
+      else:
+        name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight"}.get(name) or _GEMMA4_NAMES[name]
+      w.add_tensor(name, value.astype(np.float32))
+    return _close(w, path)
   heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
   head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
   qwen35 = arch.startswith("qwen35")
@@ -342,6 +419,10 @@ def write(directory: Path, path: Path, arch: str, per_expert: bool = False, extr
     w.add_tensor(f"blk.{layer}.{table[rest]}", value)
   for name, parts in stacks.items():
     w.add_tensor(name, np.stack([parts[j] for j in range(len(parts))]))
+  return _close(w, path)
+
+
+def _close(w: gguf_lib.GGUFWriter, path: Path) -> Path:
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()

@@ -267,6 +267,8 @@ GGUF_CASES = {
     "mistral3": ("ministral3-yarn-position-scaled-queries", "mistral3", dict(sliding_window=None)),
     "llama4": ("llama4-chunks-nope-scaled-input-experts", "llama4", dict(attention_chunk_size=8192, floor_scale=8192,
                                                                          attn_scale=0.1)),
+    "gemma4": ("gemma4-wide-global-layers-proportional-rope", "gemma4", {}),
+    "gemma4-moe": ("gemma4-moe-per-layer-inputs-shared-kv", "gemma4", {}),
     # gpt-oss files carry no SwiGLU clamp (llama.cpp: alpha 1.702, limit 7); weights of 0.2 keep log p under ~15
     "gpt-oss": ("gpt-oss-sinks-clamps-yarn", "gpt-oss", dict(swiglu_limit=7.0, initializer_range=0.2)),
 }
@@ -556,8 +558,9 @@ def test_mistral3_multimodal_checkpoint_loads_its_language_model(tmp_path, rng, 
   assert np.abs(np.asarray(loaded.logprobs(ids), np.float64) - torch_logprobs(reference, ids)).max() <= 1e-4
 
 
-def gpt_oss_mxfp4_checkpoint(directory, rng, **changes):
-  """A random gpt-oss model whose experts are random MXFP4 blocks and scales, written as the published checkpoints
+def gpt_oss_mxfp4_checkpoint(directory, rng, exponents=(121, 126), **changes):
+  """A random gpt-oss model whose experts are random MXFP4 blocks and scales (biased exponents drawn from
+  ``exponents``, a half-open range), written as the published checkpoints
   are (``*_blocks``/``*_scales``, ``quantization_config``) in ``directory / "mxfp4"``; the PyTorch model (the
   reference) holds them as transformers' own ``convert_moe_packed_tensors`` dequantizes them."""
   from safetensors.torch import save_file
@@ -569,7 +572,7 @@ def gpt_oss_mxfp4_checkpoint(directory, rng, **changes):
   for name in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
     e, d_in, d_out = tensors[name].shape
     blocks = torch.from_numpy(rng.integers(0, 256, (e, d_out, d_in // 32, 16), dtype=np.uint8))
-    scales = torch.from_numpy(rng.integers(121, 126, (e, d_out, d_in // 32), dtype=np.uint8))
+    scales = torch.from_numpy(rng.integers(*exponents, (e, d_out, d_in // 32), dtype=np.uint8))
     with torch.no_grad():
       reference.get_parameter(name).copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
     del tensors[name]
@@ -601,7 +604,8 @@ def test_gpt_oss_gguf_with_mxfp4_experts_equals_transformers(tmp_path, rng):
   import gguf
   import gguf_convert
 
-  reference, checkpoint = gpt_oss_mxfp4_checkpoint(tmp_path, rng, swiglu_limit=7.0, initializer_range=0.2)
+  # llama.cpp's clamp at 7 lets activations grow: experts up to 6 * 2^-7 keep log p in float32's reach of 1e-4
+  reference, checkpoint = gpt_oss_mxfp4_checkpoint(tmp_path, rng, (118, 121), swiglu_limit=7.0, initializer_range=0.2)
   path = gguf_convert.write(checkpoint, tmp_path / "gpt-oss.gguf", "gpt-oss")
   kinds = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
   assert kinds["blk.0.ffn_gate_exps.weight"] == kinds["blk.1.ffn_down_exps.weight"] == gguf.GGMLQuantizationType.MXFP4

@@ -47,7 +47,7 @@ FAMILIES: tuple[Family, ...] = (
     _family("gemma2", ["gemma2"], ["gemma2"], "Gemma 2", **_GEMMA),
     _family("gemma3", ["gemma3_text", "gemma3"], ["gemma3"], "Gemma 3 (text; the language model of multimodal "
             "checkpoints)", qk_norm=True, **_GEMMA),
-    _family("gemma4", ["gemma4_text", "gemma4"], [], "Gemma 4 dense and MoE, e.g. Gemma-4-31B, Gemma-4-26B-A4B, "
+    _family("gemma4", ["gemma4_text", "gemma4"], ["gemma4"], "Gemma 4 dense and MoE, e.g. Gemma-4-31B, Gemma-4-26B-A4B, "
             "E2B/E4B (wider global layers, per-layer inputs, shared KV; the language model of multimodal "
             "checkpoints)", **_GEMMA4),
     _family("llama4", ["llama4_text", "llama4"], ["llama4"], "Llama 4 Scout, Maverick (experts on scaled inputs beside a "

@@ -4,7 +4,7 @@ Tensors are dequantized by the ``gguf`` package (every common quant type) to flo
 PyTorch's ``[out, in]`` order (stacked experts: ``[E, out, in]``) and renamed to the canonical
 (Hugging Face) names ``tailjax.models.load`` fills. What llama.cpp's converter changed is
 undone here: ``attn_q``/``attn_k`` rows of ``llama`` and ``mistral3`` files are permuted for its
-rotary layout (permuted back to ``rotate_half``'s), Gemma's zero-centred norms are stored as
+rotary layout (permuted back to ``rotate_half``'s), Gemma 2/3's zero-centred norms are stored as
 ``1 + w`` (1 is subtracted), Phi-3's LongRoPE factors are tensors (read into the config).
 Metadata llama.cpp does not store is filled in the way llama.cpp itself assumes it (Gemma's
 layer pattern and query scale, Llama 4's attention pattern: ``tailjax.models.gguf_families``).
@@ -66,6 +66,25 @@ _GPT_OSS_NAMES = {
     "blk.{}.ffn_gate_inp.bias": "model.layers.{}.mlp.gate.bias",
     **{f"blk.{{}}.ffn_{x}_exps.bias": f"model.layers.{{}}.mlp.experts.{x}_proj.bias" for x in ("gate", "up", "down")},
 }
+# Gemma 4: the layer scalar, the experts beside the MLP (``moe.``, fused gate/up as transformers keeps them) and
+# their norms, per-layer inputs.
+_GEMMA4_NAMES = {
+    "blk.{}.layer_output_scale.weight": "model.layers.{}.layer_scalar",
+    "blk.{}.ffn_gate_inp.weight": "model.layers.{}.moe.gate.weight",
+    "blk.{}.ffn_gate_inp.scale": "model.layers.{}.moe.router_scale",
+    "blk.{}.ffn_down_exps.scale": "model.layers.{}.moe.per_expert_scale",
+    "blk.{}.ffn_gate_up_exps.weight": "model.layers.{}.moe.experts.gate_up_proj",
+    "blk.{}.ffn_down_exps.weight": "model.layers.{}.moe.experts.down_proj.weight",
+    "blk.{}.pre_ffw_norm_2.weight": "model.layers.{}.pre_feedforward_layernorm_2.weight",
+    "blk.{}.post_ffw_norm_1.weight": "model.layers.{}.post_feedforward_layernorm_1.weight",
+    "blk.{}.post_ffw_norm_2.weight": "model.layers.{}.post_feedforward_layernorm_2.weight",
+    "blk.{}.inp_gate.weight": "model.layers.{}.per_layer_input_gate.weight",
+    "blk.{}.proj.weight": "model.layers.{}.per_layer_projection.weight",
+    "blk.{}.post_norm.weight": "model.layers.{}.post_per_layer_input_norm.weight",
+    "per_layer_token_embd.weight": "model.embed_tokens_per_layer.weight",
+    "per_layer_model_proj.weight": "model.per_layer_model_projection.weight",
+    "per_layer_proj_norm.weight": "model.per_layer_projection_norm.weight",
+}
 # Qwen3.5 / 3.6 (llama.cpp ``qwen35``, ``qwen35moe``): Gated DeltaNet layers, the norm before the MLP, shared experts.
 _QWEN35_NAMES = {
     "blk.{}.post_attention_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
@@ -119,6 +138,8 @@ def hf_name(name: str, cfg: ModelConfig | None = None, arch: str | None = None) 
     table = {**table, **_MLA_NAMES}
   if arch == "gpt-oss":
     table = {**table, **_GPT_OSS_NAMES}
+  if arch == "gemma4":
+    table = {**table, **_GEMMA4_NAMES}
   if cfg is not None and cfg.shared_expert_size:
     table = {**table, **(_SHARED_EXPERT_NAMES if cfg.shared_expert_gate else _SHARED_EXPERTS_NAMES)}
   parts = name.split(".")
@@ -146,6 +167,13 @@ def read_config(reader, path: Path) -> ModelConfig:
 
   need = lambda key: _need(reader, f"{arch}.{key}", path)
   opt = lambda key, default=None: field(reader, f"{arch}.{key}", default)
+
+  def first(value, key: str):  # a per-layer array -> layer 0's value (the architecture's fields read the rest)
+    if not isinstance(value, list):
+      return value
+    if key not in gguf_families.PER_LAYER.get(arch, ()):
+      raise ValueError(f"{path}: GGUF metadata {arch}.{key} holds one value per layer; not supported for {arch}")
+    return value[0]
   known = _KNOWN_KEYS | gguf_families.KEYS.get(arch, frozenset())
   for key in reader.fields:
     if key.startswith(f"{arch}.") and key[len(arch) + 1:] not in known:
@@ -168,14 +196,14 @@ def read_config(reader, path: Path) -> ModelConfig:
   if rotary_dims != head_dim and not family.partial_rotary and not mla:
     raise ValueError(f"{path}: partial rotary embeddings ({arch}.rope.dimension_count={rotary_dims} < "
                      f"head_dim={head_dim}) are not supported for {family.name}")
-  width = opt("feed_forward_length") if opt("expert_count") else need("feed_forward_length")
+  width = first(opt("feed_forward_length") if opt("expert_count") else need("feed_forward_length"), "feed_forward_length")
   fields = dict(
       vocab_size=int(vocab),
       hidden_size=hidden,
       intermediate_size=int(width or need("expert_feed_forward_length")),  # (every layer MoE: no dense MLP)
       num_layers=layers,
       num_heads=heads,
-      num_kv_heads=int(opt("attention.head_count_kv", heads)),
+      num_kv_heads=int(first(opt("attention.head_count_kv", heads), "attention.head_count_kv")),
       head_dim=head_dim,
       rope_theta=float(opt("rope.freq_base", 10000.0)),
       rope_scaling=_rope_scaling(reader, arch, names, path),
@@ -195,9 +223,10 @@ def read_config(reader, path: Path) -> ModelConfig:
     if opt("expert_shared_feed_forward_length"):
       fields.update(shared_expert_size=int(opt("expert_shared_feed_forward_length")),
                     shared_expert_gate=any(name.endswith(".ffn_gate_inp_shexp.weight") for name in names))
+  shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}  # PyTorch order
   try:
     fields.update(gguf_families.config_fields(arch, opt, lambda key: _need(reader, f"{arch}.{key}", None), fields,
-                                              names))
+                                              shapes))
     fields.update(family.config_fields())
     return ModelConfig(**fields)
   except (TypeError, ValueError) as err:

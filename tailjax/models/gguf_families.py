@@ -14,13 +14,13 @@ round-trips float32); ``base`` holds the fields already read.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Mapping
 from typing import Any
 
 import numpy as np
 
 from tailjax.models import lazy, mla
-from tailjax.models.config import ModelConfig
+from tailjax.models.config import ModelConfig, RopeScaling
 
 QWEN35 = ("qwen35", "qwen35moe")
 PERMUTED_QK = ("llama", "mistral3")  # converters that permute q/k rows for llama.cpp's rotary layout
@@ -41,15 +41,20 @@ KEYS = {
 KEYS["deepseek2"] = KEYS["glm4moe"] | {"attention.q_lora_rank", "attention.kv_lora_rank", "attention.key_length_mla",
                                         "attention.value_length_mla", "rope.scaling.yarn_log_multiplier"}
 KEYS["gpt-oss"] = frozenset({"rope.freq_base_swa"})
+KEYS["gemma4"] = frozenset({"attention.key_length_swa", "attention.value_length_swa", "rope.dimension_count_swa",
+                            "attention.shared_kv_layers", "embedding_length_per_layer_input"})
+# keys that may hold one value per layer (``tailjax.models.gguf`` reads layer 0's; ``config_fields`` the rest)
+PER_LAYER = {"gemma4": frozenset({"attention.head_count_kv", "feed_forward_length"})}
 GATING = {"glm4moe": 2, "deepseek2": 2}  # the expert gating function llama.cpp must find (1 softmax, the default)
 MLA = ("deepseek2",)  # key_length / value_length are the latent cache's, not a head's
 
 Opt = Callable[..., Any]
 
 
-def config_fields(arch: str, opt: Opt, need: Callable[[str], Any], base: dict, tensors: Container[str]) -> dict:
-  """``ModelConfig`` fields of ``arch`` beyond ``base``, given the file's tensor names (a ``ValueError`` names what
-  the file lacks)."""
+def config_fields(arch: str, opt: Opt, need: Callable[[str], Any], base: dict,
+                  tensors: Mapping[str, tuple[int, ...]]) -> dict:
+  """``ModelConfig`` fields of ``arch`` beyond ``base``, given the file's tensors (name -> shape in PyTorch order;
+  a ``ValueError`` names what the file lacks)."""
   if arch in QWEN35:
     return _qwen35(opt, need, base["num_layers"])
   if arch in ("gemma2", "gemma3"):
@@ -64,6 +69,8 @@ def config_fields(arch: str, opt: Opt, need: Callable[[str], Any], base: dict, t
     return _deepseek2(opt, need, base)
   if arch == "gpt-oss":
     return _gpt_oss(opt, base)
+  if arch == "gemma4":
+    return _gemma4(opt, need, base, tensors)
   return {}
 
 
@@ -140,6 +147,48 @@ def _gpt_oss(opt: Opt, base: dict) -> dict:
     raise ValueError(f"gpt-oss.rope.freq_base_swa={opt('rope.freq_base_swa')} differs from rope.freq_base="
                      f"{base['rope_theta']}; not supported")
   return dict(layer_types=_sliding_layers(opt, base["num_layers"], 2), **GPT_OSS_SWIGLU)
+
+
+def _gemma4(opt: Opt, need: Callable[[str], Any], base: dict, tensors: Mapping[str, tuple[int, ...]]) -> dict:
+  """Gemma 4 as llama.cpp's ``gemma4`` (``Gemma4Model``): ``key_length`` is the full layers' head width and
+  ``key_length_swa`` the sliding ones'; ``head_count_kv`` and ``feed_forward_length`` may be per-layer arrays (full
+  layers' KV heads; the KV-shared layers' double-wide MLP); which layers slide: ``sliding_window_pattern``; full
+  layers without ``attn_v`` take values from keys; the ``proportional`` RoPE of full layers is ``rope_freqs`` =
+  1 for the pairs that rotate and 1e30 (no rotation) for the rest; sliding layers rotate whole heads at
+  ``rope.freq_base_swa``."""
+  layers = base["num_layers"]
+  kinds = _sliding_layers(opt, layers, 6)
+  sliding = int(need("attention.key_length_swa"))
+  if int(opt("attention.value_length_swa", sliding)) != sliding or int(opt("rope.dimension_count_swa", sliding)) \
+      != sliding:
+    raise ValueError(f"gemma4: sliding layers with value_length_swa={opt('attention.value_length_swa')} or "
+                     f"rope.dimension_count_swa={opt('rope.dimension_count_swa')} other than key_length_swa={sliding} "
+                     "are not supported")
+  per_layer = lambda key, default: value if isinstance(value := opt(key, default), list) else [value] * layers
+  kv = per_layer("attention.head_count_kv", base["num_kv_heads"])
+  full = [i for i, kind in enumerate(kinds) if kind == "full"]
+  if len({kv[i] for i in full}) > 1 or len({kv[i] for i in range(layers) if i not in full}) > 1:
+    raise ValueError(f"gemma4.attention.head_count_kv={kv}: one count for sliding layers and one for full ones")
+  shared = int(opt("attention.shared_kv_layers", 0))
+  widths = per_layer("feed_forward_length", base["intermediate_size"])
+  factor, rest = divmod(widths[-1], widths[0])
+  if rest or widths != [widths[0]] * (layers - shared) + [widths[-1]] * shared:
+    raise ValueError(f"gemma4.feed_forward_length={widths}: one width, or a multiple in the {shared} KV-shared layers")
+  scaling = base["rope_scaling"]
+  divisors = np.asarray(scaling.divisors if scaling is not None and scaling.type == "factors" else [0], np.float32)
+  rotated = int(np.sum(divisors == 1))
+  if np.any(divisors[:rotated] != 1) or np.any(divisors[rotated:] != np.float32(1e30)):
+    raise ValueError("gemma4: rope_freqs must be 1 for the rotated pairs, then 1e30 (llama.cpp's proportional RoPE)")
+  inputs = int(opt("embedding_length_per_layer_input", 0))
+  full_kv = kv[full[0]] if full else None
+  return dict(
+      head_dim=sliding, full_head_dim=base["head_dim"], layer_types=kinds, rope_local_theta=opt("rope.freq_base_swa"),
+      num_kv_heads=kv[0], full_num_kv_heads=None if full_kv == kv[0] else full_kv,
+      full_values_from_keys=any(f"blk.{i}.attn_v.weight" not in tensors for i in full if i < layers - shared),
+      rope_scaling=RopeScaling(type="proportional", proportion=rotated / len(divisors)),
+      num_kv_shared_layers=shared, shared_kv_mlp_factor=factor, per_layer_input_size=inputs,
+      per_layer_vocab_size=tensors["per_layer_token_embd.weight"][0] if inputs else 0,
+      final_logit_softcap=opt("final_logit_softcapping"))
 
 
 def _llama4(opt: Opt, base: dict) -> dict:
