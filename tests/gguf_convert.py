@@ -187,6 +187,20 @@ def gemma4_metadata(w: gguf_lib.GGUFWriter, directory: Path) -> np.ndarray:
   return np.asarray([1.0] * rotated + [1e30] * (full["head_dim"] // 2 - rotated), np.float32)
 
 
+def glm_routing(w: gguf_lib.GGUFWriter, cfg, leading_dense: int) -> None:
+  """GLM's routing keys (``glm4moe`` and ``deepseek2`` alike): sigmoid top groups, scale, shared experts."""
+  w.add_expert_count(cfg.n_routed_experts)
+  w.add_expert_used_count(cfg.num_experts_per_tok)
+  w.add_expert_group_count(cfg.n_group)
+  w.add_expert_group_used_count(cfg.topk_group)
+  w.add_leading_dense_block_count(leading_dense)
+  w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+  w.add_expert_shared_count(cfg.n_shared_experts)
+  w.add_expert_gating_func(gguf_lib.ExpertGatingFuncType.SIGMOID)
+  w.add_expert_weights_scale(cfg.routed_scaling_factor)
+  w.add_expert_weights_norm(cfg.norm_topk_prob)
+
+
 def llama3_divisors(rope: dict, head_dim: int) -> np.ndarray:
   """``LlamaModel.generate_extra_tensors``: Llama 3's frequency scaling as the ``rope_freqs`` divisors."""
   freqs = 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
@@ -254,17 +268,7 @@ def write(directory: Path, path: Path, arch: str, per_expert: bool = False, extr
     if cfg.q_lora_rank is not None:
       w.add_q_lora_rank(cfg.q_lora_rank)
     w.add_rope_dimension_count(cfg.qk_rope_head_dim)
-    w.add_expert_count(cfg.n_routed_experts)
-    w.add_expert_used_count(cfg.num_experts_per_tok)
-    w.add_expert_group_count(cfg.n_group)
-    w.add_expert_group_used_count(cfg.topk_group)
-    w.add_leading_dense_block_count(cfg.mlp_layer_types.index("sparse"))
-    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
-    w.add_expert_shared_count(cfg.n_shared_experts)
-    w.add_expert_weights_scale(cfg.routed_scaling_factor)
-    if cfg.norm_topk_prob:
-      w.add_expert_weights_norm(True)
-    w.add_expert_gating_func(gguf_lib.ExpertGatingFuncType.SIGMOID)  # as GLM-4.7-Flash's files carry
+    glm_routing(w, cfg, cfg.mlp_layer_types.index("sparse"))  # sigmoid, as GLM-4.7-Flash's files carry it
   else:
     w.add_head_count_kv(kv)
     w.add_key_length(head_dim)
@@ -304,17 +308,8 @@ def write(directory: Path, path: Path, arch: str, per_expert: bool = False, extr
     if getattr(cfg, "shared_expert_intermediate_size", None):
       w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
   if arch == "glm4moe":  # TextModel's group counts, then Glm4MoeModel.set_gguf_parameters
-    w.add_expert_count(cfg.n_routed_experts)
-    w.add_expert_used_count(cfg.num_experts_per_tok)
-    w.add_expert_group_count(cfg.n_group)
-    w.add_expert_group_used_count(cfg.topk_group)
     w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 0.5)))
-    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
-    w.add_expert_shared_count(cfg.n_shared_experts)
-    w.add_leading_dense_block_count(cfg.first_k_dense_replace)
-    w.add_expert_gating_func(gguf_lib.ExpertGatingFuncType.SIGMOID)
-    w.add_expert_weights_scale(cfg.routed_scaling_factor)
-    w.add_expert_weights_norm(cfg.norm_topk_prob)
+    glm_routing(w, cfg, cfg.first_k_dense_replace)
   if qwen35:  # Qwen3NextModel.set_gguf_parameters and the MRoPE / MTP mixins
     w.add_ssm_conv_kernel(cfg.linear_conv_kernel_dim)
     w.add_ssm_state_size(cfg.linear_key_head_dim)
