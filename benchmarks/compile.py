@@ -38,7 +38,8 @@ def measure(depth: int, cache: str, seq_len: int, batch: int) -> dict:
   tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
   scored = jax.ShapeDtypeStruct((batch, seq_len - 1), jnp.bool_)
   start = time.perf_counter()
-  lowered = evaluate.batch_step().lower(models, tokens, scored, None, spec_for(), cfg.vocab_size, 20, False, 0)
+  options = evaluate.StepOptions(("reference", "candidate"), spec_for(), cfg.vocab_size)
+  lowered = evaluate.batch_step().lower(models, tokens, scored, None, options)
   traced = time.perf_counter() - start
   start = time.perf_counter()
   lowered.compile()

@@ -152,8 +152,8 @@ def run_jax(args) -> dict:
   tokens = jnp.asarray(token_batch(args.batch, args.seq_len, ref.config.vocab_size, encode))
   scored = jnp.ones((args.batch, args.seq_len - 1), bool)
   models = (ref.model, *(cand.model for cand in cands))
-  step = lambda: jax.block_until_ready(evaluate.batch_step()(
-      models, tokens, scored, None, spec_for(), ref.config.vocab_size, 20, False, 0))
+  options = evaluate.StepOptions(tuple(str(i) for i in range(len(models))), spec_for(), ref.config.vocab_size)
+  step = lambda: jax.block_until_ready(evaluate.batch_step()(models, tokens, scored, None, options))
   device = jax.local_devices()[0]
   if device.platform == "cpu":
     result = timed(step, args.repeats)

@@ -53,7 +53,8 @@ def main() -> None:
     models = tuple(mesh.shard_model(Decoder(cfg, rngs=nnx.Rngs(i)), device_mesh) for i in (0, 1))
     step = evaluate.batch_step(device_mesh)
     inputs = (mesh.global_batch(tokens, device_mesh), mesh.global_batch(scored, device_mesh))
-    run = lambda: jax.block_until_ready(step(models, *inputs, None, spec_for(), cfg.vocab_size, 20, False, 0))
+    options = evaluate.StepOptions(("reference", "candidate"), spec_for(), cfg.vocab_size)
+    run = lambda: jax.block_until_ready(step(models, *inputs, None, options))
     run()
     times = []
     for _ in range(args.repeats):

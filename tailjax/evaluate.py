@@ -1,10 +1,11 @@
 """Reference vs candidates over token windows: per-token values stream into sketches on device.
 
-Each batch of windows runs the reference and every candidate side by side; the fused
-head (``tailjax.head.candidates_token_stats``) gives per-token KLD, both CEs, top-1 agreement and
-the target log-prob delta without materializing logits; these go straight into
-sketches (``tailjax.stats``). Only the sketches, per-window CE sums and a few moment
-sums leave the device, once per batch. Each batch's sketches are kept as one *block*:
+Each batch of windows runs the reference (any ``tailjax.references.Reference``) and every
+candidate side by side; the fused head (``tailjax.head.candidates_token_stats``) gives per-token
+KLD, both CEs, top-1 agreement and the target log-prob delta without materializing logits; these
+go straight into sketches (``tailjax.stats``). Only a ``BatchStats`` leaves the device, once per
+batch: the sketches as ``{quantity: {label: sketch}}``, per-window CE sums, ``Moments`` and the
+worst tokens (``batch_step`` is the public, compiled step). Each batch's sketches are kept as one *block*:
 merged they give the run's distribution, resampled they give block-bootstrap
 confidence intervals that do not assume independent tokens.
 
@@ -17,26 +18,81 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tailjax import files, head, llamacpp, mesh, refcache
+from tailjax import files, head, mesh
 from tailjax.data import Windows
 from tailjax.frozen import frozen_jit
 from tailjax.models import LoadedModel
+from tailjax.references import Reference, check_compatible
 from tailjax.stats import BucketSpec, HostHistogram, LogHistogram, spec_for
 
-# Per-candidate sums kept in float64 on host, from which PPL ratio, correlation and RMS Δp follow.
-MOMENTS = ("tokens", "top1", "dp", "dp2", "ref_ce", "cand_ce", "ref_ce2", "cand_ce2", "ref_cand_ce")
 # Signed Δp in [-1, 1]: quantiles need resolution near 0 but no thresholds.
 DELTA_P_SPEC = BucketSpec(relative_accuracy=0.005, min_value=1e-9, max_value=2.0)
+
+
+class Moments(NamedTuple):
+  """Per-candidate sums over scored tokens (arrays ``[C]`` from a batch; float64 on host, summed over the run)
+  from which the PPL ratio, the CE correlation and RMS Δp follow: ``tokens`` with both CEs finite, top-1
+  agreements, Δp and Δp², both CEs, their squares and their product."""
+
+  tokens: Any
+  top1: Any
+  dp: Any
+  dp2: Any
+  ref_ce: Any
+  cand_ce: Any
+  ref_ce2: Any
+  cand_ce2: Any
+  ref_cand_ce: Any
+
+
+class WorstTokens(NamedTuple):
+  """A batch's highest-KLD tokens per candidate: ``values, index: [C, k]`` (index ``window * (T-1) + position``
+  in the batch; NaN sorts first, -inf marks fewer than k scored tokens)."""
+
+  values: jax.Array
+  index: jax.Array
+
+
+class BatchStats(NamedTuple):
+  """What one batch leaves the device with (``batch_step``); the per-token values stay there.
+
+  ``sketches``: ``{quantity: {label: LogHistogram}}`` (``ce`` of every model, ``kld`` and ``dp`` of every
+  candidate); ``seq_ce: [M, B]`` each model's summed CE per window; ``seq_tokens: [B]`` scored tokens per
+  window; ``moments``: ``Moments`` of ``[C]`` arrays; ``worst``: ``WorstTokens``; ``per_token: [C, 4, B, T-1]``
+  (kld, ref_ce, cand_ce, Δp) when dumped, else None; ``reference_topk``: the reference's top-K ids, log-probs
+  and target log-prob when a cache is written, else None; ``routing``: MoE sums (``_routing_sums``)."""
+
+  sketches: dict[str, dict[str, LogHistogram]]
+  seq_ce: jax.Array
+  seq_tokens: jax.Array
+  moments: Moments
+  worst: WorstTokens
+  per_token: jax.Array | None
+  reference_topk: tuple | None
+  routing: dict[str, jax.Array]
+
+
+class StepOptions(NamedTuple):
+  """The batch step's static arguments: ``labels`` (reference first), the sketches' ``spec``, the reference
+  vocabulary, ``worst`` tokens kept per candidate, whether per-token values are ``dump``-ed, and the top-K of a
+  reference cache to write (0: none)."""
+
+  labels: tuple[str, ...]
+  spec: BucketSpec
+  vocab_size: int
+  worst: int = 20
+  dump: bool = False
+  cache_k: int = 0
 
 
 @dataclasses.dataclass
@@ -45,10 +101,10 @@ class EvalState:
 
   labels: list[str]  # models: reference first, then candidates
   windows_done: int = 0
-  blocks: list[dict[str, HostHistogram]] = dataclasses.field(default_factory=list)  # one per batch
+  blocks: list[dict[str, dict[str, HostHistogram]]] = dataclasses.field(default_factory=list)  # per batch
   seq_ce: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # per model, per window
   seq_tokens: list[int] = dataclasses.field(default_factory=list)
-  moments: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # per candidate, MOMENTS
+  moments: dict[str, Moments] = dataclasses.field(default_factory=dict)  # per candidate, float64
   worst: dict[str, list[tuple[float, int, int]]] = dataclasses.field(default_factory=dict)  # (KLD, window, pos)
   # MoE models: "load/<label>" [MoE layers, experts] scored-token assignments; "overlap/<label>" [MoE layers]
   # summed |top-k ∩ reference's top-k| / k of a candidate routed like the reference.
@@ -58,93 +114,66 @@ class EvalState:
     for label in self.labels:
       self.seq_ce.setdefault(label, [])
     for label in self.labels[1:]:
-      self.moments.setdefault(label, np.zeros(len(MOMENTS)))
+      self.moments.setdefault(label, Moments(*np.zeros(len(Moments._fields))))
 
-  def merged(self, key: str) -> HostHistogram:
-    total = self.blocks[0][key]
-    for block in self.blocks[1:]:
-      total = total.merge(block[key])
+  def sketches(self, quantity: str, label: str) -> list[HostHistogram]:
+    """One sketch per block (batch) of ``quantity`` for ``label``: what the bootstrap resamples."""
+    return [block[quantity][label] for block in self.blocks]
+
+  def merged(self, quantity: str, label: str) -> HostHistogram:
+    """The run's distribution of ``quantity`` for ``label``: its blocks merged (exact integer sums)."""
+    blocks = self.sketches(quantity, label)
+    total = blocks[0]
+    for block in blocks[1:]:
+      total = total.merge(block)
     return total
 
 
-def _describe(reference) -> tuple[str, int, str | None]:
-  """(how messages name the reference, its vocabulary size, its tokenizer fingerprint if known)."""
-  if isinstance(reference, refcache.ReferenceCache):
-    return f"the reference cache {reference.path}", reference.vocab_size, reference.tokenizer
-  if isinstance(reference, llamacpp.KldBase):
-    return f"the llama.cpp base {reference.path}", reference.n_vocab, None
-  fingerprint = reference.tokenizer.fingerprint() if reference.tokenizer is not None else None
-  return f"the reference {reference.name}", reference.config.vocab_size, fingerprint
-
-
-def check_compatible(reference, candidates: Sequence[LoadedModel]) -> None:
-  """Candidates must score the same tokens with the same vocabulary as the reference."""
-  what, vocab_size, fingerprint = _describe(reference)
-  for cand in candidates:
-    if cand.config.vocab_size != vocab_size:
-      raise ValueError(f"{cand.name}: vocabulary of {cand.config.vocab_size} tokens, {what} has {vocab_size}")
-    if cand.tokenizer is not None and fingerprint is not None and cand.tokenizer.fingerprint() != fingerprint:
-      raise ValueError(f"{cand.name}: its tokenizer differs from that of {what}; per-token comparisons need "
-                       "identical tokenization")
-
-
-def _token_stats(models: tuple, outputs: list, tokens: jax.Array, scored: jax.Array, base, vocab_size: int,
+def _token_stats(models: tuple, outputs: list, tokens: jax.Array, scored: jax.Array, stored, vocab_size: int,
                  cache_k: int):
-  """Per candidate, per-token values against the reference: a model, llama.cpp base log-probs or a cache.
-
-  ``outputs`` are the models' ``DecoderOutput`` (None for a reference that is no model). Returns
-  ``(stats per candidate, the reference's top-``cache_k`` log-probs or None)``.
-  """
+  """Per candidate, per-token values against the reference: a model (``stored`` None: one fused vocabulary
+  pass for all) or stored values (``stored.token_stats``, ``tailjax.references``). ``outputs`` are the models'
+  ``DecoderOutput`` (None for a reference that is no model). Returns ``(stats per candidate, the reference's
+  top-``cache_k`` log-probs or None)``."""
   reference, *candidates = models
   hidden = [None if out is None else out.hidden[:, :-1] for out in outputs]
   targets = tokens[:, 1:]
-  if base is None:
+  if stored is None:
     out = head.candidates_token_stats(hidden[0], reference.output_head(),
                                       [(h, cand.output_head()) for h, cand in zip(hidden[1:], candidates)], targets,
                                       where=scored, vocab_size=vocab_size, reference_topk=cache_k or None)
     return out if cache_k else (out, None)
-  if isinstance(base, refcache.CacheBatch):
-    return [refcache.cache_token_stats(base, h, cand.output_head(), targets, scored, vocab_size)
-            for h, cand in zip(hidden[1:], candidates)], None
-  stats = []
-  for h, cand in zip(hidden[1:], candidates):  # a base file is materialized log-probs already: so are these logits
-    logits = jnp.einsum("btd,dv->btv", h, cand.unembedding()[:, :vocab_size], preferred_element_type=jnp.float32)
-    if (cap := cand.cfg.final_logit_softcap) is not None:
-      logits = cap * jnp.tanh(logits / cap)
-    values = llamacpp.base_token_stats(*base, logits, targets)
-    stats.append(head.TokenStats(*(jnp.where(scored, v, 0.0) for v in values)))
-  return stats, None
+  return [stored.token_stats(h, cand, targets, scored, vocab_size) for h, cand in zip(hidden[1:], candidates)], None
 
 
-def _batch_stats(models: tuple, tokens: jax.Array, scored: jax.Array, base, spec: BucketSpec, vocab_size: int,
-                 worst: int, dump: bool, cache_k: int):
+def _batch_stats(models: tuple, tokens: jax.Array, scored: jax.Array, stored, options: StepOptions) -> BatchStats:
+  labels = options.labels
   mask = scored.astype(jnp.float32)
   finite = lambda x: scored & (jnp.abs(x) < jnp.inf)
-  sketches, seq_ce, moments, top, per_token = {}, [], [], [], []
+  sketch = lambda values, spec=options.spec: LogHistogram.empty(spec).add(values, scored)
   outputs = [None if model is None else model.forward(tokens) for model in models]
-  stats, ref_topk = _token_stats(models, outputs, tokens, scored, base, vocab_size, cache_k)
-  for i, s in enumerate(stats):
-    if i == 0:
-      sketches["ce/0"] = LogHistogram.empty(spec).add(s.ref_ce, scored)
-      seq_ce.append(jnp.sum(jnp.where(scored, s.ref_ce, 0.0), axis=1))  # NaN/inf stay: PPL undefined
+  stats, ref_topk = _token_stats(models, outputs, tokens, scored, stored, options.vocab_size, options.cache_k)
+  sketches = {"ce": {labels[0]: sketch(stats[0].ref_ce)}, "kld": {}, "dp": {}}
+  seq_ce = [jnp.sum(jnp.where(scored, stats[0].ref_ce, 0.0), axis=1)]  # NaN/inf stay: PPL undefined
+  moments, top, per_token = [], [], []
+  for label, s in zip(labels[1:], stats):
     dp = jnp.exp(-s.cand_ce) - jnp.exp(-s.ref_ce)
-    sketches[f"ce/{i + 1}"] = LogHistogram.empty(spec).add(s.cand_ce, scored)
-    sketches[f"kld/{i + 1}"] = LogHistogram.empty(spec).add(s.kld, scored)
-    sketches[f"dp/{i + 1}"] = LogHistogram.empty(DELTA_P_SPEC).add(dp, scored)
+    sketches["ce"][label], sketches["kld"][label] = sketch(s.cand_ce), sketch(s.kld)
+    sketches["dp"][label] = sketch(dp, DELTA_P_SPEC)
     seq_ce.append(jnp.sum(jnp.where(scored, s.cand_ce, 0.0), axis=1))
     both = finite(s.ref_ce) & finite(s.cand_ce)
     a, b = jnp.where(both, s.ref_ce, 0.0), jnp.where(both, s.cand_ce, 0.0)
     d = jnp.where(finite(dp), dp, 0.0)
-    moments.append(jnp.stack([jnp.sum(both), jnp.sum(s.top1_agreement * mask), jnp.sum(d), jnp.sum(d * d),
-                              jnp.sum(a), jnp.sum(b), jnp.sum(a * a), jnp.sum(b * b), jnp.sum(a * b)]))
+    moments.append(Moments(jnp.sum(both), jnp.sum(s.top1_agreement * mask), jnp.sum(d), jnp.sum(d * d), jnp.sum(a),
+                           jnp.sum(b), jnp.sum(a * a), jnp.sum(b * b), jnp.sum(a * b)))
     # NaN sorts above +inf in top_k: non-finite tokens are the worst of all, as they should be.
-    top.append(jax.lax.top_k(jnp.where(scored, s.kld, -jnp.inf).ravel(), worst))
-    if dump:
+    top.append(jax.lax.top_k(jnp.where(scored, s.kld, -jnp.inf).ravel(), options.worst))
+    if options.dump:
       per_token.append(jnp.stack([s.kld, s.ref_ce, s.cand_ce, dp]))
-  top_values, top_index = (jnp.stack(x) for x in zip(*top))
   cached = None if ref_topk is None else (ref_topk.ids, ref_topk.logprobs, -stats[0].ref_ce)
-  return (sketches, jnp.stack(seq_ce), jnp.sum(scored, axis=1), jnp.stack(moments), top_values, top_index,
-          jnp.stack(per_token) if dump else None, cached, _routing_sums(models, outputs, scored))
+  return BatchStats(sketches, jnp.stack(seq_ce), jnp.sum(scored, axis=1), Moments(*map(jnp.stack, zip(*moments))),
+                    WorstTokens(*map(jnp.stack, zip(*top))), jnp.stack(per_token) if options.dump else None, cached,
+                    _routing_sums(models, outputs, scored))
 
 
 def _routing_sums(models: tuple, outputs: list, scored: jax.Array) -> dict[str, jax.Array]:
@@ -171,12 +200,13 @@ def _routing_sums(models: tuple, outputs: list, scored: jax.Array) -> dict[str, 
 
 @functools.lru_cache(maxsize=None)
 def batch_step(device_mesh: jax.sharding.Mesh | None = None):
-  """The compiled batch step, ``step(models, tokens, scored, base, spec, vocab_size, worst, dump, cache_k)`` ->
-  the batch's sketches and sums (``models``: the reference, None for a stored one, then the candidates).
+  """The compiled batch step, ``step(models, tokens, scored, stored, options) -> BatchStats``: ``models`` the
+  reference's model (None for a stored reference) then the candidates', ``tokens: [B, T]``, ``scored: [B, T-1]``,
+  ``stored`` a stored reference's batch (``Reference.batch``, None for a model), ``options`` ``StepOptions``.
   The models are only read (``frozen_jit``: no second copy of their weights). On ``device_mesh`` it is
   partitioned over the mesh and its (small) outputs replicated, so every host has them."""
   options = {} if device_mesh is None else {"out_shardings": mesh.replicated(device_mesh)}
-  return frozen_jit(_batch_stats, static_argnums=(4, 5, 6, 7, 8), **options)
+  return frozen_jit(_batch_stats, static_argnums=(4,), **options)
 
 
 def step_temp_bytes(models: tuple, batch_size: int, seq_len: int, vocab_size: int,
@@ -191,7 +221,8 @@ def step_temp_bytes(models: tuple, batch_size: int, seq_len: int, vocab_size: in
                                            mesh.parameter_shardings(params, device_mesh)))
     tokens, scored = (jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=mesh.batch_sharding(device_mesh, 2))
                       for x in (tokens, scored))
-  lowered = batch_step(device_mesh).lower(models, tokens, scored, None, spec_for(), vocab_size, 20, False, 0)
+  options = StepOptions(tuple(str(i) for i in range(len(models))), spec_for(), vocab_size)
+  lowered = batch_step(device_mesh).lower(models, tokens, scored, None, options)
   return lowered.compile().memory_analysis().temp_size_in_bytes
 
 
@@ -220,9 +251,6 @@ class TokenDump:
     return pa.table(columns)
 
 
-Reference = LoadedModel | llamacpp.KldBase | refcache.ReferenceCache
-
-
 def evaluate(reference: Reference, candidates: Sequence[LoadedModel], windows: Windows, *, labels: Sequence[str],
              batch_size: int = 4, spike_thresholds=(0.5,), worst: int = 20, state: EvalState | None = None,
              dump: TokenDump | None = None, cache: dict[str, list] | None = None,
@@ -230,32 +258,27 @@ def evaluate(reference: Reference, candidates: Sequence[LoadedModel], windows: W
              device_mesh: jax.sharding.Mesh | None = None) -> EvalState:
   """Run (or resume, given ``state``) an evaluation; ``on_batch(state, scored_tokens)`` after every batch.
 
-  ``reference`` is a model, a llama.cpp base file (``windows`` from ``base_windows``) or a
-  reference cache (``windows`` its own). ``cache`` (a dict with a ``"k"`` entry) collects
-  the reference's top-K log-probs per batch for ``refcache`` (a model reference only).
-  ``labels`` name the reference then each candidate; ``worst`` highest-KLD tokens per
-  candidate are kept (with their window and position) for the report. On a ``device_mesh``
-  (``tailjax.mesh``) the models are placed by their logical axes and each batch is split
-  over the data axes; the numbers do not depend on the mesh.
+  ``reference`` (``tailjax.references``): a model, a llama.cpp base file or a reference cache (``windows``
+  then its own). ``cache`` (a dict with a ``"k"`` entry) collects the reference's top-K log-probs per batch for
+  ``refcache`` (a model reference only). ``labels`` name the reference then each candidate; ``worst``
+  highest-KLD tokens per candidate are kept (with their window and position) for the report. On a
+  ``device_mesh`` (``tailjax.mesh``) the models are placed by their logical axes and each batch is split over
+  the data axes; the numbers do not depend on the mesh.
   """
   if not candidates:
     raise ValueError("an evaluation needs at least one candidate")
   if len(labels) != 1 + len(candidates):
     raise ValueError(f"{len(labels)} labels for {1 + len(candidates)} models")
   check_compatible(reference, candidates)
-  spec = spec_for(spike_thresholds)
   state = state or EvalState(list(labels))
-  from_base = isinstance(reference, llamacpp.KldBase)
-  from_cache = isinstance(reference, refcache.ReferenceCache)
-  models = (None if from_base or from_cache else reference.model, *(c.model for c in candidates))
+  models = (reference.model, *(c.model for c in candidates))
   for label, model in zip(state.labels, models):
     if model is not None and model.cfg.num_experts:
       state.routing[f"layers/{label}"] = np.asarray([i for i in range(model.cfg.num_layers)
                                                      if model.cfg.is_moe_layer(i)], np.int64)
-  vocab_size = _describe(reference)[1]
   cache_k = 0 if cache is None else cache["k"]
-  if cache_k and (from_base or from_cache):
-    raise ValueError("a reference cache is written from a reference model, not from a base file or another cache")
+  if cache_k and not reference.writes_cache:
+    raise ValueError(f"a reference cache is written from a reference model, not from {reference.describe().what}")
   step, place = batch_step(device_mesh), jnp.asarray
   if device_mesh is not None:
     for model in models:
@@ -263,68 +286,51 @@ def evaluate(reference: Reference, candidates: Sequence[LoadedModel], windows: W
         mesh.shard_model(model, device_mesh)
     place = functools.partial(_place, device_mesh=device_mesh)
   n, t = windows.tokens.shape
-  worst = max(1, min(worst, batch_size * (t - 1)))
+  options = StepOptions(tuple(state.labels), spec_for(spike_thresholds), reference.describe().vocab_size,
+                        max(1, min(worst, batch_size * (t - 1))), dump is not None, cache_k)
   for start in range(state.windows_done, n, batch_size):
     count = min(batch_size, n - start)
     tokens = np.zeros((batch_size, t), np.int32)
     scored = np.zeros((batch_size, t - 1), bool)  # a short last batch is padded with unscored rows
     tokens[:count], scored[:count] = windows.tokens[start:start + count], windows.scored[start:start + count]
-    base = (_base_batch(reference, start, count, batch_size) if from_base else
-            reference.batch(start, count, batch_size) if from_cache else None)
-    if base is not None:
-      base = jax.tree.map(place, base)
-    out = step(models, place(tokens), place(scored), base, spec, vocab_size, worst, dump is not None, cache_k)
-    sketches, seq_ce, seq_tokens, moments, top_values, top_index, per_token, cached, routing = jax.device_get(out)
-    for key, value in routing.items():
-      kind, index = key.split("/")
-      name = f"{kind}/{state.labels[int(index)]}"
-      state.routing[name] = state.routing.get(name, 0) + np.asarray(value, np.float64 if kind == "overlap" else np.int64)
+    stored = reference.batch(start, count, batch_size)
+    if stored is not None:
+      stored = jax.tree.map(place, stored)
+    out = jax.device_get(step(models, place(tokens), place(scored), stored, options))
+    _accumulate(state, out, start, count, t, options.worst)
     if cache_k:
-      for name, values in zip(("ids", "logprobs", "target_logprob"), cached):
+      for name, values in zip(("ids", "logprobs", "target_logprob"), out.reference_topk):
         cache.setdefault(name, []).append(np.asarray(values[:count]))
-    block = {}
-    for key, sketch in sketches.items():
-      kind, index = key.split("/")
-      block[f"{kind}/{state.labels[int(index)]}"] = HostHistogram.from_sketch(sketch)
-    state.blocks.append(block)
-    for i, label in enumerate(state.labels):
-      state.seq_ce[label].extend(np.asarray(seq_ce[i, :count], np.float64).tolist())
-    state.seq_tokens.extend(np.asarray(seq_tokens[:count]).tolist())
-    for i, label in enumerate(state.labels[1:]):
-      state.moments[label] += np.asarray(moments[i], np.float64)
-      row, position = np.divmod(top_index[i], t - 1)
-      found = [(float(v), start + int(r), int(p)) for v, r, p in zip(top_values[i], row, position) if v != -np.inf]
-      state.worst.setdefault(label, [])
-      state.worst[label] = sorted(state.worst[label] + found, key=_badness, reverse=True)[:worst]
     if dump is not None:
-      dump.add(per_token[:, :, :count], tokens[:count], scored[:count], start)
+      dump.add(out.per_token[:, :, :count], tokens[:count], scored[:count], start)
     state.windows_done = start + count
     if on_batch is not None:
       on_batch(state, int(windows.scored[start:start + count].sum()))
   return state
 
 
+def _accumulate(state: EvalState, out: BatchStats, start: int, count: int, t: int, worst: int) -> None:
+  """One batch's ``BatchStats`` (on host) into ``state``: its sketches as one block, the sums added."""
+  for key, value in out.routing.items():
+    kind, index = key.split("/")
+    name = f"{kind}/{state.labels[int(index)]}"
+    state.routing[name] = state.routing.get(name, 0) + np.asarray(value, np.float64 if kind == "overlap" else np.int64)
+  state.blocks.append({quantity: {label: HostHistogram.from_sketch(sketch) for label, sketch in by_label.items()}
+                       for quantity, by_label in out.sketches.items()})
+  for i, label in enumerate(state.labels):
+    state.seq_ce[label].extend(np.asarray(out.seq_ce[i, :count], np.float64).tolist())
+  state.seq_tokens.extend(np.asarray(out.seq_tokens[:count]).tolist())
+  for i, label in enumerate(state.labels[1:]):
+    state.moments[label] = Moments(*(np.asarray(state.moments[label], np.float64) +
+                                     np.asarray([m[i] for m in out.moments], np.float64)))
+    row, position = np.divmod(out.worst.index[i], t - 1)
+    found = [(float(v), start + int(r), int(p)) for v, r, p in zip(out.worst.values[i], row, position)
+             if v != -np.inf]
+    state.worst[label] = sorted(state.worst.get(label, []) + found, key=_badness, reverse=True)[:worst]
+
+
 def _place(array, device_mesh: jax.sharding.Mesh) -> jax.Array:
   return mesh.global_batch(np.asarray(array), device_mesh)
-
-
-def base_windows(base: llamacpp.KldBase, bos_id: int | None) -> Windows:
-  """The windows a llama.cpp base file scored: its chunks, second half, first token BOS when the model adds one."""
-  tokens = base.tokens.copy()
-  if bos_id is not None:
-    tokens[:, 0] = bos_id
-  scored = np.zeros((len(tokens), base.n_ctx - 1), bool)
-  scored[:, base.first_scored:] = True
-  digest = hashlib.sha256(tokens.tobytes() + scored.tobytes()).hexdigest()[:16]
-  return Windows(tokens, scored, np.arange(len(tokens), dtype=np.int64) * base.n_ctx, tokens.size, digest)
-
-
-def _base_batch(base: llamacpp.KldBase, start: int, count: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
-  logprobs = np.zeros((batch_size, base.n_ctx - 1, base.n_vocab), np.float32)
-  valid = np.zeros(logprobs.shape, bool)
-  for b in range(count):
-    logprobs[b, base.first_scored:], valid[b, base.first_scored:] = base.chunk_logprobs(start + b)
-  return jnp.asarray(logprobs), jnp.asarray(valid)
 
 
 def _badness(entry: tuple[float, int, int]) -> tuple[bool, float]:
@@ -337,22 +343,24 @@ def _badness(entry: tuple[float, int, int]) -> tuple[bool, float]:
 
 
 def save_state(state: EvalState, path: Path) -> None:
-  """Atomic write (temporary file, then rename): a kill mid-write leaves the last good state."""
+  """Atomic write (temporary file, then rename): a kill mid-write leaves the last good state. Sketches are stored
+  per ``quantity/label``, one row per block."""
   arrays: dict[str, np.ndarray] = {"windows_done": np.asarray(state.windows_done),
                                    "seq_tokens": np.asarray(state.seq_tokens, np.int64)}
-  keys = sorted(state.blocks[0]) if state.blocks else []
-  for key in keys:
-    blocks = [b[key] for b in state.blocks]
-    arrays[f"counts:{key}"] = np.stack([b.counts for b in blocks])
-    arrays[f"scalars:{key}"] = np.array([[b.nan, b.total, b.min, b.max] for b in blocks], np.float64)
+  keys = sorted((q, label) for q, by_label in state.blocks[0].items() for label in by_label) if state.blocks else []
+  for quantity, label in keys:
+    blocks = state.sketches(quantity, label)
+    arrays[f"counts:{quantity}/{label}"] = np.stack([b.counts for b in blocks])
+    arrays[f"scalars:{quantity}/{label}"] = np.array([[b.nan, b.total, b.min, b.max] for b in blocks], np.float64)
   for label in state.labels:
     arrays[f"seq_ce:{label}"] = np.asarray(state.seq_ce[label], np.float64)
   for label in state.labels[1:]:
-    arrays[f"moments:{label}"] = state.moments[label]
+    arrays[f"moments:{label}"] = np.asarray(state.moments[label], np.float64)
     arrays[f"worst:{label}"] = np.asarray(state.worst.get(label, []), np.float64).reshape(-1, 3)
   for key, value in state.routing.items():
     arrays[f"routing:{key}"] = value
-  meta = {"labels": state.labels, "keys": keys, "specs": {k: state.blocks[0][k].spec.to_dict() for k in keys},
+  meta = {"labels": state.labels, "keys": [f"{q}/{label}" for q, label in keys],
+          "specs": {f"{q}/{label}": state.blocks[0][q][label].spec.to_dict() for q, label in keys},
           "routing": sorted(state.routing)}
   tmp = path.with_name(path.name + ".tmp")
   with tmp.open("wb") as f:
@@ -370,12 +378,16 @@ def load_state(path: Path) -> EvalState:
     for label in state.labels:
       state.seq_ce[label] = z[f"seq_ce:{label}"].tolist()
     for label in state.labels[1:]:
-      state.moments[label] = z[f"moments:{label}"]
+      state.moments[label] = Moments(*z[f"moments:{label}"])
       state.worst[label] = [(float(v), int(w), int(p)) for v, w, p in z[f"worst:{label}"]]
     state.routing = {key: z[f"routing:{key}"] for key in meta.get("routing", [])}
   blocks = len(next(iter(columns.values()))[0]) if columns else 0
   for i in range(blocks):
-    state.blocks.append({key: HostHistogram(specs[key], counts[i].astype(np.int64), int(scalars[i, 0]),
-                                            float(scalars[i, 1]), float(scalars[i, 2]), float(scalars[i, 3]))
-                         for key, (counts, scalars) in columns.items()})
+    block: dict[str, dict[str, HostHistogram]] = {}
+    for key, (counts, scalars) in columns.items():
+      quantity, label = key.split("/", 1)
+      block.setdefault(quantity, {})[label] = HostHistogram(specs[key], counts[i].astype(np.int64), int(scalars[i, 0]),
+                                                            float(scalars[i, 1]), float(scalars[i, 2]),
+                                                            float(scalars[i, 3]))
+    state.blocks.append(block)
   return state

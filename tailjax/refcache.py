@@ -32,6 +32,11 @@ class CacheBatch(NamedTuple):
   logprobs: jax.Array
   target_logprob: jax.Array
 
+  def token_stats(self, hidden: jax.Array, candidate, targets: jax.Array, scored: jax.Array,
+                  vocab_size: int) -> head.TokenStats:
+    """A candidate (a ``Decoder``, its ``hidden: [B, T-1, d]``) against this batch (``cache_token_stats``)."""
+    return cache_token_stats(self, hidden, candidate.output_head(), targets, scored, vocab_size)
+
 
 @dataclasses.dataclass
 class ReferenceCache:

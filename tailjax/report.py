@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from tailjax import __version__
-from tailjax.evaluate import MOMENTS, EvalState
+from tailjax.evaluate import EvalState, Moments
 from tailjax.stats import HostHistogram, SequenceSummary, Summary, compare
 from tailjax.stats.bootstrap import block_bootstrap
 
@@ -56,8 +56,7 @@ def build_report(state: EvalState, run: dict[str, Any], sources: dict[str, str],
                             "reference": reference, "models": {}, "candidates": {}}
   tokens = np.asarray(state.seq_tokens)
   for label in state.labels:
-    key = f"ce/{label}"
-    ce = _summary([b[key] for b in state.blocks], state.merged(key), spike_thresholds, replicates)
+    ce = _summary(state.sketches("ce", label), state.merged("ce", label), spike_thresholds, replicates)
     sequences = SequenceSummary(np.asarray(state.seq_ce[label]), tokens, outlier_ppl)
     ce["ppl"] = sequences.corpus_ppl
     report["models"][label] = {
@@ -65,15 +64,13 @@ def build_report(state: EvalState, run: dict[str, Any], sources: dict[str, str],
         "sequences": {**sequences.to_dict(), "ppl": [None if math.isnan(p) else p for p in sequences.ppl.tolist()]},
     }
   for label in candidates:
-    m = dict(zip(MOMENTS, state.moments[label]))
-    kld = _summary([b[f"kld/{label}"] for b in state.blocks], state.merged(f"kld/{label}"), spike_thresholds,
-                   replicates)
-    kld["quantiles"] = _quantile_table(state.merged(f"kld/{label}"), KLD_QUANTILES)
-    dp = state.merged(f"dp/{label}")
+    kld = _summary(state.sketches("kld", label), state.merged("kld", label), spike_thresholds, replicates)
+    kld["quantiles"] = _quantile_table(state.merged("kld", label), KLD_QUANTILES)
+    dp = state.merged("dp", label)
     report["candidates"][label] = {
         "kld": kld,
         "ppl_ratio": report["models"][label]["ce"]["ppl"] / report["models"][reference]["ce"]["ppl"],
-        **_pair_statistics(m),
+        **_pair_statistics(state.moments[label]),
     }
     report["candidates"][label]["delta_p"].update(min=dp.min, max=dp.max, sketch=dp.to_dict(),
                                                   quantiles=_quantile_table(dp, DELTA_P_QUANTILES))
@@ -136,20 +133,20 @@ def combine(reports: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
   return combined
 
 
-def _pair_statistics(m: dict[str, float]) -> dict[str, Any]:
+def _pair_statistics(m: Moments) -> dict[str, Any]:
   """llama.cpp's paired figures from moment sums over tokens where both CEs are finite."""
-  n = m["tokens"]
+  n = m.tokens
   if n == 0:
     nan = math.nan
     return {"top1_agreement": nan, "delta_p": {"mean": nan, "rms": nan}, "ln_ppl_ratio": {"mean": nan, "stderr": nan},
             "ce_correlation": nan}
-  mean_d = (m["cand_ce"] - m["ref_ce"]) / n  # per-token ln(PPL_cand / PPL_ref)
-  var_d = (m["cand_ce2"] - 2 * m["ref_cand_ce"] + m["ref_ce2"]) / n - mean_d**2
-  var_a, var_b = m["ref_ce2"] / n - (m["ref_ce"] / n)**2, m["cand_ce2"] / n - (m["cand_ce"] / n)**2
-  cov = m["ref_cand_ce"] / n - m["ref_ce"] * m["cand_ce"] / n**2
+  mean_d = (m.cand_ce - m.ref_ce) / n  # per-token ln(PPL_cand / PPL_ref)
+  var_d = (m.cand_ce2 - 2 * m.ref_cand_ce + m.ref_ce2) / n - mean_d**2
+  var_a, var_b = m.ref_ce2 / n - (m.ref_ce / n)**2, m.cand_ce2 / n - (m.cand_ce / n)**2
+  cov = m.ref_cand_ce / n - m.ref_ce * m.cand_ce / n**2
   return {
-      "top1_agreement": m["top1"] / n,
-      "delta_p": {"mean": m["dp"] / n, "rms": math.sqrt(m["dp2"] / n)},
+      "top1_agreement": m.top1 / n,
+      "delta_p": {"mean": m.dp / n, "rms": math.sqrt(m.dp2 / n)},
       "ln_ppl_ratio": {"mean": mean_d, "stderr": math.sqrt(max(var_d, 0) / max(n - 1, 1))},
       "ce_correlation": cov / math.sqrt(var_a * var_b) if var_a > 0 and var_b > 0 else math.nan,
   }

@@ -25,8 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from tailjax import data, files, llamacpp, models, refcache, report as reporting
-from tailjax import evaluate as evaluate_module
+from tailjax import data, files, llamacpp, models, references, refcache, report as reporting
 from tailjax.evaluate import TokenDump, evaluate, load_state, save_state
 from tailjax.models import LoadedModel, QuantSpec
 
@@ -138,7 +137,6 @@ def _against_stored(path, kind: str, reference: str | None, candidates: Sequence
   if not candidates or any(spec.startswith("@") for spec in candidates):
     raise ValueError(f"with --{kind}, every --candidate must be a model spec (there is no reference model to "
                      "quantize)")
-  stored = llamacpp.read_base(path) if kind == "kl-divergence-base" else refcache.load(path)
   named = [_split_label(spec) for spec in candidates]
   cands = [models.load(spec, dtype, device_mesh=device_mesh) for _, spec in named]
   labels = [Path(path).stem, *_labels(list(zip((label for label, _ in named), cands)), None)]
@@ -146,10 +144,10 @@ def _against_stored(path, kind: str, reference: str | None, candidates: Sequence
   if tokenizer is None:
     raise ValueError(f"no candidate has a tokenizer to decode the {kind}'s tokens with")
   if kind == "kl-divergence-base":
-    windows = evaluate_module.base_windows(stored, tokenizer.bos_id if tokenizer.add_bos else None)
+    stored = references.BaseReference(llamacpp.read_base(path), tokenizer.bos_id if tokenizer.add_bos else None)
   else:
-    windows = stored.windows
-  return stored, labels, cands, windows, tokenizer
+    stored = references.CacheReference(refcache.load(path))
+  return stored, labels, cands, stored.windows, tokenizer
 
 
 def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpus: str = "pydoc", *,
@@ -194,12 +192,13 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
     kind = "kl-divergence-base" if kl_divergence_base is not None else "reference-cache"
     if save_reference_cache is not None:
       raise ValueError(f"--save-reference-cache needs a reference model, not --{kind}")
-    ref, labels, cands, windows, tokenizer = _against_stored(stored, kind, reference, candidates, dtype, device_mesh)
+    compared, labels, cands, windows, tokenizer = _against_stored(stored, kind, reference, candidates, dtype,
+                                                                  device_mesh)
     corpus, sources = str(stored), [str(stored), *(c.name for c in cands)]
     protocol = dataclasses.replace(DEFAULT_PROTOCOL, name=kind, seq_len=windows.tokens.shape[1], num_sequences=None)
   else:
     ref, labels, cands = _load_models(reference, candidates, dtype, device_mesh)
-    tokenizer = ref.tokenizer
+    compared, tokenizer = references.ModelReference(ref), ref.tokenizer
     windows = data.corpus_windows(corpus, tokenizer, protocol, text_field)
     sources = [m.name for m in (ref, *cands)]
   checked = zip(labels[1:], cands) if stored is not None else zip(labels, [ref, *cands])
@@ -242,7 +241,7 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
   if (dump is not None or cache is not None) and state is not None and state.windows_done:
     raise ValueError("--dump-tokens and --save-reference-cache need a run from the start; they cannot resume "
                      "(delete the state or the flag)")
-  state = _run_with_progress(ref, cands, windows, labels, batch_size, spike_thresholds, worst, state, dump, cache,
+  state = _run_with_progress(compared, cands, windows, labels, batch_size, spike_thresholds, worst, state, dump, cache,
                              output, save_every, console, device_mesh)
   result = reporting.build_report(state, run, run["models"], spike_thresholds=tuple(spike_thresholds))
   result["worst_tokens"] = _worst_tokens(state, windows, tokenizer)
@@ -303,7 +302,7 @@ def _check_arguments(*, corpus, batch_size, spike_thresholds, worst, save_every,
     files.output_file(save_reference_cache, "the reference cache to save")
 
 
-def _run_with_progress(ref, cands, windows, labels, batch_size, spike_thresholds, worst, state, dump, cache, output,
+def _run_with_progress(reference, cands, windows, labels, batch_size, spike_thresholds, worst, state, dump, cache, output,
                        save_every, console, device_mesh):
   from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -332,7 +331,7 @@ def _run_with_progress(ref, cands, windows, labels, batch_size, spike_thresholds
         last_save = time.monotonic()
 
     try:
-      state = evaluate(ref, cands, windows, labels=labels, batch_size=batch_size,
+      state = evaluate(reference, cands, windows, labels=labels, batch_size=batch_size,
                        spike_thresholds=tuple(spike_thresholds), worst=worst, state=state, dump=dump, cache=cache,
                        on_batch=on_batch, device_mesh=device_mesh)
     except KeyboardInterrupt:
