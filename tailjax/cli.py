@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from tailjax import __version__
+from tailjax import __version__, data
 
 DTYPE_HELP = ("Parameters stored and computed as bfloat16, float16 or float32; auto: each checkpoint's own "
               "dtype on an accelerator, float32 on a CPU.")
@@ -37,8 +37,8 @@ def main(compile_cache: bool) -> None:
 @main.command()
 @click.argument("tables", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--by", default="median", show_default=True, help="Summary that selects: mean, median or pNN.")
-@click.option("--summaries", default="mean,median,p90,p99", show_default=True,
-              help="Comma-separated summaries whose concordance is reported.")
+@click.option("--summaries", help="Comma-separated summaries whose concordance is reported; default: those of "
+              "mean,median,p90,p99 the tables have.")
 @click.option("--task-scores", type=click.Path(path_type=Path), help="CSV name,score to correlate summaries with.")
 @click.option("--output", type=click.Path(path_type=Path), help="Directory for selection.json, .md and .html.")
 @click.option("--force", is_flag=True, help="Rank inputs measured on different tokens together.")
@@ -78,8 +78,8 @@ def select(tables: tuple[Path, ...], by: str, summaries: str, task_scores: Path 
     named = dict(f.split("=", 1) for f in families if "=" in f)
     if len(named) != len(families):
       raise ValueError(f"--family takes NAME=GLOB, got {[f for f in families if '=' not in f]}")
-    report = selection.select_checkpoints(table, by=by, summaries=[s for s in summaries.split(",") if s],
-                                          scores=scores, families=named)
+    asked = None if summaries is None else [s for s in summaries.split(",") if s]
+    report = selection.select_checkpoints(table, by=by, summaries=asked, scores=scores, families=named)
   except (ValueError, FileNotFoundError) as err:
     raise click.ClickException(str(err)) from None
   selection.render(report, console)
@@ -103,11 +103,13 @@ def _wide_console() -> Console:
               help="Text file, .jsonl, .parquet, or 'pydoc' (CPython's reference manual, always present).")
 @click.option("--text-field", default="text", show_default=True, help="JSONL field / Parquet column with the text.")
 @click.option("--protocol", type=click.Choice(["default", "ram", "llamacpp"]),
-              help="Window protocol; default: 'ram' with --reference, a 16 x 512 CPU-sized sample without.")
+              help=f"Window protocol; default: 'ram' with --reference, 'default' without (a CPU-sized sample of "
+              f"{data.DEFAULT_PROTOCOL.num_sequences} x {data.DEFAULT_PROTOCOL.seq_len} tokens).")
 @click.option("--seq-len", type=int, help="Override the protocol's window length.")
 @click.option("--num-sequences", type=int, help="Override the protocol's number of sampled windows (0: all).")
 @click.option("--seed", type=int, help="Override the protocol's sampling seed.")
-@click.option("--batch-size", default=4, show_default=True, help="Windows per step (one bootstrap block each).")
+@click.option("--batch-size", type=int, help="Windows per step (one bootstrap block each); default: 4, or the "
+              "smallest multiple of --mesh's data shards above it.")
 @click.option("--spike-threshold", "spike_thresholds", type=float, multiple=True, default=(0.5,), show_default=True,
               help="KLD above which a token is a spike (repeatable; the first is the headline).")
 @click.option("--output", type=click.Path(path_type=Path), help="Directory for report.json/.md/.html and resume state.")
@@ -132,12 +134,11 @@ def eval_command(reference, candidates, corpus, text_field, protocol, seq_len, n
   """Per-token KLD and CE distributions of candidates against a reference, with tails and intervals."""
   import dataclasses
 
-  from tailjax import data, report, runner
+  from tailjax import report, runner
 
   console = _wide_console()
   try:
-    chosen = runner.DEFAULT_PROTOCOL if (protocol or ("ram" if reference else "default")) == "default" else \
-        data.PROTOCOLS[protocol or "ram"]
+    chosen = data.PROTOCOLS[protocol or ("ram" if reference else "default")]
     overrides = {k: v for k, v in (("seq_len", seq_len), ("seed", seed)) if v is not None}
     if num_sequences is not None:
       overrides["num_sequences"] = num_sequences or None
@@ -148,10 +149,11 @@ def eval_command(reference, candidates, corpus, text_field, protocol, seq_len, n
       if device_memory is not None and not (math.isfinite(device_memory) and device_memory > 0):
         raise ValueError(f"--device-memory {device_memory}: give the GiB one device holds, above 0")
 
+      planned_mesh = mesh.parse(device_mesh) if device_mesh else None
       made = plan.plan_eval(reference or runner.default_reference(),
                             candidates or (runner.DEFAULT_CANDIDATES if reference is None else ()),
-                            batch_size=batch_size, seq_len=chosen.seq_len, dtype=dtype,
-                            device_mesh=mesh.parse(device_mesh) if device_mesh else None,
+                            batch_size=batch_size or runner.batch_size_for(planned_mesh), seq_len=chosen.seq_len,
+                            dtype=dtype, device_mesh=planned_mesh,
                             device_bytes=None if device_memory is None else int(device_memory * 2**30))
       for line in made.lines():
         console.print(line, highlight=False)

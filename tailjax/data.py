@@ -97,7 +97,10 @@ class Protocol:
       raise ValueError(f"num_sequences={self.num_sequences} must be positive")
 
 
+# Sized so that the embedded default (3 models) finishes in under 3 minutes on a 2-core CPU.
+DEFAULT_PROTOCOL = Protocol("default", seq_len=512, num_sequences=12, seed=42)
 PROTOCOLS = {
+    "default": DEFAULT_PROTOCOL,
     "ram": Protocol("ram", seq_len=2048, num_sequences=128, seed=42),
     "llamacpp": Protocol("llamacpp", seq_len=512, num_sequences=None, score_second_half=True),
 }

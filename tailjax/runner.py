@@ -30,8 +30,16 @@ from tailjax.evaluate import TokenDump, evaluate, load_state, save_state
 from tailjax.models import LoadedModel, QuantSpec
 
 DEFAULT_CANDIDATES = ("@int4-g64", "@int3-g64")
-# Sized so that the embedded default (3 models) finishes in under 3 minutes on a 2-core CPU.
-DEFAULT_PROTOCOL = data.Protocol("default", seq_len=512, num_sequences=12, seed=42)
+DEFAULT_PROTOCOL = data.DEFAULT_PROTOCOL
+DEFAULT_BATCH = 4  # windows per step, rounded up to a multiple of a mesh's data shards (``batch_size_for``)
+
+
+def batch_size_for(device_mesh=None, at_least: int = DEFAULT_BATCH) -> int:
+  """The default batch: the smallest multiple of ``device_mesh``'s data shards that is at least ``at_least``."""
+  from tailjax import mesh as meshes
+
+  shards = 1 if device_mesh is None else meshes.data_parallelism(device_mesh)
+  return shards * -(-at_least // shards)
 
 
 def default_reference() -> str:
@@ -151,7 +159,7 @@ def _against_stored(path, kind: str, reference: str | None, candidates: Sequence
 
 
 def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpus: str = "pydoc", *,
-             protocol: data.Protocol = DEFAULT_PROTOCOL, text_field: str = "text", batch_size: int = 4,
+             protocol: data.Protocol = DEFAULT_PROTOCOL, text_field: str = "text", batch_size: int | None = None,
              spike_thresholds: Sequence[float] = (0.5,), output: str | Path | None = None,
              dump_tokens: str | Path | None = None, worst: int = 20, save_every: float = 30.0,
              kl_divergence_base: str | Path | None = None, reference_cache: str | Path | None = None,
@@ -167,6 +175,9 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
   With no reference and no candidates this is the embedded default: SmolLM2-135M against its
   own int4 and int3 round-to-nearest quantizations on CPython's reference manual.
 
+  ``batch_size`` windows run per step (one bootstrap block each); None: ``batch_size_for`` the mesh (4, or the
+  smallest multiple of its data shards above that).
+
   ``dtype`` (``float32``, ``bfloat16``, ``float16``) is how every model's parameters are stored and
   computed; ``"auto"``: each checkpoint's own dtype on an accelerator, float32 on a CPU. The fused
   head accumulates in float32 either way.
@@ -180,11 +191,12 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
 
   console = console or Console(stderr=True)
   started = time.perf_counter()
+  device_mesh = meshes.parse(mesh) if mesh else None
+  batch_size = batch_size_for(device_mesh) if batch_size is None else batch_size
   _check_arguments(corpus=None if kl_divergence_base or reference_cache else corpus, batch_size=batch_size,
                    spike_thresholds=spike_thresholds, worst=worst, save_every=save_every, output=output,
                    dump_tokens=dump_tokens, save_reference_cache=save_reference_cache, cache_k=cache_k,
                    inputs={"the llama.cpp base file": kl_divergence_base, "the reference cache": reference_cache})
-  device_mesh = meshes.parse(mesh) if mesh else None
   stored = kl_divergence_base if kl_divergence_base is not None else reference_cache
   if kl_divergence_base is not None and reference_cache is not None:
     raise ValueError("give --kl-divergence-base or --reference-cache, not both")

@@ -128,13 +128,14 @@ class SelectionReport:
   pairwise: dict[str, dict[str, float]]
   correlations: dict[str, dict[str, float]] | None
   families: dict[str, tuple[list[str], stats.Selection]] = dataclasses.field(default_factory=dict)
+  missing: list[str] = dataclasses.field(default_factory=list)  # default summaries the table lacks (left out)
 
   def to_dict(self) -> dict[str, Any]:
     s = self.selection
     d = {"selected": s.selected, "rule": s.rule, "selected_by": s.selected_by, "concordance": s.concordance,
          "regime": s.regime, "pairwise_concordance": self.pairwise,
          "mean_median_discordant_pairs": [list(p) for p in s.discordant], "warning": s.warning,
-         "summaries": self.summaries, "table": self.table}
+         "summaries": self.summaries, "missing_summaries": self.missing, "table": self.table}
     if self.correlations is not None:
       d["correlations"] = self.correlations
     if self.families:
@@ -155,13 +156,20 @@ def family_members(table: dict[str, dict[str, float]], families: dict[str, str])
 
 
 def select_checkpoints(table: dict[str, dict[str, float]], by: str = "median",
-                       summaries: Iterable[str] = DEFAULT_SUMMARIES, scores: dict[str, float] | None = None,
+                       summaries: Iterable[str] | None = None, scores: dict[str, float] | None = None,
                        families: dict[str, str] | None = None) -> SelectionReport:
-  """Selection over the whole table and, with ``families`` (``{name: glob}``), within each subset."""
+  """Selection over the whole table and, with ``families`` (``{name: glob}``), within each subset.
+
+  ``summaries`` whose concordance is reported; None: those of ``DEFAULT_SUMMARIES`` every row has (the report
+  names the ones left out), while summaries asked for by name must be in every row."""
   if len(table) < 2:
     raise ValueError(f"selection needs at least two checkpoints, got {len(table)}: {list(table)}")
+  absent = lambda names: sorted({s for s in names for row in table.values() if s not in row})
+  left_out = absent(DEFAULT_SUMMARIES) if summaries is None else []
+  if summaries is None:
+    summaries = [s for s in DEFAULT_SUMMARIES if s not in left_out]
   summaries = list(dict.fromkeys([*summaries, by]))
-  missing = sorted({s for s in summaries for row in table.values() if s not in row})
+  missing = absent(summaries)
   if missing:
     raise ValueError(f"summaries {missing} are missing for some checkpoints; the table has "
                      f"{sorted(set().union(*table.values()))}")
@@ -177,7 +185,7 @@ def select_checkpoints(table: dict[str, dict[str, float]], by: str = "median",
       raise ValueError(f"task scores are missing for {unknown[:5]}")
     correlations = stats.correlations(table, scores, summaries)
   return SelectionReport(table, summaries, selection, stats.pairwise_concordance(table, summaries), correlations,
-                         subsets)
+                         subsets, left_out)
 
 
 def _rows(report: SelectionReport) -> tuple[list[str], list[list[str]]]:
@@ -202,6 +210,8 @@ def _rows(report: SelectionReport) -> tuple[list[str], list[list[str]]]:
 def _notes(report: SelectionReport) -> list[str]:
   s = report.selection
   notes = [f"selected by {s.rule}: {s.selected}"]
+  if report.missing:
+    notes.append(f"summaries {', '.join(report.missing)} are not in every row of the table: left out")
   notes += [f"concordance C({{{key}}}) = {value:.3f}" for key, value in s.concordance.items()]
   notes.append(f"regime: {s.regime}")
   for name, (members, f) in report.families.items():

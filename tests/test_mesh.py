@@ -91,6 +91,16 @@ def test_loading_creates_each_parameter_in_its_shards(tiny, tmp_path, layout):
     assert split >= len(jax.tree.leaves(state)) // 2  # every matrix is split; only norms are whole
 
 
+def test_the_default_batch_follows_the_data_shards(tiny):
+  """``eval --mesh data=8`` without a batch size: 8 windows per step (4 would not split over 8 shards)."""
+  assert [runner.batch_size_for(mesh.parse(m)) for m in ("data=8", "data=2,model=4")] == [8, 4]
+  assert runner.batch_size_for(mesh.parse("data=3,model=2", jax.devices()[:6])) == 6
+  assert runner.batch_size_for(None) == runner.DEFAULT_BATCH == 4
+  result = runner.run_eval(str(tiny / "tiny.gguf"), ["@int3-g16"], str(tiny / "corpus.txt"), protocol=PROTOCOL,
+                           save_every=0.0, mesh="data=8")
+  assert result["run"]["batch_size"] == 8 and result["run"]["windows_done"] == PROTOCOL.num_sequences
+
+
 @pytest.mark.parametrize("layout", ["data=8", "data=4,model=2", "fsdp=4,model=2", "fsdp=8", "data=2,fsdp=2,model=2"])
 def test_eval_gives_the_same_numbers_on_every_mesh(tiny, layout):
   assert_same_numbers(evaluate(tiny, layout), evaluate(tiny))
