@@ -45,7 +45,7 @@ from tailjax import data, files, head, mesh, teacher_cache
 from tailjax.losses import TopK
 from tailjax.models import DTYPES as MODEL_DTYPES
 from tailjax.models import checkpoint
-from tailjax.models import PRESETS, Decoder, LoadedModel, ModelConfig, Tokenizer, load, load_tokenizer
+from tailjax.models import PRESETS, Decoder, LoadedModel, ModelConfig, ModelSpec, Tokenizer, load, load_tokenizer
 from tailjax.models.load import CHECKPOINT_FILE
 from tailjax.stats import LogHistogram, Summary, spec_for
 
@@ -319,8 +319,8 @@ def _student_config(fields: dict, vocab_size: int) -> ModelConfig:
 
 def teacher_id(spec: str) -> str:
   """How a teacher is named in a cache: its absolute path, and its quantization if any."""
-  path, at, quant = spec.rpartition("@") if "@" in spec else (spec, "", "")
-  return str(Path(path).absolute()) + at + quant
+  parsed = ModelSpec.parse(spec, labelled=False)
+  return str(Path(parsed.path).absolute()) + (f"@{parsed.quantization}" if parsed.quantization else "")
 
 
 def prepare(config: DistillConfig) -> Setup:

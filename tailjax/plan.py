@@ -51,7 +51,9 @@ def plan_eval(reference: str, candidates: Sequence[str], *, batch_size: int, seq
   shape) on ``[batch_size, seq_len]`` windows. ``device_bytes`` defaults to what the first device reports."""
   if not candidates:
     raise ValueError("give at least one candidate (a model spec, or @int4 for the reference quantized) to plan")
-  specs = [reference, *(reference if spec.startswith("@") else spec for spec in candidates)]
+  reference = models.ModelSpec.parse(reference).unlabelled
+  parsed = [models.ModelSpec.parse(spec) for spec in candidates]
+  specs = [reference, *(reference if spec.of_reference else spec.unlabelled for spec in parsed)]
   configs = [models.load_config(spec) for spec in specs]
   dtypes = [models.resolve_dtype(spec, dtype) for spec in specs]
   abstract = nnx.eval_shape(lambda: tuple(models.Decoder(cfg, dtype=models.DTYPES[d], rngs=nnx.Rngs(0))

@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 
 from tailjax import data, files, llamacpp, models, references, refcache, report as reporting
 from tailjax.evaluate import TokenDump, evaluate, load_state, save_state
-from tailjax.models import LoadedModel, QuantSpec
+from tailjax.models import LoadedModel, ModelSpec, QuantSpec
 
 DEFAULT_CANDIDATES = ("@int4-g64", "@int3-g64")
 DEFAULT_PROTOCOL = data.DEFAULT_PROTOCOL
@@ -51,19 +51,15 @@ def default_reference() -> str:
   return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def _split_label(spec: str) -> tuple[str | None, str]:
-  """``label=spec`` names a model in the report; a bare spec is named after its file."""
-  label, sep, rest = spec.partition("=")
-  return (label, rest) if sep and "/" not in label else (None, spec)
-
-
-def load_candidate(spec: str, reference: LoadedModel, dtype: str = "float32", device_mesh=None) -> LoadedModel:
-  """A model spec (in ``dtype``, or its own with ``"auto"``: ``models.resolve_dtype``; placed on
+def load_candidate(spec: str | ModelSpec, reference: LoadedModel, dtype: str = "float32",
+                   device_mesh=None) -> LoadedModel:
+  """A model spec (``ModelSpec``; in ``dtype``, or its own with ``"auto"``: ``models.resolve_dtype``; placed on
   ``device_mesh``), or ``@<quantization>``: the reference itself, rounded shard by shard where it lies
   (no second load), in the reference's dtype."""
-  if not spec.startswith("@"):
-    return models.load(spec, dtype, device_mesh=device_mesh)
-  quantization = QuantSpec.parse(spec[1:])
+  spec = spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec)
+  if not spec.of_reference:
+    return models.load(spec.unlabelled, dtype, device_mesh=device_mesh)
+  quantization = QuantSpec.parse(spec.quantization)
   graph, state = nnx.split(reference.model)
   model = nnx.merge(graph, jax.tree.map(lambda x: x, state))  # new variables, same arrays: the unrounded are shared
   models.quantize_model(model, quantization)
@@ -124,17 +120,18 @@ def _prepare_output(output: Path, identity: dict[str, Any]) -> bool:
 
 
 def _load_models(reference: str | None, candidates: Sequence[str], dtype: str, device_mesh):
-  reference_label, reference_spec = _split_label(reference or default_reference())
+  reference_spec = ModelSpec.parse(reference or default_reference())
   candidates = list(candidates) or (list(DEFAULT_CANDIDATES) if reference is None else [])
   if not candidates:
     raise ValueError("give at least one --candidate (a model spec, or @int4 for the reference quantized)")
-  ref = models.load(reference_spec, dtype, device_mesh=device_mesh)
+  if reference_spec.of_reference:
+    raise ValueError(f"reference {reference}: give a model path (@QUANT alone names the reference, rounded)")
+  ref = models.load(reference_spec.unlabelled, dtype, device_mesh=device_mesh)
   if ref.tokenizer is None:
-    raise ValueError(f"{reference_spec}: the reference has no tokenizer to cut the corpus with")
-  named = [(reference_label, ref)]
-  for spec in candidates:
-    label, spec = _split_label(spec)
-    named.append((label, load_candidate(spec, ref, dtype, device_mesh)))
+    raise ValueError(f"{reference_spec.unlabelled}: the reference has no tokenizer to cut the corpus with")
+  named = [(reference_spec.label, ref)]
+  for spec in map(ModelSpec.parse, candidates):
+    named.append((spec.label, load_candidate(spec, ref, dtype, device_mesh)))
   return ref, _labels(named, ref), [loaded for _, loaded in named[1:]]
 
 
@@ -142,12 +139,12 @@ def _against_stored(path, kind: str, reference: str | None, candidates: Sequence
   """A stored reference (llama.cpp base file or tailjax reference cache) and the candidates to score against it."""
   if reference is not None:
     raise ValueError(f"give --reference or --{kind}, not both")
-  if not candidates or any(spec.startswith("@") for spec in candidates):
+  named = [ModelSpec.parse(spec) for spec in candidates]
+  if not named or any(spec.of_reference for spec in named):
     raise ValueError(f"with --{kind}, every --candidate must be a model spec (there is no reference model to "
                      "quantize)")
-  named = [_split_label(spec) for spec in candidates]
-  cands = [models.load(spec, dtype, device_mesh=device_mesh) for _, spec in named]
-  labels = [Path(path).stem, *_labels(list(zip((label for label, _ in named), cands)), None)]
+  cands = [models.load(spec.unlabelled, dtype, device_mesh=device_mesh) for spec in named]
+  labels = [Path(path).stem, *_labels([(spec.label, c) for spec, c in zip(named, cands)], None)]
   tokenizer = next((c.tokenizer for c in cands if c.tokenizer is not None), None)
   if tokenizer is None:
     raise ValueError(f"no candidate has a tokenizer to decode the {kind}'s tokens with")

@@ -115,6 +115,16 @@ def write_tiny_gguf(path: Path, model: Decoder, arch: str = "llama"):
   w.close()
 
 
+def test_model_specs_parse_in_one_place():
+  parse = models.ModelSpec.parse
+  assert parse("q4=model.gguf@int4-g64") == ("model.gguf", "int4-g64", "q4")
+  assert parse("@int3-g64-asym").of_reference and parse("@int3").quantization == "int3"
+  assert parse("runs/lr=1e-4/checkpoints/7") == ("runs/lr=1e-4/checkpoints/7", "", None)  # '=' inside the path
+  assert parse("a=b.gguf", labelled=False) == ("a=b.gguf", "", None)
+  assert parse("me@host/m.gguf@int4") == ("me@host/m.gguf", "int4", None)  # the last '@' quantizes
+  assert parse("x=m.gguf@int4").unlabelled == "m.gguf@int4" and parse("m.gguf").unlabelled == "m.gguf"
+
+
 def test_gguf_round_trip_gives_the_same_model(tmp_path, rng):
   model = Decoder(TINY, rngs=nnx.Rngs(1))
   path = tmp_path / "tiny.gguf"

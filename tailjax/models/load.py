@@ -23,6 +23,7 @@ from tailjax.frozen import frozen_jit
 from tailjax.models import checkpoint, gguf, hf, place
 from tailjax.models.config import ModelConfig
 from tailjax.models.quantize import QuantSpec, quantize_model
+from tailjax.models.spec import ModelSpec
 from tailjax.models.tokenizer import Tokenizer, check_vocab, from_checkpoint_meta, from_gguf_reader, \
     from_hf_directory, from_json
 from tailjax.models.transformer import Decoder
@@ -42,9 +43,8 @@ class Located(NamedTuple):
 
 def locate(spec: str | Path) -> Located:
   """``path[@quantization]`` -> which format it is; a missing path or an unknown layout is an error naming it."""
-  text = str(spec)
-  path, _, quant = text.rpartition("@") if "@" in text else (text, "", "")
-  path = Path(path)
+  parsed = ModelSpec.parse(spec, labelled=False)
+  path, quant = Path(parsed.path), parsed.quantization
   if not path.exists():
     raise FileNotFoundError(f"{path}: no such model file or directory")
   if path.is_file() and path.suffix == ".gguf":
