@@ -60,7 +60,7 @@ def make_step(student: Decoder, teacher: Decoder | None, vocab: int):
   tx, schedule = distill.optimizer(cfg)
   teacher_graphdef, teacher_state = (None, None) if teacher is None else nnx.split(teacher)
   step = jax.jit(functools.partial(
-      distill._train_step, graphdef=graphdef, teacher_graphdef=teacher_graphdef, tx=tx, schedule=schedule,
+      distill.train_step, graphdef=graphdef, teacher_graphdef=teacher_graphdef, tx=tx, schedule=schedule,
       accum=1, loss_options=dict(objective="topk", vocab_size=vocab, topk=K, block_size=head.DEFAULT_BLOCK_SIZE)))
   return step, distill.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), teacher_state
 

@@ -242,7 +242,8 @@ def torch_models(args, torch) -> tuple[list, object, object]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = torch_config(shape_config(args.shape))
     with device:
-      built = [transformers.LlamaForCausalLM._from_config(config, dtype=getattr(torch, args.dtype)).eval()
+      built = [transformers.LlamaForCausalLM._from_config(  # noqa: SLF001 (transformers: no weights init)
+          config, dtype=getattr(torch, args.dtype)).eval()
                for _ in range(1 + args.candidates)]
     tokens = token_batch(args.batch, args.seq_len, config.vocab_size)
     return built, torch.as_tensor(tokens, dtype=torch.long, device=device), device

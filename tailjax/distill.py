@@ -215,10 +215,16 @@ def optimizer(config: DistillConfig) -> tuple[optax.GradientTransformation, opta
   return tx, schedule
 
 
-def _train_step(state: TrainState, batch: dict[str, jax.Array], teacher_state: nnx.State | None, *,
-                graphdef, teacher_graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                accum: int, loss_options: dict) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step over ``accum`` micro-batches; the loss is the mean over every token of the batch."""
+def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_state: nnx.State | None, *,
+               graphdef, teacher_graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+               accum: int, loss_options: dict) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step over ``accum`` micro-batches; the loss is the mean over every token of the batch.
+
+  ``state`` the student's parameters and optimizer state (``graphdef``: its NNX graph), ``batch`` the arrays of
+  ``batches`` (``tokens: [B, T+1]``, ...), ``teacher_state`` / ``teacher_graphdef`` the teacher (None with a
+  teacher cache), ``tx`` / ``schedule`` from ``optimizer``, ``loss_options`` the keyword arguments of
+  ``token_losses``. Returns the new state and the step's metrics (``loss``, ``grad_norm``, ``lr``); ``distill``
+  jits it."""
   teacher = None if teacher_graphdef is None else nnx.merge(teacher_graphdef, teacher_state)
   micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
@@ -545,7 +551,7 @@ def distill(config: DistillConfig, output: str | Path, *, force: bool = False, c
   teacher_graphdef, teacher_state = (None, None) if setup.teacher is None else nnx.split(setup.teacher.model)
   loss_options = dict(objective=config.objective, vocab_size=setup.vocab_size, topk=config.topk,
                       temperature=config.temperature, block_size=config.block_size)
-  step_fn = jax.jit(functools.partial(_train_step, graphdef=graphdef, teacher_graphdef=teacher_graphdef, tx=tx,
+  step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, teacher_graphdef=teacher_graphdef, tx=tx,
                                       schedule=schedule, accum=config.grad_accum, loss_options=loss_options),
                     donate_argnums=0)
 

@@ -211,7 +211,7 @@ def test_gemma3_multimodal_checkpoint_loads_its_language_model(tmp_path, rng, ca
   vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                            num_attention_heads=2, image_size=28, patch_size=14)
   cfg = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4)
-  cfg.text_config._attn_implementation = "eager"
+  cfg.text_config._attn_implementation = "eager"  # noqa: SLF001 (transformers: the exact eager reference)
   reference = transformers.Gemma3ForConditionalGeneration(cfg).eval()
   with torch.no_grad():
     for name, p in reference.named_parameters():
@@ -323,7 +323,7 @@ def test_gemma3_270m_equals_transformers_and_its_tokenizer():
   assert ce.mean() < 3.5 and np.median(ce) < 2.5  # uniform would be ln(262144) = 12.5 nats
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                                dtype=torch.float32).eval()
-  hf_model.config._attn_implementation = "eager"
+  hf_model.config._attn_implementation = "eager"  # noqa: SLF001 (transformers: the exact eager reference)
   with torch.no_grad():
     want = torch.log_softmax(hf_model(torch.as_tensor(window)).logits.double(), -1).numpy()
   diff = np.abs(got - want).max()
@@ -388,7 +388,7 @@ def test_expert_outputs_match_a_float64_loop(implementation, rng):
 
   from tailjax.models import moe
 
-  n, k, d, m, e = 150, 2, 8, 12, 5
+  n, d, m, e = 150, 8, 12, 5  # each token picks 2 of the e experts
   x = rng.standard_normal((n, d)).astype(np.float32)
   experts = np.stack([rng.choice([0, 1, 3, 4], size=2, replace=False, p=[0.7, 0.1, 0.1, 0.1]) for _ in range(n)])
   shapes = ((e, d, m), (e, d, m), (e, m, d), (e, m), (e, m), (e, d))  # kernels, then biases (gpt-oss)
@@ -534,7 +534,7 @@ def test_llama4_multimodal_checkpoint_loads_its_language_model(tmp_path, rng, ca
 
 def save_multimodal(model_cls, cfg, directory):
   """A multimodal checkpoint of random weights (eager attention, norms moved off their init) saved to ``directory``."""
-  cfg.text_config._attn_implementation = "eager"
+  cfg.text_config._attn_implementation = "eager"  # noqa: SLF001 (transformers: the exact eager reference)
   reference = model_cls(cfg).eval()
   with torch.no_grad():
     for name, p in reference.named_parameters():

@@ -12,7 +12,7 @@ import pytest
 import transformers
 from click.testing import CliRunner
 
-from tailjax import distill, evaluate, models, runner, teacher_cache
+from tailjax import distill, models, runner, teacher_cache
 from tailjax.cli import main
 from test_eval import PROTOCOL, write_tiny_model_and_corpus
 from test_hf import random_hf_model, tokenizer_files

@@ -50,7 +50,7 @@ def tokenizer_files(directory, vocab_size):
 
 def random_hf_model(config_cls, tmp_path, **overrides):
   cfg = config_cls(**{**SHAPE, **overrides})
-  cfg._attn_implementation = "eager"  # the exact reference (sdpa has no soft-cap)
+  cfg._attn_implementation = "eager"  # noqa: SLF001 (transformers's switch) the exact reference: sdpa has no soft-cap
   model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
   with torch.no_grad():  # norms are ones (Gemma: zeros), biases zeros at init: make every tensor count
     for name, p in model.named_parameters():

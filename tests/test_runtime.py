@@ -104,7 +104,7 @@ def test_plan_counts_the_bytes_a_real_placement_holds(tmp_path):
   norms = cfg.hidden_size + cfg.num_layers * (2 * cfg.hidden_size + 2 * cfg.head_dim)  # stay float32 ...
   assert single.weights_bytes == 2 * (2 * cfg.num_params + 2 * norms)  # ... bf16 everywhere else, 2 models
   assert not plan.plan_eval(spec, ["@int4"], batch_size=2, seq_len=32, device_bytes=2**16).fits
-  labelled = plan.plan_eval(f"ref={spec}", [f"q4=@int4", f"same={spec}@int8"], batch_size=2, seq_len=32,
+  labelled = plan.plan_eval(f"ref={spec}", ["q4=@int4", f"same={spec}@int8"], batch_size=2, seq_len=32,
                             dtype="bfloat16", device_bytes=2**30)  # labels as eval takes them
   assert labelled.weights_bytes == 3 * single.weights_bytes // 2
 

@@ -15,7 +15,6 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 
 from tailjax.models import families, hf_families, lazy
 from tailjax.models.config import ModelConfig, RopeScaling

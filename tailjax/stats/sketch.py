@@ -102,7 +102,7 @@ def _threshold_slots(spec: BucketSpec) -> np.ndarray:
   if not spec.thresholds:
     return _read_only(np.zeros(0, np.int64))
   t = jnp.asarray(spec.thresholds, jnp.float32)
-  return _read_only(np.asarray(spec._base_index(t), np.int64) + np.arange(len(spec.thresholds)))
+  return _read_only(np.asarray(spec._base_index(t), np.int64) + np.arange(len(spec.thresholds)))  # noqa: SLF001
 
 
 @functools.cache
