@@ -48,9 +48,10 @@ def materialized_losses(student, batch, *, objective, vocab_size, topk=None, tem
   logits = jnp.einsum("btd,dv->btv", student(inputs, segments), student.unembedding(),
                       preferred_element_type=jnp.float32)
   if "topk_ids" in batch:
-    return losses.topk_kl_divergence(logits, TopK(batch["topk_ids"], batch["topk_logprobs"]), vocab_size=vocab_size)
+    return losses.topk_kl_divergence(student_logits=logits, teacher=TopK(batch["topk_ids"], batch["topk_logprobs"]),
+                                     vocab_size=vocab_size)
   teacher_logits = jax.lax.stop_gradient(jnp.einsum("btd,dv->btv", teacher(inputs, segments), teacher.unembedding()))
-  return losses.topk_kl_divergence(logits, teacher_logits, k=topk, vocab_size=vocab_size)
+  return losses.topk_kl_divergence(student_logits=logits, teacher=teacher_logits, k=topk, vocab_size=vocab_size)
 
 
 def make_step(student: Decoder, teacher: Decoder | None, vocab: int):

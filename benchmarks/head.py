@@ -39,22 +39,26 @@ TOP_K = 40
 def naive_eval(h_ref, w_ref, h_cand, w_cand, targets):
   a = jnp.dot(h_ref, w_ref, preferred_element_type=jnp.float32)
   c = jnp.dot(h_cand, w_cand, preferred_element_type=jnp.float32)
-  return (losses.kl_divergence(a, c), losses.cross_entropy(a, targets), losses.cross_entropy(c, targets),
-          losses.top1_agreement(a, c), losses.target_logprob_delta(a, c, targets))
+  return (losses.kl_divergence(ref_logits=a, cand_logits=c), losses.cross_entropy(a, targets),
+          losses.cross_entropy(c, targets),
+          losses.top1_agreement(ref_logits=a, cand_logits=c),
+          losses.target_logprob_delta(ref_logits=a, cand_logits=c, targets=targets))
 
 
 def fused_eval(h_ref, w_ref, h_cand, w_cand, targets, block):
-  return head.token_stats(h_ref, w_ref, h_cand, w_cand, targets, block_size=block)
+  return head.token_stats(ref_hidden=h_ref, ref_unembedding=w_ref, cand_hidden=h_cand, cand_unembedding=w_cand,
+                          targets=targets, block_size=block)
 
 
 def naive_train(h, w, ids, logprobs):
-  loss = lambda h, w: losses.topk_kl_divergence(jnp.dot(h, w, preferred_element_type=jnp.float32),
-                                                losses.TopK(ids, logprobs)).mean()
+  loss = lambda h, w: losses.topk_kl_divergence(student_logits=jnp.dot(h, w, preferred_element_type=jnp.float32),
+                                                teacher=losses.TopK(ids, logprobs)).mean()
   return jax.value_and_grad(loss, (0, 1))(h, w)
 
 
 def fused_train(h, w, ids, logprobs, block):
-  loss = lambda h, w: head.topk_kl_divergence(h, w, losses.TopK(ids, logprobs), block_size=block).mean()
+  loss = lambda h, w: head.topk_kl_divergence(student_hidden=h, student_unembedding=w,
+                                              teacher=losses.TopK(ids, logprobs), block_size=block).mean()
   return jax.value_and_grad(loss, (0, 1))(h, w)
 
 

@@ -196,11 +196,13 @@ def token_losses(student: Decoder, batch: dict[str, jax.Array], *, objective: st
     teacher_hidden = jax.lax.stop_gradient(teacher(inputs, segments))
     teacher_unembedding = jax.lax.stop_gradient(teacher.output_head())
     if objective == "kl":
-      return head.kl_divergence(teacher_hidden, teacher_unembedding, hidden, unembedding, temperature=temperature,
+      return head.kl_divergence(ref_hidden=teacher_hidden, ref_unembedding=teacher_unembedding, cand_hidden=hidden,
+                                cand_unembedding=unembedding, temperature=temperature,
                                 vocab_size=vocab_size, block_size=block_size)
     top = head.teacher_topk(teacher_hidden, teacher_unembedding, topk, temperature=temperature,
                             vocab_size=vocab_size, block_size=block_size)
-  return head.topk_kl_divergence(hidden, unembedding, top, temperature=temperature, vocab_size=vocab_size,
+  return head.topk_kl_divergence(student_hidden=hidden, student_unembedding=unembedding, teacher=top,
+                                 temperature=temperature, vocab_size=vocab_size,
                                  block_size=block_size)
 
 

@@ -139,9 +139,10 @@ def _token_stats(models: tuple, outputs: list, tokens: jax.Array, scored: jax.Ar
   hidden = [None if out is None else out.hidden[:, :-1] for out in outputs]
   targets = tokens[:, 1:]
   if stored is None:
-    out = head.candidates_token_stats(hidden[0], reference.output_head(),
-                                      [(h, cand.output_head()) for h, cand in zip(hidden[1:], candidates)], targets,
-                                      where=scored, vocab_size=vocab_size, reference_topk=cache_k or None)
+    pairs = [(h, cand.output_head()) for h, cand in zip(hidden[1:], candidates)]
+    out = head.candidates_token_stats(ref_hidden=hidden[0], ref_unembedding=reference.output_head(), candidates=pairs,
+                                      targets=targets, where=scored, vocab_size=vocab_size,
+                                      reference_topk=cache_k or None)
     return out if cache_k else (out, None)
   return [stored.token_stats(h, cand, targets, scored, vocab_size) for h, cand in zip(hidden[1:], candidates)], None
 

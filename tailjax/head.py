@@ -16,6 +16,9 @@ vocabulary. Wherever an unembedding is taken, an ``OutputHead`` may stand instea
 unembedding with the model's final-logit soft-cap (Gemma 2: logits ``c * tanh(z / c)``),
 applied to every block before any softmax, in the forward and the backward pass.
 
+Two models are passed by keyword only, as in ``tailjax.losses``: ``ref_hidden`` / ``ref_unembedding`` and
+``cand_hidden`` / ``cand_unembedding``; ``student_hidden`` / ``student_unembedding`` against a ``teacher``.
+
 Training paths have custom VJPs whose backward passes are blockwise too: the
 gradient never materializes ``[tokens, vocab]`` either.
 """
@@ -277,7 +280,7 @@ def logprobs_and_argmax(hidden: Array, unembedding: Array | OutputHead, ids: Arr
   return jnp.reshape(logprobs, lead + i.shape[-1:]), jnp.reshape(argmax, lead)
 
 
-def topk_kl_divergence(student_hidden: Array, student_unembedding: Array | OutputHead, teacher: TopK, *,
+def topk_kl_divergence(*, student_hidden: Array, student_unembedding: Array | OutputHead, teacher: TopK,
                        normalization: TopKNormalization = "full", temperature: float = 1.0,
                        where: Array | None = None, vocab_size: int | None = None,
                        block_size: int = DEFAULT_BLOCK_SIZE) -> Array:
@@ -289,7 +292,8 @@ def topk_kl_divergence(student_hidden: Array, student_unembedding: Array | Outpu
   lead, h, (ids, teacher_logprobs) = _flatten(student_hidden, teacher.ids, teacher.logprobs)
   vocab = _vocab(student_unembedding, vocab_size, block_size)
   student_logprobs = _gathered_logprobs(h, student_unembedding, ids.astype(jnp.int32), vocab, form)
-  kl = losses.topk_kl_from_logprobs(TopK(ids, teacher_logprobs), student_logprobs, normalization)
+  kl = losses.topk_kl_from_logprobs(teacher=TopK(ids, teacher_logprobs), student_topk_logprobs=student_logprobs,
+                                    normalization=normalization)
   return _finish(lead, kl, where)
 
 
@@ -337,10 +341,9 @@ def _kl_bwd(vocab, forms, residuals, g_kl):
 _kl.defvjp(_kl_fwd, _kl_bwd)
 
 
-def kl_divergence(ref_hidden: Array, ref_unembedding: Array | OutputHead, cand_hidden: Array,
-                  cand_unembedding: Array | OutputHead, *,
-                  temperature: float = 1.0, where: Array | None = None, vocab_size: int | None = None,
-                  block_size: int = DEFAULT_BLOCK_SIZE) -> Array:
+def kl_divergence(*, ref_hidden: Array, ref_unembedding: Array | OutputHead, cand_hidden: Array,
+                  cand_unembedding: Array | OutputHead, temperature: float = 1.0, where: Array | None = None,
+                  vocab_size: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE) -> Array:
   """``KL(softmax(ref / T) || softmax(cand / T))`` per token -> ``[..., T]``, precise as ``tailjax.losses``.
 
   Differentiable in the candidate (student) only: the reference is a frozen teacher
@@ -370,18 +373,19 @@ def _vocab_pair(ref_unembedding: Array, cand_unembedding: Array, vocab_size: int
 # Evaluation and teacher extraction (no gradients).
 
 
-def token_stats(ref_hidden: Array, ref_unembedding: Array | OutputHead, cand_hidden: Array,
-                cand_unembedding: Array | OutputHead, targets: Array, *, where: Array | None = None, vocab_size: int | None = None,
-                block_size: int = DEFAULT_BLOCK_SIZE) -> TokenStats:
+def token_stats(*, ref_hidden: Array, ref_unembedding: Array | OutputHead, cand_hidden: Array,
+                cand_unembedding: Array | OutputHead, targets: Array, where: Array | None = None,
+                vocab_size: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE) -> TokenStats:
   """KLD, both CEs, top-1 agreement and the target log-prob delta in one pass over the vocabulary."""
-  (stats,) = candidates_token_stats(ref_hidden, ref_unembedding, [(cand_hidden, cand_unembedding)], targets,
-                                    where=where, vocab_size=vocab_size, block_size=block_size)
+  (stats,) = candidates_token_stats(ref_hidden=ref_hidden, ref_unembedding=ref_unembedding,
+                                    candidates=[(cand_hidden, cand_unembedding)], targets=targets, where=where,
+                                    vocab_size=vocab_size, block_size=block_size)
   return stats
 
 
-def candidates_token_stats(ref_hidden: Array, ref_unembedding: Array | OutputHead,
+def candidates_token_stats(*, ref_hidden: Array, ref_unembedding: Array | OutputHead,
                            candidates: list[tuple[Array, Array | OutputHead]],
-                           targets: Array, *, where: Array | None = None, vocab_size: int | None = None,
+                           targets: Array, where: Array | None = None, vocab_size: int | None = None,
                            block_size: int = DEFAULT_BLOCK_SIZE, reference_topk: int | None = None):
   """``token_stats`` of each ``(hidden, unembedding)`` candidate, all in one pass over the vocabulary.
 

@@ -5,6 +5,11 @@ computed in float32; float64 stays float64), returns one value per token shaped 
 boolean ``where: [..., T]`` mask: masked tokens give 0. All are pure ``jnp`` and
 safe under ``jit``, ``vmap`` and ``grad``.
 
+Functions of two distributions take both by keyword only, named by role: ``ref_logits`` (the reference, the
+distribution a KL is taken from) and ``cand_logits`` (the candidate) for evaluation; ``teacher`` and
+``student_logits`` for top-K distillation. ``tailjax.head`` follows the same rule, so a caller cannot swap
+them silently.
+
 ``vocab_size`` declares the true vocabulary when a model pads its unembedding
 (e.g. Qwen2's 152064 rows for 151936 tokens): logits are sliced to it. Two models
 whose vocabularies differ otherwise cannot be compared and raise ``ValueError``.
@@ -50,7 +55,7 @@ def slice_vocab(logits: Array, vocab_size: int | None, name: str = "logits") -> 
   return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
 
-def match_vocab(ref_logits: Array, cand_logits: Array, vocab_size: int | None = None) -> tuple[Array, Array]:
+def match_vocab(*, ref_logits: Array, cand_logits: Array, vocab_size: int | None = None) -> tuple[Array, Array]:
   """Slices two models' logits to one vocabulary, or explains why they cannot share one."""
   v_ref, v_cand = jnp.shape(ref_logits)[-1], jnp.shape(cand_logits)[-1]
   if vocab_size is None and v_ref != v_cand:
@@ -108,7 +113,7 @@ def cross_entropy(logits: Array, targets: Array, *, where: Array | None = None,
   return _masked(lse - _take(logits, targets), where)
 
 
-def kl_divergence(ref_logits: Array, cand_logits: Array, *, where: Array | None = None,
+def kl_divergence(*, ref_logits: Array, cand_logits: Array, where: Array | None = None,
                   vocab_size: int | None = None) -> Array:
   """``KL(softmax(ref) || softmax(cand))`` per token, never negative.
 
@@ -120,17 +125,17 @@ def kl_divergence(ref_logits: Array, cand_logits: Array, *, where: Array | None 
   Returns:
     ``[..., T]`` nats.
   """
-  a, b = match_vocab(ref_logits, cand_logits, vocab_size)
+  a, b = match_vocab(ref_logits=ref_logits, cand_logits=cand_logits, vocab_size=vocab_size)
   return _masked(_kl(a, b), where)
 
 
-def reverse_kl(ref_logits: Array, cand_logits: Array, *, where: Array | None = None,
+def reverse_kl(*, ref_logits: Array, cand_logits: Array, where: Array | None = None,
                vocab_size: int | None = None) -> Array:
   """``KL(softmax(cand) || softmax(ref))``: mode-seeking; shapes as ``kl_divergence``."""
-  return kl_divergence(cand_logits, ref_logits, where=where, vocab_size=vocab_size)
+  return kl_divergence(ref_logits=cand_logits, cand_logits=ref_logits, where=where, vocab_size=vocab_size)
 
 
-def jensen_shannon(ref_logits: Array, cand_logits: Array, *, beta: float = 0.5, where: Array | None = None,
+def jensen_shannon(*, ref_logits: Array, cand_logits: Array, beta: float = 0.5, where: Array | None = None,
                    vocab_size: int | None = None) -> Array:
   """Skewed Jensen-Shannon divergence ``beta KL(p||m) + (1-beta) KL(q||m)``, ``m = beta p + (1-beta) q``.
 
@@ -138,29 +143,29 @@ def jensen_shannon(ref_logits: Array, cand_logits: Array, *, beta: float = 0.5, 
   """
   if not 0.0 < beta < 1.0:
     raise ValueError(f"beta must lie in (0, 1), got {beta}")
-  a, b = match_vocab(ref_logits, cand_logits, vocab_size)
+  a, b = match_vocab(ref_logits=ref_logits, cand_logits=cand_logits, vocab_size=vocab_size)
   log_p, log_q = jax.nn.log_softmax(a, axis=-1), jax.nn.log_softmax(b, axis=-1)
   log_m = jnp.logaddexp(jnp.log(beta) + log_p, jnp.log1p(-beta) + log_q)
   js = beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
   return _masked(js, where)
 
 
-def top1_agreement(ref_logits: Array, cand_logits: Array, *, where: Array | None = None,
+def top1_agreement(*, ref_logits: Array, cand_logits: Array, where: Array | None = None,
                    vocab_size: int | None = None) -> Array:
   """1.0 where both models' arg-max token is the same, else 0.0 (ties: lowest id wins in each)."""
-  a, b = match_vocab(ref_logits, cand_logits, vocab_size)
+  a, b = match_vocab(ref_logits=ref_logits, cand_logits=cand_logits, vocab_size=vocab_size)
   same = jnp.argmax(a, axis=-1) == jnp.argmax(b, axis=-1)
   return _masked(same.astype(jnp.float32), where)
 
 
-def target_logprob_delta(ref_logits: Array, cand_logits: Array, targets: Array, *, where: Array | None = None,
+def target_logprob_delta(*, ref_logits: Array, cand_logits: Array, targets: Array, where: Array | None = None,
                          vocab_size: int | None = None) -> Array:
   """``log p_cand(target) - log p_ref(target)``: the *direction* of a disagreement.
 
   KLD measures how much two distributions differ; this says whether the candidate
   moved probability towards (> 0) or away from (< 0) the token that actually came.
   """
-  a, b = match_vocab(ref_logits, cand_logits, vocab_size)
+  a, b = match_vocab(ref_logits=ref_logits, cand_logits=cand_logits, vocab_size=vocab_size)
   return _masked(cross_entropy(a, targets) - cross_entropy(b, targets), where)
 
 
@@ -174,7 +179,7 @@ def teacher_topk(teacher_logits: Array, k: int, *, temperature: float = 1.0,
   return TopK(ids.astype(jnp.int32), values - online.lse_finish(online.lse_block(logits))[..., None])
 
 
-def topk_kl_from_logprobs(teacher: TopK, student_topk_logprobs: Array,
+def topk_kl_from_logprobs(*, teacher: TopK, student_topk_logprobs: Array,
                           normalization: TopKNormalization = "full") -> Array:
   """Top-K KL from the teacher's and the student's log-probs at the teacher's top-K ids.
 
@@ -220,7 +225,7 @@ def _log1mexp(x: Array) -> Array:
   return jnp.where(x > -0.6931472, jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
 
 
-def topk_kl_divergence(student_logits: Array, teacher: Array | TopK, *, k: int | None = None,
+def topk_kl_divergence(*, student_logits: Array, teacher: Array | TopK, k: int | None = None,
                        normalization: TopKNormalization = "full", temperature: float = 1.0,
                        where: Array | None = None, vocab_size: int | None = None) -> Array:
   """Top-K renormalized KL for distillation (see ``topk_kl_from_logprobs`` for the math).
@@ -241,5 +246,6 @@ def topk_kl_divergence(student_logits: Array, teacher: Array | TopK, *, k: int |
     teacher = teacher_topk(teacher, k, temperature=temperature, vocab_size=vocab_size)
   student = slice_vocab(student_logits, vocab_size, "student logits") / temperature
   student_logprobs = student - online.lse_finish(online.lse_block(student))[..., None]
-  kl = topk_kl_from_logprobs(teacher, _take(student_logprobs, teacher.ids), normalization)
+  kl = topk_kl_from_logprobs(teacher=teacher, student_topk_logprobs=_take(student_logprobs, teacher.ids),
+                             normalization=normalization)
   return _masked(kl, where)

@@ -91,7 +91,8 @@ def cache_token_stats(cache: CacheBatch, cand_hidden: jax.Array, cand_unembeddin
   logprobs, cand_top1 = head.logprobs_and_argmax(cand_hidden, cand_unembedding,
                                                  jnp.concatenate([cache.ids, targets[..., None]], axis=-1),
                                                  vocab_size=vocab_size)
-  kld = losses.topk_kl_from_logprobs(TopK(cache.ids, cache.logprobs), logprobs[..., :k], normalization="tail")
+  kld = losses.topk_kl_from_logprobs(teacher=TopK(cache.ids, cache.logprobs), student_topk_logprobs=logprobs[..., :k],
+                                     normalization="tail")
   values = (kld, -cache.target_logprob, -logprobs[..., k], (cand_top1 == cache.ids[..., 0]).astype(jnp.float32))
   kld, ref_ce, cand_ce, agree = (jnp.where(scored, v, 0.0) for v in values)
   return head.TokenStats(kld, ref_ce, cand_ce, agree, ref_ce - cand_ce)

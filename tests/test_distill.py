@@ -51,8 +51,9 @@ def materialized_loss(setup: distill.Setup, batch, cfg: distill.DistillConfig) -
       values = losses.cross_entropy(student, targets, vocab_size=v)
     else:
       teacher = logits(setup.teacher.model)
-      values = (losses.kl_divergence(teacher, student, vocab_size=v) if cfg.objective == "kl" else
-                losses.topk_kl_divergence(student, teacher, k=cfg.topk, vocab_size=v))
+      values = (losses.kl_divergence(ref_logits=teacher, cand_logits=student,
+                                     vocab_size=v) if cfg.objective == "kl" else
+                losses.topk_kl_divergence(student_logits=student, teacher=teacher, k=cfg.topk, vocab_size=v))
     return float(np.mean(np.asarray(values)))
 
 

@@ -27,12 +27,14 @@ def test_token_stats_match_materialized_losses(rng, block_size):
   targets = rng.integers(0, 1000, (2, 19))
   a, c = logits(h, w), logits(h_c, w_c)
   with jax.default_matmul_precision("highest"):
-    got = head.token_stats(h, w, h_c, w_c, targets, block_size=block_size)
+    got = head.token_stats(ref_hidden=h, ref_unembedding=w, cand_hidden=h_c, cand_unembedding=w_c, targets=targets,
+                           block_size=block_size)
   np.testing.assert_allclose(got.kld, ref.kl(a, c), rtol=1e-4, atol=1e-7)
   np.testing.assert_allclose(got.ref_ce, ref.cross_entropy(a, targets), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got.cand_ce, ref.cross_entropy(c, targets), rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(got.top1_agreement, losses.top1_agreement(a, c))
-  np.testing.assert_allclose(got.logprob_delta, losses.target_logprob_delta(a, c, targets), atol=2e-5)
+  np.testing.assert_array_equal(got.top1_agreement, losses.top1_agreement(ref_logits=a, cand_logits=c))
+  np.testing.assert_allclose(got.logprob_delta,
+                             losses.target_logprob_delta(ref_logits=a, cand_logits=c, targets=targets), atol=2e-5)
   assert got.kld.shape == (2, 19)
 
 
@@ -43,16 +45,19 @@ def test_candidates_share_one_pass_and_match_float64(rng):
   where = rng.random((2, 19)) < 0.8
   a = logits(h, w)
   with jax.default_matmul_precision("highest"):
-    stats = head.candidates_token_stats(h, w, candidates, targets, where=where, block_size=333)
+    stats = head.candidates_token_stats(ref_hidden=h, ref_unembedding=w, candidates=candidates, targets=targets,
+                                        where=where, block_size=333)
   assert len(stats) == 3
   for got, (hc, wc) in zip(stats, candidates):
     c = logits(hc, wc)
     np.testing.assert_allclose(got.kld, np.where(where, ref.kl(a, c), 0), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(got.ref_ce, np.where(where, ref.cross_entropy(a, targets), 0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got.cand_ce, np.where(where, ref.cross_entropy(c, targets), 0), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(got.top1_agreement, np.where(where, losses.top1_agreement(a, c), 0))
+    np.testing.assert_array_equal(got.top1_agreement,
+                                  np.where(where, losses.top1_agreement(ref_logits=a, cand_logits=c), 0))
   with jax.default_matmul_precision("highest"):
-    again, top = head.candidates_token_stats(h, w, candidates, targets, where=where, block_size=333, reference_topk=7)
+    again, top = head.candidates_token_stats(ref_hidden=h, ref_unembedding=w, candidates=candidates, targets=targets,
+                                             where=where, block_size=333, reference_topk=7)
   for x, y in zip(again, stats):
     np.testing.assert_array_equal(x.kld, y.kld)
   logprobs = ref.f64(a) - ref.lse(a)[..., None]
@@ -60,7 +65,8 @@ def test_candidates_share_one_pass_and_match_float64(rng):
   np.testing.assert_array_equal(top.ids, order)
   np.testing.assert_allclose(top.logprobs, np.take_along_axis(logprobs, order, -1), rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="reference_topk=1001"):
-    head.candidates_token_stats(h, w, candidates, targets, reference_topk=1001)
+    head.candidates_token_stats(ref_hidden=h, ref_unembedding=w, candidates=candidates, targets=targets,
+                                reference_topk=1001)
 
 
 @pytest.mark.parametrize("block_size", [1, 100, 1000])
@@ -94,8 +100,10 @@ def test_fused_kl_keeps_precision_down_to_1e_minus_8(rng):
   assert np.array_equal(a, np.asarray(logits(h, w), np.float64))  # the construction is exact
   want = ref.kl(a, c)
   assert want.min() < 1e-8 < want.max()
-  for fn in (lambda: head.token_stats(h, w, h, w_c, np.zeros(48, np.int32), block_size=512).kld,
-             lambda: head.kl_divergence(h, w, h, w_c, block_size=700)):
+  for fn in (lambda: head.token_stats(ref_hidden=h, ref_unembedding=w, cand_hidden=h, cand_unembedding=w_c,
+                                      targets=np.zeros(48, np.int32), block_size=512).kld,
+             lambda: head.kl_divergence(ref_hidden=h, ref_unembedding=w, cand_hidden=h, cand_unembedding=w_c,
+                                        block_size=700)):
     got = np.asarray(fn())
     assert np.all(got >= 0)
     assert np.max(np.abs(got - want) / want) < 0.01
@@ -106,9 +114,11 @@ def test_argmax_ties_across_blocks():
   w = jnp.array([[0.0, 5.0, 1.0, 5.0, 5.0, 2.0]])
   w_c = jnp.array([[0.0, 4.0, 1.0, 5.0, 5.0, 2.0]])
   for block in (1, 2, 4):
-    stats = head.token_stats(h, w, h, w_c, jnp.zeros(1, jnp.int32), block_size=block)
+    stats = head.token_stats(ref_hidden=h, ref_unembedding=w, cand_hidden=h, cand_unembedding=w_c,
+                             targets=jnp.zeros(1, jnp.int32), block_size=block)
     np.testing.assert_array_equal(stats.top1_agreement, [0.0])  # ref picks id 1, cand id 3
-    stats = head.token_stats(h, w, h, w, jnp.zeros(1, jnp.int32), block_size=block)
+    stats = head.token_stats(ref_hidden=h, ref_unembedding=w, cand_hidden=h, cand_unembedding=w,
+                             targets=jnp.zeros(1, jnp.int32), block_size=block)
     np.testing.assert_array_equal(stats.top1_agreement, [1.0])
     top = head.teacher_topk(h, w, 3, block_size=block)
     np.testing.assert_array_equal(top.ids, [[1, 3, 4]])
@@ -119,12 +129,14 @@ def test_padded_vocabulary_and_mismatch(rng):
   targets = rng.integers(0, 300, (2, 19))
   padded = np.concatenate([w_c, rng.standard_normal((w_c.shape[0], 20)).astype(np.float32) * 9], axis=1)
   with jax.default_matmul_precision("highest"):
-    want = head.token_stats(h, w, h_c, w_c, targets, block_size=64)
-    got = head.token_stats(h, w, h_c, padded, targets, vocab_size=300, block_size=64)
+    want = head.token_stats(ref_hidden=h, ref_unembedding=w, cand_hidden=h_c, cand_unembedding=w_c, targets=targets,
+                            block_size=64)
+    got = head.token_stats(ref_hidden=h, ref_unembedding=w, cand_hidden=h_c, cand_unembedding=padded, targets=targets,
+                           vocab_size=300, block_size=64)
   for g, x in zip(got, want):
     np.testing.assert_allclose(g, x, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="reference unembedding has 300 columns, candidate has 320"):
-    head.token_stats(h, w, h_c, padded, targets)
+    head.token_stats(ref_hidden=h, ref_unembedding=w, cand_hidden=h_c, cand_unembedding=padded, targets=targets)
   with pytest.raises(ValueError, match="fewer than vocab_size=400"):
     head.cross_entropy(h, w, targets, vocab_size=400)
   with pytest.raises(ValueError, match=r"must be \[d, V\]"):
@@ -135,8 +147,9 @@ def test_masks(rng):
   h, w, h_c, w_c = model_pair(rng)
   targets = rng.integers(0, 1000, (2, 19))
   where = rng.random((2, 19)) > 0.3
-  full = head.token_stats(h, w, h_c, w_c, targets)
-  masked = head.token_stats(h, w, h_c, w_c, targets, where=where)
+  full = head.token_stats(ref_hidden=h, ref_unembedding=w, cand_hidden=h_c, cand_unembedding=w_c, targets=targets)
+  masked = head.token_stats(ref_hidden=h, ref_unembedding=w, cand_hidden=h_c, cand_unembedding=w_c, targets=targets,
+                            where=where)
   for f, m in zip(full, masked):
     np.testing.assert_array_equal(m, np.where(where, f, 0.0))
   np.testing.assert_array_equal(head.cross_entropy(h, w, targets, where=np.zeros((2, 19), bool)), 0.0)
@@ -146,9 +159,11 @@ def test_masks(rng):
 def test_topk_kl_value_and_gradient_match_materialized(rng, normalization):
   h, w, h_s, w_s = model_pair(rng, v=700, noise=0.3)
   teacher = head.teacher_topk(h, w, 9, temperature=1.5, block_size=128)
-  fused = lambda hs, ws: head.topk_kl_divergence(hs, ws, teacher, normalization=normalization, temperature=1.5,
+  fused = lambda hs, ws: head.topk_kl_divergence(student_hidden=hs, student_unembedding=ws, teacher=teacher,
+                                                 normalization=normalization, temperature=1.5,
                                                  block_size=128).sum()
-  plain = lambda hs, ws: losses.topk_kl_divergence(logits(hs, ws), teacher, normalization=normalization,
+  plain = lambda hs, ws: losses.topk_kl_divergence(student_logits=logits(hs, ws), teacher=teacher,
+                                                   normalization=normalization,
                                                    temperature=1.5).sum()
   with jax.default_matmul_precision("highest"):
     v_fused, g_fused = jax.value_and_grad(fused, (0, 1))(h_s, w_s)
@@ -175,8 +190,9 @@ def test_cross_entropy_and_kl_gradients_match_materialized(rng):
   cases = [
       (lambda hc, wc: head.cross_entropy(hc, wc, targets, block_size=200).sum(),
        lambda hc, wc: losses.cross_entropy(logits(hc, wc), targets).sum()),
-      (lambda hc, wc: head.kl_divergence(h, w, hc, wc, temperature=2.0, block_size=200).sum(),
-       lambda hc, wc: losses.kl_divergence(logits(h, w) / 2, logits(hc, wc) / 2).sum()),
+      (lambda hc, wc: head.kl_divergence(ref_hidden=h, ref_unembedding=w, cand_hidden=hc, cand_unembedding=wc,
+                                         temperature=2.0, block_size=200).sum(),
+       lambda hc, wc: losses.kl_divergence(ref_logits=logits(h, w) / 2, cand_logits=logits(hc, wc) / 2).sum()),
   ]
   with jax.default_matmul_precision("highest"):
     for fused, plain in cases:
@@ -186,7 +202,8 @@ def test_cross_entropy_and_kl_gradients_match_materialized(rng):
       for gf, gp in zip(g_fused, g_plain):
         np.testing.assert_allclose(gf, gp, rtol=1e-4, atol=1e-6)
   # The reference is a frozen teacher: no gradient reaches it.
-  g_ref = jax.grad(lambda hr: head.kl_divergence(hr, w, h_c, w_c).sum())(h)
+  g_ref = jax.grad(lambda hr: head.kl_divergence(ref_hidden=hr, ref_unembedding=w, cand_hidden=h_c,
+                                                 cand_unembedding=w_c).sum())(h)
   np.testing.assert_array_equal(g_ref, 0.0)
 
 
@@ -195,11 +212,11 @@ def test_bfloat16_and_jit(rng):
   targets = rng.integers(0, 1000, (2, 19))
   bf = lambda x: jnp.asarray(x, jnp.bfloat16)
   fn = jax.jit(functools.partial(head.token_stats, block_size=256))
-  got = fn(bf(h), bf(w), bf(h_c), bf(w_c), targets)
-  a, c = (jnp.einsum("...d,dv->...v", bf(x), bf(y), preferred_element_type=jnp.float32) for x, y in ((h, w),
-                                                                                                     (h_c, w_c)))
+  got = fn(ref_hidden=bf(h), ref_unembedding=bf(w), cand_hidden=bf(h_c), cand_unembedding=bf(w_c), targets=targets)
+  a, c = (jnp.einsum("...d,dv->...v", bf(x), bf(y), preferred_element_type=jnp.float32)
+          for x, y in ((h, w), (h_c, w_c)))
   assert got.kld.dtype == jnp.float32
-  np.testing.assert_allclose(got.kld, losses.kl_divergence(a, c), rtol=1e-3, atol=1e-6)
+  np.testing.assert_allclose(got.kld, losses.kl_divergence(ref_logits=a, cand_logits=c), rtol=1e-3, atol=1e-6)
   grads = jax.grad(lambda x: head.cross_entropy(x, bf(w_c), targets).sum())(bf(h_c))
   assert grads.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(grads, np.float32)))
 
@@ -211,8 +228,11 @@ def test_temporary_memory_is_flat_in_vocabulary():
   for v in (8192, 32768):
     args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((n, d), (d, v), (n, d), (d, v))]
     args.append(jax.ShapeDtypeStruct((n,), jnp.int32))
-    fused = jax.jit(functools.partial(head.token_stats, block_size=block)).lower(*args).compile()
-    naive = jax.jit(lambda hr, wr, hc, wc, t: losses.kl_divergence(hr @ wr, hc @ wc)).lower(*args).compile()
+    stats = lambda hr, wr, hc, wc, t: head.token_stats(ref_hidden=hr, ref_unembedding=wr, cand_hidden=hc,
+                                                       cand_unembedding=wc, targets=t, block_size=block)
+    fused = jax.jit(stats).lower(*args).compile()
+    naive = jax.jit(lambda hr, wr, hc, wc, t: losses.kl_divergence(ref_logits=hr @ wr, cand_logits=hc @ wc))
+    naive = naive.lower(*args).compile()
     temps[v] = (fused.memory_analysis().temp_size_in_bytes, naive.memory_analysis().temp_size_in_bytes)
   assert temps[32768][0] < 1.2 * temps[8192][0]
   assert temps[32768][1] > 3 * temps[8192][1]
@@ -234,13 +254,16 @@ def test_final_logit_softcap_values_and_gradients_match_float64(rng, block_size)
   assert np.abs(raw_c).max() > 6
   a, c = capped(raw_a, 5.0), capped(raw_c, 3.0)
   with jax.default_matmul_precision("highest"):
-    stats = head.token_stats(h, ref_head, h_c, cand_head, targets, block_size=block_size)
+    stats = head.token_stats(ref_hidden=h, ref_unembedding=ref_head, cand_hidden=h_c, cand_unembedding=cand_head,
+                             targets=targets, block_size=block_size)
     ce = head.cross_entropy(h_c, cand_head, targets, block_size=block_size)
     top = head.teacher_topk(h, ref_head, 6, block_size=block_size)
-    topk_kl = head.topk_kl_divergence(h_c, cand_head, top, block_size=block_size)
+    topk_kl = head.topk_kl_divergence(student_hidden=h_c, student_unembedding=cand_head, teacher=top,
+                                      block_size=block_size)
     d_ce = jax.grad(lambda x, u: head.cross_entropy(x, head.OutputHead(u, 3.0), targets, block_size=block_size).sum(),
                     argnums=(0, 1))(h_c, w_c)
-    d_kl = jax.grad(lambda x: head.kl_divergence(h, ref_head, x, cand_head, temperature=2.0,
+    d_kl = jax.grad(lambda x: head.kl_divergence(ref_hidden=h, ref_unembedding=ref_head, cand_hidden=x,
+                                                 cand_unembedding=cand_head, temperature=2.0,
                                                  block_size=block_size).sum())(h_c)
   np.testing.assert_allclose(stats.kld, ref.kl(a, c), rtol=1e-4, atol=1e-7)
   np.testing.assert_allclose(stats.ref_ce, ref.cross_entropy(a, targets), rtol=1e-5, atol=1e-5)
@@ -264,24 +287,29 @@ def test_embedding_rows_equal_the_transposed_matrix_in_values_and_gradients(rng)
   h, w, h_c, w_c = model_pair(rng, v=900, noise=0.2)
   targets = rng.integers(0, 900, (2, 19))
   rows = lambda x: head.EmbeddingRows(jnp.asarray(x).T)
-  stats = head.token_stats(h, rows(w), h_c, rows(w_c), targets, block_size=200)
-  plain = head.token_stats(h, w, h_c, w_c, targets, block_size=200)
+  stats = head.token_stats(ref_hidden=h, ref_unembedding=rows(w), cand_hidden=h_c, cand_unembedding=rows(w_c),
+                           targets=targets, block_size=200)
+  plain = head.token_stats(ref_hidden=h, ref_unembedding=w, cand_hidden=h_c, cand_unembedding=w_c, targets=targets,
+                           block_size=200)
   for got, want in zip(stats, plain):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
   np.testing.assert_allclose(head.teacher_topk(h, rows(w), 7, block_size=200).logprobs,
                              head.teacher_topk(h, w, 7, block_size=200).logprobs, rtol=2e-5, atol=1e-6)
   for loss in (lambda hc, u: head.cross_entropy(hc, u, targets, block_size=200).sum(),
-               lambda hc, u: head.kl_divergence(h, rows(w) if isinstance(u, head.EmbeddingRows) else w, hc, u,
-                                                block_size=200).sum()):
+               lambda hc, u: head.kl_divergence(
+                   ref_hidden=h, ref_unembedding=rows(w) if isinstance(u, head.EmbeddingRows) else w, cand_hidden=hc,
+                   cand_unembedding=u, block_size=200).sum()):
     (g_h, g_rows), (p_h, p_w) = jax.grad(loss, (0, 1))(h_c, rows(w_c)), jax.grad(loss, (0, 1))(h_c, jnp.asarray(w_c))
     assert isinstance(g_rows, head.EmbeddingRows) and g_rows.rows.shape == (900, 24)
     np.testing.assert_allclose(g_h, p_h, rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(g_rows.rows, p_w.T, rtol=2e-5, atol=1e-6)
   n, d, v = 256, 64, 32768
   shapes = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((n, d), (v, d), (n, d), (v, d))]
-  tied = lambda hr, er, hc, ec, t: head.token_stats(hr, head.EmbeddingRows(er), hc, head.EmbeddingRows(ec), t,
+  tied = lambda hr, er, hc, ec, t: head.token_stats(ref_hidden=hr, ref_unembedding=head.EmbeddingRows(er),
+                                                    cand_hidden=hc, cand_unembedding=head.EmbeddingRows(ec), targets=t,
                                                      block_size=1024)
-  transposed = lambda hr, er, hc, ec, t: head.token_stats(hr, er.T, hc, ec.T, t, block_size=1024)
+  transposed = lambda hr, er, hc, ec, t: head.token_stats(ref_hidden=hr, ref_unembedding=er.T, cand_hidden=hc,
+                                                          cand_unembedding=ec.T, targets=t, block_size=1024)
   temp = lambda fn: jax.jit(fn).lower(*shapes, jax.ShapeDtypeStruct((n,), jnp.int32)).compile() \
       .memory_analysis().temp_size_in_bytes
   assert temp(transposed) - temp(tied) >= 2 * v * d * 4  # each transpose costs a whole matrix; rows only blocks

@@ -211,7 +211,7 @@ def test_quantized_candidate_and_checkpoint_round_trip(tmp_path, rng):
   np.testing.assert_array_equal(down(candidate), models.fake_quantize(down(reference), models.QuantSpec(3, 16)))
   np.testing.assert_array_equal(candidate.model.embed.embedding[...], reference.model.embed.embedding[...])
   tokens = rng.integers(0, 64, (2, 10))
-  kl = losses.kl_divergence(reference.logprobs(tokens), candidate.logprobs(tokens))
+  kl = losses.kl_divergence(ref_logits=reference.logprobs(tokens), cand_logits=candidate.logprobs(tokens))
   assert 0 < float(kl.mean()) < 1
 
   saved = models.save_checkpoint(candidate, tmp_path / "ckpt")

@@ -82,7 +82,8 @@ def test_fused_head_keeps_kld_precision_with_bfloat16_inputs(rng):
   a, c = f64(hb) @ f64(wb), f64(hcb) @ f64(wb)
   la, lc = a - np.logaddexp.reduce(a, -1, keepdims=True), c - np.logaddexp.reduce(c, -1, keepdims=True)
   want = np.sum(np.exp(la) * (la - lc), -1)
-  got = np.asarray(head.token_stats(hb, wb, hcb, wb, np.zeros(n, np.int32), block_size=1024).kld, np.float64)
+  got = np.asarray(head.token_stats(ref_hidden=hb, ref_unembedding=wb, cand_hidden=hcb, cand_unembedding=wb,
+                                    targets=np.zeros(n, np.int32), block_size=1024).kld, np.float64)
   assert got.min() >= 0 and want.min() < 1e-8 and want.max() > 1e-3
   tiny = want > 1e-12
   np.testing.assert_allclose(got[tiny], want[tiny], rtol=1e-2, atol=1e-12)
