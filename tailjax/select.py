@@ -133,7 +133,7 @@ class SelectionReport:
   def to_dict(self) -> dict[str, Any]:
     s = self.selection
     d = {"selected": s.selected, "rule": s.rule, "selected_by": s.selected_by, "concordance": s.concordance,
-         "regime": s.regime, "pairwise_concordance": self.pairwise,
+         "regime": s.regime, "verdict": s.verdict, "pairwise_concordance": self.pairwise,
          "mean_median_discordant_pairs": [list(p) for p in s.discordant], "warning": s.warning,
          "summaries": self.summaries, "missing_summaries": self.missing, "table": self.table}
     if self.correlations is not None:
@@ -213,7 +213,7 @@ def _notes(report: SelectionReport) -> list[str]:
   if report.missing:
     notes.append(f"summaries {', '.join(report.missing)} are not in every row of the table: left out")
   notes += [f"concordance C({{{key}}}) = {value:.3f}" for key, value in s.concordance.items()]
-  notes.append(f"regime: {s.regime}")
+  notes.append(f"regime: {s.verdict}")
   for name, (members, f) in report.families.items():
     notes.append(f"family {name} ({len(members)} checkpoints): C({{mean,median}}) = "
                  f"{f.concordance['mean,median']:.3f}, regime {f.regime}, selected by {f.rule}: {f.selected}"

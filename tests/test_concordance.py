@@ -73,6 +73,19 @@ def test_selection_rules_regime_and_warning():
   uniform = {f"c{i}": {"mean": 3.0 - i * 0.1, "median": 1.0 - i * 0.05, "p99": 9 - i} for i in range(5)}
   sel = stats.select(uniform, summaries=("mean", "median", "p99"))
   assert sel.regime == "uniform improvement" and sel.warning is None and sel.selected == "c4"
+  assert "mean and median pick the same" in sel.verdict
+
+
+def test_one_verdict_when_orders_agree_but_picks_differ():
+  """High concordance with different picks (the smoke recipe's case) is reshaping, not uniform improvement:
+  the verdict and the warning cannot contradict each other, and the verdict states its threshold."""
+  table = {"a": {"mean": 1.0, "median": 0.51}, "b": {"mean": 1.1, "median": 0.5}, "c": {"mean": 2, "median": 1},
+           "d": {"mean": 3, "median": 2}, "e": {"mean": 4, "median": 3}}
+  with pytest.warns(UserWarning, match="mean selects a but median selects b"):
+    sel = stats.select(table, summaries=("mean", "median"))
+  assert sel.concordance["mean,median"] == pytest.approx(0.9) and 0.9 >= stats.UNIFORM_CONCORDANCE
+  assert sel.regime == "reshaping" and "reshapes" in sel.warning
+  assert sel.verdict.startswith("reshaping (C(mean, median) = 0.90, uniform improvement needs >= 0.75")
 
 
 def test_bad_tables():

@@ -101,9 +101,10 @@ class Selection:
   selected_by: dict[str, str]  # rule -> checkpoint
   rule: str
   concordance: dict[str, float]  # comma-joined summary set -> value
-  regime: str
+  regime: str  # "uniform improvement" or "reshaping": the one verdict (``verdict`` says why)
   discordant: list[tuple[str, str]]
-  warning: str | None
+  warning: str | None  # set when mean and median pick different checkpoints
+  verdict: str = ""
 
 
 def select(table: Table, by: str = "median", summaries: Iterable[str] = ("mean", "median", "p90", "p99"),
@@ -115,10 +116,17 @@ def select(table: Table, by: str = "median", summaries: Iterable[str] = ("mean",
   if by not in selected_by:
     raise ValueError(f"summary {by!r} is missing from the table")
   conc = {"mean,median": concordance(table, ["mean", "median"]), ",".join(summaries): concordance(table, summaries)}
-  regime = "uniform improvement" if conc["mean,median"] >= uniform_threshold else "reshaping"
+  c = conc["mean,median"]
+  same_pick = selected_by.get("mean") == selected_by.get("median")
+  # one verdict from both signals: a family improves uniformly only if mean and median agree on the order
+  # (C at or above the threshold) and on the pick
+  regime = "uniform improvement" if c >= uniform_threshold and same_pick else "reshaping"
+  why = f"C(mean, median) = {c:.2f}, uniform improvement needs >= {uniform_threshold:g} and one pick"
   warning = None
-  if selected_by.get("mean") != selected_by.get("median"):
+  if not same_pick:
     warning = (f"mean selects {selected_by['mean']} but median selects {selected_by['median']}: the loss "
-               f"distribution reshapes across this family (mean/median concordance {conc['mean,median']:.2f})")
+               f"distribution reshapes across this family ({why})")
     warnings.warn(warning, stacklevel=2)
-  return Selection(selected_by[by], selected_by, by, conc, regime, discordant_pairs(table), warning)
+  verdict = f"{regime} ({why}" + (f"; mean picks {selected_by['mean']}, median {selected_by['median']})"
+                                  if not same_pick else "; mean and median pick the same)")
+  return Selection(selected_by[by], selected_by, by, conc, regime, discordant_pairs(table), warning, verdict)
