@@ -9,16 +9,13 @@ compared (``tailjax report``) without the models.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import math
 from typing import Any
 
 import numpy as np
 
-from tailjax import __version__
+from tailjax import __version__, pages
 from tailjax.evaluate import EvalState, Moments
 from tailjax.stats import HostHistogram, SequenceSummary, Summary, compare
 from tailjax.stats.bootstrap import block_bootstrap
@@ -265,25 +262,29 @@ def to_markdown(report: dict[str, Any]) -> str:
   kld_head, kld_rows, ce_head, ce_rows = _rows(report)
   lines = ["# tailjax eval", "", _title(report), ""]
   for head, rows in ((kld_head, kld_rows), (ce_head, ce_rows)):
-    lines += [*markdown_table(head, rows), ""]
+    lines += [*pages.markdown_table(head, rows), ""]
   lines += [f"- {note}" for note in _notes(report)]
-  for name, rows in report.get("worst_tokens", {}).items():
-    lines += ["", f"## Highest-KLD tokens: {name}", "", "| KLD | window | position | context → target |",
-              "|---|---|---|---|"]
-    lines += [f"| {_fmt(r['kld'])} | {r['window']} | {r['position']} | {_quote(r['context'])} → "
-              f"{_quote(r['target'])} |" for r in rows[:10]]
+  for name, (head, rows) in _worst_rows(report).items():
+    lines += ["", f"## Highest-KLD tokens: {name}", "", *pages.markdown_table(head, [
+        [kld, window, position, f"{_quote(context)} → {_quote(target)}"] for kld, window, position, context, target
+        in rows])]
   return "\n".join(lines) + "\n"
+
+
+WORST_SHOWN = 10  # highest-KLD tokens per candidate on the pages (report.json keeps all it has)
+
+
+def _worst_rows(report: dict[str, Any]) -> dict[str, tuple[list[str], list[list[str]]]]:
+  """Per candidate, the table of its highest-KLD tokens: KLD, window, position, context, target."""
+  head = ["KLD", "window", "position", "context → target"]
+  return {name: (head, [[_fmt(r["kld"]), str(r["window"]), str(r["position"]), r["context"], r["target"]]
+                        for r in rows[:WORST_SHOWN]])
+          for name, rows in report.get("worst_tokens", {}).items()}
 
 
 def _quote(text: str) -> str:
   """Decoded tokens inside a Markdown table cell: visible whitespace, no column breaks."""
   return "`" + text.replace("\n", "⏎").replace("|", "\\|").replace("`", "'") + "`"
-
-
-def _png(figure) -> str:
-  buffer = io.BytesIO()
-  figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-  return base64.b64encode(buffer.getvalue()).decode()
 
 
 def plots(report: dict[str, Any]) -> dict[str, str]:
@@ -294,69 +295,52 @@ def plots(report: dict[str, Any]) -> dict[str, str]:
   import matplotlib.pyplot as plt
 
   out = {}
+  color = pages.colors(report["models"])  # one colour per model in every plot
   fig, ax = plt.subplots(figsize=(6.4, 4))
   for name, c in report["candidates"].items():
     sketch = HostHistogram.from_dict(c["kld"]["sketch"])
     values = sketch.spec.representative()
     keep = (sketch.counts > 0) & (values > 0) & np.isfinite(values)
     cdf = np.cumsum(sketch.counts) / max(sketch.n - sketch.nan, 1)
-    ax.step(values[keep], cdf[keep], where="post", label=name)
+    ax.step(values[keep], cdf[keep], where="post", label=name, color=color[name])
   ax.set(xscale="log", xlabel="per-token KLD (nats)", ylabel="share of tokens ≤ x", title="KLD CDF")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  out["kld_cdf"] = _png(fig)
+  out["kld_cdf"] = pages.png(fig)
   plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(6.4, 4))
   ref = np.asarray([np.nan if p is None else p for p in report["models"][report["reference"]]["sequences"]["ppl"]])
   for name in report["candidates"]:
     cand = np.asarray([np.nan if p is None else p for p in report["models"][name]["sequences"]["ppl"]])
-    ax.scatter(ref, cand, s=10, label=name, alpha=0.7)
+    ax.scatter(ref, cand, s=10, label=name, alpha=0.7, color=color[name])
   finite = ref[np.isfinite(ref)]
   if finite.size:
     ax.plot([finite.min(), finite.max()], [finite.min(), finite.max()], color="gray", lw=0.8)
   ax.set(xscale="log", yscale="log", xlabel="reference PPL per sequence", ylabel="candidate PPL per sequence",
          title="per-sequence perplexity")
   ax.legend(fontsize=8)
-  out["sequence_ppl"] = _png(fig)
+  out["sequence_ppl"] = pages.png(fig)
   plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(6.4, 4))
   for name, m in report["models"].items():
     pct = m["ce"]["percentiles"]
-    ax.plot([float(k[1:]) for k in pct], [np.nan if v is None else v for v in pct.values()], marker=".", label=name)
+    ax.plot([float(k[1:]) for k in pct], [np.nan if v is None else v for v in pct.values()], marker=".", label=name,
+            color=color[name])
   ax.set(yscale="log", xlabel="percentile", ylabel="per-token CE (nats)", title="CE percentile profile")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  out["ce_profile"] = _png(fig)
+  out["ce_profile"] = pages.png(fig)
   plt.close(fig)
   return out
 
 
-def html_table(head: list[str], rows: list[list[str]]) -> str:
-  cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-  body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-  return f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def html_page(title: str, subtitle: str, tables: list[str], notes: list[str], images: dict[str, str]) -> str:
-  """A self-contained page: tables, a list of notes, base64 PNG figures."""
-  figures = "".join(f'<figure><img alt="{name}" src="data:image/png;base64,{png}"></figure>'
-                    for name, png in images.items())
-  items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-  style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;"
-           "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,"
-           "th:first-child{text-align:left}figure{display:inline-block;margin:0.5em}")
-  return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}"
-          f"</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(subtitle)}</p>{''.join(tables)}"
-          f"<ul>{items}</ul>{figures}</body></html>")
-
-
-def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
-  return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
-
-
 def to_html(report: dict[str, Any]) -> str:
   kld_head, kld_rows, ce_head, ce_rows = _rows(report)
-  return html_page("tailjax eval", _title(report), [html_table(kld_head, kld_rows), html_table(ce_head, ce_rows)],
-                   _notes(report), plots(report))
+  worst = [(f"Highest-KLD tokens: {name}", pages.html_table(head, [
+      [kld, window, position, f"{context} → {target}"] for kld, window, position, context, target in rows]))
+      for name, (head, rows) in _worst_rows(report).items()]
+  return pages.html_page("tailjax eval", _title(report),
+                         [pages.html_table(kld_head, kld_rows), pages.html_table(ce_head, ce_rows)], _notes(report),
+                         plots(report), sections=worst)

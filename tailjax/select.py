@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
-from tailjax import files, stats
+from tailjax import files, pages, stats
 
 DEFAULT_SUMMARIES = ("mean", "median", "p90", "p99")
 
@@ -242,13 +242,12 @@ def render(report: SelectionReport, console) -> None:
 
 
 def to_markdown(report: SelectionReport) -> str:
-  from tailjax.report import markdown_table
 
   head, rows = _rows(report)
   pairwise = report.pairwise
   names = list(pairwise)
-  lines = ["# tailjax select", "", *markdown_table(head, rows), "", *(f"- {n}" for n in _notes(report)), "",
-           "## Pairwise concordance", "", *markdown_table(["", *names],
+  lines = ["# tailjax select", "", *pages.markdown_table(head, rows), "", *(f"- {n}" for n in _notes(report)), "",
+           "## Pairwise concordance", "", *pages.markdown_table(["", *names],
                                                           [[a, *(f"{pairwise[a][b]:.2f}" for b in names)] for a in names])]
   return "\n".join(lines) + "\n"
 
@@ -266,22 +265,22 @@ def plots(report: SelectionReport) -> dict[str, str]:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  from tailjax.report import _png
-
   out = {}
   fig, ax = plt.subplots(figsize=(5.5, 4.5))
   runs: dict[str, list[tuple[int, str]]] = {}
   for name in report.table:
     parsed = _run_and_step(name)
     runs.setdefault(parsed[0] if parsed else name, []).append((parsed[1] if parsed else 0, name))
+  hue, shade = pages.colors(runs), pages.run_shades(runs)
   for run, points in runs.items():
     points.sort()
     xs = [report.table[n]["mean"] for _, n in points]
     ys = [report.table[n]["median"] for _, n in points]
-    ax.plot(xs, ys, "o-" if len(points) > 1 else "o", label=run)
+    ax.plot(xs, ys, "-", color=hue[run], alpha=0.5, label=run)
+    ax.scatter(xs, ys, color=[shade[n] for _, n in points], zorder=3)
   ax.set(xlabel="mean CE", ylabel="median CE", title="mean vs median (lower-left is better)")
   ax.legend(fontsize=7)
-  out["mean_vs_median"] = _png(fig)
+  out["mean_vs_median"] = pages.png(fig)
   plt.close(fig)
 
   percents = [f"p{q}" for q in (*range(5, 100, 5), 99)]
@@ -290,10 +289,10 @@ def plots(report: SelectionReport) -> dict[str, str]:
     for name, row in report.table.items():
       iqr = row["p75"] - row["p25"]
       ax.plot([int(p[1:]) for p in percents], [(row[p] - row["p50"]) / iqr if iqr > 0 else math.nan for p in percents],
-              label=name, linewidth=1)
+              label=name, linewidth=1, color=shade[name])
     ax.set(xlabel="percentile", ylabel="(P_q - P50) / IQR", title="standardized CE percentile profiles")
     ax.legend(fontsize=6, ncol=2)
-    out["standardized_profiles"] = _png(fig)
+    out["standardized_profiles"] = pages.png(fig)
     plt.close(fig)
 
   names = list(report.pairwise)
@@ -306,20 +305,19 @@ def plots(report: SelectionReport) -> dict[str, str]:
       ax.text(j, i, f"{report.pairwise[a][b]:.2f}", ha="center", va="center", fontsize=7, color="w")
   fig.colorbar(image, ax=ax, label="concordance")
   ax.set_title("pairwise concordance of summaries")
-  out["concordance"] = _png(fig)
+  out["concordance"] = pages.png(fig)
   plt.close(fig)
   return out
 
 
 def to_html(report: SelectionReport) -> str:
-  from tailjax.report import html_page, html_table
 
   head, rows = _rows(report)
   names = list(report.pairwise)
-  pairwise = html_table(["", *names], [[a, *(f"{report.pairwise[a][b]:.2f}" for b in names)] for a in names])
+  pairwise = pages.html_table(["", *names], [[a, *(f"{report.pairwise[a][b]:.2f}" for b in names)] for a in names])
   s = report.selection
-  return html_page("tailjax select", f"{len(report.table)} checkpoints; selected by {s.rule}: {s.selected}",
-                   [html_table(head, rows), pairwise], _notes(report), plots(report))
+  return pages.html_page("tailjax select", f"{len(report.table)} checkpoints; selected by {s.rule}: {s.selected}",
+                         [pages.html_table(head, rows), pairwise], _notes(report), plots(report))
 
 
 def write(report: SelectionReport, output: str | Path) -> None:

@@ -41,7 +41,9 @@ def test_report_matches_exact_quantiles_of_the_token_dump(tiny, tmp_path):
   result = run(tiny, tmp_path / "run", dump_tokens=tmp_path / "tokens.parquet")
   saved = json.loads((tmp_path / "run" / "report.json").read_text())
   assert saved["candidates"].keys() == result["candidates"].keys() == {"int3-g16-sym", "int2-g16-asym"}
-  assert (tmp_path / "run" / "report.html").read_text().count("data:image/png;base64") == 3
+  page = (tmp_path / "run" / "report.html").read_text()
+  assert page.count("data:image/png;base64") == 3
+  assert "<h2>Highest-KLD tokens: int2-g16-asym</h2><table>" in page  # not only in report.md
   markdown = (tmp_path / "run" / "report.md").read_text()
   assert "| candidate | KLD mean |" in markdown and "## Highest-KLD tokens: int2-g16-asym" in markdown
   dump = pq.read_table(tmp_path / "tokens.parquet").to_pydict()

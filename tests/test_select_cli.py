@@ -114,3 +114,17 @@ def test_families_and_the_markdown_and_html_reports(family):
   lonely = CliRunner().invoke(main, ["select", str(family / "family.csv"), "--family", "t=teacher"])
   assert lonely.exit_code != 0 and "a family needs at least two checkpoints: t=teacher matches ['teacher']" in \
       lonely.output
+
+
+def test_pages_colour_each_model_once_and_shade_runs_by_step():
+  from matplotlib.colors import to_rgb
+
+  from tailjax import pages
+
+  colors = pages.colors(["ref", "int4", "int3", "int4"])
+  assert list(colors) == ["ref", "int4", "int3"] and len(set(colors.values())) == 3
+  assert pages.colors(["ref", "int4", "int3"]) == colors  # the same model, the same colour, in every plot
+  shades = pages.run_shades({"lr1": [(200, "lr1@200"), (100, "lr1@100"), (300, "lr1@300")], "lr2": [(100, "lr2@100")]})
+  lightness = [sum(to_rgb(shades[f"lr1@{step}"])) for step in (100, 200, 300)]
+  assert lightness[0] > lightness[1] > lightness[2]  # later steps darker
+  assert shades["lr1@300"] == pages.colors(["lr1", "lr2"])["lr1"] != shades["lr2@100"]  # last step: the run's hue
