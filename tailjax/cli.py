@@ -180,7 +180,7 @@ def eval_command(reference, candidates, corpus, text_field, protocol, seq_len, n
 @click.option("--output", type=click.Path(path_type=Path), help="Directory for the combined report.md/.html/.json.")
 def report_command(runs: tuple[Path, ...], output: Path | None) -> None:
   """Re-render saved eval RUNS (directories with report.json); several are compared side by side."""
-  from tailjax import files, report, runner
+  from tailjax import files, report
 
   console = _wide_console()
   try:
@@ -192,7 +192,7 @@ def report_command(runs: tuple[Path, ...], output: Path | None) -> None:
     raise click.ClickException(str(err)) from None
   report.render(result, console)
   if output:
-    runner.write_report(result, output)
+    report.write(result, output)
     console.print(f"wrote {output / 'report.json'}, report.md, report.html")
 
 

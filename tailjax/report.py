@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from tailjax import __version__, pages
+from tailjax import __version__, files, pages
 from tailjax.evaluate import EvalState, Moments
 from tailjax.stats import HostHistogram, SequenceSummary, Summary, compare
 from tailjax.stats.bootstrap import block_bootstrap
@@ -46,8 +46,9 @@ def _summary(blocks: list[HostHistogram], merged: HostHistogram, spike_threshold
 
 
 def build_report(state: EvalState, run: dict[str, Any], sources: dict[str, str], *, spike_thresholds=(0.5,),
-                 outlier_ppl: float = 100.0, replicates: int = 1000) -> dict[str, Any]:
-  """The ``report.json`` dictionary of a finished (or partial) run."""
+                 outlier_ppl: float = 100.0, replicates: int = 1000, windows=None, tokenizer=None) -> dict[str, Any]:
+  """The ``report.json`` dictionary of a finished (or partial) run; with the run's ``windows`` and ``tokenizer``
+  its highest-KLD tokens are listed with the text around them (``worst_tokens``)."""
   reference, candidates = state.labels[0], state.labels[1:]
   report: dict[str, Any] = {"tailjax_version": __version__, "run": {**run, "windows_done": state.windows_done},
                             "reference": reference, "models": {}, "candidates": {}}
@@ -72,9 +73,36 @@ def build_report(state: EvalState, run: dict[str, Any], sources: dict[str, str],
     report["candidates"][label]["delta_p"].update(min=dp.min, max=dp.max, sketch=dp.to_dict(),
                                                   quantiles=_quantile_table(dp, DELTA_P_QUANTILES))
   report["comparison"] = compare_candidates(report)
+  if windows is not None and tokenizer is not None:
+    report["worst_tokens"] = worst_tokens(state, windows, tokenizer)
   if state.routing:
     report["routing"] = routing_report(state.routing, reference, int(tokens.sum()))
   return report
+
+
+def worst_tokens(state: EvalState, windows, tokenizer, context: int = 12) -> dict[str, list[dict[str, Any]]]:
+  """The highest-KLD predictions with the text around them, so a person can see where a candidate breaks."""
+  out = {}
+  for label, entries in state.worst.items():
+    rows = []
+    for value, window, position in entries:
+      ids = windows.tokens[window]
+      rows.append({"kld": value, "window": window, "position": position,
+                   "context": tokenizer.decode(ids[max(0, position + 1 - context):position + 1].tolist()),
+                   "target": tokenizer.decode([int(ids[position + 1])])})
+    out[label] = rows
+  return out
+
+
+def write(report: dict[str, Any], output) -> None:
+  """``report.json``, ``report.md`` and ``report.html`` into the directory ``output``."""
+  from pathlib import Path
+
+  output = Path(output)
+  output.mkdir(parents=True, exist_ok=True)
+  (output / "report.json").write_text(files.json_text(report))
+  (output / "report.md").write_text(to_markdown(report))
+  (output / "report.html").write_text(to_html(report))
 
 
 def routing_report(routing: dict[str, np.ndarray], reference: str, scored_tokens: int) -> dict[str, Any]:

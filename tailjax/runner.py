@@ -252,9 +252,9 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
                      "(delete the state or the flag)")
   state = _run_with_progress(compared, cands, windows, labels, batch_size, spike_thresholds, worst, state, dump, cache,
                              output, save_every, console, device_mesh)
-  result = reporting.build_report(state, run, run["models"], spike_thresholds=tuple(spike_thresholds))
-  result["worst_tokens"] = _worst_tokens(state, windows, tokenizer)
-  writes = [("the report", lambda: write_report(result, output))] if output is not None else []
+  result = reporting.build_report(state, run, run["models"], spike_thresholds=tuple(spike_thresholds),
+                                  windows=windows, tokenizer=tokenizer)
+  writes = [("the report", lambda: reporting.write(result, output))] if output is not None else []
   if cache is not None:
     writes.append(("the reference cache", lambda: refcache.ReferenceCache(
         windows, *(np.concatenate(cache[k]) for k in ("ids", "logprobs", "target_logprob")), ref.config.vocab_size,
@@ -354,24 +354,3 @@ def _run_with_progress(reference, cands, windows, labels, batch_size, spike_thre
   if output is not None:
     save_state(state, output / "state.npz")
   return state
-
-
-def _worst_tokens(state, windows: data.Windows, tokenizer, context: int = 12) -> dict[str, list[dict[str, Any]]]:
-  """The highest-KLD predictions with the text around them, so a person can see where a candidate breaks."""
-  out = {}
-  for label, entries in state.worst.items():
-    rows = []
-    for value, window, position in entries:
-      ids = windows.tokens[window]
-      rows.append({"kld": value, "window": window, "position": position,
-                   "context": tokenizer.decode(ids[max(0, position + 1 - context):position + 1].tolist()),
-                   "target": tokenizer.decode([int(ids[position + 1])])})
-    out[label] = rows
-  return out
-
-
-def write_report(result: dict[str, Any], output: Path) -> None:
-  output.mkdir(parents=True, exist_ok=True)
-  (output / "report.json").write_text(files.json_text(result))
-  (output / "report.md").write_text(reporting.to_markdown(result))
-  (output / "report.html").write_text(reporting.to_html(result))
