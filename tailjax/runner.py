@@ -26,6 +26,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from tailjax import data, files, llamacpp, models, references, refcache, report as reporting
+from tailjax.eval_config import EvalConfig
 from tailjax.evaluate import TokenDump, evaluate, load_state, save_state
 from tailjax.models import LoadedModel, ModelSpec, QuantSpec
 
@@ -153,6 +154,17 @@ def _against_stored(path, kind: str, reference: str | None, candidates: Sequence
   else:
     stored = references.CacheReference(refcache.load(path))
   return stored, labels, cands, stored.windows, tokenizer
+
+
+def run(config: EvalConfig, output: str | Path | None = None, console=None) -> dict[str, Any]:
+  """``run_eval`` of an ``EvalConfig`` (what ``tailjax eval --config FILE`` and its flags give), into the run
+  directory ``output`` if any; returns the ``report.json`` dictionary."""
+  return run_eval(config.reference, config.candidates, config.corpus, protocol=config.window_protocol(),
+                  text_field=config.text_field, batch_size=config.batch_size, spike_thresholds=config.spike_thresholds,
+                  output=output, dump_tokens=config.dump_tokens, worst=config.worst, save_every=config.save_every,
+                  kl_divergence_base=config.kl_divergence_base, reference_cache=config.reference_cache,
+                  save_reference_cache=config.save_reference_cache, cache_k=config.cache_k, mesh=config.mesh,
+                  dtype=config.dtype, console=console)
 
 
 def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpus: str = "pydoc", *,

@@ -186,6 +186,30 @@ def test_cli_eval_and_report(tiny, tmp_path):
   assert missing.exit_code != 0 and "no such report" in missing.output
 
 
+def test_eval_config_file_and_flags(tiny, tmp_path):
+  """``--config`` gives an EvalConfig, each flag overrides its field; unknown or mistyped fields are named."""
+  from tailjax.eval_config import EvalConfig
+
+  config = tmp_path / "eval.yaml"
+  config.write_text(f"reference: {tiny / 'tiny.gguf'}\ncandidates: ['@int4-g16']\ncorpus: {tiny / 'corpus.txt'}\n"
+                    "seq_len: 24\nnum_sequences: 6\nbatch_size: 3\nspike_thresholds: [0.25, 1.0]\n")
+  done = CliRunner().invoke(cli.main, ["eval", "--config", str(config), "--num-sequences", "3",
+                                       "--output", str(tmp_path / "run")])
+  assert done.exit_code == 0, done.output
+  run = json.loads((tmp_path / "run" / "report.json").read_text())["run"]
+  assert (run["seq_len"], run["num_sequences"], run["batch_size"], run["spike_thresholds"]) == (24, 3, 3, [0.25, 1.0])
+  parsed = EvalConfig.from_file(config, num_sequences=0)
+  assert parsed.window_protocol().num_sequences is None and parsed.candidates == ("@int4-g16",)
+  assert parsed.window_protocol().name == "ram"  # a reference given: ram's protocol, overridden
+  config.write_text("refrence: x.gguf\n")
+  bad = CliRunner().invoke(cli.main, ["eval", "--config", str(config)])
+  assert bad.exit_code != 0 and "unknown config fields ['refrence']" in bad.output
+  with pytest.raises(ValueError, match="worst='many' must be a whole number"):
+    EvalConfig(worst="many")
+  with pytest.raises(ValueError, match="protocol='wide' is not one of default, ram, llamacpp"):
+    EvalConfig(protocol="wide")
+
+
 @pytest.mark.slow
 def test_embedded_default_on_smollm2(tmp_path):
   """The README's first command: SmolLM2 against its own int4 and int3 quantizations, real text."""

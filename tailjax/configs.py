@@ -1,0 +1,54 @@
+"""Run configurations as dataclasses filled from YAML files and flags (``DistillConfig``, ``EvalConfig``).
+
+``from_file(cls, path, **overrides)`` reads a YAML (or JSON) mapping of fields, names any field the class does
+not have, then applies the non-None ``overrides`` (the CLI's flags); ``type_problems`` names each field whose
+value is not of its annotated type, so a YAML ``steps: three`` is reported as such, not met later as a
+comparison between a string and a number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, TypeVar
+
+Config = TypeVar("Config")
+
+_KINDS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "dict": (dict,),
+          "list": (list, tuple), "None": (type(None),)}
+_WANTED = {"str": "text", "int": "a whole number", "float": "a number", "bool": "true or false",
+           "dict": "a mapping", "list": "a list", "None": "null"}
+
+
+def from_file(cls: type[Config], path: str | Path | None = None, **overrides) -> Config:
+  """``cls`` from a YAML (or JSON) file of fields, then ``overrides`` (None values are ignored)."""
+  import yaml
+
+  values: dict[str, Any] = {}
+  if path is not None:
+    path = Path(path)
+    try:
+      values = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+      raise ValueError(f"{path}: unreadable config ({err})") from err
+    if not isinstance(values, dict):
+      raise ValueError(f"{path}: a config is a mapping of fields")
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"{path}: unknown config fields {sorted(unknown)} (fields: "
+                       f"{', '.join(f.name for f in dataclasses.fields(cls))})")
+  values.update({k: v for k, v in overrides.items() if v is not None})
+  return cls(**values)
+
+
+def type_problems(config) -> list[str]:
+  """``field=value must be ...`` for each field of the dataclass ``config`` whose value is not of its annotated
+  type (``int | None``, ``str | dict``, ``list``: a list or tuple)."""
+  problems = []
+  for field in dataclasses.fields(config):
+    value, names = getattr(config, field.name), [n.strip() for n in str(field.type).split("|")]
+    names = [n.split("[")[0] for n in names]  # list[str] -> list
+    allowed = tuple(t for n in names for t in _KINDS[n])
+    if not isinstance(value, allowed) or (isinstance(value, bool) and "bool" not in names):
+      problems.append(f"{field.name}={value!r} must be {' or '.join(_WANTED[n] for n in names)}")
+  return problems
