@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
+
+from tailjax import files
 
 BUILTIN_CORPORA = {
     "pydoc": "CPython's reference manual (pydoc_data.topics), shipped with every Python",
@@ -143,7 +144,7 @@ def make_windows(ids, protocol: Protocol, bos_id: int | None = None, source: str
     scored[:, :t // 2] = False
     if bos_id is not None:
       tokens[:, 0] = bos_id
-  digest = hashlib.sha256(tokens.tobytes() + scored.tobytes()).hexdigest()[:16]
+  digest = files.fingerprint(tokens, scored)
   return Windows(tokens, scored, starts, len(ids), digest)
 
 
@@ -237,5 +238,5 @@ def pack_documents(documents: list[str], tokenizer, seq_len: int, source: str = 
 
 
 def _packed(tokens: np.ndarray, segments: np.ndarray) -> Packed:
-  digest = hashlib.sha256(tokens.tobytes() + segments.tobytes()).hexdigest()[:16]
+  digest = files.fingerprint(tokens, segments)
   return Packed(tokens, segments, digest)

@@ -46,7 +46,7 @@ from tailjax.losses import TopK
 from tailjax.models import DTYPES as MODEL_DTYPES
 from tailjax.models import checkpoint
 from tailjax.models import PRESETS, Decoder, LoadedModel, ModelConfig, ModelSpec, Tokenizer, load, load_tokenizer
-from tailjax.models.load import CHECKPOINT_FILE
+from tailjax.models.load import CHECKPOINT_FILE, write_checkpoint_meta
 from tailjax.stats import LogHistogram, Summary, spec_for
 
 OBJECTIVES = ("ce", "kl", "topk")
@@ -485,14 +485,11 @@ def _append(path: Path, record: dict[str, Any]) -> None:
 
 def _write_sidecars(step_dir: Path, setup: Setup, source: str, evaluation: dict[str, Any] | None) -> None:
   """Makes a checkpoint a model spec (``tailjax_model.json``, ``tokenizer.json``) and stores its eval summary."""
-  setup.tokenizer.backend.save(str(step_dir / "tokenizer.json"))
-  meta = {"config": setup.student.cfg.to_dict(), "source": source, "dtype": "float32",
-          "tokenizer": {"file": "tokenizer.json", "add_bos": setup.tokenizer.add_bos, "bos_id": setup.tokenizer.bos_id}}
-  for name, content in ((CHECKPOINT_FILE, meta), (EVAL_FILE, evaluation)):
-    if content is not None:
-      partial = step_dir / (name + ".partial")
-      partial.write_text(json.dumps(content, indent=1))
-      partial.rename(step_dir / name)
+  write_checkpoint_meta(step_dir, setup.student.cfg, setup.tokenizer, source, "float32")
+  if evaluation is not None:
+    partial = step_dir / (EVAL_FILE + ".partial")
+    partial.write_text(json.dumps(evaluation, indent=1))
+    partial.rename(step_dir / EVAL_FILE)
 
 
 def distill(config: DistillConfig, output: str | Path, *, force: bool = False, console=None,

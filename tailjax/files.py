@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -20,6 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+def fingerprint(*parts: bytes | str | np.ndarray) -> str:
+  """16 hex digits of the SHA-256 of ``parts`` (arrays by their bytes, text as UTF-8): how runs, caches and
+  tokenizers say "the same tokens" without storing them."""
+  digest = hashlib.sha256()
+  for part in parts:
+    digest.update(part.encode() if isinstance(part, str) else part.tobytes() if isinstance(part, np.ndarray) else part)
+  return digest.hexdigest()[:16]
+
 
 # What a damaged .npz raises somewhere between opening it and reading its last array.
 _DAMAGED = (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile, json.JSONDecodeError)

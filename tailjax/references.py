@@ -18,7 +18,6 @@ the tokens it scored and its compressed log-probs), ``CacheReference`` a ``tailj
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
@@ -26,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tailjax import head, llamacpp, refcache
+from tailjax import files, head, llamacpp, refcache
 from tailjax.data import Windows
 from tailjax.models import LoadedModel
 from tailjax.models.transformer import Decoder
@@ -103,7 +102,7 @@ class BaseReference:
       tokens[:, 0] = bos_id
     scored = np.zeros((len(tokens), base.n_ctx - 1), bool)
     scored[:, base.first_scored:] = True
-    digest = hashlib.sha256(tokens.tobytes() + scored.tobytes()).hexdigest()[:16]
+    digest = files.fingerprint(tokens, scored)
     self.windows = Windows(tokens, scored, np.arange(len(tokens), dtype=np.int64) * base.n_ctx, tokens.size, digest)
 
   def describe(self) -> Description:

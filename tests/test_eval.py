@@ -186,6 +186,17 @@ def test_cli_eval_and_report(tiny, tmp_path):
   assert missing.exit_code != 0 and "no such report" in missing.output
 
 
+def test_one_fingerprint_helper_keeps_earlier_fingerprints():
+  """Runs, caches and tokenizers saved before the helper existed must still match (resume, cache checks)."""
+  import hashlib
+
+  from tailjax import files
+
+  tokens, scored = np.arange(12, dtype=np.int32).reshape(3, 4), np.ones((3, 3), bool)
+  assert files.fingerprint(tokens, scored) == hashlib.sha256(tokens.tobytes() + scored.tobytes()).hexdigest()[:16]
+  assert files.fingerprint("[1, 2]") == hashlib.sha256(b"[1, 2]").hexdigest()[:16] != files.fingerprint("[2, 1]")
+
+
 def test_eval_config_file_and_flags(tiny, tmp_path):
   """``--config`` gives an EvalConfig, each flag overrides its field; unknown or mistyped fields are named."""
   from tailjax.eval_config import EvalConfig

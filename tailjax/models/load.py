@@ -162,18 +162,27 @@ def from_hf(directory: str | Path, dtype=jnp.float32, param_dtype=None, device_m
 
 
 def save_checkpoint(loaded: LoadedModel, directory: str | Path) -> Path:
-  """Write a tailjax checkpoint: ``tailjax_model.json`` (config, BOS rule), ``tokenizer.json``, orbax ``params``."""
+  """Write a tailjax checkpoint: orbax ``params``, then its description (``write_checkpoint_meta``)."""
   directory = Path(directory).absolute()
   directory.mkdir(parents=True, exist_ok=True)
-  meta = {"config": loaded.config.to_dict(), "source": loaded.name,
-          "dtype": str(loaded.model.embed.embedding.get_value().dtype)}
-  if loaded.tokenizer is not None:
-    loaded.tokenizer.backend.save(str(directory / "tokenizer.json"))
-    meta["tokenizer"] = {"file": "tokenizer.json", "add_bos": loaded.tokenizer.add_bos,
-                         "bos_id": loaded.tokenizer.bos_id}
   checkpoint.save(loaded.model, directory / "params")
-  (directory / CHECKPOINT_FILE).write_text(json.dumps(meta, indent=1))
+  write_checkpoint_meta(directory, loaded.config, loaded.tokenizer, loaded.name,
+                        str(loaded.model.embed.embedding.get_value().dtype))
   return directory
+
+
+def write_checkpoint_meta(directory: Path, config: ModelConfig, tokenizer: Tokenizer | None, source: str,
+                          dtype: str) -> None:
+  """What makes a directory of orbax ``params`` a model spec: ``tokenizer.json`` and ``tailjax_model.json``
+  (config, source, dtype, BOS rule), the latter written last and atomically (a kill leaves no half file).
+  The one writer of checkpoint descriptions (``save_checkpoint``, the trainer's checkpoints)."""
+  meta = {"config": config.to_dict(), "source": source, "dtype": dtype}
+  if tokenizer is not None:
+    tokenizer.backend.save(str(directory / "tokenizer.json"))
+    meta["tokenizer"] = {"file": "tokenizer.json", "add_bos": tokenizer.add_bos, "bos_id": tokenizer.bos_id}
+  partial = directory / (CHECKPOINT_FILE + ".partial")
+  partial.write_text(json.dumps(meta, indent=1))
+  partial.rename(directory / CHECKPOINT_FILE)
 
 
 def from_checkpoint(directory: str | Path, dtype=None, param_dtype=None, device_mesh=None) -> LoadedModel:

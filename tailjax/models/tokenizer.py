@@ -4,10 +4,10 @@ each checkpoint format (GGUF metadata, a Hugging Face directory, a tailjax check
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
+from tailjax import files
 from tailjax.models import gguf, hf
 
 
@@ -33,7 +33,7 @@ class Tokenizer:
   def fingerprint(self) -> str:
     """Hash of the id <-> token map and the BOS rule: equal fingerprints tokenize alike."""
     vocab = sorted(self.backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
-    return hashlib.sha256(json.dumps([vocab, self.add_bos, self.bos_id]).encode()).hexdigest()[:16]
+    return files.fingerprint(json.dumps([vocab, self.add_bos, self.bos_id]))
 
 
 def from_gguf_reader(reader, path: Path) -> Tokenizer:
