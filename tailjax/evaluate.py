@@ -37,6 +37,21 @@ from tailjax.stats import BucketSpec, HostHistogram, LogHistogram, spec_for
 
 # Signed Δp in [-1, 1]: quantiles need resolution near 0 but no thresholds.
 DELTA_P_SPEC = BucketSpec(relative_accuracy=0.005, min_value=1e-9, max_value=2.0)
+# Bands of the reference's top-1 probability (its confidence) in which each candidate's KLD is also sketched:
+# where a quantization's damage sits (exllamav3's model_diff reports the same split).
+CONFIDENCE_BANDS = (0.0, 0.3, 0.6, 0.9, 1.0)
+
+
+def confidence_quantity(lo: float, hi: float) -> str:
+  """The sketch quantity of KLD on tokens whose reference top-1 probability lies in ``[lo, hi)`` (the last band
+  includes 1)."""
+  return f"kld_conf_{lo:g}_{hi:g}"
+
+
+# KLD on tokens where the candidate made the target more likely (log p_cand(target) > log p_ref(target): the
+# disagreement moved mass *towards* what came) and where it did not (<=): volume vs direction (the two sum to
+# the KLD sketch, token for token).
+DIRECTION_QUANTITIES = ("kld_rose", "kld_fell")
 
 
 class Moments(NamedTuple):
@@ -66,10 +81,11 @@ class WorstTokens(NamedTuple):
 class BatchStats(NamedTuple):
   """What one batch leaves the device with (``batch_step``); the per-token values stay there.
 
-  ``sketches``: ``{quantity: {label: LogHistogram}}`` (``ce`` of every model, ``kld`` and ``dp`` of every
-  candidate); ``seq_ce: [M, B]`` each model's summed CE per window; ``seq_tokens: [B]`` scored tokens per
-  window; ``moments``: ``Moments`` of ``[C]`` arrays; ``worst``: ``WorstTokens``; ``per_token: [C, 4, B, T-1]``
-  (kld, ref_ce, cand_ce, Δp) when dumped, else None; ``reference_topk``: the reference's top-K ids, log-probs
+  ``sketches``: ``{quantity: {label: LogHistogram}}`` (``ce`` of every model; ``kld`` and ``dp`` of every
+  candidate, and its KLD split by direction, ``DIRECTION_QUANTITIES``, and by the reference's confidence,
+  ``confidence_quantity``); ``seq_ce: [M, B]`` each model's summed CE per window; ``seq_tokens: [B]`` scored tokens per
+  window; ``moments``: ``Moments`` of ``[C]`` arrays; ``worst``: ``WorstTokens``; ``per_token: [C, 5, B, T-1]``
+  (kld, ref_ce, cand_ce, Δp, ref_top1_prob) when dumped, else None; ``reference_topk``: the reference's top-K ids, log-probs
   and target log-prob when a cache is written, else None; ``routing``: MoE sums (``_routing_sums``)."""
 
   sketches: dict[str, dict[str, LogHistogram]]
@@ -151,16 +167,24 @@ def _batch_stats(models: tuple, tokens: jax.Array, scored: jax.Array, stored, op
   labels = options.labels
   mask = scored.astype(jnp.float32)
   finite = lambda x: scored & (jnp.abs(x) < jnp.inf)
-  sketch = lambda values, spec=options.spec: LogHistogram.empty(spec).add(values, scored)
+  sketch = lambda values, spec=options.spec, where=scored: LogHistogram.empty(spec).add(values, where)
   outputs = [None if model is None else model.forward(tokens) for model in models]
   stats, ref_topk = _token_stats(models, outputs, tokens, scored, stored, options.vocab_size, options.cache_k)
-  sketches = {"ce": {labels[0]: sketch(stats[0].ref_ce)}, "kld": {}, "dp": {}}
+  bands = list(zip(CONFIDENCE_BANDS[:-1], CONFIDENCE_BANDS[1:]))
+  quantities = ("kld", "dp", *DIRECTION_QUANTITIES, *(confidence_quantity(*band) for band in bands))
+  sketches = {"ce": {labels[0]: sketch(stats[0].ref_ce)}, **{q: {} for q in quantities}}
   seq_ce = [jnp.sum(jnp.where(scored, stats[0].ref_ce, 0.0), axis=1)]  # NaN/inf stay: PPL undefined
   moments, top, per_token = [], [], []
   for label, s in zip(labels[1:], stats):
     dp = jnp.exp(-s.cand_ce) - jnp.exp(-s.ref_ce)
     sketches["ce"][label], sketches["kld"][label] = sketch(s.cand_ce), sketch(s.kld)
     sketches["dp"][label] = sketch(dp, DELTA_P_SPEC)
+    rose = s.logprob_delta > 0
+    sketches["kld_rose"][label] = sketch(s.kld, where=scored & rose)
+    sketches["kld_fell"][label] = sketch(s.kld, where=scored & ~rose)
+    for i, (lo, hi) in enumerate(bands):
+      inside = (s.ref_top1_prob >= lo) & ((s.ref_top1_prob < hi) | (i == len(bands) - 1))
+      sketches[confidence_quantity(lo, hi)][label] = sketch(s.kld, where=scored & inside)
     seq_ce.append(jnp.sum(jnp.where(scored, s.cand_ce, 0.0), axis=1))
     both = finite(s.ref_ce) & finite(s.cand_ce)
     a, b = jnp.where(both, s.ref_ce, 0.0), jnp.where(both, s.cand_ce, 0.0)
@@ -170,7 +194,7 @@ def _batch_stats(models: tuple, tokens: jax.Array, scored: jax.Array, stored, op
     # NaN sorts above +inf in top_k: non-finite tokens are the worst of all, as they should be.
     top.append(jax.lax.top_k(jnp.where(scored, s.kld, -jnp.inf).ravel(), options.worst))
     if options.dump:
-      per_token.append(jnp.stack([s.kld, s.ref_ce, s.cand_ce, dp]))
+      per_token.append(jnp.stack([s.kld, s.ref_ce, s.cand_ce, dp, s.ref_top1_prob]))
   cached = None if ref_topk is None else (ref_topk.ids, ref_topk.logprobs, -stats[0].ref_ce)
   return BatchStats(sketches, jnp.stack(seq_ce), jnp.sum(scored, axis=1), Moments(*map(jnp.stack, zip(*moments))),
                     WorstTokens(*map(jnp.stack, zip(*top))), jnp.stack(per_token) if options.dump else None, cached,
@@ -233,10 +257,10 @@ class TokenDump:
 
   rows: list[np.ndarray] = dataclasses.field(default_factory=list)  # [candidate, window, position, kld, ...]
 
-  COLUMNS = ("candidate", "window", "position", "target", "kld", "ref_ce", "cand_ce", "delta_p")
+  COLUMNS = ("candidate", "window", "position", "target", "kld", "ref_ce", "cand_ce", "delta_p", "ref_top1_prob")
 
   def add(self, values: np.ndarray, tokens: np.ndarray, scored: np.ndarray, first_window: int) -> None:
-    """``values: [C, 4, B, T-1]`` (kld, ref_ce, cand_ce, Δp) of one batch."""
+    """``values: [C, 5, B, T-1]`` (kld, ref_ce, cand_ce, Δp, the reference's top-1 probability) of one batch."""
     b, w, p = np.nonzero(np.broadcast_to(scored, values.shape[:1] + scored.shape))
     v = values.transpose(0, 2, 3, 1)[b, w, p]
     self.rows.append(np.column_stack([b, w + first_window, p, tokens[w, p + 1], v]))

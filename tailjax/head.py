@@ -128,6 +128,7 @@ class TokenStats(NamedTuple):
   cand_ce: Array  # -log p_cand(target)
   top1_agreement: Array  # 1.0 where both arg-max tokens agree
   logprob_delta: Array  # log p_cand(target) - log p_ref(target)
+  ref_top1_prob: Array  # p_ref of its own arg-max token: how confident the reference is
 
 
 class _Vocab(NamedTuple):
@@ -376,7 +377,8 @@ def _vocab_pair(ref_unembedding: Array, cand_unembedding: Array, vocab_size: int
 def token_stats(*, ref_hidden: Array, ref_unembedding: Array | OutputHead, cand_hidden: Array,
                 cand_unembedding: Array | OutputHead, targets: Array, where: Array | None = None,
                 vocab_size: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE) -> TokenStats:
-  """KLD, both CEs, top-1 agreement and the target log-prob delta in one pass over the vocabulary."""
+  """KLD, both CEs, top-1 agreement, the target log-prob delta and the reference's top-1 probability, in one
+  pass over the vocabulary."""
   (stats,) = candidates_token_stats(ref_hidden=ref_hidden, ref_unembedding=ref_unembedding,
                                     candidates=[(cand_hidden, cand_unembedding)], targets=targets, where=where,
                                     vocab_size=vocab_size, block_size=block_size)
@@ -425,7 +427,8 @@ def candidates_token_stats(*, ref_hidden: Array, ref_unembedding: Array | Output
     ref_ce = online.lse_finish(kl.ref) - target_ref
     cand_ce = online.lse_finish(kl.cand) - target_cand
     agree = (arg_ref.index == arg_cand.index).astype(jnp.float32)
-    values = (online.kl_finish(kl), ref_ce, cand_ce, agree, ref_ce - cand_ce)
+    confidence = jnp.exp(arg_ref.value - online.lse_finish(kl.ref))
+    values = (online.kl_finish(kl), ref_ce, cand_ce, agree, ref_ce - cand_ce, confidence)
     stats.append(TokenStats(*(_finish(lead, v, where) for v in values)))
   if not k:
     return stats

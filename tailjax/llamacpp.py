@@ -102,7 +102,8 @@ def write_base(path: str | Path, tokens: np.ndarray, logits_of_chunk) -> Path:
 
 
 def base_token_stats(base_logprobs: jax.Array, base_valid: jax.Array, cand_logits: jax.Array, targets: jax.Array):
-  """Per-position KLD(base || cand), both CEs, top-1 agreement and log-prob delta, llama.cpp's way.
+  """Per-position KLD(base || cand), both CEs, top-1 agreement, log-prob delta and the base's top-1 probability,
+  llama.cpp's way.
 
   ``base_logprobs, base_valid, cand_logits: [..., V]``; ``targets: [...]``. KL sums over the
   entries the base stored (code > 0) without renormalizing, as llama.cpp does.
@@ -113,4 +114,4 @@ def base_token_stats(base_logprobs: jax.Array, base_valid: jax.Array, cand_logit
   pick = lambda x: jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
   ref_ce, cand_ce = -pick(base_logprobs), -pick(cand)
   agree = (jnp.argmax(base_logprobs, -1) == jnp.argmax(cand, -1)).astype(jnp.float32)
-  return kld, ref_ce, cand_ce, agree, ref_ce - cand_ce
+  return kld, ref_ce, cand_ce, agree, ref_ce - cand_ce, jnp.exp(jnp.max(base_logprobs, -1))

@@ -93,6 +93,7 @@ def cache_token_stats(cache: CacheBatch, cand_hidden: jax.Array, cand_unembeddin
                                                  vocab_size=vocab_size)
   kld = losses.topk_kl_from_logprobs(teacher=TopK(cache.ids, cache.logprobs), student_topk_logprobs=logprobs[..., :k],
                                      normalization="tail")
-  values = (kld, -cache.target_logprob, -logprobs[..., k], (cand_top1 == cache.ids[..., 0]).astype(jnp.float32))
-  kld, ref_ce, cand_ce, agree = (jnp.where(scored, v, 0.0) for v in values)
-  return head.TokenStats(kld, ref_ce, cand_ce, agree, ref_ce - cand_ce)
+  values = (kld, -cache.target_logprob, -logprobs[..., k], (cand_top1 == cache.ids[..., 0]).astype(jnp.float32),
+            jnp.exp(cache.logprobs[..., 0]))
+  kld, ref_ce, cand_ce, agree, confidence = (jnp.where(scored, v, 0.0) for v in values)
+  return head.TokenStats(kld, ref_ce, cand_ce, agree, ref_ce - cand_ce, confidence)

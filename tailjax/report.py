@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from tailjax import __version__, files, pages
-from tailjax.evaluate import EvalState, Moments
+from tailjax.evaluate import CONFIDENCE_BANDS, DIRECTION_QUANTITIES, EvalState, Moments, confidence_quantity
 from tailjax.stats import HostHistogram, SequenceSummary, Summary, compare
 from tailjax.stats.bootstrap import block_bootstrap
 
@@ -72,12 +72,36 @@ def build_report(state: EvalState, run: dict[str, Any], sources: dict[str, str],
     }
     report["candidates"][label]["delta_p"].update(min=dp.min, max=dp.max, sketch=dp.to_dict(),
                                                   quantiles=_quantile_table(dp, DELTA_P_QUANTILES))
+    report["candidates"][label].update(_splits(state, label))
   report["comparison"] = compare_candidates(report)
   if windows is not None and tokenizer is not None:
     report["worst_tokens"] = worst_tokens(state, windows, tokenizer)
   if state.routing:
     report["routing"] = routing_report(state.routing, reference, int(tokens.sum()))
   return report
+
+
+def _part(part: HostHistogram, whole: HostHistogram) -> dict[str, Any]:
+  """A subset of a candidate's tokens: its share of the tokens and of the KLD mass, and its KLD summary."""
+  return {"tokens": part.n, "token_share": part.n / whole.n if whole.n else math.nan,
+          "kld_share": part.total / whole.total if whole.total > 0 else math.nan, "mean": part.mean,
+          "median": float(part.quantile(0.5)), "p99": float(part.quantile(0.99))}
+
+
+def _splits(state: EvalState, label: str) -> dict[str, Any]:
+  """A candidate's KLD by direction (``rose``: it made the target more likely, ``fell``: it did not; their KLD
+  masses sum to the whole) and by the reference's confidence (its top-1 probability, ``CONFIDENCE_BANDS``).
+  Runs saved before these sketches existed have none: nothing is reported then."""
+  present = set.intersection(*(set(block) for block in state.blocks)) if state.blocks else set()
+  whole = state.merged("kld", label)
+  out: dict[str, Any] = {}
+  if set(DIRECTION_QUANTITIES) <= present:
+    out["direction"] = {q.removeprefix("kld_"): _part(state.merged(q, label), whole) for q in DIRECTION_QUANTITIES}
+  bands = list(zip(CONFIDENCE_BANDS[:-1], CONFIDENCE_BANDS[1:]))
+  if all(confidence_quantity(*band) in present for band in bands):
+    out["by_confidence"] = [{"band": [lo, hi], **_part(state.merged(confidence_quantity(lo, hi), label), whole)}
+                            for lo, hi in bands]
+  return out
 
 
 def worst_tokens(state: EvalState, windows, tokenizer, context: int = 12) -> dict[str, list[dict[str, Any]]]:
@@ -245,6 +269,19 @@ def _notes(report: dict[str, Any]) -> list[str]:
     notes.append(f"{name}: {intervals}; Cor(ln PPL) {_percent(c['ce_correlation'], 2)}; "
                  f"mean ln(PPL ratio) {_fmt(c['ln_ppl_ratio']['mean'], 5)} ± {_fmt(c['ln_ppl_ratio']['stderr'], 5)}; "
                  f"Δp mean {_percent(c['delta_p']['mean'], 3)}, RMS {_percent(c['delta_p']['rms'], 3)}")
+  for name, c in report["candidates"].items():
+    if "direction" in c:
+      rose, fell = c["direction"]["rose"], c["direction"]["fell"]
+      notes.append(f"{name}: {_percent(rose['kld_share'], 1)} of its KLD mass is displacement on tokens whose target "
+                   f"it made more likely ({_percent(rose['token_share'], 1)} of tokens, median KLD "
+                   f"{_fmt(rose['median'])}); {_percent(fell['kld_share'], 1)} on tokens it made less likely (median "
+                   f"{_fmt(fell['median'])})")
+    if "by_confidence" in c:
+      worst = max(c["by_confidence"], key=lambda b: b["median"] if b["tokens"] else -math.inf)
+      bands = ", ".join(f"p_ref(top-1) {b['band'][0]:g}-{b['band'][1]:g}: {_percent(b['token_share'], 0)} of tokens, "
+                        f"{_percent(b['kld_share'], 0)} of KLD" for b in c["by_confidence"])
+      notes.append(f"{name} by reference confidence: {bands} (highest median KLD where p_ref(top-1) is "
+                   f"{worst['band'][0]:g}-{worst['band'][1]:g})")
   nonfinite = {name: m["ce"]["nonfinite"] for name, m in report["models"].items() if m["ce"]["nonfinite"]}
   if nonfinite:
     notes.append(f"non-finite CE values (NaN/Inf logits), counted apart and never averaged in: {nonfinite}")

@@ -75,6 +75,19 @@ def test_report_matches_exact_quantiles_of_the_token_dump(tiny, tmp_path):
     assert lo <= cand["kld"]["median"] <= hi
     worst = result["worst_tokens"][label]
     assert worst[0]["kld"] == pytest.approx(kld.max(), rel=1e-6) and worst[0]["target"]
+    # volume vs direction: the two parts are the KLD token for token (rose: the target made more likely)
+    rose = ref_ce > cand_ce
+    parts = cand["direction"]
+    assert parts["rose"]["tokens"] == rose.sum() and parts["fell"]["tokens"] == (~rose).sum()
+    assert parts["rose"]["kld_share"] + parts["fell"]["kld_share"] == pytest.approx(1.0, rel=1e-6)
+    assert parts["rose"]["kld_share"] == pytest.approx(kld[rose].sum() / kld.sum(), rel=1e-4)
+    assert parts["fell"]["median"] == pytest.approx(np.quantile(kld[~rose], 0.5, method="lower"), rel=0.011)
+    bands = cand["by_confidence"]
+    assert [b["band"] for b in bands] == [[0.0, 0.3], [0.3, 0.6], [0.6, 0.9], [0.9, 1.0]]
+    assert sum(b["tokens"] for b in bands) == scored
+    confidence = np.asarray(dump["ref_top1_prob"], np.float64)[rows]
+    assert [b["tokens"] for b in bands] == np.histogram(confidence, [0, 0.3, 0.6, 0.9, 1.0])[0].tolist()
+    assert sum(b["kld_share"] for b in bands) == pytest.approx(1.0, rel=1e-6)
   ref_ce = np.asarray(dump["ref_ce"], np.float64)[np.asarray(dump["candidate"]) == "int3-g16-sym"]
   assert saved["models"]["tiny"]["ce"]["mean"] == pytest.approx(ref_ce.mean(), rel=1e-5)
   # int2 is worse than int3 everywhere that matters: the verdict says so

@@ -32,6 +32,7 @@ def test_token_stats_match_materialized_losses(rng, block_size):
   np.testing.assert_allclose(got.kld, ref.kl(a, c), rtol=1e-4, atol=1e-7)
   np.testing.assert_allclose(got.ref_ce, ref.cross_entropy(a, targets), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got.cand_ce, ref.cross_entropy(c, targets), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got.ref_top1_prob, np.exp(ref.f64(a).max(-1) - ref.lse(a)), rtol=1e-5)
   np.testing.assert_array_equal(got.top1_agreement, losses.top1_agreement(ref_logits=a, cand_logits=c))
   np.testing.assert_allclose(got.logprob_delta,
                              losses.target_logprob_delta(ref_logits=a, cand_logits=c, targets=targets), atol=2e-5)
