@@ -52,6 +52,9 @@ def confidence_quantity(lo: float, hi: float) -> str:
 # disagreement moved mass *towards* what came) and where it did not (<=): volume vs direction (the two sum to
 # the KLD sketch, token for token).
 DIRECTION_QUANTITIES = ("kld_rose", "kld_fell")
+# Per candidate, only against a model reference (stored log-probs lack the full distributions): KL(cand || ref),
+# and the top-K overlaps, whose means the report gives; the reference's entropy is sketched as "entropy".
+MODEL_REFERENCE_QUANTITIES = ("reverse_kld", "top5_overlap", "top10_overlap", "top1_in_top5")
 
 
 class Moments(NamedTuple):
@@ -173,12 +176,17 @@ def _batch_stats(models: tuple, tokens: jax.Array, scored: jax.Array, stored, op
   bands = list(zip(CONFIDENCE_BANDS[:-1], CONFIDENCE_BANDS[1:]))
   quantities = ("kld", "dp", *DIRECTION_QUANTITIES, *(confidence_quantity(*band) for band in bands))
   sketches = {"ce": {labels[0]: sketch(stats[0].ref_ce)}, **{q: {} for q in quantities}}
+  if stats[0].ref_entropy is not None:  # a model reference: the values of its vocabulary pass
+    sketches["entropy"] = {labels[0]: sketch(stats[0].ref_entropy)}
+    sketches.update({q: {} for q in MODEL_REFERENCE_QUANTITIES})
   seq_ce = [jnp.sum(jnp.where(scored, stats[0].ref_ce, 0.0), axis=1)]  # NaN/inf stay: PPL undefined
   moments, top, per_token = [], [], []
   for label, s in zip(labels[1:], stats):
     dp = jnp.exp(-s.cand_ce) - jnp.exp(-s.ref_ce)
     sketches["ce"][label], sketches["kld"][label] = sketch(s.cand_ce), sketch(s.kld)
     sketches["dp"][label] = sketch(dp, DELTA_P_SPEC)
+    for q in MODEL_REFERENCE_QUANTITIES if s.reverse_kld is not None else ():
+      sketches[q][label] = sketch(getattr(s, q))
     rose = s.logprob_delta > 0
     sketches["kld_rose"][label] = sketch(s.kld, where=scored & rose)
     sketches["kld_fell"][label] = sketch(s.kld, where=scored & ~rose)

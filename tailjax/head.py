@@ -120,6 +120,9 @@ def _split(head: Array | OutputHead, temperature: float = 1.0) -> tuple[Array, _
   return head, _Logits(float(temperature))
 
 
+OVERLAP_K = 10  # the widest top-K overlap reported (top-5 and top-10)
+
+
 class TokenStats(NamedTuple):
   """Everything ``tailjax eval`` needs per token, from one pass over the vocabulary; each ``[..., T]``."""
 
@@ -129,6 +132,12 @@ class TokenStats(NamedTuple):
   top1_agreement: Array  # 1.0 where both arg-max tokens agree
   logprob_delta: Array  # log p_cand(target) - log p_ref(target)
   ref_top1_prob: Array  # p_ref of its own arg-max token: how confident the reference is
+  # From a model reference only (None against stored log-probs):
+  reverse_kld: Array | None = None  # KL(cand || ref), as precise as kld
+  ref_entropy: Array | None = None  # H(p_ref)
+  top5_overlap: Array | None = None  # |top-5(ref) ∩ top-5(cand)| / 5 (ties: the lower token id ranks first)
+  top10_overlap: Array | None = None  # |top-10(ref) ∩ top-10(cand)| / 10
+  top1_in_top5: Array | None = None  # 1.0 where the reference's top-1 is among the candidate's top 5
 
 
 class _Vocab(NamedTuple):
@@ -406,41 +415,55 @@ def candidates_token_stats(*, ref_hidden: Array, ref_unembedding: Array | Output
     raise ValueError(f"reference_topk={k} must lie in [1, {vocab.size}] (the vocabulary)")
   ids = t.astype(jnp.int32)[:, None]
 
+  top_k = max(k, OVERLAP_K)  # the reference's top-k serves the cache and the overlaps
+
   def block_state(b):
     a, start, _ = _block_logits(h_ref, ref_unembedding, vocab, b, ref_form)
     per_cand = []
     for h, u, form in cands:
       c, _, _ = _block_logits(h, u, vocab, b, form)
       target = _gather_owned(c, ids, start, vocab, b)[:, 0]
-      per_cand.append((online.kl_block(a, c), online.argmax_block(c, start), target))
-    top = _topk_block(a, start, k) if k else None
-    return online.argmax_block(a, start), _gather_owned(a, ids, start, vocab, b)[:, 0], per_cand, top
+      per_cand.append((online.kl_block(a, c), online.argmax_block(c, start), target, online.kl_block(c, a),
+                       _topk_block(c, start, OVERLAP_K)))
+    ref = (online.argmax_block(a, start), _gather_owned(a, ids, start, vocab, b)[:, 0], online.entropy_block(a),
+           _topk_block(a, start, top_k))
+    return ref, per_cand
 
   def merge(s, t):
-    per_cand = [(online.kl_merge(x[0], y[0]), online.argmax_merge(x[1], y[1]), x[2] + y[2])
-                for x, y in zip(s[2], t[2])]
-    return online.argmax_merge(s[0], t[0]), s[1] + t[1], per_cand, _topk_merge(s[3], t[3], k) if k else None
+    per_cand = [(online.kl_merge(x[0], y[0]), online.argmax_merge(x[1], y[1]), x[2] + y[2],
+                 online.kl_merge(x[3], y[3]), _topk_merge(x[4], y[4], OVERLAP_K)) for x, y in zip(s[1], t[1])]
+    (arg_s, target_s, entropy_s, top_s), (arg_t, target_t, entropy_t, top_t) = s[0], t[0]
+    return (online.argmax_merge(arg_s, arg_t), target_s + target_t, online.entropy_merge(entropy_s, entropy_t),
+            _topk_merge(top_s, top_t, top_k)), per_cand
 
-  arg_ref, target_ref, per_cand, top = _reduce_blocks(vocab, block_state, merge)
+  (arg_ref, target_ref, entropy, top), per_cand = _reduce_blocks(vocab, block_state, merge)
+  ref_ids = top[1][:, :OVERLAP_K]
   stats = []
-  for kl, arg_cand, target_cand in per_cand:
+  for kl, arg_cand, target_cand, reverse, (_, cand_ids) in per_cand:
     ref_ce = online.lse_finish(kl.ref) - target_ref
     cand_ce = online.lse_finish(kl.cand) - target_cand
     agree = (arg_ref.index == arg_cand.index).astype(jnp.float32)
     confidence = jnp.exp(arg_ref.value - online.lse_finish(kl.ref))
-    values = (online.kl_finish(kl), ref_ce, cand_ce, agree, ref_ce - cand_ce, confidence)
+    shared = lambda n: jnp.sum(jnp.any(ref_ids[:, :n, None] == cand_ids[:, None, :n], axis=-1), axis=-1) / n
+    top1_in_top5 = jnp.any(cand_ids[:, :5] == ref_ids[:, :1], axis=-1).astype(jnp.float32)
+    values = (online.kl_finish(kl), ref_ce, cand_ce, agree, ref_ce - cand_ce, confidence, online.kl_finish(reverse),
+              online.entropy_finish(entropy), shared(5), shared(OVERLAP_K), top1_in_top5)
     stats.append(TokenStats(*(_finish(lead, v, where) for v in values)))
   if not k:
     return stats
-  values, top_ids = top
+  values, top_ids = top[0][:, :k], top[1][:, :k]
   logprobs = values - online.lse_finish(per_cand[0][0].ref)[:, None]
   return stats, TopK(jnp.reshape(top_ids, lead + (k,)), jnp.reshape(logprobs, lead + (k,)))
 
 
 def _topk_block(z: Array, start: Array, k: int) -> tuple[Array, Array]:
-  """``[N, block]`` logits -> their top-``k`` (values, global ids)."""
+  """``[N, block]`` logits -> their top-``k`` (values, global ids); a block narrower than ``k`` is padded with
+  ``-inf`` at id -1, which every real id outranks."""
+  width = z.shape[-1]
+  if width < k:
+    z = jnp.pad(z, ((0, 0), (0, k - width)), constant_values=-jnp.inf)
   values, local = jax.lax.top_k(z, k)
-  return values, local.astype(jnp.int32) + start
+  return values, jnp.where(local < width, local.astype(jnp.int32) + start, -1)
 
 
 def _topk_merge(s: tuple[Array, Array], t: tuple[Array, Array], k: int) -> tuple[Array, Array]:

@@ -1,6 +1,6 @@
 """Mergeable softmax statistics over vocabulary blocks.
 
-Everything tailjax computes per token (log-sum-exp, KL divergence, arg-max) is a
+Everything tailjax computes per token (log-sum-exp, KL divergence, entropy, arg-max) is a
 reduction over the vocabulary. Written as *block state -> merge -> finish*, the
 same arithmetic serves the materialized losses (one block holding the whole
 vocabulary) and the fused head (a scan over blocks of the unembedding), so both
@@ -180,3 +180,37 @@ def argmax_merge(s: ArgmaxState, t: ArgmaxState) -> ArgmaxState:
   """``t`` covers later vocabulary ids than ``s``: ties keep ``s`` (first occurrence wins)."""
   take_t = t.value > s.value
   return ArgmaxState(jnp.where(take_t, t.value, s.value), jnp.where(take_t, t.index, s.index))
+
+
+class EntropyState(NamedTuple):
+  """Running entropy of ``softmax(z)``: the log-sum-exp state and ``weighted = sum exp(z - max) (z - max)``, so
+  that ``H = log(sum) - weighted / sum`` (``lse - E_p[z]``); shapes ``[...]``."""
+
+  lse: LseState
+  weighted: Array
+
+
+def entropy_block(z: Array) -> EntropyState:
+  """``z: [..., B]`` float32 logits (``-inf`` where invalid) -> state."""
+  s = lse_block(z)
+  m_safe = jnp.where(jnp.isfinite(s.max), s.max, 0.0)[..., None]
+  e = jnp.exp(z - m_safe)
+  return EntropyState(s, jnp.sum(jnp.where(e > 0, e * (z - m_safe), 0.0), axis=-1))
+
+
+def entropy_merge(s: EntropyState, t: EntropyState) -> EntropyState:
+  """Both parts re-expressed about the common max: ``sum e^(z - m') (z - m') = r (T + W (max - m'))``,
+  ``r = e^(max - m')``."""
+  m = jnp.maximum(s.lse.max, t.lse.max)
+  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+
+  def moved(x: EntropyState) -> Array:
+    shift = jnp.where(jnp.isfinite(x.lse.max), x.lse.max - m_safe, 0.0)
+    return jnp.exp(shift) * (x.weighted + x.lse.sum * shift)
+
+  return EntropyState(lse_merge(s.lse, t.lse), moved(s) + moved(t))
+
+
+def entropy_finish(s: EntropyState) -> Array:
+  """``H(softmax(z))`` in nats, >= 0."""
+  return jnp.maximum(jnp.log(s.lse.sum) - s.weighted / s.lse.sum, 0.0)

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from tailjax import __version__, files, pages
-from tailjax.evaluate import CONFIDENCE_BANDS, DIRECTION_QUANTITIES, EvalState, Moments, confidence_quantity
+from tailjax.evaluate import (CONFIDENCE_BANDS, DIRECTION_QUANTITIES, MODEL_REFERENCE_QUANTITIES, EvalState, Moments,
+                              confidence_quantity)
 from tailjax.stats import HostHistogram, SequenceSummary, Summary, compare
 from tailjax.stats.bootstrap import block_bootstrap
 
@@ -61,6 +62,9 @@ def build_report(state: EvalState, run: dict[str, Any], sources: dict[str, str],
         "source": sources[label], "role": "reference" if label == reference else "candidate", "ce": ce,
         "sequences": {**sequences.to_dict(), "ppl": [None if math.isnan(p) else p for p in sequences.ppl.tolist()]},
     }
+  if state.blocks and all("entropy" in block for block in state.blocks):  # H(p_ref) per token, a model reference's
+    entropy = Summary.from_sketch(state.merged("entropy", reference), spike_thresholds=()).to_dict()
+    report["models"][reference]["entropy"] = entropy
   for label in candidates:
     kld = _summary(state.sketches("kld", label), state.merged("kld", label), spike_thresholds, replicates)
     kld["quantiles"] = _quantile_table(state.merged("kld", label), KLD_QUANTILES)
@@ -95,6 +99,10 @@ def _splits(state: EvalState, label: str) -> dict[str, Any]:
   present = set.intersection(*(set(block) for block in state.blocks)) if state.blocks else set()
   whole = state.merged("kld", label)
   out: dict[str, Any] = {}
+  if set(MODEL_REFERENCE_QUANTITIES) <= present:
+    reverse = state.merged("reverse_kld", label)
+    out["reverse_kld"] = Summary.from_sketch(reverse, spike_thresholds=()).to_dict()
+    out["top_k"] = {q: state.merged(q, label).mean for q in MODEL_REFERENCE_QUANTITIES[1:]}
   if set(DIRECTION_QUANTITIES) <= present:
     out["direction"] = {q.removeprefix("kld_"): _part(state.merged(q, label), whole) for q in DIRECTION_QUANTITIES}
   bands = list(zip(CONFIDENCE_BANDS[:-1], CONFIDENCE_BANDS[1:]))
@@ -270,6 +278,12 @@ def _notes(report: dict[str, Any]) -> list[str]:
                  f"mean ln(PPL ratio) {_fmt(c['ln_ppl_ratio']['mean'], 5)} ± {_fmt(c['ln_ppl_ratio']['stderr'], 5)}; "
                  f"Δp mean {_percent(c['delta_p']['mean'], 3)}, RMS {_percent(c['delta_p']['rms'], 3)}")
   for name, c in report["candidates"].items():
+    if "top_k" in c:
+      t = c["top_k"]
+      notes.append(f"{name}: KL(cand || ref) median {_fmt(c['reverse_kld']['median'])}, p99 "
+                   f"{_fmt(c['reverse_kld']['p99'])}; top-5 overlap {_percent(t['top5_overlap'], 1)}, top-10 "
+                   f"{_percent(t['top10_overlap'], 1)}; the reference's top-1 in its top 5: "
+                   f"{_percent(t['top1_in_top5'], 2)}")
     if "direction" in c:
       rose, fell = c["direction"]["rose"], c["direction"]["fell"]
       notes.append(f"{name}: {_percent(rose['kld_share'], 1)} of its KLD mass is displacement on tokens whose target "

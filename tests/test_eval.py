@@ -82,12 +82,17 @@ def test_report_matches_exact_quantiles_of_the_token_dump(tiny, tmp_path):
     assert parts["rose"]["kld_share"] + parts["fell"]["kld_share"] == pytest.approx(1.0, rel=1e-6)
     assert parts["rose"]["kld_share"] == pytest.approx(kld[rose].sum() / kld.sum(), rel=1e-4)
     assert parts["fell"]["median"] == pytest.approx(np.quantile(kld[~rose], 0.5, method="lower"), rel=0.011)
+    assert cand["reverse_kld"]["mean"] > 0 and cand["reverse_kld"]["n"] == scored
+    top = cand["top_k"]
+    assert 0 < top["top10_overlap"] <= 1 and 0 < top["top5_overlap"] <= 1
+    assert top["top1_in_top5"] >= cand["top1_agreement"]  # equal top-1s are among the top 5
     bands = cand["by_confidence"]
     assert [b["band"] for b in bands] == [[0.0, 0.3], [0.3, 0.6], [0.6, 0.9], [0.9, 1.0]]
     assert sum(b["tokens"] for b in bands) == scored
     confidence = np.asarray(dump["ref_top1_prob"], np.float64)[rows]
     assert [b["tokens"] for b in bands] == np.histogram(confidence, [0, 0.3, 0.6, 0.9, 1.0])[0].tolist()
     assert sum(b["kld_share"] for b in bands) == pytest.approx(1.0, rel=1e-6)
+  assert saved["models"]["tiny"]["entropy"]["n"] == scored and saved["models"]["tiny"]["entropy"]["median"] > 0
   ref_ce = np.asarray(dump["ref_ce"], np.float64)[np.asarray(dump["candidate"]) == "int3-g16-sym"]
   assert saved["models"]["tiny"]["ce"]["mean"] == pytest.approx(ref_ce.mean(), rel=1e-5)
   # int2 is worse than int3 everywhere that matters: the verdict says so

@@ -70,6 +70,31 @@ def test_candidates_share_one_pass_and_match_float64(rng):
                                 reference_topk=1001)
 
 
+@pytest.mark.parametrize("block_size", [1, 7, 333, 1000])
+def test_reverse_kl_entropy_and_top_k_overlaps_match_float64(rng, block_size):
+  """The values of the same vocabulary pass beyond KLD: KL(cand || ref), H(p_ref), top-5 / top-10 overlap and the
+  reference's top-1 among the candidate's top 5, against NumPy in float64, with ties (logits on a coarse grid:
+  the lower token id ranks first, as for the arg-max)."""
+  h, w, h_c, w_c = model_pair(rng)
+  w, w_c = np.round(w * 2) / 2, np.round(w_c * 2) / 2  # coarse weights ...
+  h, h_c = np.round(h), np.round(h_c)  # ... and integer states: many exactly equal logits
+  targets = rng.integers(0, 1000, (2, 19))
+  a, c = ref.f64(logits(h, w)), ref.f64(logits(h_c, w_c))
+  assert max(len(row) - len(np.unique(row)) for row in a.reshape(-1, a.shape[-1])) > 100  # ties are common
+  with jax.default_matmul_precision("highest"):
+    got = head.token_stats(ref_hidden=h, ref_unembedding=w, cand_hidden=h_c, cand_unembedding=w_c, targets=targets,
+                           block_size=block_size)
+  np.testing.assert_allclose(got.reverse_kld, ref.kl(c, a), rtol=1e-4, atol=1e-7)
+  p = np.exp(a - ref.lse(a)[..., None])
+  np.testing.assert_allclose(got.ref_entropy, -(p * np.log(np.maximum(p, 1e-300))).sum(-1), rtol=1e-5, atol=1e-6)
+  rank = lambda z, n: np.argsort(-z, axis=-1, kind="stable")[..., :n]  # stable: the lower id first among equals
+  shared = lambda n: np.array([[len(set(x) & set(y)) for x, y in zip(xs, ys)] for xs, ys in zip(rank(a, n), rank(c, n))])
+  np.testing.assert_array_equal(np.round(np.asarray(got.top5_overlap) * 5), shared(5))  # counts, exactly
+  np.testing.assert_array_equal(np.round(np.asarray(got.top10_overlap) * 10), shared(10))
+  np.testing.assert_array_equal(got.top1_in_top5, (rank(c, 5) == rank(a, 1)).any(-1).astype(np.float32))
+  assert 0 < np.mean(got.top5_overlap) < 1  # neither all nor none: the comparison could fail
+
+
 @pytest.mark.parametrize("block_size", [1, 100, 1000])
 def test_logprobs_and_argmax_in_one_pass_match_float64(rng, block_size):
   h, w, _, _ = model_pair(rng)
