@@ -73,6 +73,7 @@ def test_report_matches_exact_quantiles_of_the_token_dump(tiny, tmp_path):
     assert cand["delta_p"]["rms"] == pytest.approx(np.sqrt(np.mean(dp**2)), rel=1e-4)
     lo, hi = cand["kld"]["ci95"]["median"]
     assert lo <= cand["kld"]["median"] <= hi
+    assert "from 4 blocks (batches) is unreliable" in cand["kld"]["ci95_note"]  # 10 windows, batches of 3
     worst = result["worst_tokens"][label]
     assert worst[0]["kld"] == pytest.approx(kld.max(), rel=1e-6) and worst[0]["target"]
     # volume vs direction: the two parts are the KLD token for token (rose: the target made more likely)
