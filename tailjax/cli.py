@@ -117,6 +117,8 @@ def _protocol(name: str) -> str:
 @click.option("--seq-len", type=int, help="Override the protocol's window length.")
 @click.option("--num-sequences", type=int, help="Override the protocol's number of sampled windows (0: all).")
 @click.option("--seed", type=int, help="Override the protocol's sampling seed.")
+@click.option("--stride", type=int, help="Windows of --seq-len advancing by this many tokens: each token scored once, "
+              "with at least seq-len minus stride tokens of context (the first window scores all).")
 @click.option("--batch-size", type=int, help="Windows per step (one bootstrap block each); default: 4, or the "
               "smallest multiple of --mesh's data shards above it.")
 @click.option("--spike-threshold", "spike_thresholds", type=float, multiple=True,

@@ -90,12 +90,20 @@ class Protocol:
   num_sequences: int | None  # None: every window
   seed: int = 42
   score_second_half: bool = False
+  # Windows advancing by ``stride`` tokens (None: seq_len, no overlap): each window after the first scores
+  # only its last ``stride`` tokens, so every token is scored once with at least seq_len - stride tokens of
+  # context (the scoring exllamav3 and vLLM's scoring RFC use); the window at the corpus start scores all.
+  stride: int | None = None
 
   def __post_init__(self):
     if self.seq_len < 4:
       raise ValueError(f"seq_len={self.seq_len}: a window needs at least 4 tokens")
     if self.num_sequences is not None and self.num_sequences < 1:
       raise ValueError(f"num_sequences={self.num_sequences} must be positive")
+    if self.stride is not None and not 0 < self.stride <= self.seq_len:
+      raise ValueError(f"stride={self.stride} must lie in [1, seq_len={self.seq_len}]")
+    if self.stride is not None and self.score_second_half:
+      raise ValueError(f"protocol {self.name!r} scores each window's second half; it takes no stride")
 
 
 # Sized so that the embedded default (3 models) finishes in under 3 minutes on a 2-core CPU.
@@ -128,10 +136,11 @@ class Windows:
 def make_windows(ids, protocol: Protocol, bos_id: int | None = None, source: str = "corpus") -> Windows:
   ids = np.asarray(ids, np.int32)
   t = protocol.seq_len
-  available = len(ids) // t
+  step = protocol.stride or t
+  available = (len(ids) - t) // step + 1 if len(ids) >= t else 0
   if available == 0:
     raise ValueError(f"{source}: {len(ids)} tokens is shorter than one window of {t} tokens")
-  starts = np.arange(available, dtype=np.int64) * t
+  starts = np.arange(available, dtype=np.int64) * step
   if protocol.num_sequences is not None:
     if protocol.num_sequences > available:
       raise ValueError(f"{source}: {len(ids)} tokens give {available} windows of {t} tokens, fewer than the "
@@ -140,6 +149,8 @@ def make_windows(ids, protocol: Protocol, bos_id: int | None = None, source: str
     starts = np.sort(rng.choice(starts, protocol.num_sequences, replace=False))
   tokens = ids[starts[:, None] + np.arange(t)]
   scored = np.ones((len(starts), t - 1), bool)
+  if protocol.stride is not None:  # past the corpus start, only the tokens no earlier window reached
+    scored[starts > 0, :t - 1 - protocol.stride] = False
   if protocol.score_second_half:
     scored[:, :t // 2] = False
     if bos_id is not None:

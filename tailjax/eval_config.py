@@ -27,6 +27,7 @@ class EvalConfig:
   seq_len: int | None = None  # overrides of the protocol's window length, window count (0: all) and seed
   num_sequences: int | None = None
   seed: int | None = None
+  stride: int | None = None  # windows advancing by this many tokens, each token scored once (data.Protocol)
   batch_size: int | None = None  # None: 4, or the smallest multiple of the mesh's data shards above it
   spike_thresholds: list[float] = (0.5,)  # KLD above which a token is a spike; the first is the headline
   worst: int = 20  # highest-KLD tokens listed per candidate
@@ -57,7 +58,8 @@ class EvalConfig:
   def window_protocol(self) -> data.Protocol:
     """The named protocol with this config's overrides (``num_sequences=0``: every window)."""
     chosen = data.PROTOCOLS[self.protocol or ("ram" if self.reference else "default")]
-    overrides: dict[str, Any] = {k: v for k, v in (("seq_len", self.seq_len), ("seed", self.seed)) if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in (("seq_len", self.seq_len), ("seed", self.seed),
+                                                   ("stride", self.stride)) if v is not None}
     if self.num_sequences is not None:
       overrides["num_sequences"] = self.num_sequences or None
     return dataclasses.replace(chosen, **overrides)

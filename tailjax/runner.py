@@ -229,7 +229,8 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
                     f"{loaded.config.max_position_embeddings} positions; windows have {protocol.seq_len}")
   run = {"models": dict(zip(labels, sources)), "corpus": corpus,
          "protocol": protocol.name, "seq_len": protocol.seq_len, "num_sequences": protocol.num_sequences,
-         "seed": protocol.seed, "fingerprint": windows.fingerprint, "batch_size": batch_size,
+         "seed": protocol.seed, "stride": protocol.stride, "fingerprint": windows.fingerprint,
+         "batch_size": batch_size,
          "spike_thresholds": list(spike_thresholds), "windows": len(windows), "scored_tokens": windows.scored_tokens,
          "corpus_tokens": windows.corpus_tokens}
   loaded = cands if stored is not None else [ref, *cands]

@@ -205,6 +205,23 @@ def test_cli_eval_and_report(tiny, tmp_path):
   assert missing.exit_code != 0 and "no such report" in missing.output
 
 
+def test_strided_windows_score_each_token_once_with_enough_context():
+  ids = np.arange(100)
+  w = data.make_windows(ids, data.Protocol("strided", 10, None, stride=4))
+  assert w.tokens.shape == (23, 10) and w.starts.tolist() == list(range(0, 89, 4))
+  window, position = np.nonzero(w.scored)
+  targets = w.starts[window] + position + 1  # prediction i of a window guesses its token i + 1
+  assert sorted(targets.tolist()) == list(range(1, 98))  # every token of the covered stream, once
+  assert (position[w.starts[window] > 0] + 1 >= 10 - 4).all()  # at least seq_len - stride tokens of context
+  assert w.scored[0].all() and w.scored[1].sum() == 4
+  sampled = data.make_windows(ids, data.Protocol("strided", 10, 5, stride=4, seed=1))
+  assert len(sampled) == 5 and sampled.scored[sampled.starts > 0].sum(1).tolist() == [4] * (sampled.starts > 0).sum()
+  with pytest.raises(ValueError, match="stride=11 must lie in"):
+    data.Protocol("strided", 10, None, stride=11)
+  with pytest.raises(ValueError, match="takes no stride"):
+    data.Protocol("llamacpp", 10, None, score_second_half=True, stride=5)
+
+
 def test_one_fingerprint_helper_keeps_earlier_fingerprints():
   """Runs, caches and tokenizers saved before the helper existed must still match (resume, cache checks)."""
   import hashlib
@@ -223,11 +240,12 @@ def test_eval_config_file_and_flags(tiny, tmp_path):
   config = tmp_path / "eval.yaml"
   config.write_text(f"reference: {tiny / 'tiny.gguf'}\ncandidates: ['@int4-g16']\ncorpus: {tiny / 'corpus.txt'}\n"
                     "seq_len: 24\nnum_sequences: 6\nbatch_size: 3\nspike_thresholds: [0.25, 1.0]\n")
-  done = CliRunner().invoke(cli.main, ["eval", "--config", str(config), "--num-sequences", "3",
+  done = CliRunner().invoke(cli.main, ["eval", "--config", str(config), "--num-sequences", "3", "--stride", "8",
                                        "--output", str(tmp_path / "run")])
   assert done.exit_code == 0, done.output
   run = json.loads((tmp_path / "run" / "report.json").read_text())["run"]
   assert (run["seq_len"], run["num_sequences"], run["batch_size"], run["spike_thresholds"]) == (24, 3, 3, [0.25, 1.0])
+  assert run["stride"] == 8 and run["scored_tokens"] < 3 * 23  # strided windows past the start score 8 each
   parsed = EvalConfig.from_file(config, num_sequences=0)
   assert parsed.window_protocol().num_sequences is None and parsed.candidates == ("@int4-g16",)
   assert parsed.window_protocol().name == "ram"  # a reference given: ram's protocol, overridden
