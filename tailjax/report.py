@@ -19,7 +19,7 @@ from tailjax import __version__, files, pages
 from tailjax.evaluate import (CONFIDENCE_BANDS, DIRECTION_QUANTITIES, MODEL_REFERENCE_QUANTITIES, EvalState, Moments,
                               confidence_quantity)
 from tailjax.stats import HostHistogram, SequenceSummary, Summary, compare
-from tailjax.stats.bootstrap import block_bootstrap
+from tailjax.stats.bootstrap import block_bootstrap, paired_block_bootstrap
 
 # llama.cpp's KLD and Δp quantile lines, so users can check one tool against the other.
 KLD_QUANTILES = (0.001, 0.01, 0.05, 0.1, 0.5, 0.9, 0.95, 0.99, 0.999)
@@ -85,7 +85,7 @@ def build_report(state: EvalState, run: dict[str, Any], sources: dict[str, str],
     report["candidates"][label]["delta_p"].update(min=dp.min, max=dp.max, sketch=dp.to_dict(),
                                                   quantiles=_quantile_table(dp, DELTA_P_QUANTILES))
     report["candidates"][label].update(_splits(state, label))
-  report["comparison"] = compare_candidates(report)
+  report["comparison"] = compare_candidates(report, _dominance_confidence(state, candidates, replicates))
   if windows is not None and tokenizer is not None:
     report["worst_tokens"] = worst_tokens(state, windows, tokenizer)
   if state.routing:
@@ -217,15 +217,39 @@ def _pair_statistics(m: Moments) -> dict[str, Any]:
   }
 
 
-def compare_candidates(report: dict[str, Any]) -> dict[str, Any]:
+def _dominance_confidence(state: EvalState, candidates: list[str], replicates: int) -> dict[tuple[str, str], float]:
+  """For each ordered pair ``(a, b)`` of candidates, the share of paired block resamples in which ``a``'s median
+  and p99 KLD are both no higher than ``b``'s (``stats.bootstrap.paired_block_bootstrap``)."""
+  def dominates(a: HostHistogram, b: HostHistogram) -> bool:
+    (ma, pa), (mb, pb) = a.quantiles([0.5, 0.99]), b.quantiles([0.5, 0.99])
+    return bool(ma <= mb and pa <= pb)
+
+  blocks = {label: state.sketches("kld", label) for label in candidates}
+  return {(a, b): paired_block_bootstrap(blocks[a], blocks[b], dominates, replicates)
+          for a in candidates for b in candidates if a != b}
+
+
+def compare_candidates(report: dict[str, Any],
+                       confidence: dict[tuple[str, str], float] | None = None) -> dict[str, Any]:
   """Dominance verdicts (median and p99 KLD, ``stats.compare``) and whether mean and median rank alike.
 
-  A candidate with non-finite KLD tokens is ranked after every finite one (fewest non-finite first) and
-  gets no dominance verdict: its finite part's figures say nothing about the tokens it lost."""
+  With ``confidence`` (``_dominance_confidence``: the run's blocks are at hand) each dominance verdict says in
+  what share of paired block resamples it holds. A candidate with non-finite KLD tokens is ranked after every
+  finite one (fewest non-finite first) and gets no dominance verdict: its finite part's figures say nothing about
+  the tokens it lost."""
   cands = report["candidates"]
   names = list(cands)
   summaries = {name: Summary.from_dict(cands[name]["kld"]) for name in names}
-  verdicts = [compare(summaries[a], summaries[b], (a, b)).text for i, a in enumerate(names) for b in names[i + 1:]]
+  verdicts = []
+  for i, a in enumerate(names):
+    for b in names[i + 1:]:
+      verdict = compare(summaries[a], summaries[b], (a, b))
+      text = verdict.text
+      share = None if confidence is None or verdict.winner is None else \
+          confidence.get((verdict.winner, b if verdict.winner == a else a))
+      if share is not None and math.isfinite(share):
+        text += f"; median and p99 no higher in {100 * share:.1f}% of paired block resamples"
+      verdicts.append(text)
   nonfinite = {n: summaries[n].nonfinite for n in names if summaries[n].nonfinite}
   value = lambda x: math.inf if x is None or math.isnan(x) else x  # null in a re-read report.json
   rank = lambda stat: sorted(names, key=lambda n: (nonfinite.get(n, 0), value(cands[n]["kld"][stat])))

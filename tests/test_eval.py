@@ -97,8 +97,10 @@ def test_report_matches_exact_quantiles_of_the_token_dump(tiny, tmp_path):
   ref_ce = np.asarray(dump["ref_ce"], np.float64)[np.asarray(dump["candidate"]) == "int3-g16-sym"]
   assert saved["models"]["tiny"]["ce"]["mean"] == pytest.approx(ref_ce.mean(), rel=1e-5)
   # int2 is worse than int3 everywhere that matters: the verdict says so
-  assert saved["comparison"]["verdicts"] == [
-      next(v for v in saved["comparison"]["verdicts"] if v.startswith("int3-g16-sym dominates int2-g16-asym"))]
+  (verdict,) = saved["comparison"]["verdicts"]
+  assert verdict.startswith("int3-g16-sym dominates int2-g16-asym")
+  share = float(verdict.rsplit("no higher in ", 1)[1].split("%")[0])  # paired block bootstrap
+  assert 90 <= share <= 100
 
 
 def test_interrupted_run_resumes_to_identical_numbers(tiny, tmp_path, monkeypatch):

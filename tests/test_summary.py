@@ -111,3 +111,23 @@ def test_from_device_sketch_equals_summarize(rng):
   assert stats.Summary.from_sketch(sketch).spike_thresholds == (0.5,)  # defaults to the declared ones
   with pytest.raises(ValueError, match="threshold 0.7 was not declared"):
     stats.Summary.from_sketch(sketch, spike_thresholds=(0.7,))
+
+
+def test_paired_block_bootstrap_judges_a_difference_against_its_own_noise(rng):
+  """Two candidates on the same 12 blocks: the blocks differ a lot (a shared block effect), the candidates by a
+  small constant factor. Unpaired intervals of the medians overlap; paired resamples find the order every time."""
+  from tailjax.stats.bootstrap import block_bootstrap, paired_block_bootstrap
+
+  spec = stats.spec_for()
+  scale = rng.lognormal(0, 1, 12)  # block effect
+  base = [rng.lognormal(-4, 0.3, 400) * s for s in scale]
+  a = [stats.HostHistogram.from_sketch(stats.LogHistogram.empty(spec).add(x.astype(np.float32))) for x in base]
+  b = [stats.HostHistogram.from_sketch(stats.LogHistogram.empty(spec).add((x * 1.1).astype(np.float32))) for x in base]
+  median = {"median": lambda s: s.quantile(0.5)}
+  (_, hi_a), (lo_b, _) = block_bootstrap(a, median)["median"], block_bootstrap(b, median)["median"]
+  assert lo_b < hi_a  # unpaired: the intervals overlap
+  lower = lambda x, y: x.quantile(0.5) < y.quantile(0.5)
+  assert paired_block_bootstrap(a, b, lower) == 1.0 and paired_block_bootstrap(b, a, lower) == 0.0
+  assert np.isnan(paired_block_bootstrap(a[:1], b[:1], lower))
+  with pytest.raises(ValueError, match="12 and 11 blocks"):
+    paired_block_bootstrap(a, b[:11], lower)

@@ -42,3 +42,27 @@ def block_bootstrap(blocks: Sequence[HostHistogram], statistics: Mapping[str, Ca
   interval = lambda v: (float(np.nanquantile(v, tail)), float(np.nanquantile(v, 1 - tail))) if np.any(v == v) else (
       float("nan"), float("nan"))
   return {name: interval(v) for name, v in values.items()}
+
+
+def paired_block_bootstrap(a_blocks: Sequence[HostHistogram], b_blocks: Sequence[HostHistogram],
+                           holds: Callable[[HostHistogram, HostHistogram], bool], replicates: int = 1000,
+                           seed: int = 0) -> float:
+  """The share of block resamples in which ``holds(a, b)`` is true, ``a`` and ``b`` resampled with the *same*
+  blocks (two candidates scored on the same windows: their block-to-block variation is shared, so a difference
+  between them is judged against its own noise, not against the sum of both). NaN with fewer than two blocks."""
+  if len(a_blocks) != len(b_blocks):
+    raise ValueError(f"paired blocks: {len(a_blocks)} and {len(b_blocks)} blocks")
+  if len(a_blocks) < 2:
+    return float("nan")
+  rng = np.random.default_rng(seed)
+  n = len(a_blocks)
+  weights = rng.multinomial(n, np.full(n, 1 / n), size=replicates).astype(np.float64)
+
+  def resampled(blocks):
+    counts = (weights @ np.stack([b.counts for b in blocks]).astype(np.float64)).astype(np.int64)
+    nan = (weights @ np.array([b.nan for b in blocks], np.float64)).astype(np.int64)
+    totals = weights @ np.array([b.total for b in blocks])
+    lo, hi = min(b.min for b in blocks), max(b.max for b in blocks)
+    return [HostHistogram(blocks[0].spec, counts[r], int(nan[r]), float(totals[r]), lo, hi) for r in range(replicates)]
+
+  return float(np.mean([holds(a, b) for a, b in zip(resampled(a_blocks), resampled(b_blocks))]))
