@@ -224,9 +224,15 @@ def _dominance_confidence(state: EvalState, candidates: list[str], replicates: i
     (ma, pa), (mb, pb) = a.quantiles([0.5, 0.99]), b.quantiles([0.5, 0.99])
     return bool(ma <= mb and pa <= pb)
 
+  def disagree(a: HostHistogram, b: HostHistogram) -> bool:  # mean and median order the pair differently
+    return bool((a.mean < b.mean) != (a.quantile(0.5) < b.quantile(0.5)))
+
   blocks = {label: state.sketches("kld", label) for label in candidates}
-  return {(a, b): paired_block_bootstrap(blocks[a], blocks[b], dominates, replicates)
-          for a in candidates for b in candidates if a != b}
+  out = {(a, b): paired_block_bootstrap(blocks[a], blocks[b], dominates, replicates)
+         for a in candidates for b in candidates if a != b}
+  out.update({("disagree", a, b): paired_block_bootstrap(blocks[a], blocks[b], disagree, replicates)
+              for i, a in enumerate(candidates) for b in candidates[i + 1:]})
+  return out
 
 
 def compare_candidates(report: dict[str, Any],
@@ -258,6 +264,13 @@ def compare_candidates(report: dict[str, Any],
   if by_mean != by_median:
     note = (f"mean and median KLD rank the candidates differently: by mean {' < '.join(by_mean)}, "
             f"by median {' < '.join(by_median)}")
+    disagreements = [(key[1], key[2], share) for key, share in (confidence or {}).items() if key[0] == "disagree"]
+    split = [(a, b, share) for a, b, share in disagreements if math.isfinite(share) and
+             (by_mean.index(a) < by_mean.index(b)) != (by_median.index(a) < by_median.index(b))]
+    if split:
+      note += "; the split persists in " + ", ".join(f"{100 * share:.0f}% of paired block resamples for {a} vs {b}"
+                                                     for a, b, share in split)
+      note += " (near 100%: beyond noise; near 50% or below: within it)"
   return {"verdicts": verdicts, "rank_by_mean": by_mean, "rank_by_median": by_median, "mean_median_disagree": note,
           "nonfinite": nonfinite}
 
