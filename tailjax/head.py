@@ -438,21 +438,22 @@ def candidates_token_stats(*, ref_hidden: Array, ref_unembedding: Array | Output
 
   (arg_ref, target_ref, entropy, top), per_cand = _reduce_blocks(vocab, block_state, merge)
   ref_ids = top[1][:, :OVERLAP_K]
+  ref_lse = online.lse_finish(entropy.lse)  # the reference's normaliser, once for every candidate
+  ref_ce, confidence = ref_lse - target_ref, jnp.exp(arg_ref.value - ref_lse)
+  ref_entropy = online.entropy_finish(entropy)
   stats = []
   for kl, arg_cand, target_cand, reverse, (_, cand_ids) in per_cand:
-    ref_ce = online.lse_finish(kl.ref) - target_ref
     cand_ce = online.lse_finish(kl.cand) - target_cand
     agree = (arg_ref.index == arg_cand.index).astype(jnp.float32)
-    confidence = jnp.exp(arg_ref.value - online.lse_finish(kl.ref))
     shared = lambda n: jnp.sum(jnp.any(ref_ids[:, :n, None] == cand_ids[:, None, :n], axis=-1), axis=-1) / n
     top1_in_top5 = jnp.any(cand_ids[:, :5] == ref_ids[:, :1], axis=-1).astype(jnp.float32)
     values = (online.kl_finish(kl), ref_ce, cand_ce, agree, ref_ce - cand_ce, confidence, online.kl_finish(reverse),
-              online.entropy_finish(entropy), shared(5), shared(OVERLAP_K), top1_in_top5)
+              ref_entropy, shared(5), shared(OVERLAP_K), top1_in_top5)
     stats.append(TokenStats(*(_finish(lead, v, where) for v in values)))
   if not k:
     return stats
   values, top_ids = top[0][:, :k], top[1][:, :k]
-  logprobs = values - online.lse_finish(per_cand[0][0].ref)[:, None]
+  logprobs = values - ref_lse[:, None]
   return stats, TopK(jnp.reshape(top_ids, lead + (k,)), jnp.reshape(logprobs, lead + (k,)))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from tailjax import __version__, files, pages
 from tailjax.evaluate import (CONFIDENCE_BANDS, DIRECTION_QUANTITIES, MODEL_REFERENCE_QUANTITIES, EvalState, Moments,
                               confidence_quantity)
 from tailjax.stats import HostHistogram, SequenceSummary, Summary, compare
-from tailjax.stats.bootstrap import block_bootstrap, paired_block_bootstrap
+from tailjax.stats.bootstrap import block_bootstrap, paired_resamples
 
 # llama.cpp's KLD and Δp quantile lines, so users can check one tool against the other.
 KLD_QUANTILES = (0.001, 0.01, 0.05, 0.1, 0.5, 0.9, 0.95, 0.99, 0.999)
@@ -74,8 +74,9 @@ def build_report(state: EvalState, run: dict[str, Any], sources: dict[str, str],
     entropy = Summary.from_sketch(state.merged("entropy", reference), spike_thresholds=()).to_dict()
     report["models"][reference]["entropy"] = entropy
   for label in candidates:
-    kld = _summary(state.sketches("kld", label), state.merged("kld", label), spike_thresholds, replicates)
-    kld["quantiles"] = _quantile_table(state.merged("kld", label), KLD_QUANTILES)
+    whole = state.merged("kld", label)
+    kld = _summary(state.sketches("kld", label), whole, spike_thresholds, replicates)
+    kld["quantiles"] = _quantile_table(whole, KLD_QUANTILES)
     dp = state.merged("dp", label)
     report["candidates"][label] = {
         "kld": kld,
@@ -84,8 +85,8 @@ def build_report(state: EvalState, run: dict[str, Any], sources: dict[str, str],
     }
     report["candidates"][label]["delta_p"].update(min=dp.min, max=dp.max, sketch=dp.to_dict(),
                                                   quantiles=_quantile_table(dp, DELTA_P_QUANTILES))
-    report["candidates"][label].update(_splits(state, label))
-  report["comparison"] = compare_candidates(report, _dominance_confidence(state, candidates, replicates))
+    report["candidates"][label].update(_splits(state, label, whole))
+  report["comparison"] = compare_candidates(report, _paired_shares(state, candidates, replicates))
   if windows is not None and tokenizer is not None:
     report["worst_tokens"] = worst_tokens(state, windows, tokenizer)
   if state.routing:
@@ -100,12 +101,11 @@ def _part(part: HostHistogram, whole: HostHistogram) -> dict[str, Any]:
           "median": float(part.quantile(0.5)), "p99": float(part.quantile(0.99))}
 
 
-def _splits(state: EvalState, label: str) -> dict[str, Any]:
+def _splits(state: EvalState, label: str, whole: HostHistogram) -> dict[str, Any]:
   """A candidate's KLD by direction (``rose``: it made the target more likely, ``fell``: it did not; their KLD
-  masses sum to the whole) and by the reference's confidence (its top-1 probability, ``CONFIDENCE_BANDS``).
-  Runs saved before these sketches existed have none: nothing is reported then."""
+  masses sum to ``whole``, its merged KLD) and by the reference's confidence (its top-1 probability,
+  ``CONFIDENCE_BANDS``). Runs saved before these sketches existed have none: nothing is reported then."""
   present = set.intersection(*(set(block) for block in state.blocks)) if state.blocks else set()
-  whole = state.merged("kld", label)
   out: dict[str, Any] = {}
   if set(MODEL_REFERENCE_QUANTITIES) <= present:
     reverse = state.merged("reverse_kld", label)
@@ -217,32 +217,39 @@ def _pair_statistics(m: Moments) -> dict[str, Any]:
   }
 
 
-def _dominance_confidence(state: EvalState, candidates: list[str], replicates: int) -> dict[tuple[str, str], float]:
-  """For each ordered pair ``(a, b)`` of candidates, the share of paired block resamples in which ``a``'s median
-  and p99 KLD are both no higher than ``b``'s (``stats.bootstrap.paired_block_bootstrap``)."""
-  def dominates(a: HostHistogram, b: HostHistogram) -> bool:
-    (ma, pa), (mb, pb) = a.quantiles([0.5, 0.99]), b.quantiles([0.5, 0.99])
-    return bool(ma <= mb and pa <= pb)
+class PairedShares(NamedTuple):
+  """Shares of paired block resamples (``stats.bootstrap.paired_resamples``) over candidates ``(a, b)``:
+  ``dominates[(a, b)]`` where ``a``'s median and p99 KLD are both no higher than ``b``'s, ``split[(a, b)]``
+  (``a`` before ``b`` in candidate order) where mean and median order the pair differently."""
 
-  def disagree(a: HostHistogram, b: HostHistogram) -> bool:  # mean and median order the pair differently
-    return bool((a.mean < b.mean) != (a.quantile(0.5) < b.quantile(0.5)))
-
-  blocks = {label: state.sketches("kld", label) for label in candidates}
-  out = {(a, b): paired_block_bootstrap(blocks[a], blocks[b], dominates, replicates)
-         for a in candidates for b in candidates if a != b}
-  out.update({("disagree", a, b): paired_block_bootstrap(blocks[a], blocks[b], disagree, replicates)
-              for i, a in enumerate(candidates) for b in candidates[i + 1:]})
-  return out
+  dominates: dict[tuple[str, str], float]
+  split: dict[tuple[str, str], float]
 
 
-def compare_candidates(report: dict[str, Any],
-                       confidence: dict[tuple[str, str], float] | None = None) -> dict[str, Any]:
+def _paired_shares(state: EvalState, candidates: list[str], replicates: int) -> PairedShares | None:
+  """``PairedShares`` of the run's KLD blocks: each candidate resampled once, its mean, median and p99 read once
+  per resample; None with fewer than two blocks."""
+  resampled = paired_resamples({label: state.sketches("kld", label) for label in candidates}, replicates)
+  if resampled is None:
+    return None
+  mean, median, p99 = {}, {}, {}
+  for label, sketches in resampled.items():
+    mean[label] = np.array([s.mean for s in sketches])
+    median[label], p99[label] = np.array([s.quantiles([0.5, 0.99]) for s in sketches]).T
+  pairs = [(a, b) for a in candidates for b in candidates if a != b]
+  dominates = {(a, b): float(np.mean((median[a] <= median[b]) & (p99[a] <= p99[b]))) for a, b in pairs}
+  split = {(a, b): float(np.mean((mean[a] < mean[b]) != (median[a] < median[b])))
+           for i, a in enumerate(candidates) for b in candidates[i + 1:]}
+  return PairedShares(dominates, split)
+
+
+def compare_candidates(report: dict[str, Any], shares: PairedShares | None = None) -> dict[str, Any]:
   """Dominance verdicts (median and p99 KLD, ``stats.compare``) and whether mean and median rank alike.
 
-  With ``confidence`` (``_dominance_confidence``: the run's blocks are at hand) each dominance verdict says in
-  what share of paired block resamples it holds. A candidate with non-finite KLD tokens is ranked after every
-  finite one (fewest non-finite first) and gets no dominance verdict: its finite part's figures say nothing about
-  the tokens it lost."""
+  With ``shares`` (``_paired_shares``: the run's blocks are at hand) each dominance verdict, and a mean/median
+  disagreement, says in what share of paired block resamples it holds. A candidate with non-finite KLD tokens
+  is ranked after every finite one (fewest non-finite first) and gets no dominance verdict: its finite part's
+  figures say nothing about the tokens it lost."""
   cands = report["candidates"]
   names = list(cands)
   summaries = {name: Summary.from_dict(cands[name]["kld"]) for name in names}
@@ -251,8 +258,8 @@ def compare_candidates(report: dict[str, Any],
     for b in names[i + 1:]:
       verdict = compare(summaries[a], summaries[b], (a, b))
       text = verdict.text
-      share = None if confidence is None or verdict.winner is None else \
-          confidence.get((verdict.winner, b if verdict.winner == a else a))
+      share = None if shares is None or verdict.winner is None else \
+          shares.dominates[(verdict.winner, b if verdict.winner == a else a)]
       if share is not None and math.isfinite(share):
         text += f"; median and p99 no higher in {100 * share:.1f}% of paired block resamples"
       verdicts.append(text)
@@ -264,9 +271,8 @@ def compare_candidates(report: dict[str, Any],
   if by_mean != by_median:
     note = (f"mean and median KLD rank the candidates differently: by mean {' < '.join(by_mean)}, "
             f"by median {' < '.join(by_median)}")
-    disagreements = [(key[1], key[2], share) for key, share in (confidence or {}).items() if key[0] == "disagree"]
-    split = [(a, b, share) for a, b, share in disagreements if math.isfinite(share) and
-             (by_mean.index(a) < by_mean.index(b)) != (by_median.index(a) < by_median.index(b))]
+    split = [(a, b, share) for (a, b), share in (shares.split if shares else {}).items()
+             if (by_mean.index(a) < by_mean.index(b)) != (by_median.index(a) < by_median.index(b))]
     if split:
       note += "; the split persists in " + ", ".join(f"{100 * share:.0f}% of paired block resamples for {a} vs {b}"
                                                      for a, b, share in split)

@@ -16,6 +16,21 @@ import numpy as np
 from tailjax.stats.sketch import HostHistogram
 
 
+def _weights(blocks: int, replicates: int, seed: int) -> np.ndarray:
+  """``[replicates, blocks]`` multinomial counts: how often each block is drawn in each resample."""
+  rng = np.random.default_rng(seed)
+  return rng.multinomial(blocks, np.full(blocks, 1 / blocks), size=replicates).astype(np.float64)
+
+
+def _resample(blocks: Sequence[HostHistogram], weights: np.ndarray) -> list[HostHistogram]:
+  """One merged sketch per row of ``weights``: the blocks' counts, NaNs and totals weighted and summed."""
+  counts = (weights @ np.stack([b.counts for b in blocks]).astype(np.float64)).astype(np.int64)
+  nan = (weights @ np.array([b.nan for b in blocks], np.float64)).astype(np.int64)
+  totals = weights @ np.array([b.total for b in blocks])
+  lo, hi = min(b.min for b in blocks), max(b.max for b in blocks)
+  return [HostHistogram(blocks[0].spec, c, int(n), float(t), lo, hi) for c, n, t in zip(counts, nan, totals)]
+
+
 def block_bootstrap(blocks: Sequence[HostHistogram], statistics: Mapping[str, Callable[[HostHistogram], float]],
                     replicates: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float]]:
   """``{name: (low, high)}`` percentile intervals of each statistic over block resamples.
@@ -24,45 +39,35 @@ def block_bootstrap(blocks: Sequence[HostHistogram], statistics: Mapping[str, Ca
   """
   if len(blocks) < 2:
     return {name: (float("nan"), float("nan")) for name in statistics}
-  spec = blocks[0].spec
-  counts = np.stack([b.counts for b in blocks]).astype(np.float64)
-  nan = np.array([b.nan for b in blocks], np.float64)
-  totals = np.array([b.total for b in blocks])
-  lo, hi = min(b.min for b in blocks), max(b.max for b in blocks)
-  rng = np.random.default_rng(seed)
-  weights = rng.multinomial(len(blocks), np.full(len(blocks), 1 / len(blocks)), size=replicates).astype(np.float64)
-  resampled_counts = (weights @ counts).astype(np.int64)
-  resampled_nan, resampled_totals = (weights @ nan).astype(np.int64), weights @ totals
-  values = {name: np.empty(replicates) for name in statistics}
-  for r in range(replicates):
-    sketch = HostHistogram(spec, resampled_counts[r], int(resampled_nan[r]), float(resampled_totals[r]), lo, hi)
-    for name, statistic in statistics.items():
-      values[name][r] = statistic(sketch)
+  resampled = _resample(blocks, _weights(len(blocks), replicates, seed))
+  values = {name: np.array([statistic(sketch) for sketch in resampled]) for name, statistic in statistics.items()}
   tail = (1 - level) / 2
   interval = lambda v: (float(np.nanquantile(v, tail)), float(np.nanquantile(v, 1 - tail))) if np.any(v == v) else (
       float("nan"), float("nan"))
   return {name: interval(v) for name, v in values.items()}
 
 
+def paired_resamples(blocks: Mapping[str, Sequence[HostHistogram]], replicates: int = 1000,
+                     seed: int = 0) -> dict[str, list[HostHistogram]] | None:
+  """Each label's blocks resampled with the *same* draws (candidates scored on the same windows: their
+  block-to-block variation is shared, so a difference between them is judged against its own noise, not
+  against the sum of both): ``{label: [replicates merged sketches]}``; None with fewer than two blocks."""
+  sizes = {len(b) for b in blocks.values()}
+  if len(sizes) > 1:
+    raise ValueError(f"paired blocks: {' and '.join(str(len(b)) for b in blocks.values())} blocks")
+  n = sizes.pop() if sizes else 0
+  if n < 2:
+    return None
+  weights = _weights(n, replicates, seed)
+  return {label: _resample(b, weights) for label, b in blocks.items()}
+
+
 def paired_block_bootstrap(a_blocks: Sequence[HostHistogram], b_blocks: Sequence[HostHistogram],
                            holds: Callable[[HostHistogram, HostHistogram], bool], replicates: int = 1000,
                            seed: int = 0) -> float:
-  """The share of block resamples in which ``holds(a, b)`` is true, ``a`` and ``b`` resampled with the *same*
-  blocks (two candidates scored on the same windows: their block-to-block variation is shared, so a difference
-  between them is judged against its own noise, not against the sum of both). NaN with fewer than two blocks."""
-  if len(a_blocks) != len(b_blocks):
-    raise ValueError(f"paired blocks: {len(a_blocks)} and {len(b_blocks)} blocks")
-  if len(a_blocks) < 2:
+  """The share of paired block resamples (``paired_resamples``) in which ``holds(a, b)`` is true; NaN with fewer
+  than two blocks."""
+  resampled = paired_resamples({"a": a_blocks, "b": b_blocks}, replicates, seed)
+  if resampled is None:
     return float("nan")
-  rng = np.random.default_rng(seed)
-  n = len(a_blocks)
-  weights = rng.multinomial(n, np.full(n, 1 / n), size=replicates).astype(np.float64)
-
-  def resampled(blocks):
-    counts = (weights @ np.stack([b.counts for b in blocks]).astype(np.float64)).astype(np.int64)
-    nan = (weights @ np.array([b.nan for b in blocks], np.float64)).astype(np.int64)
-    totals = weights @ np.array([b.total for b in blocks])
-    lo, hi = min(b.min for b in blocks), max(b.max for b in blocks)
-    return [HostHistogram(blocks[0].spec, counts[r], int(nan[r]), float(totals[r]), lo, hi) for r in range(replicates)]
-
-  return float(np.mean([holds(a, b) for a, b in zip(resampled(a_blocks), resampled(b_blocks))]))
+  return float(np.mean([holds(a, b) for a, b in zip(resampled["a"], resampled["b"])]))
