@@ -119,8 +119,15 @@ def _protocol(name: str) -> str:
 @click.option("--seed", type=int, help="Override the protocol's sampling seed.")
 @click.option("--stride", type=int, help="Windows of --seq-len advancing by this many tokens: each token scored once, "
               "with at least seq-len minus stride tokens of context (the first window scores all).")
-@click.option("--batch-size", type=int, help="Windows per step (one bootstrap block each); default: 4, or the "
-              "smallest multiple of --mesh's data shards above it.")
+@click.option("--batch-size", type=int, help="Windows per step; default: 4, or the smallest multiple of --mesh's "
+              "data shards above it. Each window is one bootstrap block whatever the batch.")
+@click.option("--until-ci", type=float, help="Stop once every candidate's 95%% KLD interval is this narrow relative "
+              "to its value (0.05: within 5%%), checked per batch; windows are then scored in a random order.")
+@click.option("--until-ci-summary", "until_ci_summaries", multiple=True,
+              help=f"KLD summary --until-ci waits for (repeatable): mean, median, p90, p95, p99, p99.9. Default: "
+              f"{', '.join(EVAL.until_ci_summaries)}.")
+@click.option("--block-memory", "block_memory_mb", type=float, help="MB of per-window bootstrap sketches held "
+              f"before neighbouring windows merge into one block. Default: {EVAL.block_memory_mb:g}.")
 @click.option("--spike-threshold", "spike_thresholds", type=float, multiple=True,
               help=f"KLD above which a token is a spike (repeatable; the first is the headline). Default: "
               f"{', '.join(map(str, EVAL.spike_thresholds))}.")
@@ -141,7 +148,7 @@ def _protocol(name: str) -> str:
               "and whether they fit, without reading weights or running anything.")
 @click.option("--device-memory", type=float, help="GiB one device holds, for --plan (default: what it reports).")
 def eval_command(config_file, output, device_mesh, plan_only, device_memory, candidates, spike_thresholds,
-                 **fields) -> None:
+                 until_ci_summaries, **fields) -> None:
   """Per-token KLD and CE distributions of candidates against a reference, with tails and intervals."""
   from tailjax import report, runner
   from tailjax.eval_config import EvalConfig
@@ -151,7 +158,8 @@ def eval_command(config_file, output, device_mesh, plan_only, device_memory, can
     paths = ("kl_divergence_base", "reference_cache", "save_reference_cache", "dump_tokens")
     fields = {k: str(v) if k in paths and v is not None else v for k, v in fields.items()}
     config = EvalConfig.from_file(config_file, mesh=device_mesh, candidates=candidates or None,
-                                  spike_thresholds=spike_thresholds or None, **fields)
+                                  spike_thresholds=spike_thresholds or None,
+                                  until_ci_summaries=until_ci_summaries or None, **fields)
     if plan_only:
       from tailjax import mesh, plan
 

@@ -132,6 +132,16 @@ class Windows:
   def scored_tokens(self) -> int:
     return int(self.scored.sum())
 
+  def take(self, rows) -> Windows:
+    """The windows at ``rows`` (indices, in that order)."""
+    rows = np.asarray(rows, np.int64)
+    tokens, scored = self.tokens[rows], self.scored[rows]
+    return Windows(tokens, scored, self.starts[rows], self.corpus_tokens, files.fingerprint(tokens, scored))
+
+  def shuffled(self, seed: int) -> Windows:
+    """The same windows in a random order drawn by ``seed``: any prefix is a random sample (``--until-ci``)."""
+    return self.take(np.random.default_rng(seed).permutation(len(self)))
+
 
 def make_windows(ids, protocol: Protocol, bos_id: int | None = None, source: str = "corpus") -> Windows:
   ids = np.asarray(ids, np.int32)

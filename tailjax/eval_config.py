@@ -29,6 +29,9 @@ class EvalConfig:
   seed: int | None = None
   stride: int | None = None  # windows advancing by this many tokens, each token scored once (data.Protocol)
   batch_size: int | None = None  # None: 4, or the smallest multiple of the mesh's data shards above it
+  until_ci: float | None = None  # stop once every candidate's KLD intervals are this narrow (relative; stopping)
+  until_ci_summaries: list[str] = ("median",)  # the KLD summaries until_ci waits for: mean, median, p90 ... p99.9
+  block_memory_mb: float = 256  # per-window bootstrap blocks held before neighbours merge (eval_state)
   spike_thresholds: list[float] = (0.5,)  # KLD above which a token is a spike; the first is the headline
   worst: int = 20  # highest-KLD tokens listed per candidate
   save_every: float = 30.0  # seconds between saved states of a run with an output directory
@@ -41,7 +44,7 @@ class EvalConfig:
   dtype: str = "auto"  # float32, bfloat16, float16, or auto: each checkpoint's own on an accelerator
 
   def __post_init__(self):
-    for name in ("candidates", "spike_thresholds"):  # YAML lists and CLI tuples alike
+    for name in ("candidates", "spike_thresholds", "until_ci_summaries"):  # YAML lists and CLI tuples alike
       if isinstance(getattr(self, name), list):
         object.__setattr__(self, name, tuple(getattr(self, name)))
     problems = configs.type_problems(self)

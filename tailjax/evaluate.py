@@ -3,37 +3,35 @@
 Each batch of windows runs the reference (any ``tailjax.references.Reference``) and every
 candidate side by side; the fused head (``tailjax.head.candidates_token_stats``) gives per-token
 KLD, both CEs, top-1 agreement and the target log-prob delta without materializing logits; these
-go straight into sketches (``tailjax.stats``). Only a ``BatchStats`` leaves the device, once per
-batch: the sketches as ``{quantity: {label: sketch}}``, per-window CE sums, ``Moments`` and the
-worst tokens (``batch_step`` is the public, compiled step). Each batch's sketches are kept as one *block*:
-merged they give the run's distribution, resampled they give block-bootstrap
-confidence intervals that do not assume independent tokens.
+go straight into sketches (``tailjax.stats``), one per window. Only a ``BatchStats`` leaves the device, once per
+batch: the sketches as ``{quantity: {label: sketch}}`` (each with a leading window axis), per-window CE sums,
+``Moments`` and the worst tokens (``batch_step`` is the public, compiled step). On host each window's sketches
+become a bootstrap *block* (``tailjax.eval_state``): merged they give the run's distribution, resampled
+they give block-bootstrap confidence intervals that do not assume independent tokens.
 
-The state after each batch is what ``--output`` saves to resume an interrupted run;
-because blocks are merged by exact integer addition, a resumed run ends with the same
-numbers as an uninterrupted one.
+The state after each batch is what ``--output`` saves to resume an interrupted run (``eval_state.save_state``).
+With ``until_ci`` a run stops once its intervals are narrow enough (``eval_state``'s ``precise_enough``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tailjax import files, head, mesh
+from tailjax import head, mesh
 from tailjax.data import Windows
+from tailjax.eval_state import EvalState, Moments
 from tailjax.frozen import frozen_jit
 from tailjax.models import LoadedModel
 from tailjax.references import Reference, check_compatible
-from tailjax.stats import BucketSpec, HostHistogram, LogHistogram, spec_for
+from tailjax.stats import BucketSpec, LogHistogram, spec_for
 
 # Signed Δp in [-1, 1]: quantiles need resolution near 0 but no thresholds.
 DELTA_P_SPEC = BucketSpec(relative_accuracy=0.005, min_value=1e-9, max_value=2.0)
@@ -57,22 +55,6 @@ DIRECTION_QUANTITIES = ("kld_rose", "kld_fell")
 MODEL_REFERENCE_QUANTITIES = ("reverse_kld", "top5_overlap", "top10_overlap", "top1_in_top5")
 
 
-class Moments(NamedTuple):
-  """Per-candidate sums over scored tokens (arrays ``[C]`` from a batch; float64 on host, summed over the run)
-  from which the PPL ratio, the CE correlation and RMS Δp follow: ``tokens`` with both CEs finite, top-1
-  agreements, Δp and Δp², both CEs, their squares and their product."""
-
-  tokens: Any
-  top1: Any
-  dp: Any
-  dp2: Any
-  ref_ce: Any
-  cand_ce: Any
-  ref_ce2: Any
-  cand_ce2: Any
-  ref_cand_ce: Any
-
-
 class WorstTokens(NamedTuple):
   """A batch's highest-KLD tokens per candidate: ``values, index: [C, k]`` (index ``window * (T-1) + position``
   in the batch; NaN sorts first, -inf marks fewer than k scored tokens)."""
@@ -84,7 +66,8 @@ class WorstTokens(NamedTuple):
 class BatchStats(NamedTuple):
   """What one batch leaves the device with (``batch_step``); the per-token values stay there.
 
-  ``sketches``: ``{quantity: {label: LogHistogram}}`` (``ce`` of every model; ``kld`` and ``dp`` of every
+  ``sketches``: ``{quantity: {label: LogHistogram}}``, one per window (fields with a leading ``[B]`` axis;
+  ``ce`` of every model; ``kld`` and ``dp`` of every
   candidate, and its KLD split by direction, ``DIRECTION_QUANTITIES``, and by the reference's confidence,
   ``confidence_quantity``); ``seq_ce: [M, B]`` each model's summed CE per window; ``seq_tokens: [B]`` scored tokens per
   window; ``moments``: ``Moments`` of ``[C]`` arrays; ``worst``: ``WorstTokens``; ``per_token: [C, 5, B, T-1]``
@@ -114,40 +97,6 @@ class StepOptions(NamedTuple):
   cache_k: int = 0
 
 
-@dataclasses.dataclass
-class EvalState:
-  """Everything a run has accumulated, on host: enough to resume and to report."""
-
-  labels: list[str]  # models: reference first, then candidates
-  windows_done: int = 0
-  blocks: list[dict[str, dict[str, HostHistogram]]] = dataclasses.field(default_factory=list)  # per batch
-  seq_ce: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # per model, per window
-  seq_tokens: list[int] = dataclasses.field(default_factory=list)
-  moments: dict[str, Moments] = dataclasses.field(default_factory=dict)  # per candidate, float64
-  worst: dict[str, list[tuple[float, int, int]]] = dataclasses.field(default_factory=dict)  # (KLD, window, pos)
-  # MoE models: "load/<label>" [MoE layers, experts] scored-token assignments; "overlap/<label>" [MoE layers]
-  # summed |top-k ∩ reference's top-k| / k of a candidate routed like the reference.
-  routing: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-
-  def __post_init__(self):
-    for label in self.labels:
-      self.seq_ce.setdefault(label, [])
-    for label in self.labels[1:]:
-      self.moments.setdefault(label, Moments(*np.zeros(len(Moments._fields))))
-
-  def sketches(self, quantity: str, label: str) -> list[HostHistogram]:
-    """One sketch per block (batch) of ``quantity`` for ``label``: what the bootstrap resamples."""
-    return [block[quantity][label] for block in self.blocks]
-
-  def merged(self, quantity: str, label: str) -> HostHistogram:
-    """The run's distribution of ``quantity`` for ``label``: its blocks merged (exact integer sums)."""
-    blocks = self.sketches(quantity, label)
-    total = blocks[0]
-    for block in blocks[1:]:
-      total = total.merge(block)
-    return total
-
-
 def _token_stats(models: tuple, outputs: list, tokens: jax.Array, scored: jax.Array, stored, vocab_size: int,
                  cache_k: int):
   """Per candidate, per-token values against the reference: a model (``stored`` None: one fused vocabulary
@@ -170,7 +119,8 @@ def _batch_stats(models: tuple, tokens: jax.Array, scored: jax.Array, stored, op
   labels = options.labels
   mask = scored.astype(jnp.float32)
   finite = lambda x: scored & (jnp.abs(x) < jnp.inf)
-  sketch = lambda values, spec=options.spec, where=scored: LogHistogram.empty(spec).add(values, where)
+  per_window = lambda spec: jax.vmap(lambda v, w: LogHistogram.empty(spec).add(v, w))
+  sketch = lambda values, spec=options.spec, where=scored: per_window(spec)(values, where)  # counts [B, size]
   outputs = [None if model is None else model.forward(tokens) for model in models]
   stats, ref_topk = _token_stats(models, outputs, tokens, scored, stored, options.vocab_size, options.cache_k)
   bands = list(zip(CONFIDENCE_BANDS[:-1], CONFIDENCE_BANDS[1:]))
@@ -288,8 +238,11 @@ def evaluate(reference: Reference, candidates: Sequence[LoadedModel], windows: W
              batch_size: int = 4, spike_thresholds=(0.5,), worst: int = 20, state: EvalState | None = None,
              dump: TokenDump | None = None, cache: dict[str, list] | None = None,
              on_batch: Callable[[EvalState, int], None] | None = None,
-             device_mesh: jax.sharding.Mesh | None = None) -> EvalState:
+             device_mesh: jax.sharding.Mesh | None = None,
+             stop: Callable[[EvalState], bool] | None = None) -> EvalState:
   """Run (or resume, given ``state``) an evaluation; ``on_batch(state, scored_tokens)`` after every batch.
+  ``stop(state)`` is asked before every batch (a resumed state included): True ends the run there
+  (``tailjax.stopping``: once the intervals are narrow enough).
 
   ``reference`` (``tailjax.references``): a model, a llama.cpp base file or a reference cache (``windows``
   then its own). ``cache`` (a dict with a ``"k"`` entry) collects the reference's top-K log-probs per batch for
@@ -322,6 +275,8 @@ def evaluate(reference: Reference, candidates: Sequence[LoadedModel], windows: W
   options = StepOptions(tuple(state.labels), spec_for(spike_thresholds), reference.describe().vocab_size,
                         max(1, min(worst, batch_size * (t - 1))), dump is not None, cache_k)
   for start in range(state.windows_done, n, batch_size):
+    if stop is not None and stop(state):
+      break
     count = min(batch_size, n - start)
     tokens = np.zeros((batch_size, t), np.int32)
     scored = np.zeros((batch_size, t - 1), bool)  # a short last batch is padded with unscored rows
@@ -343,13 +298,12 @@ def evaluate(reference: Reference, candidates: Sequence[LoadedModel], windows: W
 
 
 def _accumulate(state: EvalState, out: BatchStats, start: int, count: int, t: int, worst: int) -> None:
-  """One batch's ``BatchStats`` (on host) into ``state``: its sketches as one block, the sums added."""
+  """One batch's ``BatchStats`` (on host) into ``state``: its windows' sketches as blocks, the sums added."""
   for key, value in out.routing.items():
     kind, index = key.split("/")
     name = f"{kind}/{state.labels[int(index)]}"
     state.routing[name] = state.routing.get(name, 0) + np.asarray(value, np.float64 if kind == "overlap" else np.int64)
-  state.blocks.append({quantity: {label: HostHistogram.from_sketch(sketch) for label, sketch in by_label.items()}
-                       for quantity, by_label in out.sketches.items()})
+  state.add_windows(out.sketches, count)
   for i, label in enumerate(state.labels):
     state.seq_ce[label].extend(np.asarray(out.seq_ce[i, :count], np.float64).tolist())
   state.seq_tokens.extend(np.asarray(out.seq_tokens[:count]).tolist())
@@ -369,58 +323,3 @@ def _place(array, device_mesh: jax.sharding.Mesh) -> jax.Array:
 def _badness(entry: tuple[float, int, int]) -> tuple[bool, float]:
   value = entry[0]
   return (value != value, value if value == value else 0.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Saving and restoring state, so an interrupted run resumes where it stopped.
-
-
-def save_state(state: EvalState, path: Path) -> None:
-  """Atomic write (temporary file, then rename): a kill mid-write leaves the last good state. Sketches are stored
-  per ``quantity/label``, one row per block."""
-  arrays: dict[str, np.ndarray] = {"windows_done": np.asarray(state.windows_done),
-                                   "seq_tokens": np.asarray(state.seq_tokens, np.int64)}
-  keys = sorted((q, label) for q, by_label in state.blocks[0].items() for label in by_label) if state.blocks else []
-  for quantity, label in keys:
-    blocks = state.sketches(quantity, label)
-    arrays[f"counts:{quantity}/{label}"] = np.stack([b.counts for b in blocks])
-    arrays[f"scalars:{quantity}/{label}"] = np.array([[b.nan, b.total, b.min, b.max] for b in blocks], np.float64)
-  for label in state.labels:
-    arrays[f"seq_ce:{label}"] = np.asarray(state.seq_ce[label], np.float64)
-  for label in state.labels[1:]:
-    arrays[f"moments:{label}"] = np.asarray(state.moments[label], np.float64)
-    arrays[f"worst:{label}"] = np.asarray(state.worst.get(label, []), np.float64).reshape(-1, 3)
-  for key, value in state.routing.items():
-    arrays[f"routing:{key}"] = value
-  meta = {"labels": state.labels, "keys": [f"{q}/{label}" for q, label in keys],
-          "specs": {f"{q}/{label}": state.blocks[0][q][label].spec.to_dict() for q, label in keys},
-          "routing": sorted(state.routing)}
-  tmp = path.with_name(path.name + ".tmp")
-  with tmp.open("wb") as f:
-    np.savez_compressed(f, meta=np.asarray(json.dumps(meta)), **arrays)
-  tmp.replace(path)
-
-
-def load_state(path: Path) -> EvalState:
-  with files.npz(path, "evaluation state", "delete it to start the run over") as z:
-    meta = json.loads(str(z["meta"]))
-    state = EvalState(meta["labels"], windows_done=int(z["windows_done"]),
-                      seq_tokens=z["seq_tokens"].tolist())
-    specs = {k: BucketSpec(**{**v, "thresholds": tuple(v["thresholds"])}) for k, v in meta["specs"].items()}
-    columns = {key: (z[f"counts:{key}"], z[f"scalars:{key}"]) for key in meta["keys"]}
-    for label in state.labels:
-      state.seq_ce[label] = z[f"seq_ce:{label}"].tolist()
-    for label in state.labels[1:]:
-      state.moments[label] = Moments(*z[f"moments:{label}"])
-      state.worst[label] = [(float(v), int(w), int(p)) for v, w, p in z[f"worst:{label}"]]
-    state.routing = {key: z[f"routing:{key}"] for key in meta.get("routing", [])}
-  blocks = len(next(iter(columns.values()))[0]) if columns else 0
-  for i in range(blocks):
-    block: dict[str, dict[str, HostHistogram]] = {}
-    for key, (counts, scalars) in columns.items():
-      quantity, label = key.split("/", 1)
-      block.setdefault(quantity, {})[label] = HostHistogram(specs[key], counts[i].astype(np.int64), int(scalars[i, 0]),
-                                                            float(scalars[i, 1]), float(scalars[i, 2]),
-                                                            float(scalars[i, 3]))
-    state.blocks.append(block)
-  return state

@@ -16,18 +16,15 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from tailjax import __version__, files, pages
-from tailjax.evaluate import (CONFIDENCE_BANDS, DIRECTION_QUANTITIES, MODEL_REFERENCE_QUANTITIES, EvalState, Moments,
-                              confidence_quantity)
+from tailjax.eval_state import EvalState, Moments
+from tailjax.evaluate import CONFIDENCE_BANDS, DIRECTION_QUANTITIES, MODEL_REFERENCE_QUANTITIES, confidence_quantity
 from tailjax.stats import HostHistogram, SequenceSummary, Summary, compare
-from tailjax.stats.bootstrap import block_bootstrap, paired_resamples
+from tailjax.stats.blocks import Blocks
+from tailjax.stats.bootstrap import MIN_RELIABLE_BLOCKS, block_bootstrap, paired_resamples
 
 # llama.cpp's KLD and Δp quantile lines, so users can check one tool against the other.
 KLD_QUANTILES = (0.001, 0.01, 0.05, 0.1, 0.5, 0.9, 0.95, 0.99, 0.999)
 DELTA_P_QUANTILES = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999)
-# Fewer blocks than this and a bootstrap interval is printed only with a warning: measured on SmolLM2 Q4_1 vs its
-# @int4 (96 windows of pydoc as the population, 200 subsets), the nominal 95% interval of the median KLD covered
-# the population value 74% of the time from 3 blocks and 90% from 6 (issue 19).
-MIN_RELIABLE_BLOCKS = 8
 HEADLINE = ("mean", "median", "p90", "p95", "p99", "p99.9", "spike_rate")
 _CI_STATISTICS = {
     "mean": lambda s: s.mean, "median": lambda s: s.quantile(0.5), "p99": lambda s: s.quantile(0.99),
@@ -38,19 +35,18 @@ def _quantile_table(sketch: HostHistogram, qs) -> dict[str, float]:
   return {f"{100 * q:g}%": float(v) for q, v in zip(qs, sketch.quantiles(qs))}
 
 
-def _summary(blocks: list[HostHistogram], merged: HostHistogram, spike_thresholds, replicates: int) -> dict:
+def _summary(blocks: Blocks, merged: HostHistogram, spike_thresholds, replicates: int) -> dict:
   summary = Summary.from_sketch(merged, spike_thresholds=spike_thresholds).to_dict()
   statistics = dict(_CI_STATISTICS)
   if spike_thresholds:
     statistics["spike_rate"] = lambda s: s.fraction_above(spike_thresholds[0])
   summary["ci95"] = {k: list(v) for k, v in block_bootstrap(blocks, statistics, replicates).items()}
   if len(blocks) < 2:
-    summary["ci95_note"] = (f"no interval: {len(blocks)} block (batch) cannot be bootstrapped; use more windows or "
-                            "a smaller batch size")
+    summary["ci95_note"] = f"no interval: {len(blocks)} block (window) cannot be bootstrapped; use more windows"
   elif len(blocks) < MIN_RELIABLE_BLOCKS:
-    summary["ci95_note"] = (f"interval from {len(blocks)} blocks (batches) is unreliable: below "
+    summary["ci95_note"] = (f"interval from {len(blocks)} blocks (windows) is unreliable: below "
                             f"{MIN_RELIABLE_BLOCKS} a nominal 95% block-bootstrap interval covers far less (74% "
-                            "measured at 3 blocks); use more windows or a smaller batch size")
+                            "measured at 3 blocks); use more windows")
   return summary
 
 
@@ -70,7 +66,7 @@ def build_report(state: EvalState, run: dict[str, Any], sources: dict[str, str],
         "source": sources[label], "role": "reference" if label == reference else "candidate", "ce": ce,
         "sequences": {**sequences.to_dict(), "ppl": [None if math.isnan(p) else p for p in sequences.ppl.tolist()]},
     }
-  if state.blocks and all("entropy" in block for block in state.blocks):  # H(p_ref) per token, a model reference's
+  if "entropy" in state.quantities:  # H(p_ref) per token, a model reference's
     entropy = Summary.from_sketch(state.merged("entropy", reference), spike_thresholds=()).to_dict()
     report["models"][reference]["entropy"] = entropy
   for label in candidates:
@@ -105,7 +101,7 @@ def _splits(state: EvalState, label: str, whole: HostHistogram) -> dict[str, Any
   """A candidate's KLD by direction (``rose``: it made the target more likely, ``fell``: it did not; their KLD
   masses sum to ``whole``, its merged KLD) and by the reference's confidence (its top-1 probability,
   ``CONFIDENCE_BANDS``). Runs saved before these sketches existed have none: nothing is reported then."""
-  present = set.intersection(*(set(block) for block in state.blocks)) if state.blocks else set()
+  present = state.quantities
   out: dict[str, Any] = {}
   if set(MODEL_REFERENCE_QUANTITIES) <= present:
     reverse = state.merged("reverse_kld", label)
@@ -320,6 +316,12 @@ def _rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str]
 
 def _notes(report: dict[str, Any]) -> list[str]:
   notes = []
+  until = report["run"].get("until_ci")
+  if until:
+    how = (f"stopped after {until['windows_used']} of {report['run']['windows']} windows (scored in a random order)"
+           if until["met"] else f"never met, all {until['windows_used']} windows scored")
+    notes.append(f"until-ci: 95% intervals of KLD {', '.join(until['summaries'])} within "
+                 f"{_percent(until['relative_width'], 1)} of the value: {how}")
   for name, c in report["candidates"].items():
     ci = c["kld"]["ci95"]
     interval = lambda key: f"[{_fmt(ci[key][0])}, {_fmt(ci[key][1])}]"

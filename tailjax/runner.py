@@ -25,9 +25,10 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from tailjax import data, files, llamacpp, models, references, refcache, report as reporting
+from tailjax import data, files, llamacpp, models, references, refcache, report as reporting, stopping
 from tailjax.eval_config import EvalConfig
-from tailjax.evaluate import TokenDump, evaluate, load_state, save_state
+from tailjax.eval_state import EvalState, load_state, save_state
+from tailjax.evaluate import TokenDump, evaluate
 from tailjax.models import LoadedModel, ModelSpec, QuantSpec
 
 DEFAULT_CANDIDATES = ("@int4-g64", "@int3-g64")
@@ -86,8 +87,11 @@ def _labels(named: Sequence[tuple[str | None, LoadedModel]], reference: LoadedMo
 
 
 def _identity(run: dict[str, Any]) -> dict[str, Any]:
-  return {k: run[k] for k in ("models", "corpus", "protocol", "seq_len", "num_sequences", "seed", "fingerprint",
-                              "batch_size", "spike_thresholds", "dtype")}
+  identity = {k: run[k] for k in ("models", "corpus", "protocol", "seq_len", "num_sequences", "seed", "fingerprint",
+                                  "batch_size", "spike_thresholds", "dtype", "block_budget")}
+  if run.get("until_ci"):  # a stopping rule changes which windows a finished run holds
+    identity["until_ci"] = {k: run["until_ci"][k] for k in ("relative_width", "summaries")}
+  return identity
 
 
 def _dtype_name(loaded: LoadedModel) -> str:
@@ -164,7 +168,8 @@ def run(config: EvalConfig, output: str | Path | None = None, console=None) -> d
                   output=output, dump_tokens=config.dump_tokens, worst=config.worst, save_every=config.save_every,
                   kl_divergence_base=config.kl_divergence_base, reference_cache=config.reference_cache,
                   save_reference_cache=config.save_reference_cache, cache_k=config.cache_k, mesh=config.mesh,
-                  dtype=config.dtype, console=console)
+                  dtype=config.dtype, until_ci=config.until_ci, until_ci_summaries=config.until_ci_summaries,
+                  block_memory_mb=config.block_memory_mb, console=console)
 
 
 def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpus: str = "pydoc", *,
@@ -173,7 +178,9 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
              dump_tokens: str | Path | None = None, worst: int = 20, save_every: float = 30.0,
              kl_divergence_base: str | Path | None = None, reference_cache: str | Path | None = None,
              save_reference_cache: str | Path | None = None, cache_k: int = 32, mesh: str | None = None,
-             dtype: str = "auto", console=None) -> dict[str, Any]:
+             dtype: str = "auto", until_ci: float | None = None,
+             until_ci_summaries: Sequence[str] = stopping.DEFAULT_SUMMARIES, block_memory_mb: float = 256,
+             console=None) -> dict[str, Any]:
   """Evaluate ``candidates`` against ``reference`` on ``corpus``; returns the ``report.json`` dictionary.
 
   ``kl_divergence_base`` (instead of a reference and a corpus) is a llama.cpp base file: its
@@ -184,8 +191,13 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
   With no reference and no candidates this is the embedded default: SmolLM2-135M against its
   own int4 and int3 round-to-nearest quantizations on CPython's reference manual.
 
-  ``batch_size`` windows run per step (one bootstrap block each); None: ``batch_size_for`` the mesh (4, or the
-  smallest multiple of its data shards above that).
+  ``batch_size`` windows run per step; None: ``batch_size_for`` the mesh (4, or the smallest multiple of its
+  data shards above that). Each window is one bootstrap block until the blocks take ``block_memory_mb``
+  (``tailjax.eval_state``).
+
+  ``until_ci`` (a relative width, e.g. 0.05): windows are scored in a random order (the protocol's seed) and
+  the run stops once the 95% interval of every candidate's KLD ``until_ci_summaries`` is that narrow
+  (``tailjax.stopping``); ``report["run"]["until_ci"]`` says after how many windows.
 
   ``dtype`` (``float32``, ``bfloat16``, ``float16``) is how every model's parameters are stored and
   computed; ``"auto"``: each checkpoint's own dtype on an accelerator, float32 on a CPU. The fused
@@ -205,7 +217,9 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
   _check_arguments(corpus=None if kl_divergence_base or reference_cache else corpus, batch_size=batch_size,
                    spike_thresholds=spike_thresholds, worst=worst, save_every=save_every, output=output,
                    dump_tokens=dump_tokens, save_reference_cache=save_reference_cache, cache_k=cache_k,
+                   until_ci=until_ci, block_memory_mb=block_memory_mb,
                    inputs={"the llama.cpp base file": kl_divergence_base, "the reference cache": reference_cache})
+  until_ci_summaries = stopping.check_summaries(until_ci_summaries)
   stored = kl_divergence_base if kl_divergence_base is not None else reference_cache
   if kl_divergence_base is not None and reference_cache is not None:
     raise ValueError("give --kl-divergence-base or --reference-cache, not both")
@@ -222,6 +236,8 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
     compared, tokenizer = references.ModelReference(ref), ref.tokenizer
     windows = data.corpus_windows(corpus, tokenizer, protocol, text_field)
     sources = [m.name for m in (ref, *cands)]
+  if until_ci is not None:
+    windows = windows.shuffled(protocol.seed)
   checked = zip(labels[1:], cands) if stored is not None else zip(labels, [ref, *cands])
   for label, loaded in checked:
     if protocol.seq_len > loaded.config.max_position_embeddings:
@@ -232,7 +248,9 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
          "seed": protocol.seed, "stride": protocol.stride, "fingerprint": windows.fingerprint,
          "batch_size": batch_size,
          "spike_thresholds": list(spike_thresholds), "windows": len(windows), "scored_tokens": windows.scored_tokens,
-         "corpus_tokens": windows.corpus_tokens}
+         "corpus_tokens": windows.corpus_tokens, "block_budget": int(block_memory_mb * 2**20)}
+  if until_ci is not None:
+    run["until_ci"] = {"relative_width": until_ci, "summaries": list(until_ci_summaries)}
   loaded = cands if stored is not None else [ref, *cands]
   run["dtype"] = dict(zip(labels[1:] if stored is not None else labels, (_dtype_name(m) for m in loaded)))
   how = "as asked" if dtype != "auto" else ("float32 on a CPU" if jax.default_backend() == "cpu" else
@@ -256,15 +274,22 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
         raise ValueError(f"{output}: process {jax.process_index()} reads another state than process 0")
   if state is not None:
     console.print(f"resuming {output}: {state.windows_done}/{len(windows)} windows already done")
+  state = state or EvalState(list(labels), block_budget=run["block_budget"])
   if not writer:
     output, dump_tokens, save_reference_cache = None, None, None
   dump = TokenDump() if dump_tokens else None
   cache = {"k": cache_k} if save_reference_cache is not None else None
-  if (dump is not None or cache is not None) and state is not None and state.windows_done:
+  if (dump is not None or cache is not None) and state.windows_done:
     raise ValueError("--dump-tokens and --save-reference-cache need a run from the start; they cannot resume "
                      "(delete the state or the flag)")
+  def stop(current: EvalState) -> bool:
+    return stopping.kld_precision(current, until_ci_summaries).within(until_ci)
+
   state = _run_with_progress(compared, cands, windows, labels, batch_size, spike_thresholds, worst, state, dump, cache,
-                             output, save_every, console, device_mesh)
+                             output, save_every, console, device_mesh, None if until_ci is None else stop)
+  if until_ci is not None:
+    last = stopping.kld_precision(state, until_ci_summaries)
+    run["until_ci"].update(met=last.within(until_ci), windows_used=state.windows_done, widths=last.widths)
   result = reporting.build_report(state, run, run["models"], spike_thresholds=tuple(spike_thresholds),
                                   windows=windows, tokenizer=tokenizer)
   writes = [("the report", lambda: reporting.write(result, output))] if output is not None else []
@@ -293,7 +318,7 @@ def _write_dump(dump: TokenDump, labels: Sequence[str], path) -> None:
 
 
 def _check_arguments(*, corpus, batch_size, spike_thresholds, worst, save_every, output, dump_tokens,
-                     save_reference_cache, cache_k, inputs) -> None:
+                     save_reference_cache, cache_k, until_ci, block_memory_mb, inputs) -> None:
   """Every argument a run can get wrong, checked before a model is loaded: numbers in range, inputs present,
   every output path writable (a bad one would otherwise fail only after the whole evaluation)."""
   whole = lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, bool)
@@ -309,6 +334,12 @@ def _check_arguments(*, corpus, batch_size, spike_thresholds, worst, save_every,
     raise ValueError(f"worst {worst}: give how many highest-KLD tokens to list, 0 or more")
   if not math.isfinite(save_every) or save_every < 0:
     raise ValueError(f"save_every {save_every}: give the seconds between saved states, 0 or more")
+  if until_ci is not None and not (math.isfinite(until_ci) and until_ci > 0):
+    raise ValueError(f"until-ci {until_ci}: give the relative width at which to stop, above 0 (e.g. 0.05: every "
+                     "interval within 5% of its value)")
+  if not math.isfinite(block_memory_mb) or block_memory_mb <= 0:
+    raise ValueError(f"block memory {block_memory_mb} MB: give the MB of per-window sketches to hold before "
+                     "neighbouring blocks merge, above 0")
   if save_reference_cache is not None and (not whole(cache_k) or cache_k < 1):
     raise ValueError(f"cache K {cache_k}: a reference cache keeps the top-K log-probs per token, K at least 1")
   if corpus is not None:
@@ -325,7 +356,7 @@ def _check_arguments(*, corpus, batch_size, spike_thresholds, worst, save_every,
 
 
 def _run_with_progress(reference, cands, windows, labels, batch_size, spike_thresholds, worst, state, dump, cache, output,
-                       save_every, console, device_mesh):
+                       save_every, console, device_mesh, stop):
   from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
   columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
@@ -355,7 +386,7 @@ def _run_with_progress(reference, cands, windows, labels, batch_size, spike_thre
     try:
       state = evaluate(reference, cands, windows, labels=labels, batch_size=batch_size,
                        spike_thresholds=tuple(spike_thresholds), worst=worst, state=state, dump=dump, cache=cache,
-                       on_batch=on_batch, device_mesh=device_mesh)
+                       on_batch=on_batch, device_mesh=device_mesh, stop=stop)
     except KeyboardInterrupt:
       if output is not None and state is not None:
         save_state(state, output / "state.npz")

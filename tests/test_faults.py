@@ -233,9 +233,9 @@ def test_one_output_that_cannot_be_written_loses_none_of_the_others(tiny, tmp_pa
   assert (tmp_path / "run" / "report.json").exists() and (tmp_path / "ref.npz").exists()
 
 
-def test_one_batch_report_is_strict_json_with_no_interval_and_says_why(tiny, tmp_path):
-  code, output = cli(*eval_args(tiny, "--output", tmp_path / "run", "--spike-threshold", "0.25", "--batch-size",
-                                "10"))
+def test_one_window_report_is_strict_json_with_no_interval_and_says_why(tiny, tmp_path):
+  code, output = cli(*eval_args(tiny, "--output", tmp_path / "run", "--spike-threshold", "0.25", "--num-sequences",
+                                "1"))
   assert code == 0, output
 
   def refuse(constant):
@@ -243,7 +243,7 @@ def test_one_batch_report_is_strict_json_with_no_interval_and_says_why(tiny, tmp
 
   saved = json.loads((tmp_path / "run" / "report.json").read_text(), parse_constant=refuse)
   kld = saved["candidates"]["int4-g16-sym"]["kld"]
-  assert kld["ci95"]["mean"] == [None, None] and "1 block (batch) cannot be bootstrapped" in kld["ci95_note"]
+  assert kld["ci95"]["mean"] == [None, None] and "1 block (window) cannot be bootstrapped" in kld["ci95_note"]
   assert "cannot be bootstrapped" in " ".join(output.split())
   assert "spike>0.25" in output and "spike>0.25" in (tmp_path / "run" / "report.md").read_text()
   assert "spike>0.5" not in (tmp_path / "run" / "report.html").read_text()

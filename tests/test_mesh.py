@@ -13,6 +13,7 @@ from flax import nnx
 from pydoc_data.topics import topics
 
 from tailjax import data, mesh, models, runner
+from tailjax.eval_state import load_state
 from tailjax.models import Decoder
 from test_eval import write_tiny_model_and_corpus
 from test_models import TINY, letter_text, write_tiny_gguf
@@ -220,9 +221,8 @@ def test_routing_equals_transformers_router_and_is_reported(tiny_moe, rng, tmp_p
   assert itself["overlap_with_reference"] == [1.0, 1.0]  # the same model routes every token the same way
   assert 0.3 < int2["mean_overlap"] < 1.0
   assert scored > 0 and "routing" not in report["models"]
-  from tailjax import evaluate  # the saved state (what a resumed run starts from) keeps the routing sums
-
-  saved = evaluate.load_state(tmp_path / "run" / "state.npz").routing
+  # the saved state (what a resumed run starts from) keeps the routing sums
+  saved = load_state(tmp_path / "run" / "state.npz").routing
   expected = [f"{kind}/{label}" for label in report["routing"] for kind in ("layers", "load")]
   assert sorted(saved) == sorted(expected + [f"overlap/{label}" for label in report["candidates"]])
   assert saved[f"load/{list(report['candidates'])[1]}"].sum() == 2 * 2 * scored  # k=2, two MoE layers

@@ -1,5 +1,6 @@
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -137,16 +138,16 @@ def test_mean_median_disagreement_says_whether_it_is_beyond_noise(rng):
   """b has the lower median and a heavy tail in every block, so mean and median rank a and b differently, and the
   split survives every paired block resample; the report says so with the share."""
   from tailjax import report
-  from tailjax.evaluate import EvalState
+  from tailjax.eval_state import EvalState
 
   spec = stats.spec_for()
-  sketch = lambda x: stats.HostHistogram.from_sketch(stats.LogHistogram.empty(spec).add(np.asarray(x, np.float32)))
+  sketch = lambda x: window_sketch(x, spec)
   state = EvalState(["ref", "a", "b"])
   for _ in range(10):
     a = rng.lognormal(-3, 0.3, 300)
     b = np.concatenate([rng.lognormal(-5, 0.3, 290), rng.lognormal(1, 0.3, 10)])
-    state.blocks.append({"ce": {"ref": sketch(a), "a": sketch(a), "b": sketch(b)}, "kld": {"a": sketch(a),
-                         "b": sketch(b)}, "dp": {"a": sketch(a), "b": sketch(b)}})
+    state.add_windows({"ce": {"ref": sketch(a), "a": sketch(a), "b": sketch(b)}, "kld": {"a": sketch(a),
+                       "b": sketch(b)}, "dp": {"a": sketch(a), "b": sketch(b)}}, 1)
     for label in state.labels:
       state.seq_ce[label].append(300.0)
     state.seq_tokens.append(300)
@@ -154,3 +155,73 @@ def test_mean_median_disagreement_says_whether_it_is_beyond_noise(rng):
   assert comparison["rank_by_mean"] == ["a", "b"] and comparison["rank_by_median"] == ["b", "a"]
   assert "the split persists in 100% of paired block resamples for a vs b" in comparison["mean_median_disagree"]
   assert comparison["verdicts"] == [next(v for v in comparison["verdicts"] if v.startswith("trade-off"))]
+
+
+def window_sketch(values, spec=None, where=None):
+  """Sketches of windows ``values: [n, k]`` (``where`` masks them) as the device gives them
+  (``evaluate.batch_step``): every field with a leading window axis; one window given ``[k]``."""
+  values = np.asarray(values, np.float32)
+  one = values.ndim == 1
+  values = values[None] if one else values
+  where = np.ones(values.shape, bool) if where is None else where
+  empty = stats.LogHistogram.empty(spec or stats.spec_for())
+  return jax.tree.map(np.asarray, jax.vmap(lambda v, w: empty.add(v, w))(values, where))
+
+
+def test_blocks_are_windows_until_the_budget_then_neighbours_merge(rng, tmp_path):
+  """Per-window blocks, merged in consecutive pairs each time the sparse sketches pass the budget; every block
+  holds the same number of windows but the last, the merge is exact, and a state saved and resumed mid-run
+  ends with the same blocks as one run through."""
+  from tailjax.eval_state import EvalState, load_state, save_state
+
+  values = [rng.lognormal(-3, 1, 200) for _ in range(37)]
+  whole = stats.HostHistogram.from_sketch(stats.LogHistogram.empty(stats.spec_for()).add(
+      np.concatenate(values).astype(np.float32)))
+
+  def add(state, windows):
+    x = np.stack(windows)
+    state.add_windows({"kld": {"a": window_sketch(x)}, "ce": {"a": window_sketch(-x), "ref": window_sketch(x)}},
+                      len(x))
+
+  roomy = EvalState(["ref", "a"])
+  add(roomy, values)
+  assert roomy.num_blocks == 37 and roomy.windows_per_block == 1
+  budget = roomy.nbytes // 2  # merged blocks share slots, so at least one halving, likely more
+  tight = EvalState(["ref", "a"], block_budget=budget)
+  add(tight, values[:20])
+  save_state(tight, tmp_path / "state.npz")
+  resumed = load_state(tmp_path / "state.npz")
+  add(resumed, values[20:])
+  add(tight, values[20:])
+  for state in (tight, resumed):
+    per = state.windows_per_block
+    assert state.nbytes <= budget < roomy.nbytes and per in (2, 4, 8, 16) and state.num_blocks == -(-37 // per)
+    blocks = state.sketches("kld", "a")
+    for i in range(state.num_blocks):
+      window = np.concatenate(values[per * i:per * (i + 1)]).astype(np.float32)
+      assert blocks[i].n == len(window) and blocks[i].total == pytest.approx(window.astype(np.float64).sum(), 1e-6)
+    merged = state.merged("kld", "a")
+    np.testing.assert_array_equal(merged.counts, whole.counts)
+    assert (merged.min, merged.max) == (whole.min, whole.max)
+    assert merged.total == pytest.approx(whole.total, rel=1e-6)  # float32 sums per window vs one
+    np.testing.assert_array_equal(state.merged("ce", "ref").counts, whole.counts)
+  assert [b.slots.tolist() for b in tight.sketches("ce", "a").sketches] == [
+      b.slots.tolist() for b in resumed.sketches("ce", "a").sketches]
+
+
+def test_block_resamples_equal_dense_weighted_sums(rng):
+  """``Blocks.resample`` (sparse, densified in chunks) equals the weighted sum of the dense block sketches."""
+  from tailjax.stats import blocks as blockmod
+
+  values = np.where(np.arange(52) < 50 + np.arange(300)[:, None] % 3, rng.lognormal(-2, 2, (300, 52)), np.nan)
+  batched = window_sketch(values, where=np.arange(52) < 50 + np.arange(300)[:, None] % 3 + 1)  # some NaNs
+  dense = [stats.HostHistogram.from_sketch(jax.tree.map(lambda f, i=i: f[i], batched)) for i in range(300)]
+  held = blockmod.Blocks.of(dense)
+  assert len(held) == 300 and held.nbytes < sum(d.counts.nbytes for d in dense) / 20
+  weights = rng.multinomial(300, np.full(300, 1 / 300), size=3).astype(np.float64)
+  for row, got in zip(weights, held.resample(weights)):
+    np.testing.assert_array_equal(got.counts, sum(int(w) * d.counts for w, d in zip(row, dense)))
+    assert got.nan == sum(int(w) * d.nan for w, d in zip(row, dense))
+    assert got.total == pytest.approx(sum(w * d.total for w, d in zip(row, dense)), rel=1e-12)
+  with pytest.raises(ValueError, match="weights for 299 blocks, 300 held"):
+    held.resample(weights[:, :299])
