@@ -150,7 +150,7 @@ def _protocol(name: str) -> str:
 def eval_command(config_file, output, device_mesh, plan_only, device_memory, candidates, spike_thresholds,
                  until_ci_summaries, **fields) -> None:
   """Per-token KLD and CE distributions of candidates against a reference, with tails and intervals."""
-  from tailjax import report, runner
+  from tailjax import report_pages, runner
   from tailjax.eval_config import EvalConfig
 
   console = _wide_console()
@@ -180,7 +180,7 @@ def eval_command(config_file, output, device_mesh, plan_only, device_memory, can
     raise click.ClickException(str(err)) from None
   except KeyboardInterrupt:
     raise SystemExit(130) from None
-  report.render(result, console)
+  report_pages.render(result, console)
   failed = result["run"].get("write_errors", [])
   if output and not any(f.startswith("the report") for f in failed):
     console.print(f"wrote {output / 'report.json'}, report.md, report.html")
@@ -193,7 +193,7 @@ def eval_command(config_file, output, device_mesh, plan_only, device_memory, can
 @click.option("--output", type=click.Path(path_type=Path), help="Directory for the combined report.md/.html/.json.")
 def report_command(runs: tuple[Path, ...], output: Path | None) -> None:
   """Re-render saved eval RUNS (directories with report.json); several are compared side by side."""
-  from tailjax import files, report
+  from tailjax import files, report, report_pages
 
   console = _wide_console()
   try:
@@ -203,7 +203,7 @@ def report_command(runs: tuple[Path, ...], output: Path | None) -> None:
     result = loaded[0] if len(loaded) == 1 else report.combine(loaded, [str(p) for p in runs])
   except (ValueError, FileNotFoundError) as err:
     raise click.ClickException(str(err)) from None
-  report.render(result, console)
+  report_pages.render(result, console)
   if output:
     report.write(result, output)
     console.print(f"wrote {output / 'report.json'}, report.md, report.html")

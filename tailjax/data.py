@@ -121,9 +121,10 @@ class Windows:
 
   tokens: np.ndarray  # int32 [N, T]
   scored: np.ndarray  # bool [N, T - 1]: which predictions count
-  starts: np.ndarray  # int64 [N]: offset of each window in the corpus token stream
+  starts: np.ndarray  # int64 [N]: offset of each window in the corpus token stream (span corpora: record number)
   corpus_tokens: int  # length of that stream
   fingerprint: str  # hash of tokens and scored positions: same fingerprint, same work
+  truncated: int = 0  # records cut at the window length, losing scored tokens (span corpora: tailjax.spans)
 
   def __len__(self) -> int:
     return len(self.tokens)
@@ -136,7 +137,8 @@ class Windows:
     """The windows at ``rows`` (indices, in that order)."""
     rows = np.asarray(rows, np.int64)
     tokens, scored = self.tokens[rows], self.scored[rows]
-    return Windows(tokens, scored, self.starts[rows], self.corpus_tokens, files.fingerprint(tokens, scored))
+    return Windows(tokens, scored, self.starts[rows], self.corpus_tokens, files.fingerprint(tokens, scored),
+                   self.truncated)
 
   def shuffled(self, seed: int) -> Windows:
     """The same windows in a random order drawn by ``seed``: any prefix is a random sample (``--until-ci``)."""
@@ -170,7 +172,12 @@ def make_windows(ids, protocol: Protocol, bos_id: int | None = None, source: str
 
 
 def corpus_windows(spec: str, tokenizer, protocol: Protocol, field: str = "text") -> Windows:
-  """Read, tokenize (``tokenizer.encode``) and cut a corpus in one call."""
+  """Read, tokenize (``tokenizer.encode``) and cut a corpus in one call. A JSONL file of prompt/response or
+  chat records is scored record by record, on its responses only (``tailjax.spans``)."""
+  from tailjax import spans
+
+  if spans.span_kind(spec) is not None:
+    return spans.span_windows(spec, tokenizer, protocol)
   documents = [d for d in read_documents(spec, field) if d.strip()]
   if not documents:
     raise ValueError(f"{spec}: the corpus holds no text")

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
 from tailjax import files
@@ -62,6 +63,9 @@ class EvalState:
   # MoE models: "load/<label>" [MoE layers, experts] scored-token assignments; "overlap/<label>" [MoE layers]
   # summed |top-k ∩ reference's top-k| / k of a candidate routed like the reference.
   routing: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  # Candidates whose layers line up with the reference's: {label: {"rel_error" | "cos_distance": [per layer]}},
+  # the residual stream's divergence after each layer over every scored token (tailjax.models.lockstep).
+  layers: dict[str, dict[str, list[HostHistogram]]] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     for label in self.labels:
@@ -104,6 +108,14 @@ class EvalState:
     while self.nbytes > self.block_budget and self.num_blocks > 1:
       self.coarsen()
 
+  def add_layers(self, label: str, sketches: Any) -> None:
+    """A batch's per-layer sketches of ``label`` (``evaluate.LayerSketches`` fetched: a leading layer axis), merged
+    into the run's."""
+    for metric, stacked in sketches._asdict().items():
+      rows = [HostHistogram.from_sketch(jax.tree.map(lambda f, i=i: f[i], stacked)) for i in range(len(stacked.nan))]
+      held = self.layers.setdefault(label, {}).get(metric)
+      self.layers[label][metric] = rows if held is None else [a.merge(b) for a, b in zip(held, rows)]
+
   def coarsen(self) -> None:
     """Neighbouring blocks merged in pairs, in every quantity alike: half the blocks, twice the windows each."""
     odd = self.num_blocks % 2 == 1
@@ -129,7 +141,14 @@ def save_state(state: EvalState, path: Path) -> None:
     arrays[f"worst:{label}"] = np.asarray(state.worst.get(label, []), np.float64).reshape(-1, 3)
   for key, value in state.routing.items():
     arrays[f"routing:{key}"] = value
-  meta = {"format": STATE_FORMAT, "labels": state.labels, "keys": [f"{q}/{label}" for q, label in keys],
+  layer_keys = sorted(f"{metric}/{label}" for label, by_metric in state.layers.items() for metric in by_metric)
+  for key in layer_keys:
+    metric, label = key.split("/", 1)
+    rows = state.layers[label][metric]
+    arrays[f"layers:{key}"] = np.stack([r.counts for r in rows])
+    arrays[f"layer_scalars:{key}"] = np.array([[r.nan, r.total, r.min, r.max] for r in rows], np.float64)
+  meta = {"layers": {key: state.layers[key.split("/", 1)[1]][key.split("/", 1)[0]][0].spec.to_dict()
+                     for key in layer_keys},"format": STATE_FORMAT, "labels": state.labels, "keys": [f"{q}/{label}" for q, label in keys],
           "specs": {f"{q}/{label}": state.blocks[q][label].spec.to_dict() for q, label in keys},
           "windows_per_block": state.windows_per_block, "last_block_windows": state.last_block_windows,
           "block_budget": state.block_budget, "routing": sorted(state.routing)}
@@ -160,4 +179,10 @@ def load_state(path: Path) -> EvalState:
       state.moments[label] = Moments(*z[f"moments:{label}"])
       state.worst[label] = [(float(v), int(w), int(p)) for v, w, p in z[f"worst:{label}"]]
     state.routing = {key: z[f"routing:{key}"] for key in meta.get("routing", [])}
+    for key, spec in meta["layers"].items():
+      metric, label = key.split("/", 1)
+      spec = BucketSpec(**{**spec, "thresholds": tuple(spec["thresholds"])})
+      state.layers.setdefault(label, {})[metric] = [
+          HostHistogram(spec, counts.astype(np.int64), int(n), float(t), float(lo), float(hi))
+          for counts, (n, t, lo, hi) in zip(z[f"layers:{key}"], z[f"layer_scalars:{key}"])]
   return state

@@ -29,12 +29,14 @@ from tailjax import head, mesh
 from tailjax.data import Windows
 from tailjax.eval_state import EvalState, Moments
 from tailjax.frozen import frozen_jit
-from tailjax.models import LoadedModel
+from tailjax.models import LoadedModel, lockstep
 from tailjax.references import Reference, check_compatible
 from tailjax.stats import BucketSpec, LogHistogram, spec_for
 
 # Signed Δp in [-1, 1]: quantiles need resolution near 0 but no thresholds.
 DELTA_P_SPEC = BucketSpec(relative_accuracy=0.005, min_value=1e-9, max_value=2.0)
+# Per-layer relative error and cosine distance of the residual stream (lockstep): 0.5% from 1e-10 up.
+LAYER_SPEC = BucketSpec(relative_accuracy=0.005, min_value=1e-10, max_value=1e4)
 # Bands of the reference's top-1 probability (its confidence) in which each candidate's KLD is also sketched:
 # where a quantization's damage sits (exllamav3's model_diff reports the same split).
 CONFIDENCE_BANDS = (0.0, 0.3, 0.6, 0.9, 1.0)
@@ -63,6 +65,14 @@ class WorstTokens(NamedTuple):
   index: jax.Array
 
 
+class LayerSketches(NamedTuple):
+  """One candidate's residual stream against the reference's after each layer, over a batch's scored tokens
+  (``tailjax.models.lockstep``): sketches with a leading ``[L]`` layer axis."""
+
+  rel_error: LogHistogram
+  cos_distance: LogHistogram
+
+
 class BatchStats(NamedTuple):
   """What one batch leaves the device with (``batch_step``); the per-token values stay there.
 
@@ -72,7 +82,8 @@ class BatchStats(NamedTuple):
   ``confidence_quantity``); ``seq_ce: [M, B]`` each model's summed CE per window; ``seq_tokens: [B]`` scored tokens per
   window; ``moments``: ``Moments`` of ``[C]`` arrays; ``worst``: ``WorstTokens``; ``per_token: [C, 5, B, T-1]``
   (kld, ref_ce, cand_ce, Δp, ref_top1_prob) when dumped, else None; ``reference_topk``: the reference's top-K ids, log-probs
-  and target log-prob when a cache is written, else None; ``routing``: MoE sums (``_routing_sums``)."""
+  and target log-prob when a cache is written, else None; ``routing``: MoE sums (``_routing_sums``); ``layers``:
+  ``LayerSketches`` of each candidate whose layers line up with the reference model's (``lockstep.same_layout``)."""
 
   sketches: dict[str, dict[str, LogHistogram]]
   seq_ce: jax.Array
@@ -82,6 +93,7 @@ class BatchStats(NamedTuple):
   per_token: jax.Array | None
   reference_topk: tuple | None
   routing: dict[str, jax.Array]
+  layers: dict[str, LayerSketches]
 
 
 class StepOptions(NamedTuple):
@@ -121,7 +133,7 @@ def _batch_stats(models: tuple, tokens: jax.Array, scored: jax.Array, stored, op
   finite = lambda x: scored & (jnp.abs(x) < jnp.inf)
   per_window = lambda spec: jax.vmap(lambda v, w: LogHistogram.empty(spec).add(v, w))
   sketch = lambda values, spec=options.spec, where=scored: per_window(spec)(values, where)  # counts [B, size]
-  outputs = [None if model is None else model.forward(tokens) for model in models]
+  outputs, divergence = _forward(models, tokens)
   stats, ref_topk = _token_stats(models, outputs, tokens, scored, stored, options.vocab_size, options.cache_k)
   bands = list(zip(CONFIDENCE_BANDS[:-1], CONFIDENCE_BANDS[1:]))
   quantities = ("kld", "dp", *DIRECTION_QUANTITIES, *(confidence_quantity(*band) for band in bands))
@@ -154,9 +166,28 @@ def _batch_stats(models: tuple, tokens: jax.Array, scored: jax.Array, stored, op
     if options.dump:
       per_token.append(jnp.stack([s.kld, s.ref_ce, s.cand_ce, dp, s.ref_top1_prob]))
   cached = None if ref_topk is None else (ref_topk.ids, ref_topk.logprobs, -stats[0].ref_ce)
+  by_layer = jax.vmap(lambda values: LogHistogram.empty(LAYER_SPEC).add(values, scored))  # [L, B, T-1] -> [L] sketches
+  layers = {labels[i]: LayerSketches(by_layer(rel[:, :, :-1]), by_layer(dist[:, :, :-1]))
+            for i, (rel, dist) in divergence.items()}
   return BatchStats(sketches, jnp.stack(seq_ce), jnp.sum(scored, axis=1), Moments(*map(jnp.stack, zip(*moments))),
                     WorstTokens(*map(jnp.stack, zip(*top))), jnp.stack(per_token) if options.dump else None, cached,
-                    _routing_sums(models, outputs, scored))
+                    _routing_sums(models, outputs, scored), layers)
+
+
+def _forward(models: tuple, tokens: jax.Array) -> tuple[list, dict[int, tuple[jax.Array, jax.Array]]]:
+  """Every model's ``DecoderOutput`` (None for a reference that is no model), and of each candidate ``i`` whose
+  layers line up with the reference model's, its ``[L, B, T]`` relative error and cosine distance per layer
+  (the two run together: ``lockstep.forward_together``)."""
+  reference = models[0]
+  together = [] if reference is None else [i for i, m in enumerate(models) if i and lockstep.same_layout(
+      reference.cfg, m.cfg)]
+  outputs = [None if model is None or i in together else model.forward(tokens) for i, model in enumerate(models)]
+  if not together:
+    return outputs, {}
+  joint, divergence = lockstep.forward_together([reference] + [models[i] for i in together], tokens)
+  for i, out in zip([0, *together], joint):
+    outputs[i] = out
+  return outputs, {i: (divergence.rel_error[k], divergence.cos_distance[k]) for k, i in enumerate(together)}
 
 
 def _routing_sums(models: tuple, outputs: list, scored: jax.Array) -> dict[str, jax.Array]:
@@ -304,6 +335,8 @@ def _accumulate(state: EvalState, out: BatchStats, start: int, count: int, t: in
     name = f"{kind}/{state.labels[int(index)]}"
     state.routing[name] = state.routing.get(name, 0) + np.asarray(value, np.float64 if kind == "overlap" else np.int64)
   state.add_windows(out.sketches, count)
+  for label, sketches in out.layers.items():
+    state.add_layers(label, sketches)
   for i, label in enumerate(state.labels):
     state.seq_ce[label].extend(np.asarray(out.seq_ce[i, :count], np.float64).tolist())
   state.seq_tokens.extend(np.asarray(out.seq_tokens[:count]).tolist())

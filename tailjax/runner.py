@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from tailjax import data, files, llamacpp, models, references, refcache, report as reporting, stopping
+from tailjax import data, files, llamacpp, models, references, refcache, report as reporting, spans, stopping
 from tailjax.eval_config import EvalConfig
 from tailjax.eval_state import EvalState, load_state, save_state
 from tailjax.evaluate import TokenDump, evaluate
@@ -235,6 +235,7 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
     ref, labels, cands = _load_models(reference, candidates, dtype, device_mesh)
     compared, tokenizer = references.ModelReference(ref), ref.tokenizer
     windows = data.corpus_windows(corpus, tokenizer, protocol, text_field)
+    protocol = dataclasses.replace(protocol, seq_len=windows.tokens.shape[1])  # span corpora: the longest record
     sources = [m.name for m in (ref, *cands)]
   if until_ci is not None:
     windows = windows.shuffled(protocol.seed)
@@ -251,6 +252,12 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
          "corpus_tokens": windows.corpus_tokens, "block_budget": int(block_memory_mb * 2**20)}
   if until_ci is not None:
     run["until_ci"] = {"relative_width": until_ci, "summaries": list(until_ci_summaries)}
+  if stored is None and (kind := spans.span_kind(corpus)) is not None:
+    run["scoring"] = {"chat": "assistant messages only", "prompt-response": "responses only"}[kind]
+    run["truncated_records"] = windows.truncated
+    if windows.truncated:
+      console.print(f"[yellow]warning:[/yellow] {windows.truncated} records are longer than {protocol.seq_len} tokens: "
+                    "their scored tokens past it are lost (raise --seq-len)")
   loaded = cands if stored is not None else [ref, *cands]
   run["dtype"] = dict(zip(labels[1:] if stored is not None else labels, (_dtype_name(m) for m in loaded)))
   how = "as asked" if dtype != "auto" else ("float32 on a CPU" if jax.default_backend() == "cpu" else

@@ -18,6 +18,8 @@ class Tokenizer:
   backend: object
   add_bos: bool = False
   bos_id: int | None = None
+  eos_id: int | None = None
+  chat_template: str | None = None  # Jinja, as the checkpoint ships it (tailjax.spans renders it)
 
   def encode(self, text: str) -> list[int]:
     ids = self.backend.encode(text, add_special_tokens=False).ids
@@ -38,7 +40,8 @@ class Tokenizer:
 
 def from_gguf_reader(reader, path: Path) -> Tokenizer:
   return Tokenizer(gguf.read_tokenizer(reader, path), bool(gguf.field(reader, "tokenizer.ggml.add_bos_token")),
-                   gguf.field(reader, "tokenizer.ggml.bos_token_id"))
+                   gguf.field(reader, "tokenizer.ggml.bos_token_id"), gguf.field(reader, "tokenizer.ggml.eos_token_id"),
+                   gguf.field(reader, "tokenizer.chat_template"))
 
 
 def from_hf_directory(directory: Path) -> Tokenizer | None:
@@ -48,7 +51,9 @@ def from_hf_directory(directory: Path) -> Tokenizer | None:
     raise ValueError(f"{directory}: the tokenizer has no fast (tokenizers) version")
   bos = auto.bos_token_id
   plain = auto.backend_tokenizer.encode("a", add_special_tokens=False).ids
-  return Tokenizer(auto.backend_tokenizer, bos is not None and auto("a")["input_ids"] == [bos, *plain], bos)
+  template = auto.chat_template if isinstance(auto.chat_template, str) else None  # one template, not a named set
+  return Tokenizer(auto.backend_tokenizer, bos is not None and auto("a")["input_ids"] == [bos, *plain], bos,
+                   auto.eos_token_id, template)
 
 
 def from_checkpoint_meta(directory: Path, meta: dict) -> Tokenizer | None:

@@ -44,6 +44,17 @@ class DecoderOutput(NamedTuple):
   experts: tuple[Array, ...]
 
 
+class StreamInputs(NamedTuple):
+  """The residual stream as the first layer gets it: ``x: [B, T, d]`` embedded tokens, ``positions: [B, T]``,
+  ``masks`` per layer type, ``per_layer: [B, T, L, p]`` inputs (Gemma 4, else None), ``shared`` keys and values."""
+
+  x: Array
+  positions: Array
+  masks: dict[str, Array]
+  per_layer: Array | None
+  shared: SharedKV
+
+
 class Block(nnx.Module):
   """Pre-norm residual block: ``x + mixer(norm(x))``, then ``x + mlp(norm(x))``.
 
@@ -147,11 +158,8 @@ class Stack(nnx.Module):
     """``per_layer: [B, T, L, p]`` every layer's inputs (Gemma 4) or None -> (output, per MoE layer in layer order
     ``[B, T, k]`` chosen experts, ``shared``)."""
     graph, rows = nnx.split(self.blocks)
-    first, period, repeats = self.span
-    if per_layer is not None:  # -> [repeats, period, B, T, p]: row r's inputs beside its parameters
-      b, t, _, p = per_layer.shape
-      per_layer = per_layer[:, :, first:first + period * repeats].reshape(b, t, repeats, period, p)
-      per_layer = per_layer.transpose(2, 3, 0, 1, 4)
+    repeats = self.span.repeats
+    per_layer = self.row_inputs(per_layer)
 
     def run(carry, inputs):
       (x, shared), (row, inputs) = carry, inputs
@@ -164,6 +172,16 @@ class Stack(nnx.Module):
 
     (x, shared), routed = jax.lax.scan(run, (x, shared or {}), (rows, per_layer))  # routed: [repeats, B, T, k]
     return x, tuple(experts[r] for r in range(repeats) for experts in routed), shared
+
+  def row_inputs(self, per_layer: Array | None) -> Array | None:
+    """Every layer's per-layer inputs ``[B, T, L, p]`` (Gemma 4) -> this stack's ``[repeats, period, B, T, p]``:
+    row r's inputs beside its parameters (None stays None)."""
+    if per_layer is None:
+      return None
+    first, period, repeats = self.span
+    b, t, _, p = per_layer.shape
+    per_layer = per_layer[:, :, first:first + period * repeats].reshape(b, t, repeats, period, p)
+    return per_layer.transpose(2, 3, 0, 1, 4)
 
 
 class Decoder(nnx.Module):
@@ -200,6 +218,16 @@ class Decoder(nnx.Module):
     with 0: a token attends to earlier tokens of its own non-zero segment only, and
     positions restart at each segment.
     """
+    x, positions, masks, per_layer, shared = self.stream_inputs(tokens, segment_ids)
+    routed = []
+    for stack in self.layers:
+      x, experts, shared = stack(x, positions, masks, per_layer, shared)
+      routed.extend(experts)
+    return DecoderOutput(self.norm(x), tuple(routed))
+
+  def stream_inputs(self, tokens: Array, segment_ids: Array | None = None) -> StreamInputs:
+    """What the first layer gets (``forward``'s arguments as there): the embedded tokens and every layer's
+    positions, masks, per-layer inputs and shared keys and values."""
     b, t = tokens.shape
     index = jnp.arange(t)
     causal = index[:, None] >= index[None, :]
@@ -223,12 +251,7 @@ class Decoder(nnx.Module):
     if self.cfg.scale_embeddings:  # Gemma: sqrt(d), rounded to the compute dtype as Hugging Face does
       x = x * jnp.asarray(self.cfg.hidden_size**0.5, self.dtype).astype(x.dtype)
     per_layer = self.per_layer_inputs(tokens, x) if self.cfg.per_layer_input_size else None
-    shared = initial_shared_kv(self.cfg, b, t, x.dtype)
-    routed = []
-    for stack in self.layers:
-      x, experts, shared = stack(x, positions, masks, per_layer, shared)
-      routed.extend(experts)
-    return DecoderOutput(self.norm(x), tuple(routed))
+    return StreamInputs(x, positions, masks, per_layer, initial_shared_kv(self.cfg, b, t, x.dtype))
 
   def block(self, layer: int) -> Block:
     """Layer ``layer`` alone, as an ordinary ``Block`` holding a copy of its row of the stacked parameters

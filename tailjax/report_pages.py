@@ -1,0 +1,238 @@
+"""``report.json`` as people read it: the terminal tables, ``report.md`` and a self-contained ``report.html``.
+
+Everything here reads the report dictionary (``tailjax.report.build_report``, or a saved ``report.json``), never
+the run's state, so a saved report renders the same way as a fresh one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from tailjax import pages
+from tailjax.stats import HostHistogram
+
+
+
+def _fmt(x, digits: int = 4) -> str:
+  """A figure for people; ``n/a`` for a missing or NaN one (report.json stores those as null)."""
+  if x is None or (isinstance(x, float) and math.isnan(x)):
+    return "n/a"
+  return f"{x:.{digits}g}"
+
+
+def _percent(x, digits: int) -> str:
+  return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * x:.{digits}f}%"
+
+
+def _rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
+  thresholds = [list(c["kld"].get("spike_thresholds") or [0.5]) for c in report["candidates"].values()]
+  spike = f"spike>{thresholds[0][0]:g}" if thresholds and all(t[0] == thresholds[0][0] for t in thresholds) else \
+      "spike rate"
+  kld_head = ["candidate", "KLD mean", "median", "p90", "p95", "p99", "p99.9", spike, "tail share", "top-1",
+              "PPL ratio", "non-finite"]
+  kld_rows = []
+  for name, c in report["candidates"].items():
+    k = c["kld"]
+    kld_rows.append([name, *(_fmt(k[key]) for key in ("mean", "median", "p90", "p95", "p99", "p99.9")),
+                     _percent(k["spike_rate"], 2), _percent(k["tail_share"], 1), _percent(c["top1_agreement"], 2),
+                     _fmt(c["ppl_ratio"], 5), str(k["nonfinite"])])
+  ce_head = ["model", "CE mean", "median", "p99", "PPL", "seq PPL median", "P95", "P99", "outliers"]
+  ce_rows = []
+  for name, m in report["models"].items():
+    ce, s = m["ce"], m["sequences"]
+    ce_rows.append([f"{name} ({m['role']})", _fmt(ce["mean"]), _fmt(ce["median"]), _fmt(ce["p99"]), _fmt(ce["ppl"], 5),
+                    _fmt(s["median_ppl"], 5), _fmt(s["p95_ppl"], 5), _fmt(s["p99_ppl"], 5),
+                    f"{s['outliers']} > {s['outlier_threshold']:g}"])
+  return kld_head, kld_rows, ce_head, ce_rows
+
+
+def notes(report: dict[str, Any]) -> list[str]:
+  notes = []
+  until = report["run"].get("until_ci")
+  if until:
+    how = (f"stopped after {until['windows_used']} of {report['run']['windows']} windows (scored in a random order)"
+           if until["met"] else f"never met, all {until['windows_used']} windows scored")
+    notes.append(f"until-ci: 95% intervals of KLD {', '.join(until['summaries'])} within "
+                 f"{_percent(until['relative_width'], 1)} of the value: {how}")
+  for name, c in report["candidates"].items():
+    ci = c["kld"]["ci95"]
+    interval = lambda key: f"[{_fmt(ci[key][0])}, {_fmt(ci[key][1])}]"
+    intervals = (f"KLD mean 95% CI {interval('mean')}, median {interval('median')}, p99 {interval('p99')} (block "
+                 "bootstrap)") if ci["mean"][0] is not None and math.isfinite(ci["mean"][0]) else "KLD 95% CI: none"
+    if "ci95_note" in c["kld"]:
+      intervals += f" ({c['kld']['ci95_note']})"
+    notes.append(f"{name}: {intervals}; Cor(ln PPL) {_percent(c['ce_correlation'], 2)}; "
+                 f"mean ln(PPL ratio) {_fmt(c['ln_ppl_ratio']['mean'], 5)} ± {_fmt(c['ln_ppl_ratio']['stderr'], 5)}; "
+                 f"Δp mean {_percent(c['delta_p']['mean'], 3)}, RMS {_percent(c['delta_p']['rms'], 3)}")
+  for name, c in report["candidates"].items():
+    if "top_k" in c:
+      t = c["top_k"]
+      notes.append(f"{name}: KL(cand || ref) median {_fmt(c['reverse_kld']['median'])}, p99 "
+                   f"{_fmt(c['reverse_kld']['p99'])}; top-5 overlap {_percent(t['top5_overlap'], 1)}, top-10 "
+                   f"{_percent(t['top10_overlap'], 1)}; the reference's top-1 in its top 5: "
+                   f"{_percent(t['top1_in_top5'], 2)}")
+    if "direction" in c:
+      rose, fell = c["direction"]["rose"], c["direction"]["fell"]
+      notes.append(f"{name}: {_percent(rose['kld_share'], 1)} of its KLD mass is displacement on tokens whose target "
+                   f"it made more likely ({_percent(rose['token_share'], 1)} of tokens, median KLD "
+                   f"{_fmt(rose['median'])}); {_percent(fell['kld_share'], 1)} on tokens it made less likely (median "
+                   f"{_fmt(fell['median'])})")
+    if "layers" in c:
+      layers = c["layers"]
+      rel, at = layers["rel_error"], layers["breaks_at"]
+      notes.append(f"{name} residual stream vs the reference's: relative error median {_fmt(rel['median'][0], 3)} "
+                   f"after layer 0, {_fmt(rel['median'][-1], 3)} after layer {len(rel['median']) - 1} (p99 "
+                   f"{_fmt(rel['p99'][-1], 3)}); cosine median {_fmt(layers['cosine']['median'][-1], 6)}; the largest "
+                   f"rise is at layer {at}" if at is not None else f"{name}: no per-layer figures (no finite value)")
+    if "by_confidence" in c:
+      worst = max(c["by_confidence"], key=lambda b: b["median"] if b["tokens"] else -math.inf)
+      bands = ", ".join(f"p_ref(top-1) {b['band'][0]:g}-{b['band'][1]:g}: {_percent(b['token_share'], 0)} of tokens, "
+                        f"{_percent(b['kld_share'], 0)} of KLD" for b in c["by_confidence"])
+      notes.append(f"{name} by reference confidence: {bands} (highest median KLD where p_ref(top-1) is "
+                   f"{worst['band'][0]:g}-{worst['band'][1]:g})")
+  nonfinite = {name: m["ce"]["nonfinite"] for name, m in report["models"].items() if m["ce"]["nonfinite"]}
+  if nonfinite:
+    notes.append(f"non-finite CE values (NaN/Inf logits), counted apart and never averaged in: {nonfinite}")
+  for name, r in report.get("routing", {}).items():
+    busiest = int(np.argmax(r["max_share"]))
+    note = (f"{name} router: busiest expert takes {100 * r['max_share'][busiest]:.1f}% of assignments in layer "
+            f"{r['layers'][busiest]} (uniform: {100 / r['experts']:.1f}%)")
+    if "overlap_with_reference" in r:
+      worst = int(np.argmin(r["overlap_with_reference"]))
+      note += (f"; {100 * r['mean_overlap']:.2f}% of its top-k experts are the reference's (layer "
+               f"{r['layers'][worst]}: {100 * r['overlap_with_reference'][worst]:.2f}%)")
+    notes.append(note)
+  comparison = report["comparison"]
+  notes.extend(comparison["verdicts"])
+  if comparison["mean_median_disagree"]:
+    notes.append(comparison["mean_median_disagree"])
+  return notes
+
+
+def _title(report: dict[str, Any]) -> str:
+  run = report["run"]
+  scoring = f", {run['scoring']}" if run.get("scoring") else ""
+  return (f"reference {report['reference']} on {run['corpus']} ({run['protocol']}: {run['windows']} windows of "
+          f"{run['seq_len']} tokens, {run['scored_tokens']} scored{scoring})")
+
+
+def render(report: dict[str, Any], console) -> None:
+  from rich.table import Table
+
+  kld_head, kld_rows, ce_head, ce_rows = _rows(report)
+  for title, head, rows in ((f"Per-token KLD(reference || candidate) — {_title(report)}", kld_head, kld_rows),
+                            ("Per-token cross-entropy (nats) and perplexity", ce_head, ce_rows)):
+    table = Table(title=title, title_justify="left")
+    for i, col in enumerate(head):
+      table.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+      table.add_row(*row)
+    console.print(table)
+  for note in notes(report):
+    console.print(f"• {note}", highlight=False)
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+  kld_head, kld_rows, ce_head, ce_rows = _rows(report)
+  lines = ["# tailjax eval", "", _title(report), ""]
+  for head, rows in ((kld_head, kld_rows), (ce_head, ce_rows)):
+    lines += [*pages.markdown_table(head, rows), ""]
+  lines += [f"- {note}" for note in notes(report)]
+  for name, (head, rows) in _worst_rows(report).items():
+    lines += ["", f"## Highest-KLD tokens: {name}", "", *pages.markdown_table(head, [
+        [kld, window, position, f"{_quote(context)} → {_quote(target)}"] for kld, window, position, context, target
+        in rows])]
+  return "\n".join(lines) + "\n"
+
+
+WORST_SHOWN = 10  # highest-KLD tokens per candidate on the pages (report.json keeps all it has)
+
+
+def _worst_rows(report: dict[str, Any]) -> dict[str, tuple[list[str], list[list[str]]]]:
+  """Per candidate, the table of its highest-KLD tokens: KLD, window, position, context, target."""
+  head = ["KLD", "window", "position", "context → target"]
+  return {name: (head, [[_fmt(r["kld"]), str(r["window"]), str(r["position"]), r["context"], r["target"]]
+                        for r in rows[:WORST_SHOWN]])
+          for name, rows in report.get("worst_tokens", {}).items()}
+
+
+def _quote(text: str) -> str:
+  """Decoded tokens inside a Markdown table cell: visible whitespace, no column breaks."""
+  return "`" + text.replace("\n", "⏎").replace("|", "\\|").replace("`", "'") + "`"
+
+
+def plots(report: dict[str, Any]) -> dict[str, str]:
+  """Base64 PNGs: KLD CDF (log axis), per-sequence PPL candidate vs reference, CE percentile profile, and (when
+  candidates share the reference's layers) their residual streams' relative error per layer."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  out = {}
+  color = pages.colors(report["models"])  # one colour per model in every plot
+  fig, ax = plt.subplots(figsize=(6.4, 4))
+  for name, c in report["candidates"].items():
+    sketch = HostHistogram.from_dict(c["kld"]["sketch"])
+    values = sketch.spec.representative()
+    keep = (sketch.counts > 0) & (values > 0) & np.isfinite(values)
+    cdf = np.cumsum(sketch.counts) / max(sketch.n - sketch.nan, 1)
+    ax.step(values[keep], cdf[keep], where="post", label=name, color=color[name])
+  ax.set(xscale="log", xlabel="per-token KLD (nats)", ylabel="share of tokens ≤ x", title="KLD CDF")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  out["kld_cdf"] = pages.png(fig)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(6.4, 4))
+  ref = np.asarray([np.nan if p is None else p for p in report["models"][report["reference"]]["sequences"]["ppl"]])
+  for name in report["candidates"]:
+    cand = np.asarray([np.nan if p is None else p for p in report["models"][name]["sequences"]["ppl"]])
+    ax.scatter(ref, cand, s=10, label=name, alpha=0.7, color=color[name])
+  finite = ref[np.isfinite(ref)]
+  if finite.size:
+    ax.plot([finite.min(), finite.max()], [finite.min(), finite.max()], color="gray", lw=0.8)
+  ax.set(xscale="log", yscale="log", xlabel="reference PPL per sequence", ylabel="candidate PPL per sequence",
+         title="per-sequence perplexity")
+  ax.legend(fontsize=8)
+  out["sequence_ppl"] = pages.png(fig)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(6.4, 4))
+  for name, m in report["models"].items():
+    pct = m["ce"]["percentiles"]
+    ax.plot([float(k[1:]) for k in pct], [np.nan if v is None else v for v in pct.values()], marker=".", label=name,
+            color=color[name])
+  ax.set(yscale="log", xlabel="percentile", ylabel="per-token CE (nats)", title="CE percentile profile")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  out["ce_profile"] = pages.png(fig)
+  plt.close(fig)
+
+  layered = {name: c["layers"] for name, c in report["candidates"].items() if "layers" in c}
+  if layered:
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for name, layers in layered.items():
+      rel = layers["rel_error"]
+      ax.plot(rel["median"], marker=".", label=f"{name} median", color=color[name])
+      ax.plot(rel["p99"], ls="--", label=f"{name} p99", color=color[name], alpha=0.6)
+    ax.set(yscale="log", xlabel="layer", ylabel="||h_cand - h_ref|| / ||h_ref||",
+           title="residual stream vs the reference, per layer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    out["layers"] = pages.png(fig)
+    plt.close(fig)
+  return out
+
+
+def to_html(report: dict[str, Any]) -> str:
+  kld_head, kld_rows, ce_head, ce_rows = _rows(report)
+  worst = [(f"Highest-KLD tokens: {name}", pages.html_table(head, [
+      [kld, window, position, f"{context} → {target}"] for kld, window, position, context, target in rows]))
+      for name, (head, rows) in _worst_rows(report).items()]
+  return pages.html_page("tailjax eval", _title(report),
+                         [pages.html_table(kld_head, kld_rows), pages.html_table(ce_head, ce_rows)], notes(report),
+                         plots(report), sections=worst)

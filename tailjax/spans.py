@@ -1,0 +1,157 @@
+"""Scoring spans: records whose response (or assistant) tokens alone are scored.
+
+Instruct models are judged on what they write. A JSONL corpus whose records hold
+
+- ``prompt`` and ``response`` (or ``completion``): the text ``prompt + response``, tokenized with the
+  tokenizer's BOS rule; the response's tokens are scored;
+- ``messages`` (``[{"role", "content"}, ...]``): the conversation rendered with the tokenizer's chat template
+  (``Tokenizer.chat_template``, rendered by transformers' Jinja renderer, as ``apply_chat_template`` does) and
+  tokenized as rendered (the template writes its own BOS); each assistant message's tokens are scored, from
+  the end of the generation prompt to the end of the message as rendered (its end-of-turn marker included),
+
+becomes one window per record (``data.Windows``): a token is scored when its first character lies inside a
+span (a token straddling the start of a span belongs to the prompt). Windows are as long as the longest record
+(at most the protocol's ``seq_len``; shorter records padded, the padding never scored); a longer record is cut
+at ``seq_len`` and counted (``Windows.truncated``), and a record with nothing to score in its first ``seq_len``
+tokens is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from tailjax import files
+from tailjax.data import Protocol, Windows
+
+RESPONSE_FIELDS = ("response", "completion")
+
+
+class Record(NamedTuple):
+  """``text`` and the character ranges ``spans`` whose tokens are scored; ``templated``: the text was rendered
+  by a chat template and carries its own special tokens (no BOS added)."""
+
+  text: str
+  spans: tuple[tuple[int, int], ...]
+  templated: bool
+
+
+def span_kind(spec: str) -> str | None:
+  """``"chat"``, ``"prompt-response"`` or None (a plain corpus) from the first record of a JSONL file."""
+  path = Path(spec)
+  if path.suffix != ".jsonl" or not path.is_file():
+    return None
+  with path.open() as f:
+    first = next((line for line in f if line.strip()), None)
+  try:
+    record = json.loads(first) if first is not None else None
+  except json.JSONDecodeError:
+    return None  # read_documents names the bad line
+  if not isinstance(record, dict):
+    return None
+  if "messages" in record:
+    return "chat"
+  if "prompt" in record and any(k in record for k in RESPONSE_FIELDS):
+    return "prompt-response"
+  return None
+
+
+def render_chat(messages: list[dict], template: str, special: dict[str, str], where: str) -> Record:
+  """A conversation rendered whole, with the character span of each assistant message."""
+  from transformers.utils.chat_template_utils import render_jinja_template
+
+  def render(part, prompt):
+    try:
+      return render_jinja_template([part], chat_template=template, add_generation_prompt=prompt, **special)[0][0]
+    except Exception as err:  # jinja2 and the template's own raise_exception
+      raise ValueError(f"{where}: the chat template cannot render these messages ({err})") from err
+
+  text, spans = render(messages, False), []
+  for i, message in enumerate(messages):
+    if message.get("role") != "assistant":
+      continue
+    start, end = render(messages[:i], True), render(messages[:i + 1], False)
+    if not (text.startswith(end) and end.startswith(start)):
+      raise ValueError(f"{where}: the chat template renders message {i} differently inside the whole "
+                       "conversation (it rewrites earlier turns), so its tokens cannot be told apart")
+    spans.append((len(start), len(end)))
+  return Record(text, tuple(spans), True)
+
+
+def read_records(spec: str, tokenizer) -> list[Record]:
+  """Every record of a span corpus (``span_kind``), its scored character spans marked."""
+  kind, path = span_kind(spec), Path(spec)
+  if kind is None:
+    raise ValueError(f"{spec}: not a JSONL file of prompt/response or chat messages records")
+  template = getattr(tokenizer, "chat_template", None)
+  if kind == "chat" and not template:
+    raise ValueError(f"{spec}: chat records need the reference tokenizer's chat template, and it has none")
+  special = {name: tokenizer.decode([i]) for name, i in (("bos_token", tokenizer.bos_id),
+                                                          ("eos_token", getattr(tokenizer, "eos_id", None)))
+             if i is not None}
+  records = []
+  with path.open() as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{path}:{number}"
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not JSON ({err})") from err
+      if kind == "chat":
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+          raise ValueError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
+        records.append(render_chat(messages, template, special, where))
+        continue
+      response = next((record[k] for k in RESPONSE_FIELDS if isinstance(record, dict) and k in record), None)
+      if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not isinstance(response, str):
+        raise ValueError(f"{where}: a record needs a 'prompt' and a 'response' (or 'completion') string")
+      text = record["prompt"] + response
+      records.append(Record(text, ((len(record["prompt"]), len(text)),), False))
+  return records
+
+
+def _tokens(record: Record, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+  """``ids [n]`` and ``in_span [n]`` (whether each token starts inside a span)."""
+  encoding = tokenizer.backend.encode(record.text, add_special_tokens=False)
+  ids, starts = list(encoding.ids), [start for start, _ in encoding.offsets]
+  if not record.templated and tokenizer.add_bos and tokenizer.bos_id is not None:
+    ids, starts = [tokenizer.bos_id, *ids], [-1, *starts]
+  starts = np.asarray(starts)
+  in_span = np.zeros(len(ids), bool)
+  for lo, hi in record.spans:
+    in_span |= (starts >= lo) & (starts < hi)
+  return np.asarray(ids, np.int32), in_span
+
+
+def span_windows(spec: str, tokenizer, protocol: Protocol) -> Windows:
+  """One window per record of a span corpus (``num_sequences`` records sampled by ``seed``), only span tokens
+  scored; ``starts`` holds each window's record number (from 0)."""
+  if protocol.stride is not None or protocol.score_second_half:
+    raise ValueError(f"{spec}: a prompt/response or chat corpus is scored record by record; protocol "
+                     f"{protocol.name!r} with a stride or half-window scoring does not apply")
+  encoded = [_tokens(r, tokenizer) for r in read_records(spec, tokenizer)]
+  keep = [i for i, (_, in_span) in enumerate(encoded) if in_span[1:protocol.seq_len].any()]
+  if not keep:
+    raise ValueError(f"{spec}: no record has a response or assistant token to score within the first "
+                     f"{protocol.seq_len} tokens")
+  if protocol.num_sequences is not None:
+    if protocol.num_sequences > len(keep):
+      raise ValueError(f"{spec}: {len(keep)} records with tokens to score, fewer than the {protocol.num_sequences} "
+                       "sequences asked for")
+    keep = sorted(np.random.default_rng(protocol.seed).choice(keep, protocol.num_sequences, replace=False).tolist())
+  t = min(protocol.seq_len, max(len(encoded[i][0]) for i in keep))
+  tokens, scored = np.zeros((len(keep), t), np.int32), np.zeros((len(keep), t - 1), bool)
+  truncated = 0
+  for row, i in enumerate(keep):
+    ids, in_span = encoded[i]
+    truncated += int(in_span[t:].any())
+    ids, in_span = ids[:t], in_span[:t]
+    tokens[row, :len(ids)], scored[row, :len(ids) - 1] = ids, in_span[1:]
+  return Windows(tokens, scored, np.asarray(keep, np.int64), sum(len(encoded[i][0]) for i in keep),
+                 files.fingerprint(tokens, scored), truncated)
