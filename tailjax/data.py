@@ -140,6 +140,16 @@ class Windows:
     return Windows(tokens, scored, self.starts[rows], self.corpus_tokens, files.fingerprint(tokens, scored),
                    self.truncated)
 
+  @classmethod
+  def concat(cls, parts: list[Windows]) -> Windows:
+    """Several corpora's windows one after the other (shorter windows padded with unscored tokens)."""
+    t = max(w.tokens.shape[1] for w in parts)
+    pad = lambda a, fill: np.pad(a, ((0, 0), (0, t - fill - a.shape[1])))
+    tokens = np.concatenate([pad(w.tokens, 0) for w in parts])
+    scored = np.concatenate([pad(w.scored, 1) for w in parts])
+    return cls(tokens, scored, np.concatenate([w.starts for w in parts]), sum(w.corpus_tokens for w in parts),
+               files.fingerprint(*(w.fingerprint for w in parts)), sum(w.truncated for w in parts))
+
   def shuffled(self, seed: int) -> Windows:
     """The same windows in a random order drawn by ``seed``: any prefix is a random sample (``--until-ci``)."""
     return self.take(np.random.default_rng(seed).permutation(len(self)))

@@ -21,7 +21,7 @@ PROTOCOL_CHOICES = tuple(data.PROTOCOLS)
 class EvalConfig:
   reference: str | None = None  # model spec; None (with no candidates): the embedded SmolLM2 default
   candidates: list[str] = ()  # model specs, or @QUANT for the reference rounded
-  corpus: str = "pydoc"  # text, .jsonl, .parquet, or 'pydoc' (CPython's reference manual)
+  corpus: str | list[str] = "pydoc"  # text, .jsonl, .parquet, or 'pydoc'; several: per corpus and pooled
   text_field: str = "text"
   protocol: str | None = None  # one of data.PROTOCOLS; None: 'ram' with a reference, 'default' without
   seq_len: int | None = None  # overrides of the protocol's window length, window count (0: all) and seed
@@ -32,6 +32,7 @@ class EvalConfig:
   until_ci: float | None = None  # stop once every candidate's KLD intervals are this narrow (relative; stopping)
   until_ci_summaries: list[str] = ("median",)  # the KLD summaries until_ci waits for: mean, median, p90 ... p99.9
   block_memory_mb: float = 256  # per-window bootstrap blocks held before neighbours merge (eval_state)
+  jensen_shannon: bool = False  # also JS(p_ref, p_cand) per token: a second pass over the vocabulary
   spike_thresholds: list[float] = (0.5,)  # KLD above which a token is a spike; the first is the headline
   worst: int = 20  # highest-KLD tokens listed per candidate
   save_every: float = 30.0  # seconds between saved states of a run with an output directory

@@ -46,6 +46,11 @@ class Moments(NamedTuple):
   ref_cand_ce: Any
 
 
+def worst_first(entries: list[tuple[float, int, int]]) -> list[tuple[float, int, int]]:
+  """``(KLD, window, position)`` entries, highest KLD first and NaN above all (a token the candidate lost)."""
+  return sorted(entries, key=lambda e: (e[0] != e[0], e[0] if e[0] == e[0] else 0.0), reverse=True)
+
+
 @dataclasses.dataclass
 class EvalState:
   """Everything a run has accumulated, on host."""
@@ -115,6 +120,36 @@ class EvalState:
       rows = [HostHistogram.from_sketch(jax.tree.map(lambda f, i=i: f[i], stacked)) for i in range(len(stacked.nan))]
       held = self.layers.setdefault(label, {}).get(metric)
       self.layers[label][metric] = rows if held is None else [a.merge(b) for a, b in zip(held, rows)]
+
+  @classmethod
+  def concat(cls, states: list[EvalState]) -> EvalState:
+    """Runs of the same models over different windows (several corpora) as one, for reporting: blocks side by
+    side, per-window values in order (windows renumbered), sums added, worst tokens merged."""
+    first = states[0]
+    if any(s.labels != first.labels for s in states):
+      raise ValueError("states of different models cannot be pooled")
+    pooled = cls(list(first.labels), windows_done=sum(s.windows_done for s in states), block_budget=first.block_budget)
+    for quantity in set.intersection(*(s.quantities for s in states)):
+      pooled.blocks[quantity] = {label: Blocks(b.spec, [sk for s in states for sk in s.blocks[quantity][label].sketches])
+                                 for label, b in first.blocks[quantity].items()}
+    offset = 0
+    for state in states:
+      for label in pooled.labels:
+        pooled.seq_ce[label] += state.seq_ce[label]
+      pooled.seq_tokens += state.seq_tokens
+      for label in pooled.labels[1:]:
+        pooled.moments[label] = Moments(*(np.asarray(pooled.moments[label]) + np.asarray(state.moments[label])))
+        pooled.worst[label] = pooled.worst.get(label, []) + [(v, w + offset, p) for v, w, p in state.worst.get(label, [])]
+      for key, value in state.routing.items():  # "layers/<label>" names MoE layers: the same in every state
+        pooled.routing[key] = value if key.startswith("layers/") else pooled.routing.get(key, 0) + value
+      for label, by_metric in state.layers.items():
+        for metric, rows in by_metric.items():
+          held = pooled.layers.setdefault(label, {}).get(metric)
+          pooled.layers[label][metric] = rows if held is None else [a.merge(b) for a, b in zip(held, rows)]
+      offset += len(state.seq_tokens)
+    keep = max((len(s.worst.get(label, [])) for s in states for label in first.labels[1:]), default=0)
+    pooled.worst = {label: worst_first(entries)[:keep] for label, entries in pooled.worst.items()}
+    return pooled
 
   def coarsen(self) -> None:
     """Neighbouring blocks merged in pairs, in every quantity alike: half the blocks, twice the windows each."""

@@ -27,7 +27,7 @@ from flax import nnx
 
 from tailjax import head, mesh
 from tailjax.data import Windows
-from tailjax.eval_state import EvalState, Moments
+from tailjax.eval_state import EvalState, Moments, worst_first
 from tailjax.frozen import frozen_jit
 from tailjax.models import LoadedModel, lockstep
 from tailjax.references import Reference, check_compatible
@@ -98,8 +98,8 @@ class BatchStats(NamedTuple):
 
 class StepOptions(NamedTuple):
   """The batch step's static arguments: ``labels`` (reference first), the sketches' ``spec``, the reference
-  vocabulary, ``worst`` tokens kept per candidate, whether per-token values are ``dump``-ed, and the top-K of a
-  reference cache to write (0: none)."""
+  vocabulary, ``worst`` tokens kept per candidate, whether per-token values are ``dump``-ed, the top-K of a
+  reference cache to write (0: none) and whether Jensen-Shannon is computed (a second vocabulary pass)."""
 
   labels: tuple[str, ...]
   spec: BucketSpec
@@ -107,10 +107,11 @@ class StepOptions(NamedTuple):
   worst: int = 20
   dump: bool = False
   cache_k: int = 0
+  jensen_shannon: bool = False
 
 
 def _token_stats(models: tuple, outputs: list, tokens: jax.Array, scored: jax.Array, stored, vocab_size: int,
-                 cache_k: int):
+                 cache_k: int, jensen_shannon: bool):
   """Per candidate, per-token values against the reference: a model (``stored`` None: one fused vocabulary
   pass for all) or stored values (``stored.token_stats``, ``tailjax.references``). ``outputs`` are the models'
   ``DecoderOutput`` (None for a reference that is no model). Returns ``(stats per candidate, the reference's
@@ -122,7 +123,7 @@ def _token_stats(models: tuple, outputs: list, tokens: jax.Array, scored: jax.Ar
     pairs = [(h, cand.output_head()) for h, cand in zip(hidden[1:], candidates)]
     out = head.candidates_token_stats(ref_hidden=hidden[0], ref_unembedding=reference.output_head(), candidates=pairs,
                                       targets=targets, where=scored, vocab_size=vocab_size,
-                                      reference_topk=cache_k or None)
+                                      reference_topk=cache_k or None, jensen_shannon=jensen_shannon)
     return out if cache_k else (out, None)
   return [stored.token_stats(h, cand, targets, scored, vocab_size) for h, cand in zip(hidden[1:], candidates)], None
 
@@ -134,7 +135,8 @@ def _batch_stats(models: tuple, tokens: jax.Array, scored: jax.Array, stored, op
   per_window = lambda spec: jax.vmap(lambda v, w: LogHistogram.empty(spec).add(v, w))
   sketch = lambda values, spec=options.spec, where=scored: per_window(spec)(values, where)  # counts [B, size]
   outputs, divergence = _forward(models, tokens)
-  stats, ref_topk = _token_stats(models, outputs, tokens, scored, stored, options.vocab_size, options.cache_k)
+  stats, ref_topk = _token_stats(models, outputs, tokens, scored, stored, options.vocab_size, options.cache_k,
+                                 options.jensen_shannon)
   bands = list(zip(CONFIDENCE_BANDS[:-1], CONFIDENCE_BANDS[1:]))
   quantities = ("kld", "dp", *DIRECTION_QUANTITIES, *(confidence_quantity(*band) for band in bands))
   sketches = {"ce": {labels[0]: sketch(stats[0].ref_ce)}, **{q: {} for q in quantities}}
@@ -149,6 +151,8 @@ def _batch_stats(models: tuple, tokens: jax.Array, scored: jax.Array, stored, op
     sketches["dp"][label] = sketch(dp, DELTA_P_SPEC)
     for q in MODEL_REFERENCE_QUANTITIES if s.reverse_kld is not None else ():
       sketches[q][label] = sketch(getattr(s, q))
+    if s.jensen_shannon is not None:
+      sketches.setdefault("jensen_shannon", {})[label] = sketch(s.jensen_shannon)
     rose = s.logprob_delta > 0
     sketches["kld_rose"][label] = sketch(s.kld, where=scored & rose)
     sketches["kld_fell"][label] = sketch(s.kld, where=scored & ~rose)
@@ -270,7 +274,7 @@ def evaluate(reference: Reference, candidates: Sequence[LoadedModel], windows: W
              dump: TokenDump | None = None, cache: dict[str, list] | None = None,
              on_batch: Callable[[EvalState, int], None] | None = None,
              device_mesh: jax.sharding.Mesh | None = None,
-             stop: Callable[[EvalState], bool] | None = None) -> EvalState:
+             stop: Callable[[EvalState], bool] | None = None, jensen_shannon: bool = False) -> EvalState:
   """Run (or resume, given ``state``) an evaluation; ``on_batch(state, scored_tokens)`` after every batch.
   ``stop(state)`` is asked before every batch (a resumed state included): True ends the run there
   (``tailjax.stopping``: once the intervals are narrow enough).
@@ -280,7 +284,8 @@ def evaluate(reference: Reference, candidates: Sequence[LoadedModel], windows: W
   ``refcache`` (a model reference only). ``labels`` name the reference then each candidate; ``worst``
   highest-KLD tokens per candidate are kept (with their window and position) for the report. On a
   ``device_mesh`` (``tailjax.mesh``) the models are placed by their logical axes and each batch is split over
-  the data axes; the numbers do not depend on the mesh.
+  the data axes; the numbers do not depend on the mesh. ``jensen_shannon`` (a model reference only) adds
+  JS(p_ref, p_cand) per token, at the cost of a second pass over the vocabulary.
   """
   if not candidates:
     raise ValueError("an evaluation needs at least one candidate")
@@ -294,6 +299,9 @@ def evaluate(reference: Reference, candidates: Sequence[LoadedModel], windows: W
       state.routing[f"layers/{label}"] = np.asarray([i for i in range(model.cfg.num_layers)
                                                      if model.cfg.is_moe_layer(i)], np.int64)
   cache_k = 0 if cache is None else cache["k"]
+  if jensen_shannon and reference.model is None:
+    raise ValueError(f"Jensen-Shannon needs full reference distributions: a reference model, not "
+                     f"{reference.describe().what}")
   if cache_k and not reference.writes_cache:
     raise ValueError(f"a reference cache is written from a reference model, not from {reference.describe().what}")
   step, place = batch_step(device_mesh), jnp.asarray
@@ -304,7 +312,7 @@ def evaluate(reference: Reference, candidates: Sequence[LoadedModel], windows: W
     place = functools.partial(_place, device_mesh=device_mesh)
   n, t = windows.tokens.shape
   options = StepOptions(tuple(state.labels), spec_for(spike_thresholds), reference.describe().vocab_size,
-                        max(1, min(worst, batch_size * (t - 1))), dump is not None, cache_k)
+                        max(1, min(worst, batch_size * (t - 1))), dump is not None, cache_k, jensen_shannon)
   for start in range(state.windows_done, n, batch_size):
     if stop is not None and stop(state):
       break
@@ -346,13 +354,9 @@ def _accumulate(state: EvalState, out: BatchStats, start: int, count: int, t: in
     row, position = np.divmod(out.worst.index[i], t - 1)
     found = [(float(v), start + int(r), int(p)) for v, r, p in zip(out.worst.values[i], row, position)
              if v != -np.inf]
-    state.worst[label] = sorted(state.worst.get(label, []) + found, key=_badness, reverse=True)[:worst]
+    state.worst[label] = worst_first(state.worst.get(label, []) + found)[:worst]
 
 
 def _place(array, device_mesh: jax.sharding.Mesh) -> jax.Array:
   return mesh.global_batch(np.asarray(array), device_mesh)
 
-
-def _badness(entry: tuple[float, int, int]) -> tuple[bool, float]:
-  value = entry[0]
-  return (value != value, value if value == value else 0.0)

@@ -214,3 +214,66 @@ def entropy_merge(s: EntropyState, t: EntropyState) -> EntropyState:
 def entropy_finish(s: EntropyState) -> Array:
   """``H(softmax(z))`` in nats, >= 0."""
   return jnp.maximum(jnp.log(s.lse.sum) - s.weighted / s.lse.sum, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Jensen-Shannon: a second pass, once both normalisers and the KL state are known.
+#
+# JS(p, q) = 1/2 KL(p || m) + 1/2 KL(q || m), m = (p + q) / 2, sums per vocabulary entry
+#
+#     d = 1/2 [p log(2p / (p + q)) + q log(2q / (p + q))]  >= 0.
+#
+# The mixture needs normalised p and q, so no block state merges without them: ``js_block`` takes the
+# reference's and candidate's log-normalisers and ``kl_shift`` of the finished KL state. With
+# ``delta = log q - log p`` taken from the KL state's centred, error-free logit differences (not from two
+# rounded log-probabilities), and ``u = expm1(delta)``, ``v = expm1(-delta)``, ``L(x) = log1p(x) - x``:
+#
+#     d = -1/2 p [L(u/2) + (1 + u) L(v/2)]                       (|delta| <= 1/4; the linear terms cancel exactly)
+#     d = 1/2 [p (log 2 - softplus(delta)) + q (delta + log 2 - softplus(delta))]          (elsewhere)
+#
+# Both ``L`` terms are <= 0, so near p = q (d ~ p delta^2 / 8) nothing cancels: JS keeps float32 relative
+# precision however small it is, like the KL.
+
+
+class KLShift(NamedTuple):
+  """From a finished KL state, per token: ``log q_i - log p_i = -((a_i - b_i) - center) - offset``."""
+
+  center: Array
+  offset: Array
+
+
+def kl_shift(s: KLState) -> KLShift:
+  """``offset = log1p(E_p[phi(e)] - E_p[e])`` (the small-KL form, precise), or where the KL is large the
+  normalisers' difference ``center + lse(b) - lse(a)``: the same number, as ``kl_finish`` chooses."""
+  w = s.ref.sum
+  mean_e, mean_phi = s.resid / w, s.phi / w
+  small = jnp.log1p(mean_phi - mean_e)
+  textbook = s.center + lse_finish(s.cand) - lse_finish(s.ref)
+  use_textbook = (textbook + mean_e > _LARGE_KL) | ~jnp.isfinite(mean_e + small)
+  return KLShift(s.center, jnp.where(use_textbook, textbook, small))
+
+
+def _log1p_minus_x(x: Array) -> Array:
+  """``log1p(x) - x`` by its Taylor series, for |x| <= 0.15 (truncation < 1e-10 relative)."""
+  acc = jnp.zeros_like(x)
+  for k in range(14, 1, -1):
+    acc = acc * x + (-1.0)**(k + 1) / k
+  return acc * x * x
+
+
+def js_block(a: Array, b: Array, ref_lse: Array, cand_lse: Array, shift: KLShift) -> Array:
+  """``a, b: [..., B]`` reference / candidate logits (``-inf`` where invalid), the full-vocabulary log-normalisers
+  and ``kl_shift`` ``[...]`` -> this block's share ``[...]`` of JS(p, q) (see above)."""
+  both = (a > -jnp.inf) & (b > -jnp.inf)
+  hi, lo = _two_diff(a, b)
+  delta = jnp.where(both, -((hi - shift.center[..., None]) + lo) - shift.offset[..., None], 0.0)
+  p, q = jnp.exp(a - ref_lse[..., None]), jnp.exp(b - cand_lse[..., None])
+  near = both & (jnp.abs(delta) <= 0.25)
+  d = jnp.where(near, delta, 0.0)
+  u, v = jnp.expm1(d), jnp.expm1(-d)
+  close = -0.5 * p * (_log1p_minus_x(u / 2) + (1 + u) * _log1p_minus_x(v / 2))
+  soft = jax.nn.softplus(jnp.where(both, delta, 0.0))
+  log2 = jnp.log(2.0)
+  far = 0.5 * (p * (log2 - soft) + q * (delta + log2 - soft))
+  alone = 0.5 * log2 * jnp.where(a > -jnp.inf, p, 0.0) + 0.5 * log2 * jnp.where(b > -jnp.inf, q, 0.0)
+  return jnp.sum(jnp.where(near, close, jnp.where(both, far, alone)), axis=-1)

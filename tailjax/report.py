@@ -84,7 +84,9 @@ def build_report(state: EvalState, run: dict[str, Any], sources: dict[str, str],
     report["candidates"][label].update(_splits(state, label, whole))
     if label in state.layers:
       report["candidates"][label]["layers"] = layer_report(state.layers[label])
-  report["comparison"] = compare_candidates(report, _paired_shares(state, candidates, replicates))
+  summaries = {label: Summary.from_sketch(state.merged("kld", label), spike_thresholds=spike_thresholds)
+               for label in candidates}
+  report["comparison"] = compare_candidates(summaries, _paired_shares(state, candidates, replicates))
   if windows is not None and tokenizer is not None:
     report["worst_tokens"] = worst_tokens(state, windows, tokenizer)
   if state.routing:
@@ -109,6 +111,8 @@ def _splits(state: EvalState, label: str, whole: HostHistogram) -> dict[str, Any
     reverse = state.merged("reverse_kld", label)
     out["reverse_kld"] = Summary.from_sketch(reverse, spike_thresholds=()).to_dict()
     out["top_k"] = {q: state.merged(q, label).mean for q in MODEL_REFERENCE_QUANTITIES[1:]}
+  if "jensen_shannon" in present:
+    out["jensen_shannon"] = Summary.from_sketch(state.merged("jensen_shannon", label), spike_thresholds=()).to_dict()
   if set(DIRECTION_QUANTITIES) <= present:
     out["direction"] = {q.removeprefix("kld_"): _part(state.merged(q, label), whole) for q in DIRECTION_QUANTITIES}
   bands = list(zip(CONFIDENCE_BANDS[:-1], CONFIDENCE_BANDS[1:]))
@@ -116,6 +120,17 @@ def _splits(state: EvalState, label: str, whole: HostHistogram) -> dict[str, Any
     out["by_confidence"] = [{"band": [lo, hi], **_part(state.merged(confidence_quantity(lo, hi), label), whole)}
                             for lo, hi in bands]
   return out
+
+
+def corpus_report(state: EvalState, spike_thresholds=(0.5,)) -> dict[str, Any]:
+  """One corpus of a several-corpus run (``runner.run_eval``): its own windows' KLD and CE summaries (with their
+  intervals), PPL ratio, top-1 agreement and verdicts."""
+  part = build_report(state, {}, {label: "" for label in state.labels}, spike_thresholds=spike_thresholds)
+  return {"windows": state.windows_done, "scored_tokens": int(sum(state.seq_tokens)),
+          "candidates": {label: {key: c[key] for key in ("kld", "ppl_ratio", "top1_agreement")}
+                         for label, c in part["candidates"].items()},
+          "models": {label: {"ce": m["ce"]} for label, m in part["models"].items()},
+          "comparison": part["comparison"]}
 
 
 def layer_report(layers: dict[str, list[HostHistogram]]) -> dict[str, Any]:
@@ -204,7 +219,8 @@ def combine(reports: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
       combined["run"]["note"] = "the runs scored different windows: compare their numbers with care"
     combined["models"].update({f"{name}:{k}": v for k, v in r["models"].items()})
     combined["candidates"].update({f"{name}:{k}": v for k, v in r["candidates"].items()})
-  combined["comparison"] = compare_candidates(combined)
+  combined["comparison"] = compare_candidates({name: Summary.from_dict(c["kld"])
+                                               for name, c in combined["candidates"].items()})
   return combined
 
 
@@ -253,16 +269,15 @@ def _paired_shares(state: EvalState, candidates: list[str], replicates: int) -> 
   return PairedShares(dominates, split)
 
 
-def compare_candidates(report: dict[str, Any], shares: PairedShares | None = None) -> dict[str, Any]:
-  """Dominance verdicts (median and p99 KLD, ``stats.compare``) and whether mean and median rank alike.
+def compare_candidates(summaries: dict[str, Summary], shares: PairedShares | None = None) -> dict[str, Any]:
+  """Dominance verdicts (median and p99 KLD, ``stats.compare``) and whether mean and median rank alike, from each
+  candidate's KLD ``Summary`` (in candidate order).
 
   With ``shares`` (``_paired_shares``: the run's blocks are at hand) each dominance verdict, and a mean/median
   disagreement, says in what share of paired block resamples it holds. A candidate with non-finite KLD tokens
   is ranked after every finite one (fewest non-finite first) and gets no dominance verdict: its finite part's
   figures say nothing about the tokens it lost."""
-  cands = report["candidates"]
-  names = list(cands)
-  summaries = {name: Summary.from_dict(cands[name]["kld"]) for name in names}
+  names = list(summaries)
   verdicts = []
   for i, a in enumerate(names):
     for b in names[i + 1:]:
@@ -274,9 +289,9 @@ def compare_candidates(report: dict[str, Any], shares: PairedShares | None = Non
         text += f"; median and p99 no higher in {100 * share:.1f}% of paired block resamples"
       verdicts.append(text)
   nonfinite = {n: summaries[n].nonfinite for n in names if summaries[n].nonfinite}
-  value = lambda x: math.inf if x is None or math.isnan(x) else x  # null in a re-read report.json
-  rank = lambda stat: sorted(names, key=lambda n: (nonfinite.get(n, 0), value(cands[n]["kld"][stat])))
-  by_mean, by_median = rank("mean"), rank("median")
+  value = lambda x: math.inf if math.isnan(x) else x  # a candidate with no finite KLD
+  rank = lambda stat: sorted(names, key=lambda n: (nonfinite.get(n, 0), value(stat(summaries[n]))))
+  by_mean, by_median = rank(lambda s: s.mean), rank(lambda s: s.median)
   note = None
   if by_mean != by_median:
     note = (f"mean and median KLD rank the candidates differently: by mean {' < '.join(by_mean)}, "

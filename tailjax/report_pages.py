@@ -49,6 +49,15 @@ def _rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str]
   return kld_head, kld_rows, ce_head, ce_rows
 
 
+def corpus_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+  """With several corpora: per corpus and candidate, its KLD summary there and its PPL ratio."""
+  head = ["corpus", "candidate", "windows", "KLD mean", "median", "p99", "top-1", "PPL ratio"]
+  rows = [[corpus, name, str(part["windows"]), _fmt(c["kld"]["mean"]), _fmt(c["kld"]["median"]), _fmt(c["kld"]["p99"]),
+           _percent(c["top1_agreement"], 2), _fmt(c["ppl_ratio"], 5)]
+          for corpus, part in report.get("corpora", {}).items() for name, c in part["candidates"].items()]
+  return head, rows
+
+
 def notes(report: dict[str, Any]) -> list[str]:
   notes = []
   until = report["run"].get("until_ci")
@@ -74,6 +83,10 @@ def notes(report: dict[str, Any]) -> list[str]:
                    f"{_fmt(c['reverse_kld']['p99'])}; top-5 overlap {_percent(t['top5_overlap'], 1)}, top-10 "
                    f"{_percent(t['top10_overlap'], 1)}; the reference's top-1 in its top 5: "
                    f"{_percent(t['top1_in_top5'], 2)}")
+    if "jensen_shannon" in c:
+      js = c["jensen_shannon"]
+      notes.append(f"{name}: Jensen-Shannon (nats, at most ln 2) mean {_fmt(js['mean'])}, median {_fmt(js['median'])}, "
+                   f"p99 {_fmt(js['p99'])}")
     if "direction" in c:
       rose, fell = c["direction"]["rose"], c["direction"]["fell"]
       notes.append(f"{name}: {_percent(rose['kld_share'], 1)} of its KLD mass is displacement on tokens whose target "
@@ -123,8 +136,11 @@ def render(report: dict[str, Any], console) -> None:
   from rich.table import Table
 
   kld_head, kld_rows, ce_head, ce_rows = _rows(report)
-  for title, head, rows in ((f"Per-token KLD(reference || candidate) — {_title(report)}", kld_head, kld_rows),
-                            ("Per-token cross-entropy (nats) and perplexity", ce_head, ce_rows)):
+  tables = [(f"Per-token KLD(reference || candidate) — {_title(report)}", kld_head, kld_rows),
+            ("Per-token cross-entropy (nats) and perplexity", ce_head, ce_rows)]
+  if report.get("corpora"):
+    tables.append(("Per corpus", *corpus_rows(report)))
+  for title, head, rows in tables:
     table = Table(title=title, title_justify="left")
     for i, col in enumerate(head):
       table.add_column(col, justify="left" if i == 0 else "right")
@@ -140,6 +156,8 @@ def to_markdown(report: dict[str, Any]) -> str:
   lines = ["# tailjax eval", "", _title(report), ""]
   for head, rows in ((kld_head, kld_rows), (ce_head, ce_rows)):
     lines += [*pages.markdown_table(head, rows), ""]
+  if report.get("corpora"):
+    lines += ["## Per corpus", "", *pages.markdown_table(*corpus_rows(report)), ""]
   lines += [f"- {note}" for note in notes(report)]
   for name, (head, rows) in _worst_rows(report).items():
     lines += ["", f"## Highest-KLD tokens: {name}", "", *pages.markdown_table(head, [
@@ -233,6 +251,8 @@ def to_html(report: dict[str, Any]) -> str:
   worst = [(f"Highest-KLD tokens: {name}", pages.html_table(head, [
       [kld, window, position, f"{context} → {target}"] for kld, window, position, context, target in rows]))
       for name, (head, rows) in _worst_rows(report).items()]
+  if report.get("corpora"):
+    worst.insert(0, ("Per corpus", pages.html_table(*corpus_rows(report))))
   return pages.html_page("tailjax eval", _title(report),
                          [pages.html_table(kld_head, kld_rows), pages.html_table(ce_head, ce_rows)], notes(report),
                          plots(report), sections=worst)

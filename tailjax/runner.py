@@ -1,20 +1,17 @@
 """``tailjax eval`` as a Python function: specs in, a report (and an output directory) out.
 
 corpus -> windows (``tailjax.data``) -> models (``tailjax.models``) -> per-token values into
-sketches (``tailjax.evaluate``) -> report (``tailjax.report``). With ``output``, the
-directory holds ``run.json`` (what is being computed), ``state.npz`` (saved every
-``save_every`` seconds, on Ctrl-C and on SIGTERM) and, once finished, ``report.json``,
-``report.md`` and ``report.html``. Re-running the same command resumes; a directory that
-holds a different run is refused, and nothing in it is overwritten.
+sketches (``tailjax.evaluate``) -> report (``tailjax.report``). With ``output``, the run directory
+(``tailjax.run_dir``) holds ``run.json``, the saved state and, once finished, ``report.json``, ``report.md`` and
+``report.html``. Re-running the same command resumes; a directory that holds a different run is refused, and
+nothing in it is overwritten.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import math
-import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,12 +20,11 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
-from tailjax import data, files, llamacpp, models, references, refcache, report as reporting, spans, stopping
+from tailjax import data, files, llamacpp, models, references, refcache, report as reporting, run_dir, spans, stopping
 from tailjax.eval_config import EvalConfig
-from tailjax.eval_state import EvalState, load_state, save_state
-from tailjax.evaluate import TokenDump, evaluate
+from tailjax.eval_state import EvalState
+from tailjax.evaluate import TokenDump
 from tailjax.models import LoadedModel, ModelSpec, QuantSpec
 
 DEFAULT_CANDIDATES = ("@int4-g64", "@int3-g64")
@@ -86,42 +82,8 @@ def _labels(named: Sequence[tuple[str | None, LoadedModel]], reference: LoadedMo
   return labels
 
 
-def _identity(run: dict[str, Any]) -> dict[str, Any]:
-  identity = {k: run[k] for k in ("models", "corpus", "protocol", "seq_len", "num_sequences", "seed", "fingerprint",
-                                  "batch_size", "spike_thresholds", "dtype", "block_budget")}
-  if run.get("until_ci"):  # a stopping rule changes which windows a finished run holds
-    identity["until_ci"] = {k: run["until_ci"][k] for k in ("relative_width", "summaries")}
-  return identity
-
-
 def _dtype_name(loaded: LoadedModel) -> str:
   return str(loaded.model.embed.embedding.get_value().dtype)
-
-
-def _prepare_output(output: Path, identity: dict[str, Any]) -> bool:
-  """Refuse a directory that holds something else; True when it holds this run's saved state. A run that
-  never saved a window (it failed its checks, or was killed at once) owns nothing: another run may take over."""
-  run_file = output / "run.json"
-  if run_file.exists():
-    try:
-      saved = json.loads(run_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-      raise ValueError(f"{run_file}: unreadable run description ({err}); nothing was overwritten: delete the "
-                       "directory to start over") from err
-    changed = sorted(k for k in identity if not isinstance(saved, dict) or saved.get(k) != identity[k])
-    owns_nothing = not any((output / name).exists() for name in ("state.npz", "report.json"))
-    if changed and owns_nothing:
-      run_file.write_text(json.dumps(identity, indent=1))
-      return False
-    if changed:
-      raise ValueError(f"{output} holds a different run ({', '.join(changed)} differ); nothing was overwritten. "
-                       "Choose another --output or delete it.")
-    return (output / "state.npz").exists()
-  if output.exists() and any(output.iterdir()):
-    raise ValueError(f"{output} is not empty and holds no tailjax run; nothing was overwritten")
-  output.mkdir(parents=True, exist_ok=True)
-  run_file.write_text(json.dumps(identity, indent=1))
-  return False
 
 
 def _load_models(reference: str | None, candidates: Sequence[str], dtype: str, device_mesh):
@@ -169,10 +131,10 @@ def run(config: EvalConfig, output: str | Path | None = None, console=None) -> d
                   kl_divergence_base=config.kl_divergence_base, reference_cache=config.reference_cache,
                   save_reference_cache=config.save_reference_cache, cache_k=config.cache_k, mesh=config.mesh,
                   dtype=config.dtype, until_ci=config.until_ci, until_ci_summaries=config.until_ci_summaries,
-                  block_memory_mb=config.block_memory_mb, console=console)
+                  block_memory_mb=config.block_memory_mb, jensen_shannon=config.jensen_shannon, console=console)
 
 
-def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpus: str = "pydoc", *,
+def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpus: str | Sequence[str] = "pydoc", *,
              protocol: data.Protocol = DEFAULT_PROTOCOL, text_field: str = "text", batch_size: int | None = None,
              spike_thresholds: Sequence[float] = (0.5,), output: str | Path | None = None,
              dump_tokens: str | Path | None = None, worst: int = 20, save_every: float = 30.0,
@@ -180,8 +142,11 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
              save_reference_cache: str | Path | None = None, cache_k: int = 32, mesh: str | None = None,
              dtype: str = "auto", until_ci: float | None = None,
              until_ci_summaries: Sequence[str] = stopping.DEFAULT_SUMMARIES, block_memory_mb: float = 256,
-             console=None) -> dict[str, Any]:
+             jensen_shannon: bool = False, console=None) -> dict[str, Any]:
   """Evaluate ``candidates`` against ``reference`` on ``corpus``; returns the ``report.json`` dictionary.
+
+  Several corpora (a list) are scored one after the other with the same models: the report is of all their
+  windows pooled, with ``report["corpora"]`` giving each corpus's own summaries (``report.corpus_report``).
 
   ``kl_divergence_base`` (instead of a reference and a corpus) is a llama.cpp base file: its
   tokens and stored reference log-probs, so a run compares with llama.cpp's own.
@@ -199,6 +164,9 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
   the run stops once the 95% interval of every candidate's KLD ``until_ci_summaries`` is that narrow
   (``tailjax.stopping``); ``report["run"]["until_ci"]`` says after how many windows.
 
+  ``jensen_shannon``: also each candidate's JS(p_ref, p_cand) per token (a second pass over the vocabulary;
+  a reference model only).
+
   ``dtype`` (``float32``, ``bfloat16``, ``float16``) is how every model's parameters are stored and
   computed; ``"auto"``: each checkpoint's own dtype on an accelerator, float32 on a CPU. The fused
   head accumulates in float32 either way.
@@ -214,13 +182,20 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
   started = time.perf_counter()
   device_mesh = meshes.parse(mesh) if mesh else None
   batch_size = batch_size_for(device_mesh) if batch_size is None else batch_size
-  _check_arguments(corpus=None if kl_divergence_base or reference_cache else corpus, batch_size=batch_size,
+  _check_arguments(corpora=() if kl_divergence_base or reference_cache else corpus, batch_size=batch_size,
                    spike_thresholds=spike_thresholds, worst=worst, save_every=save_every, output=output,
                    dump_tokens=dump_tokens, save_reference_cache=save_reference_cache, cache_k=cache_k,
                    until_ci=until_ci, block_memory_mb=block_memory_mb,
                    inputs={"the llama.cpp base file": kl_divergence_base, "the reference cache": reference_cache})
   until_ci_summaries = stopping.check_summaries(until_ci_summaries)
+  corpora = [corpus] if isinstance(corpus, (str, Path)) else list(corpus)
+  if not corpora or len(set(corpora)) < len(corpora):
+    raise ValueError(f"corpora {corpora}: give at least one, each once")
   stored = kl_divergence_base if kl_divergence_base is not None else reference_cache
+  if stored is not None and len(corpora) > 1:
+    raise ValueError("a llama.cpp base file or a reference cache brings its own tokens: give no --corpus")
+  if len(corpora) > 1 and (dump_tokens is not None or save_reference_cache is not None):
+    raise ValueError("--dump-tokens and --save-reference-cache take one corpus")
   if kl_divergence_base is not None and reference_cache is not None:
     raise ValueError("give --kl-divergence-base or --reference-cache, not both")
   if stored is not None:
@@ -234,17 +209,20 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
   else:
     ref, labels, cands = _load_models(reference, candidates, dtype, device_mesh)
     compared, tokenizer = references.ModelReference(ref), ref.tokenizer
-    windows = data.corpus_windows(corpus, tokenizer, protocol, text_field)
-    protocol = dataclasses.replace(protocol, seq_len=windows.tokens.shape[1])  # span corpora: the longest record
+    parts = [data.corpus_windows(c, tokenizer, protocol, text_field) for c in corpora]
+    protocol = dataclasses.replace(protocol, seq_len=max(w.tokens.shape[1] for w in parts))  # spans: longest record
     sources = [m.name for m in (ref, *cands)]
+  if stored is not None:
+    parts = [windows]
   if until_ci is not None:
-    windows = windows.shuffled(protocol.seed)
+    parts = [w.shuffled(protocol.seed) for w in parts]
+  windows = parts[0] if len(parts) == 1 else data.Windows.concat(parts)
   checked = zip(labels[1:], cands) if stored is not None else zip(labels, [ref, *cands])
   for label, loaded in checked:
     if protocol.seq_len > loaded.config.max_position_embeddings:
       console.print(f"[yellow]warning:[/yellow] {label} was trained on at most "
                     f"{loaded.config.max_position_embeddings} positions; windows have {protocol.seq_len}")
-  run = {"models": dict(zip(labels, sources)), "corpus": corpus,
+  run = {"models": dict(zip(labels, sources)), "corpus": corpora[0] if len(corpora) == 1 else list(corpora),
          "protocol": protocol.name, "seq_len": protocol.seq_len, "num_sequences": protocol.num_sequences,
          "seed": protocol.seed, "stride": protocol.stride, "fingerprint": windows.fingerprint,
          "batch_size": batch_size,
@@ -252,8 +230,12 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
          "corpus_tokens": windows.corpus_tokens, "block_budget": int(block_memory_mb * 2**20)}
   if until_ci is not None:
     run["until_ci"] = {"relative_width": until_ci, "summaries": list(until_ci_summaries)}
-  if stored is None and (kind := spans.span_kind(corpus)) is not None:
-    run["scoring"] = {"chat": "assistant messages only", "prompt-response": "responses only"}[kind]
+  if jensen_shannon:
+    run["jensen_shannon"] = True
+  kinds = {spans.span_kind(c) for c in corpora} if stored is None else {None}
+  if kinds != {None}:
+    run["scoring"] = " / ".join(sorted({"chat": "assistant messages only", "prompt-response": "responses only",
+                                        None: "every token"}[k] for k in kinds))
     run["truncated_records"] = windows.truncated
     if windows.truncated:
       console.print(f"[yellow]warning:[/yellow] {windows.truncated} records are longer than {protocol.seq_len} tokens: "
@@ -263,42 +245,47 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
   how = "as asked" if dtype != "auto" else ("float32 on a CPU" if jax.default_backend() == "cpu" else
                                             "each checkpoint's own")
   console.print(f"loaded {len(labels)} models ({', '.join(sorted(set(run['dtype'].values())))}: {how}) and "
-                f"{len(windows)} windows x {protocol.seq_len} tokens ({windows.scored_tokens} scored) in "
-                f"{time.perf_counter() - started:.1f} s", highlight=False)
+                f"{len(windows)} windows x {protocol.seq_len} tokens ({windows.scored_tokens} scored"
+                f"{f', {len(parts)} corpora' if len(parts) > 1 else ''}) in {time.perf_counter() - started:.1f} s",
+                highlight=False)
 
   if device_mesh is not None:
     run["mesh"] = dict(device_mesh.shape)
   output = Path(output) if output else None
-  state = None
   writer = meshes.is_writer()
-  if output is not None and writer and _prepare_output(output, _identity(run)):
-    state = load_state(output / "state.npz")
-  if jax.process_count() > 1:  # every process starts where process 0 does (output on a shared filesystem)
-    done = int(multihost_utils.broadcast_one_to_all(np.int32(state.windows_done if state else 0)))
-    if done and not writer:
-      state = load_state(output / "state.npz")
-      if state.windows_done != done:
-        raise ValueError(f"{output}: process {jax.process_index()} reads another state than process 0")
-  if state is not None:
-    console.print(f"resuming {output}: {state.windows_done}/{len(windows)} windows already done")
-  state = state or EvalState(list(labels), block_budget=run["block_budget"])
+  saved = output is not None and writer and run_dir.prepare(output, run_dir.identity(run))
+  states = [run_dir.resumed(output, run_dir.state_file(i, len(parts)), saved, writer, console, len(w)) for i, w in enumerate(parts)]
+  states = [state or EvalState(list(labels), block_budget=run["block_budget"]) for state in states]
   if not writer:
     output, dump_tokens, save_reference_cache = None, None, None
   dump = TokenDump() if dump_tokens else None
   cache = {"k": cache_k} if save_reference_cache is not None else None
-  if (dump is not None or cache is not None) and state.windows_done:
+  if (dump is not None or cache is not None) and states[0].windows_done:
     raise ValueError("--dump-tokens and --save-reference-cache need a run from the start; they cannot resume "
                      "(delete the state or the flag)")
+
   def stop(current: EvalState) -> bool:
     return stopping.kld_precision(current, until_ci_summaries).within(until_ci)
 
-  state = _run_with_progress(compared, cands, windows, labels, batch_size, spike_thresholds, worst, state, dump, cache,
-                             output, save_every, console, device_mesh, None if until_ci is None else stop)
+  for i, part in enumerate(parts):
+    states[i] = run_dir.run_with_progress(compared, cands, part, labels, batch_size, spike_thresholds, worst, states[i], dump,
+                                   cache, output, run_dir.state_file(i, len(parts)), save_every, console, device_mesh,
+                                   None if until_ci is None else stop,
+                                   corpora[i] if len(parts) > 1 else "windows", jensen_shannon)
   if until_ci is not None:
-    last = stopping.kld_precision(state, until_ci_summaries)
-    run["until_ci"].update(met=last.within(until_ci), windows_used=state.windows_done, widths=last.widths)
+    checks = [stopping.kld_precision(state, until_ci_summaries) for state in states]
+    run["until_ci"].update(met=all(c.within(until_ci) for c in checks),
+                           windows_used=sum(state.windows_done for state in states),
+                           widths=checks[0].widths if len(checks) == 1 else
+                           {corpus: c.widths for corpus, c in zip(corpora, checks)})
+  state = states[0] if len(states) == 1 else EvalState.concat(states)
   result = reporting.build_report(state, run, run["models"], spike_thresholds=tuple(spike_thresholds),
-                                  windows=windows, tokenizer=tokenizer)
+                                  windows=windows if len(parts) == 1 else data.Windows.concat(
+                                      [w.take(range(s.windows_done)) for w, s in zip(parts, states)]),
+                                  tokenizer=tokenizer)
+  if len(parts) > 1:
+    result["corpora"] = {corpus: reporting.corpus_report(part_state, tuple(spike_thresholds))
+                         for corpus, part_state in zip(corpora, states)}
   writes = [("the report", lambda: reporting.write(result, output))] if output is not None else []
   if cache is not None:
     writes.append(("the reference cache", lambda: refcache.ReferenceCache(
@@ -324,7 +311,7 @@ def _write_dump(dump: TokenDump, labels: Sequence[str], path) -> None:
   pq.write_table(dump.table(labels), path)
 
 
-def _check_arguments(*, corpus, batch_size, spike_thresholds, worst, save_every, output, dump_tokens,
+def _check_arguments(*, corpora, batch_size, spike_thresholds, worst, save_every, output, dump_tokens,
                      save_reference_cache, cache_k, until_ci, block_memory_mb, inputs) -> None:
   """Every argument a run can get wrong, checked before a model is loaded: numbers in range, inputs present,
   every output path writable (a bad one would otherwise fail only after the whole evaluation)."""
@@ -349,8 +336,8 @@ def _check_arguments(*, corpus, batch_size, spike_thresholds, worst, save_every,
                      "neighbouring blocks merge, above 0")
   if save_reference_cache is not None and (not whole(cache_k) or cache_k < 1):
     raise ValueError(f"cache K {cache_k}: a reference cache keeps the top-K log-probs per token, K at least 1")
-  if corpus is not None:
-    data.check_corpus(corpus)
+  for corpus in [corpora] if isinstance(corpora, (str, Path)) else corpora:
+    data.check_corpus(str(corpus))
   for what, path in inputs.items():
     if path is not None:
       files.input_file(path, what)
@@ -362,46 +349,3 @@ def _check_arguments(*, corpus, batch_size, spike_thresholds, worst, save_every,
     files.output_file(save_reference_cache, "the reference cache to save")
 
 
-def _run_with_progress(reference, cands, windows, labels, batch_size, spike_thresholds, worst, state, dump, cache, output,
-                       save_every, console, device_mesh, stop):
-  from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-  columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-             TimeRemainingColumn())
-  last_save = None  # the first batch is saved at once, then every save_every seconds
-  started = time.monotonic()
-  scored = 0
-
-  def terminate(signum, frame):
-    raise KeyboardInterrupt
-
-  previous = signal.signal(signal.SIGTERM, terminate)
-  with Progress(*columns, console=console, transient=False) as progress:
-    task = progress.add_task("windows", total=len(windows), completed=state.windows_done if state else 0,
-                             rate="compiling...")
-
-    def on_batch(current, tokens):
-      nonlocal last_save, scored, state
-      state = current
-      scored += tokens
-      rate = scored / (time.monotonic() - started)
-      progress.update(task, completed=current.windows_done, rate=f"{rate:,.0f} scored tokens/s")
-      if output is not None and (last_save is None or time.monotonic() - last_save > save_every):
-        save_state(current, output / "state.npz")
-        last_save = time.monotonic()
-
-    try:
-      state = evaluate(reference, cands, windows, labels=labels, batch_size=batch_size,
-                       spike_thresholds=tuple(spike_thresholds), worst=worst, state=state, dump=dump, cache=cache,
-                       on_batch=on_batch, device_mesh=device_mesh, stop=stop)
-    except KeyboardInterrupt:
-      if output is not None and state is not None:
-        save_state(state, output / "state.npz")
-        console.print(f"interrupted after {state.windows_done}/{len(windows)} windows; state saved in {output}: "
-                      "run the same command again to resume")
-      raise
-    finally:
-      signal.signal(signal.SIGTERM, previous)
-  if output is not None:
-    save_state(state, output / "state.npz")
-  return state

@@ -33,9 +33,8 @@ def tiny(tmp_path_factory):
 
 
 def run(tiny, output, **kwargs):
-  options = dict(protocol=PROTOCOL, batch_size=3, output=output, save_every=0.0)
-  return runner.run_eval(str(tiny / "tiny.gguf"), ["@int3-g16", "@int2-g16-asym"], str(tiny / "corpus.txt"),
-                         **{**options, **kwargs})
+  options = dict(corpus=str(tiny / "corpus.txt"), protocol=PROTOCOL, batch_size=3, output=output, save_every=0.0)
+  return runner.run_eval(str(tiny / "tiny.gguf"), ["@int3-g16", "@int2-g16-asym"], **{**options, **kwargs})
 
 
 def test_report_matches_exact_quantiles_of_the_token_dump(tiny, tmp_path):
@@ -177,6 +176,64 @@ def test_until_ci_stops_once_intervals_are_narrow_and_equals_a_run_on_the_window
   with pytest.raises(ValueError, match="until-ci summaries p42: choose from mean, median"):
     runner.run_eval(path, ["@int3-g16"], str(tiny / "corpus.txt"), protocol=every, until_ci=0.1,
                     until_ci_summaries=["p42"])
+
+
+def test_several_corpora_are_reported_alone_and_pooled_and_resume(tiny, tmp_path, monkeypatch):
+  """Two corpora in one run: each corpus's figures equal a run on it alone, the pooled ones cover both; a run
+  interrupted in the second corpus resumes to the same report."""
+  second = tmp_path / "second.txt"
+  second.write_text(letter_text(" ".join(topics[k] for k in sorted(topics)[10:14])))
+  first = str(tiny / "corpus.txt")
+  both = run(tiny, tmp_path / "both", corpus=[first, str(second)])
+  alone = {c: run(tiny, tmp_path / f"alone{i}", corpus=c) for i, c in enumerate((first, str(second)))}
+  assert list(both["corpora"]) == [first, str(second)] and both["run"]["corpus"] == [first, str(second)]
+  for corpus, one in alone.items():
+    part = both["corpora"][corpus]
+    assert part["windows"] == one["run"]["windows"] == 10
+    for label in one["candidates"]:
+      assert part["candidates"][label]["kld"] == one["candidates"][label]["kld"]
+      assert part["candidates"][label]["ppl_ratio"] == pytest.approx(one["candidates"][label]["ppl_ratio"], rel=1e-12)
+  pooled = both["candidates"]["int3-g16-sym"]["kld"]
+  assert both["run"]["windows"] == 20 and both["run"]["scored_tokens"] == 2 * 10 * 23
+  assert pooled["sketch"]["counts"] != one["candidates"]["int3-g16-sym"]["kld"]["sketch"]["counts"]
+  assert "| corpus | candidate | windows |" in (tmp_path / "both" / "report.md").read_text()
+
+  calls = {"n": 0}
+  real = evaluate.batch_step
+
+  def flaky_step(device_mesh=None):
+    def step(*args):
+      calls["n"] += 1
+      if calls["n"] == 6:  # 4 batches per corpus: inside the second
+        raise KeyboardInterrupt
+      return real(device_mesh)(*args)
+    return step
+
+  monkeypatch.setattr(evaluate, "batch_step", flaky_step)
+  with pytest.raises(KeyboardInterrupt):
+    run(tiny, tmp_path / "resumed", corpus=[first, str(second)])
+  assert load_state(tmp_path / "resumed" / "state.1.npz").windows_done == 3
+  monkeypatch.setattr(evaluate, "batch_step", real)
+  resumed = run(tiny, tmp_path / "resumed", corpus=[first, str(second)])
+  strip = lambda r: json.loads(json.dumps({k: v for k, v in r.items() if k != "run"}, default=str))
+  assert strip(resumed) == strip(both)
+  with pytest.raises(ValueError, match="give at least one, each once"):
+    run(tiny, tmp_path / "twice", corpus=[first, first])
+
+
+def test_jensen_shannon_in_a_run_is_bounded_by_both_kls(tiny, tmp_path):
+  """--jensen-shannon: per candidate a JS summary, within [0, ln 2] and, token by token, at most a quarter of
+  KL(ref || cand) + KL(cand || ref) (so the means are too); a resumed run cannot switch it on."""
+  result = run(tiny, tmp_path / "js", jensen_shannon=True)
+  for label, c in result["candidates"].items():
+    js = c["jensen_shannon"]
+    assert 0 < js["median"] <= js["max"] <= np.log(2)
+    assert js["mean"] <= (c["kld"]["mean"] + c["reverse_kld"]["mean"]) / 4
+    assert js["mean"] > (c["kld"]["mean"] + c["reverse_kld"]["mean"]) / 16  # not vanishingly small either
+  assert "Jensen-Shannon (nats, at most ln 2)" in (tmp_path / "js" / "report.md").read_text()
+  assert "jensen_shannon" not in run(tiny, tmp_path / "plain")["candidates"]["int3-g16-sym"]
+  with pytest.raises(ValueError, match="holds a different run .*jensen_shannon"):
+    run(tiny, tmp_path / "plain", jensen_shannon=True)
 
 
 def test_bad_inputs_are_named(tiny, tmp_path):

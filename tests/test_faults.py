@@ -12,7 +12,7 @@ import pytest
 import transformers
 from click.testing import CliRunner
 
-from tailjax import distill, models, runner, teacher_cache
+from tailjax import distill, models, run_dir, runner, teacher_cache
 from tailjax.cli import main
 from test_eval import PROTOCOL, write_tiny_model_and_corpus
 from test_hf import random_hf_model, tokenizer_files
@@ -210,8 +210,8 @@ def test_a_run_that_never_saved_a_window_owns_nothing_and_the_first_batch_is_sav
                      "--output", out, "--protocol", "ram", "--seq-len", "24", "--num-sequences", "10")
   assert code == 1 and "vocabulary" in output
   saves = []
-  real_save = runner.save_state
-  monkeypatch.setattr(runner, "save_state", lambda state, path: (saves.append(state.windows_done),
+  real_save = run_dir.save_state
+  monkeypatch.setattr(run_dir, "save_state", lambda state, path: (saves.append(state.windows_done),
                                                                   real_save(state, path)))
   result = runner.run_eval(str(tiny / "tiny.gguf"), ["@int4-g16"], str(tiny / "corpus.txt"), protocol=PROTOCOL,
                            batch_size=3, output=out, save_every=1e9)  # the corrected command takes the directory

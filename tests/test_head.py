@@ -135,6 +135,53 @@ def test_fused_kl_keeps_precision_down_to_1e_minus_8(rng):
     assert np.max(np.abs(got - want) / want) < 0.01
 
 
+@pytest.mark.parametrize("block_size", [1, 333, 1000])
+def test_jensen_shannon_second_pass_matches_float64(rng, block_size):
+  """JS(p_ref, p_cand) from the second pass, two candidates at once (near and far), against float64; bounded by
+  log 2; absent unless asked."""
+  h, w, h_c, w_c = model_pair(rng)
+  _, _, h_far, w_far = model_pair(rng, noise=1.5)
+  a, c, far = (ref.f64(logits(x, y)) for x, y in ((h, w), (h_c, w_c), (h_far, w_far)))
+  targets = rng.integers(0, 1000, (2, 19))
+  with jax.default_matmul_precision("highest"):
+    near_stats, far_stats = head.candidates_token_stats(
+        ref_hidden=h, ref_unembedding=w, candidates=[(h_c, w_c), (h_far, w_far)], targets=targets,
+        block_size=block_size, jensen_shannon=True)
+    plain = head.token_stats(ref_hidden=h, ref_unembedding=w, cand_hidden=h_c, cand_unembedding=w_c, targets=targets)
+  np.testing.assert_allclose(near_stats.jensen_shannon, ref.jensen_shannon(a, c, 0.5), rtol=1e-4, atol=1e-8)
+  np.testing.assert_allclose(far_stats.jensen_shannon, ref.jensen_shannon(a, far, 0.5), rtol=1e-4, atol=1e-7)
+  assert 0.05 < np.max(far_stats.jensen_shannon) <= np.log(2)
+  assert plain.jensen_shannon is None
+
+
+def test_jensen_shannon_keeps_precision_down_to_1e_minus_8(rng):
+  """Exact float32 logits (float64 is the truth): JS within 1% down to ~1e-9, never negative."""
+  h, w, w_c = exact_model_pair(rng)
+  a, c = h @ w.astype(np.float64), h @ w_c.astype(np.float64)
+  want = ref.jensen_shannon(a, c, 0.5)
+  assert want.min() < 1e-8 < want.max()
+  got = np.asarray(head.token_stats(ref_hidden=h, ref_unembedding=w, cand_hidden=h, cand_unembedding=w_c,
+                                    targets=np.zeros(48, np.int32), block_size=512, jensen_shannon=True).jensen_shannon)
+  assert np.all(got >= 0) and np.max(np.abs(got - want) / want) < 0.01
+
+
+def test_jensen_shannon_block_handles_ruled_out_tokens():
+  """A token one model rules out (-inf) carries half its mass times log 2; both ruling it out, nothing."""
+  from tailjax import online
+
+  a = np.array([[0.0, -np.inf, 1.0, -np.inf, 0.5]], np.float32)
+  b = np.array([[0.3, 2.0, -np.inf, -np.inf, 0.5]], np.float32)
+  lse = lambda z: np.log(np.sum(np.exp(z.astype(np.float64)), -1))
+  p, q = np.exp(a - lse(a)[:, None]), np.exp(b - lse(b)[:, None])
+  m = (p + q) / 2
+  part = lambda x: np.where(x > 0, x * np.log(np.where(x > 0, x, 1) / np.where(m > 0, m, 1)), 0.0)
+  want = 0.5 * (part(p) + part(q)).sum(-1)
+  shift = online.kl_shift(online.kl_block(jnp.asarray(a), jnp.asarray(b)))  # the KL is inf: the shift is still exact
+  got = online.js_block(jnp.asarray(a), jnp.asarray(b), jnp.asarray(lse(a), jnp.float32),
+                        jnp.asarray(lse(b), jnp.float32), shift)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 def test_argmax_ties_across_blocks():
   h = jnp.ones((1, 1))
   w = jnp.array([[0.0, 5.0, 1.0, 5.0, 5.0, 2.0]])
@@ -160,7 +207,10 @@ def test_padded_vocabulary_and_mismatch(rng):
     got = head.token_stats(ref_hidden=h, ref_unembedding=w, cand_hidden=h_c, cand_unembedding=padded, targets=targets,
                            vocab_size=300, block_size=64)
   for g, x in zip(got, want):
-    np.testing.assert_allclose(g, x, rtol=1e-5, atol=1e-6)
+    if x is None:  # jensen_shannon: not asked
+      assert g is None
+    else:
+      np.testing.assert_allclose(g, x, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="reference unembedding has 300 columns, candidate has 320"):
     head.token_stats(ref_hidden=h, ref_unembedding=w, cand_hidden=h_c, cand_unembedding=padded, targets=targets)
   with pytest.raises(ValueError, match="fewer than vocab_size=400"):
@@ -173,10 +223,11 @@ def test_masks(rng):
   h, w, h_c, w_c = model_pair(rng)
   targets = rng.integers(0, 1000, (2, 19))
   where = rng.random((2, 19)) > 0.3
-  full = head.token_stats(ref_hidden=h, ref_unembedding=w, cand_hidden=h_c, cand_unembedding=w_c, targets=targets)
+  full = head.token_stats(ref_hidden=h, ref_unembedding=w, cand_hidden=h_c, cand_unembedding=w_c, targets=targets,
+                          jensen_shannon=True)
   masked = head.token_stats(ref_hidden=h, ref_unembedding=w, cand_hidden=h_c, cand_unembedding=w_c, targets=targets,
-                            where=where)
-  for f, m in zip(full, masked):
+                            where=where, jensen_shannon=True)
+  for f, m in zip(full, masked):  # every value, Jensen-Shannon included
     np.testing.assert_array_equal(m, np.where(where, f, 0.0))
   np.testing.assert_array_equal(head.cross_entropy(h, w, targets, where=np.zeros((2, 19), bool)), 0.0)
 
@@ -318,7 +369,10 @@ def test_embedding_rows_equal_the_transposed_matrix_in_values_and_gradients(rng)
   plain = head.token_stats(ref_hidden=h, ref_unembedding=w, cand_hidden=h_c, cand_unembedding=w_c, targets=targets,
                            block_size=200)
   for got, want in zip(stats, plain):
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+    if want is None:  # jensen_shannon: not asked
+      assert got is None
+    else:
+      np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
   np.testing.assert_allclose(head.teacher_topk(h, rows(w), 7, block_size=200).logprobs,
                              head.teacher_topk(h, w, 7, block_size=200).logprobs, rtol=2e-5, atol=1e-6)
   for loss in (lambda hc, u: head.cross_entropy(hc, u, targets, block_size=200).sum(),

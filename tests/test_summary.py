@@ -76,11 +76,11 @@ def test_compare_rule():
 def test_candidates_with_non_finite_tokens_rank_last_and_get_no_verdict():
   from tailjax import report
 
-  summary = lambda values: stats.summarize(np.asarray(values, np.float32)).to_dict()
+  summary = lambda values: stats.summarize(np.asarray(values, np.float32))
   good = np.linspace(0.01, 1.0, 300)
   cands = {"cand": good, "nan": np.concatenate([good[:200] / 100, [np.nan] * 100]), "allnan": [np.nan] * 300,
            "twin": good}
-  comparison = report.compare_candidates({"candidates": {k: {"kld": summary(v)} for k, v in cands.items()}})
+  comparison = report.compare_candidates({k: summary(v) for k, v in cands.items()})
   assert comparison["rank_by_mean"] == comparison["rank_by_median"] == ["cand", "twin", "nan", "allnan"]
   assert comparison["nonfinite"] == {"nan": 100, "allnan": 300}
   assert "cand and twin are equal" in comparison["verdicts"][2]
