@@ -152,7 +152,8 @@ def run_jax(args) -> dict:
   tokens = jnp.asarray(token_batch(args.batch, args.seq_len, ref.config.vocab_size, encode))
   scored = jnp.ones((args.batch, args.seq_len - 1), bool)
   models = (ref.model, *(cand.model for cand in cands))
-  options = evaluate.StepOptions(tuple(str(i) for i in range(len(models))), spec_for(), ref.config.vocab_size)
+  options = evaluate.StepOptions(tuple(str(i) for i in range(len(models))), spec_for(), ref.config.vocab_size,
+                                 jensen_shannon=args.jensen_shannon)
   step = lambda: jax.block_until_ready(evaluate.batch_step()(models, tokens, scored, None, options))
   device = jax.local_devices()[0]
   if device.platform == "cpu":
@@ -334,6 +335,8 @@ def child(impl: str, case: dict, args) -> dict:
   command = [sys.executable, __file__, "--impl", impl, "--workload", case["workload"], "--batch",
              str(case[f"{impl}_batch"]), "--seq-len", str(args.seq_len), "--repeats", str(args.repeats), "--threads",
              str(args.threads), "--candidates", str(args.candidates), "--dtype", args.dtype]
+  if args.jensen_shannon and impl == "jax":
+    command.append("--jensen-shannon")
   for option in ("model_dir", "shape"):
     if case.get(option) is not None:
       command += [f"--{option.replace('_', '-')}", str(case[option])]
@@ -378,6 +381,7 @@ def main():
                       "hits both sides of a round alike)")
   parser.add_argument("--candidates", type=int, default=1, choices=range(1, len(CANDIDATES) + 1))
   parser.add_argument("--only", choices=("smollm2", "vocab", "moe", "gemma3", "shape"))
+  parser.add_argument("--jensen-shannon", action="store_true", help="tailjax's step with JS on (a second vocab pass)")
   parser.add_argument("--shape", choices=SHAPES, default="tiny", help="with --only shape")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"),
                       help="random shapes only (checkpoints load in float32); default float32, bfloat16 with "

@@ -69,8 +69,10 @@ def build_report(state: EvalState, run: dict[str, Any], sources: dict[str, str],
   if "entropy" in state.quantities:  # H(p_ref) per token, a model reference's
     entropy = Summary.from_sketch(state.merged("entropy", reference), spike_thresholds=()).to_dict()
     report["models"][reference]["entropy"] = entropy
+  summaries = {}  # each candidate's KLD Summary, for the verdicts
   for label in candidates:
     whole = state.merged("kld", label)
+    summaries[label] = Summary.from_sketch(whole, spike_thresholds=spike_thresholds)
     kld = _summary(state.sketches("kld", label), whole, spike_thresholds, replicates)
     kld["quantiles"] = _quantile_table(whole, KLD_QUANTILES)
     dp = state.merged("dp", label)
@@ -84,8 +86,6 @@ def build_report(state: EvalState, run: dict[str, Any], sources: dict[str, str],
     report["candidates"][label].update(_splits(state, label, whole))
     if label in state.layers:
       report["candidates"][label]["layers"] = layer_report(state.layers[label])
-  summaries = {label: Summary.from_sketch(state.merged("kld", label), spike_thresholds=spike_thresholds)
-               for label in candidates}
   report["comparison"] = compare_candidates(summaries, _paired_shares(state, candidates, replicates))
   if windows is not None and tokenizer is not None:
     report["worst_tokens"] = worst_tokens(state, windows, tokenizer)

@@ -31,15 +31,27 @@ def evaluate(tiny, device_mesh=None, output=None):
                          protocol=PROTOCOL, batch_size=8, save_every=0.0, mesh=device_mesh, output=output)
 
 
+def same_counts(x: dict, y: dict, exact: bool) -> bool:
+  """Sketch counts bit for bit, or (``exact`` False: values summed in another order, 1e-5 apart) equal but for a
+  few tokens that crossed into a neighbouring bucket."""
+  if exact:
+    return x == y
+  slots = sorted({*x, *y}, key=int)
+  moved = {int(k): x.get(k, 0) - y.get(k, 0) for k in slots if x.get(k, 0) != y.get(k, 0)}
+  neighbours = all(any(abs(k - j) == 1 for j in moved) for k in moved)
+  return sum(moved.values()) == 0 and sum(map(abs, moved.values())) <= 4 and neighbours
+
+
 def assert_same_numbers(a, b, rtol=1e-6):
-  """Sketch counts bit for bit, means and per-window PPL to ``rtol``."""
+  """Sketch counts bit for bit (with ``rtol`` above 1e-6: but for a few tokens at a bucket edge), means and
+  per-window PPL to ``rtol``."""
   for label in a["candidates"]:
     x, y = a["candidates"][label]["kld"], b["candidates"][label]["kld"]
-    assert x["sketch"]["counts"] == y["sketch"]["counts"] and x["n"] == y["n"] > 0
+    assert same_counts(x["sketch"]["counts"], y["sketch"]["counts"], rtol <= 1e-6) and x["n"] == y["n"] > 0
     assert x["mean"] == pytest.approx(y["mean"], rel=rtol)
   for label in a["models"]:
     x, y = a["models"][label], b["models"][label]
-    assert x["ce"]["sketch"]["counts"] == y["ce"]["sketch"]["counts"]
+    assert same_counts(x["ce"]["sketch"]["counts"], y["ce"]["sketch"]["counts"], rtol <= 1e-6)
     assert x["ce"]["mean"] == pytest.approx(y["ce"]["mean"], rel=rtol)
     np.testing.assert_allclose(x["sequences"]["ppl"], y["sequences"]["ppl"], rtol=rtol)
 
