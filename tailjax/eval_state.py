@@ -130,8 +130,9 @@ class EvalState:
       raise ValueError("states of different models cannot be pooled")
     pooled = cls(list(first.labels), windows_done=sum(s.windows_done for s in states), block_budget=first.block_budget)
     for quantity in set.intersection(*(s.quantities for s in states)):
-      pooled.blocks[quantity] = {label: Blocks(b.spec, [sk for s in states for sk in s.blocks[quantity][label].sketches])
-                                 for label, b in first.blocks[quantity].items()}
+      pooled.blocks[quantity] = {
+          label: Blocks(b.spec, [sketch for s in states for sketch in s.blocks[quantity][label].sketches])
+          for label, b in first.blocks[quantity].items()}
     offset = 0
     for state in states:
       for label in pooled.labels:
@@ -139,7 +140,8 @@ class EvalState:
       pooled.seq_tokens += state.seq_tokens
       for label in pooled.labels[1:]:
         pooled.moments[label] = Moments(*(np.asarray(pooled.moments[label]) + np.asarray(state.moments[label])))
-        pooled.worst[label] = pooled.worst.get(label, []) + [(v, w + offset, p) for v, w, p in state.worst.get(label, [])]
+        renumbered = [(v, w + offset, p) for v, w, p in state.worst.get(label, [])]
+        pooled.worst[label] = pooled.worst.get(label, []) + renumbered
       for key, value in state.routing.items():  # "layers/<label>" names MoE layers: the same in every state
         pooled.routing[key] = value if key.startswith("layers/") else pooled.routing.get(key, 0) + value
       for label, by_metric in state.layers.items():
@@ -176,14 +178,15 @@ def save_state(state: EvalState, path: Path) -> None:
     arrays[f"worst:{label}"] = np.asarray(state.worst.get(label, []), np.float64).reshape(-1, 3)
   for key, value in state.routing.items():
     arrays[f"routing:{key}"] = value
-  layer_keys = sorted(f"{metric}/{label}" for label, by_metric in state.layers.items() for metric in by_metric)
-  for key in layer_keys:
-    metric, label = key.split("/", 1)
-    rows = state.layers[label][metric]
-    arrays[f"layers:{key}"] = np.stack([r.counts for r in rows])
-    arrays[f"layer_scalars:{key}"] = np.array([[r.nan, r.total, r.min, r.max] for r in rows], np.float64)
-  meta = {"layers": {key: state.layers[key.split("/", 1)[1]][key.split("/", 1)[0]][0].spec.to_dict()
-                     for key in layer_keys},"format": STATE_FORMAT, "labels": state.labels, "keys": [f"{q}/{label}" for q, label in keys],
+  layer_specs = {}  # "metric/label": the per-layer sketches' spec
+  for label, by_metric in sorted(state.layers.items()):
+    for metric, rows in sorted(by_metric.items()):
+      key = f"{metric}/{label}"
+      arrays[f"layers:{key}"] = np.stack([r.counts for r in rows])
+      arrays[f"layer_scalars:{key}"] = np.array([[r.nan, r.total, r.min, r.max] for r in rows], np.float64)
+      layer_specs[key] = rows[0].spec.to_dict()
+  meta = {"format": STATE_FORMAT, "labels": state.labels, "keys": [f"{q}/{label}" for q, label in keys],
+          "layers": layer_specs,
           "specs": {f"{q}/{label}": state.blocks[q][label].spec.to_dict() for q, label in keys},
           "windows_per_block": state.windows_per_block, "last_block_windows": state.last_block_windows,
           "block_budget": state.block_budget, "routing": sorted(state.routing)}

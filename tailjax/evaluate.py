@@ -81,7 +81,8 @@ class BatchStats(NamedTuple):
   candidate, and its KLD split by direction, ``DIRECTION_QUANTITIES``, and by the reference's confidence,
   ``confidence_quantity``); ``seq_ce: [M, B]`` each model's summed CE per window; ``seq_tokens: [B]`` scored tokens per
   window; ``moments``: ``Moments`` of ``[C]`` arrays; ``worst``: ``WorstTokens``; ``per_token: [C, 5, B, T-1]``
-  (kld, ref_ce, cand_ce, Δp, ref_top1_prob) when dumped, else None; ``reference_topk``: the reference's top-K ids, log-probs
+  (kld, ref_ce, cand_ce, Δp, ref_top1_prob) when dumped, else None; ``reference_topk``: the reference's top-K ids,
+  log-probs
   and target log-prob when a cache is written, else None; ``routing``: MoE sums (``_routing_sums``); ``layers``:
   ``LayerSketches`` of each candidate whose layers line up with the reference model's (``lockstep.same_layout``)."""
 

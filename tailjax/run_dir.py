@@ -79,8 +79,11 @@ def resumed(output: Path | None, name: str, saved: bool, writer: bool, console, 
   return state
 
 
-def run_with_progress(reference, cands, windows, labels, batch_size, spike_thresholds, worst, state, dump, cache, output,
-                       state_file, save_every, console, device_mesh, stop, description, jensen_shannon=False):
+def run_with_progress(reference, cands, windows, labels, batch_size, spike_thresholds, worst, state, dump, cache,
+                      output, state_file, save_every, console, device_mesh, stop, description, jensen_shannon=False):
+  """``evaluate.evaluate`` of one corpus's ``windows`` from ``state`` with a progress bar named ``description``,
+  saving the state to ``output / state_file`` after the first batch, then every ``save_every`` seconds, at the
+  end and on Ctrl-C or SIGTERM (which then says how to resume); returns the final state."""
   from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
   columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),

@@ -254,7 +254,8 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
   output = Path(output) if output else None
   writer = meshes.is_writer()
   saved = output is not None and writer and run_dir.prepare(output, run_dir.identity(run))
-  states = [run_dir.resumed(output, run_dir.state_file(i, len(parts)), saved, writer, console, len(w)) for i, w in enumerate(parts)]
+  files_of = [run_dir.state_file(i, len(parts)) for i in range(len(parts))]
+  states = [run_dir.resumed(output, name, saved, writer, console, len(w)) for name, w in zip(files_of, parts)]
   states = [state or EvalState(list(labels), block_budget=run["block_budget"]) for state in states]
   if not writer:
     output, dump_tokens, save_reference_cache = None, None, None
@@ -268,10 +269,10 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
     return stopping.kld_precision(current, until_ci_summaries).within(until_ci)
 
   for i, part in enumerate(parts):
-    states[i] = run_dir.run_with_progress(compared, cands, part, labels, batch_size, spike_thresholds, worst, states[i], dump,
-                                   cache, output, run_dir.state_file(i, len(parts)), save_every, console, device_mesh,
-                                   None if until_ci is None else stop,
-                                   corpora[i] if len(parts) > 1 else "windows", jensen_shannon)
+    states[i] = run_dir.run_with_progress(compared, cands, part, labels, batch_size, spike_thresholds, worst,
+                                          states[i], dump, cache, output, files_of[i], save_every, console,
+                                          device_mesh, None if until_ci is None else stop,
+                                          corpora[i] if len(parts) > 1 else "windows", jensen_shannon)
   if until_ci is not None:
     checks = [stopping.kld_precision(state, until_ci_summaries) for state in states]
     run["until_ci"].update(met=all(c.within(until_ci) for c in checks),

@@ -24,7 +24,8 @@ from tailjax.stats.sketch import HostHistogram
 from tailjax.stats.summary import HEADLINE_QUANTILES
 
 # Summaries an early stop can wait for: their value on a sketch.
-STATISTICS = {"mean": lambda s: s.mean, **{name: (lambda s, q=q: s.quantile(q)) for name, q in HEADLINE_QUANTILES.items()}}
+STATISTICS = {"mean": lambda s: s.mean,
+              **{name: (lambda s, q=q: s.quantile(q)) for name, q in HEADLINE_QUANTILES.items()}}
 DEFAULT_SUMMARIES = ("median",)
 REPLICATES = 200  # per check: enough for a stopping rule, cheap every batch (the report uses 1000)
 
