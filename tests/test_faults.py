@@ -233,6 +233,24 @@ def test_one_output_that_cannot_be_written_loses_none_of_the_others(tiny, tmp_pa
   assert (tmp_path / "run" / "report.json").exists() and (tmp_path / "ref.npz").exists()
 
 
+def test_a_state_of_the_older_format_is_refused_by_name(tmp_path):
+  """A state saved with one dense block per batch (format 1) is not read as if it held windows."""
+  import json
+
+  import numpy as np
+
+  from tailjax.eval_state import EvalState, load_state, save_state
+
+  save_state(EvalState(["ref", "cand"]), tmp_path / "state.npz")
+  with np.load(tmp_path / "state.npz") as z:
+    arrays = {k: z[k] for k in z.files}
+  meta = json.loads(str(arrays.pop("meta")))
+  del meta["format"]
+  np.savez_compressed(tmp_path / "state.npz", meta=np.asarray(json.dumps(meta)), **arrays)
+  with pytest.raises(ValueError, match="state.npz: evaluation state of format 1 .* delete it to start the run over"):
+    load_state(tmp_path / "state.npz")
+
+
 def test_one_window_report_is_strict_json_with_no_interval_and_says_why(tiny, tmp_path):
   code, output = cli(*eval_args(tiny, "--output", tmp_path / "run", "--spike-threshold", "0.25", "--num-sequences",
                                 "1"))
