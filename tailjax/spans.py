@@ -145,7 +145,7 @@ def span_windows(spec: str, tokenizer, protocol: Protocol) -> Windows:
       raise ValueError(f"{spec}: {len(keep)} records with tokens to score, fewer than the {protocol.num_sequences} "
                        "sequences asked for")
     keep = sorted(np.random.default_rng(protocol.seed).choice(keep, protocol.num_sequences, replace=False).tolist())
-  t = min(protocol.seq_len, max(len(encoded[i][0]) for i in keep))
+  t = min(protocol.seq_len, max(4, *(len(encoded[i][0]) for i in keep)))  # a window holds at least 4 tokens
   tokens, scored = np.zeros((len(keep), t), np.int32), np.zeros((len(keep), t - 1), bool)
   truncated = 0
   for row, i in enumerate(keep):
