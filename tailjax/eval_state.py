@@ -117,9 +117,13 @@ class EvalState:
     """A batch's per-layer sketches of ``label`` (``evaluate.LayerSketches`` fetched: a leading layer axis), merged
     into the run's."""
     for metric, stacked in sketches._asdict().items():
-      rows = [HostHistogram.from_sketch(jax.tree.map(lambda f, i=i: f[i], stacked)) for i in range(len(stacked.nan))]
-      held = self.layers.setdefault(label, {}).get(metric)
-      self.layers[label][metric] = rows if held is None else [a.merge(b) for a, b in zip(held, rows)]
+      self.merge_layers(label, metric, [HostHistogram.from_sketch(jax.tree.map(lambda f, i=i: f[i], stacked))
+                                        for i in range(len(stacked.nan))])
+
+  def merge_layers(self, label: str, metric: str, rows: list[HostHistogram]) -> None:
+    """Per-layer sketches ``rows`` of ``label``'s ``metric`` merged into the run's (or the first ones)."""
+    held = self.layers.setdefault(label, {}).get(metric)
+    self.layers[label][metric] = rows if held is None else [a.merge(b) for a, b in zip(held, rows)]
 
   @classmethod
   def concat(cls, states: list[EvalState]) -> EvalState:
@@ -146,8 +150,7 @@ class EvalState:
         pooled.routing[key] = value if key.startswith("layers/") else pooled.routing.get(key, 0) + value
       for label, by_metric in state.layers.items():
         for metric, rows in by_metric.items():
-          held = pooled.layers.setdefault(label, {}).get(metric)
-          pooled.layers[label][metric] = rows if held is None else [a.merge(b) for a, b in zip(held, rows)]
+          pooled.merge_layers(label, metric, rows)
       offset += len(state.seq_tokens)
     keep = max((len(s.worst.get(label, [])) for s in states for label in first.labels[1:]), default=0)
     pooled.worst = {label: worst_first(entries)[:keep] for label, entries in pooled.worst.items()}

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from tailjax import __version__, files, report_pages
+from tailjax import __version__, files, report_pages, stopping
 from tailjax.eval_state import EvalState, Moments
 from tailjax.evaluate import CONFIDENCE_BANDS, DIRECTION_QUANTITIES, MODEL_REFERENCE_QUANTITIES, confidence_quantity
 from tailjax.stats import HostHistogram, SequenceSummary, Summary, compare
@@ -26,9 +26,7 @@ from tailjax.stats.bootstrap import MIN_RELIABLE_BLOCKS, block_bootstrap, paired
 KLD_QUANTILES = (0.001, 0.01, 0.05, 0.1, 0.5, 0.9, 0.95, 0.99, 0.999)
 DELTA_P_QUANTILES = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999)
 HEADLINE = ("mean", "median", "p90", "p95", "p99", "p99.9", "spike_rate")
-_CI_STATISTICS = {
-    "mean": lambda s: s.mean, "median": lambda s: s.quantile(0.5), "p99": lambda s: s.quantile(0.99),
-}
+_CI_STATISTICS = {name: stopping.STATISTICS[name] for name in ("mean", "median", "p99")}
 
 
 def _quantile_table(sketch: HostHistogram, qs) -> dict[str, float]:
