@@ -193,6 +193,50 @@ def eval_command(config_file, output, device_mesh, plan_only, device_memory, can
     raise click.ClickException("the evaluation finished, but some outputs were not written: " + "; ".join(failed))
 
 
+@main.command("generate")
+@click.option("--model", "model_spec", required=True, help="Model spec: a .gguf file, a Hugging Face directory or a "
+              "tailjax checkpoint.")
+@click.option("--prompts", required=True, type=click.Path(path_type=Path),
+              help="JSONL: a 'prompt' string or chat 'messages' (rendered by the model's chat template) per line.")
+@click.option("--output", required=True, type=click.Path(path_type=Path),
+              help="JSONL written: each prompt's fields plus sample, completion, finish and tokens.")
+@click.option("--max-new-tokens", default=64, show_default=True, help="Tokens generated at most per continuation.")
+@click.option("--temperature", default=0.0, show_default=True, help="0: greedy; else sampled at this temperature.")
+@click.option("--top-k", type=int, help="Sample among the K largest logits only.")
+@click.option("--top-p", default=1.0, show_default=True, help="Sample among the most likely tokens that reach P.")
+@click.option("--samples", default=1, show_default=True, help="Continuations per prompt (for pass@k or a judge).")
+@click.option("--seed", default=0, show_default=True, help="Sampling seed; a continuation does not depend on its batch.")
+@click.option("--stop", "stops", multiple=True, help="A string that ends a continuation (cut before it; repeatable).")
+@click.option("--batch-size", default=8, show_default=True, help="Continuations decoded together.")
+@click.option("--dtype", default="auto", show_default=True, help=DTYPE_HELP)
+def generate_command(model_spec: str, prompts: Path, output: Path, max_new_tokens: int, temperature: float,
+                     top_k: int | None, top_p: float, samples: int, seed: int, stops: tuple[str, ...],
+                     batch_size: int, dtype: str) -> None:
+  """Continue each prompt of a JSONL file with a model (batched decoding with a KV cache)."""
+  import collections
+
+  from tailjax import files, models
+  from tailjax import generate as gen
+
+  console = Console()
+  try:
+    config = gen.GenerateConfig(max_new_tokens, gen.Sampling(temperature, top_k, top_p), samples, seed, stops,
+                                batch_size=batch_size)
+    files.input_file(prompts, "prompts")
+    files.output_file(output, "generations")
+    loaded = models.load(model_spec, dtype=dtype)
+    if loaded.tokenizer is None:
+      raise ValueError(f"{model_spec}: has no tokenizer to encode prompts with")
+    read = gen.read_prompts(str(prompts), loaded.tokenizer)
+    generations = gen.generate(loaded, read, config)
+  except (ValueError, FileNotFoundError) as err:
+    raise click.ClickException(str(err)) from None
+  gen.write_generations(str(output), read, generations)
+  finishes = collections.Counter(g.finish for g in generations)
+  console.print(f"wrote {len(generations)} continuations of {len(read)} prompts to {output} "
+                f"({', '.join(f'{n} {k}' for k, n in sorted(finishes.items()))})")
+
+
 @main.command("report")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--output", type=click.Path(path_type=Path), help="Directory for the combined report.md/.html/.json.")

@@ -86,6 +86,24 @@ def input_file(path: str | Path, what: str) -> Path:
   return path
 
 
+def jsonl_objects(path: str | Path, what: str) -> Iterator[tuple[str, dict]]:
+  """Each non-blank line of a JSONL ``what`` file as ``("path:line", object)``; a line that is not a JSON object is
+  a ``ValueError`` naming it."""
+  path = input_file(path, what)
+  with path.open() as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{path}:{number}"
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not JSON ({err})") from err
+      if not isinstance(record, dict):
+        raise ValueError(f"{where}: a {what} record must be a JSON object, not {type(record).__name__}")
+      yield where, record
+
+
 def output_file(path: str | Path, what: str) -> Path:
   """A file a run will write at its end: refused now if it names a directory or cannot be created."""
   path = Path(path)

@@ -59,21 +59,34 @@ def span_kind(spec: str) -> str | None:
   return None
 
 
-def render_chat(messages: list[dict], template: str, special: dict[str, str], where: str) -> Record:
-  """A conversation rendered whole, with the character span of each assistant message."""
+def render_template(messages: list[dict], template: str, special: dict[str, str], where: str,
+                    generation_prompt: bool = False) -> str:
+  """``messages`` rendered by a chat ``template`` (transformers' Jinja renderer, as ``apply_chat_template``
+  does); ``generation_prompt``: followed by what opens the assistant's turn; ``special``: ``template_tokens``."""
   from transformers.utils.chat_template_utils import render_jinja_template
 
-  def render(part, prompt):
-    try:
-      return render_jinja_template([part], chat_template=template, add_generation_prompt=prompt, **special)[0][0]
-    except Exception as err:  # jinja2 and the template's own raise_exception
-      raise ValueError(f"{where}: the chat template cannot render these messages ({err})") from err
+  try:
+    return render_jinja_template([messages], chat_template=template, add_generation_prompt=generation_prompt,
+                                 **special)[0][0]
+  except Exception as err:  # jinja2 and the template's own raise_exception
+    raise ValueError(f"{where}: the chat template cannot render these messages ({err})") from err
 
-  text, spans = render(messages, False), []
+
+def template_tokens(tokenizer) -> dict[str, str]:
+  """The special tokens a chat template may name (``bos_token``, ``eos_token``) as the tokenizer spells them."""
+  return {name: tokenizer.decode([i]) for name, i in (("bos_token", tokenizer.bos_id),
+                                                       ("eos_token", getattr(tokenizer, "eos_id", None)))
+          if i is not None}
+
+
+def render_chat(messages: list[dict], template: str, special: dict[str, str], where: str) -> Record:
+  """A conversation rendered whole, with the character span of each assistant message."""
+  text, spans = render_template(messages, template, special, where), []
   for i, message in enumerate(messages):
     if message.get("role") != "assistant":
       continue
-    start, end = render(messages[:i], True), render(messages[:i + 1], False)
+    start = render_template(messages[:i], template, special, where, generation_prompt=True)
+    end = render_template(messages[:i + 1], template, special, where)
     if not (text.startswith(end) and end.startswith(start)):
       raise ValueError(f"{where}: the chat template renders message {i} differently inside the whole "
                        "conversation (it rewrites earlier turns), so its tokens cannot be told apart")
@@ -89,30 +102,20 @@ def read_records(spec: str, tokenizer) -> list[Record]:
   template = getattr(tokenizer, "chat_template", None)
   if kind == "chat" and not template:
     raise ValueError(f"{spec}: chat records need the reference tokenizer's chat template, and it has none")
-  special = {name: tokenizer.decode([i]) for name, i in (("bos_token", tokenizer.bos_id),
-                                                          ("eos_token", getattr(tokenizer, "eos_id", None)))
-             if i is not None}
+  special = template_tokens(tokenizer)
   records = []
-  with path.open() as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{number}"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: not JSON ({err})") from err
-      if kind == "chat":
-        messages = record.get("messages") if isinstance(record, dict) else None
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-          raise ValueError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
-        records.append(render_chat(messages, template, special, where))
-        continue
-      response = next((record[k] for k in RESPONSE_FIELDS if isinstance(record, dict) and k in record), None)
-      if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not isinstance(response, str):
-        raise ValueError(f"{where}: a record needs a 'prompt' and a 'response' (or 'completion') string")
-      text = record["prompt"] + response
-      records.append(Record(text, ((len(record["prompt"]), len(text)),), False))
+  for where, record in files.jsonl_objects(path, "span corpus"):
+    if kind == "chat":
+      messages = record.get("messages")
+      if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise ValueError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
+      records.append(render_chat(messages, template, special, where))
+      continue
+    response = next((record[k] for k in RESPONSE_FIELDS if k in record), None)
+    if not isinstance(record.get("prompt"), str) or not isinstance(response, str):
+      raise ValueError(f"{where}: a record needs a 'prompt' and a 'response' (or 'completion') string")
+    text = record["prompt"] + response
+    records.append(Record(text, ((len(record["prompt"]), len(text)),), False))
   return records
 
 

@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from tailjax import models
+from test_generate import check_decoding
 from test_hf import random_hf_model, torch_logprobs
 
 SEQ = 24  # longer than every window and original context below
@@ -108,13 +109,14 @@ FAMILIES = {
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_logprobs_equal_transformers(family, tmp_path, rng):
+def test_logprobs_and_decoding_equal_transformers(family, tmp_path, rng):
   config_cls, overrides = FAMILIES[family]
   reference = random_hf_model(config_cls, tmp_path, **{**SMALL, **overrides})
   ids = rng.integers(0, SMALL["vocab_size"], (2, SEQ))
   loaded = models.load(tmp_path)
   diff = np.abs(np.asarray(loaded.logprobs(ids), np.float64) - torch_logprobs(reference, ids)).max()
   assert diff <= 1e-4, diff
+  check_decoding(loaded, reference, rng, SMALL["vocab_size"])
   if "moe" in family or "mixtral" in family:
     named = ("num_experts", "num_local_experts", "n_routed_experts")
     assert loaded.config.num_experts == next(overrides[k] for k in named if k in overrides)

@@ -334,6 +334,18 @@ def test_smollm2_equals_transformers_and_its_tokenizer():
     want = torch.log_softmax(hf_model(torch.as_tensor(window)).logits.double(), -1).numpy()
   diff = np.abs(np.asarray(ours.logprobs(window), np.float64) - want).max()
   assert diff <= 1e-3, diff
+  # greedy decoding with the cache, two prompts of different lengths in one left-padded batch
+  from tailjax import generate
+
+  prompts = ["def fibonacci(n):", "The three primary colours are"]
+  config = generate.GenerateConfig(max_new_tokens=16, batch_size=2, eos_ids=())
+  got = [g.token_ids for g in generate.generate(ours, prompts, config)]
+  with torch.no_grad():
+    hf_model.generation_config.eos_token_id = None
+    want = [tuple(hf_model.generate(torch.as_tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    max_new_tokens=16, do_sample=False)[0, len(ids):].tolist())
+            for ids in map(ours.tokenizer.encode, prompts)]
+  assert got == want
 
 
 @pytest.mark.slow

@@ -6,10 +6,41 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tailjax.models.cache import KVCache
 from tailjax.models.config import ModelConfig
 from tailjax.models.layers import RMSNorm, axes, linear, rms_normalize, rope_frequencies, rotary
 
 Array = jax.Array
+
+
+def _softmax_values(q: Array, k: Array, v: Array, visible: Array, scale: float, softcap: float | None,
+                    sink: Array | None) -> Array:
+  """The kernel of both attentions, heads grouped: ``q: [B, kv, group, T, hd]``, ``k: [B, kv, S, hd]``,
+  ``v: [B, kv, S, vd]``, ``visible: [B, T, S]`` -> ``[B, kv, group, T, vd]`` in float32 (see ``causal_attention``)."""
+  scores = jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
+  if softcap is not None:
+    scores = softcap * jnp.tanh(scores / softcap)
+  scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+  top = jnp.max(scores, axis=-1, keepdims=True)  # every row sees at least one key
+  top = top if sink is None else jnp.maximum(top, sink)
+  p = jnp.exp(scores - top)
+  o = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return o / (jnp.sum(p, axis=-1, keepdims=True) + (0 if sink is None else jnp.exp(sink - top)))
+
+
+def _grouped(q: Array, k: Array, v: Array, sinks: Array | None):
+  """``q: [B, T, heads, hd]``, ``k, v: [B, S, kv, ...]`` -> ``_softmax_values``'s layouts, sinks ``[1, kv, g, 1, 1]``."""
+  b, t, heads, hd = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, t, kv, heads // kv, hd).transpose(0, 2, 3, 1, 4)  # [B, kv, group, T, hd]
+  sink = None if sinks is None else sinks.astype(jnp.float32).reshape(1, kv, heads // kv, 1, 1)
+  return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), sink
+
+
+def _ungrouped(out: Array, dtype) -> Array:
+  """``[B, kv, group, T, vd]`` -> ``[B, T, heads, vd]``."""
+  b, kv, g, t, vd = out.shape
+  return out.astype(dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g, vd)
 
 
 def causal_attention(q: Array, k: Array, v: Array, mask: Array, window: int | None = None, *,
@@ -27,30 +58,36 @@ def causal_attention(q: Array, k: Array, v: Array, mask: Array, window: int | No
   computes all of it), with score tiles small enough to stay in cache (on CPU, 3x faster).
   Scores and softmax in float32; rows are normalised after the value product.
   """
-  b, t, heads, hd = q.shape
-  kv, vd = k.shape[2], v.shape[-1]
-  scale = hd**-0.5 if scale is None else scale
-  q = q.reshape(b, t, kv, heads // kv, hd).transpose(0, 2, 3, 1, 4)  # [B, kv, group, T, hd]
-  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, kv, T, hd]
+  t = q.shape[1]
+  scale = q.shape[-1]**-0.5 if scale is None else scale
+  q, k, v, sink = _grouped(q, k, v, sinks)
   chunk = max(128, -(-t // 8))  # more chunks save little and cost compile time
-  sink = None if sinks is None else sinks.astype(jnp.float32).reshape(1, kv, heads // kv, 1, 1)
   out = []
   for start in range(0, t, chunk):
     end = min(start + chunk, t)
     first = 0 if window is None else max(0, start - window + 1)
-    scores = jnp.einsum("bkgqd,bksd->bkgqs", q[:, :, :, start:end], k[:, :, first:end],
-                        preferred_element_type=jnp.float32) * scale
-    if softcap is not None:
-      scores = softcap * jnp.tanh(scores / softcap)
-    scores = jnp.where(mask[:, None, None, start:end, first:end], scores, -jnp.inf)
-    top = jnp.max(scores, axis=-1, keepdims=True)  # the diagonal is always visible
-    top = top if sink is None else jnp.maximum(top, sink)
-    p = jnp.exp(scores - top)
-    o = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), v[:, :, first:end], preferred_element_type=jnp.float32)
-    total = jnp.sum(p, axis=-1, keepdims=True) + (0 if sink is None else jnp.exp(sink - top))
-    out.append(o / total)
-  out = jnp.concatenate(out, axis=3).astype(q.dtype)
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, heads, vd)
+    out.append(_softmax_values(q[:, :, :, start:end], k[:, :, first:end], v[:, :, first:end],
+                               mask[:, start:end, first:end], scale, softcap, sink))
+  return _ungrouped(jnp.concatenate(out, axis=3), q.dtype)
+
+
+def cached_attention(q: Array, k: Array, v: Array, mask: Array, *, scale: float | None = None,
+                     softcap: float | None = None, sinks: Array | None = None) -> Array:
+  """``causal_attention`` of ``T`` new queries against a cache of ``S`` slots (``tailjax.models.cache``):
+  ``q: [B, T, heads, hd]``, ``k: [B, S, kv_heads, hd]``, ``v: [B, S, kv_heads, vd]``, ``mask: [B, T, S]`` (which
+  slots each query sees: the cache's mask says causality, windows and padding) -> ``[B, T, heads, vd]``."""
+  scale = q.shape[-1]**-0.5 if scale is None else scale
+  dtype = q.dtype
+  q, k, v, sink = _grouped(q, k, v, sinks)
+  return _ungrouped(_softmax_values(q, k, v, mask, scale, softcap, sink), dtype)
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array, window: int | None = None, **options) -> Array:
+  """``causal_attention`` when the queries are the keys' own tokens (``T == S``: a forward pass, or a cache
+  filled from slot 0), else ``cached_attention`` (the newest ``T`` of ``S`` cached slots); same ``options``."""
+  if q.shape[1] == k.shape[1]:
+    return causal_attention(q, k, v, mask, window, **options)
+  return cached_attention(q, k, v, mask, **options)
 
 
 def position_scaled(q: Array, positions: Array, beta: float, period: int) -> Array:
@@ -94,10 +131,13 @@ class Attention(nnx.Module):
     self.layer_type = cfg.layer_type(layer)
     self.rope = cfg.uses_rope(layer)
 
-  def __call__(self, x: Array, positions: Array, mask: Array) -> Array:
+  def __call__(self, x: Array, positions: Array, mask: Array, cache: KVCache | None = None
+               ) -> tuple[Array, KVCache | None]:
+    """``x: [B, T, d]``, ``positions: [B, T]``, ``mask: [B, T, T]`` (``[B, T, S]`` with a ``cache`` of ``S`` slots,
+    which the new keys and values are written to) -> (``[B, T, d]``, the cache)."""
     cfg = self.cfg
     b, t, _ = x.shape
-    inv_freq, rope_scale = rope_frequencies(cfg, t, self.layer_type)
+    inv_freq, rope_scale = rope_frequencies(cfg, t if cache is None else cache.k.shape[1], self.layer_type)
     q = self.q(x).reshape(b, t, cfg.num_heads, -1)
     q, gate = (q[..., :cfg.head_dim], q[..., cfg.head_dim:]) if cfg.attn_output_gate else (q, None)
     k = self.k(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -116,10 +156,13 @@ class Attention(nnx.Module):
     window = {"sliding": cfg.sliding_window, "chunked": cfg.attention_chunk_size}.get(self.layer_type)
     scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
     sinks = self.sinks[...] if cfg.attention_sinks else None
-    out = causal_attention(q, k, v, mask, window, scale=scale, softcap=cfg.attn_logit_softcap, sinks=sinks)
+    if cache is not None:
+      cache = cache.write(k, v)
+      k, v = cache.k, cache.v
+    out = attention(q, k, v, mask, window, scale=scale, softcap=cfg.attn_logit_softcap, sinks=sinks)
     if gate is not None:
       out = out * jax.nn.sigmoid(gate.astype(jnp.float32)).astype(out.dtype)
-    return self.o(out.reshape(b, t, cfg.num_heads * cfg.head_dim))
+    return self.o(out.reshape(b, t, cfg.num_heads * cfg.head_dim)), cache
 
 
 class Retention(nnx.Module):
@@ -138,15 +181,22 @@ class Retention(nnx.Module):
     self.norm_bias = nnx.Param(jnp.zeros((h, hd), jnp.float32), **axes("heads", None))
     self.cfg = cfg
 
-  def __call__(self, x: Array, positions: Array, mask: Array) -> Array:
+  def __call__(self, x: Array, positions: Array, mask: Array, cache: KVCache | None = None
+               ) -> tuple[Array, KVCache | None]:
+    """As ``Attention``: with a ``cache``, ``mask: [B, T, S]`` and the decay counts slots back."""
     cfg = self.cfg
     b, t, _ = x.shape
     groups = cfg.num_heads // cfg.num_kv_heads
     q = self.q(x).reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
     k = self.k(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = self.v(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    query_slots, key_slots = jnp.arange(t), jnp.arange(t)
+    if cache is not None:
+      query_slots, key_slots = cache.index + query_slots, jnp.arange(cache.k.shape[1])
+      cache = cache.write(k, v)
+      k, v = cache.k, cache.v
     log_gamma = jnp.log1p(-2.0**(-5.0 - jnp.arange(cfg.num_heads, dtype=jnp.float32)))
-    distance = (jnp.arange(t)[:, None] - jnp.arange(t)[None, :]).astype(jnp.float32)
+    distance = (query_slots[:, None] - key_slots[None, :]).astype(jnp.float32)
     decay = jnp.exp(log_gamma.reshape(cfg.num_kv_heads, groups, 1, 1) * jnp.maximum(distance, 0))
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * cfg.head_dim**-0.5
     scores = jnp.where(mask[:, None, None], scores * decay, 0.0)
@@ -155,4 +205,4 @@ class Retention(nnx.Module):
     mean = out.mean(-1, keepdims=True)
     out = (out - mean) * jax.lax.rsqrt(jnp.mean(jnp.square(out - mean), -1, keepdims=True) + cfg.rms_norm_eps)
     out = out * self.norm_scale[...] + self.norm_bias[...]
-    return self.o(out.reshape(b, t, cfg.num_heads * cfg.head_dim).astype(x.dtype))
+    return self.o(out.reshape(b, t, cfg.num_heads * cfg.head_dim).astype(x.dtype)), cache

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tailjax.models.cache import DeltaCache
 from tailjax.models.config import ModelConfig
 from tailjax.models.layers import RMSNorm, axes, linear
 
@@ -223,19 +224,41 @@ class GatedDeltaNet(nnx.Module):
     self.o = linear(hv * dv, d, False, ("heads", "embed"), dtype, param_dtype, rngs)
     self.cfg = cfg
 
-  def __call__(self, x: Array, positions: Array, run: Array) -> Array:
-    """``x: [B, T, d]``; ``positions`` unused (no RoPE); ``run: [B, T]`` document runs (``runs``) -> ``[B, T, d]``."""
+  def __call__(self, x: Array, positions: Array, run: Array, cache: DeltaCache | None = None
+               ) -> tuple[Array, DeltaCache | None]:
+    """``x: [B, T, d]``; ``positions`` unused (no RoPE); ``run: [B, T]`` document runs (``runs``) -> (``[B, T, d]``,
+    the cache). Decoding (``tailjax.models.cache``), ``run`` is 1 on tokens and 0 on left padding: the convolutions
+    continue from ``cache``'s last inputs (padding reads as zeros) and the rule from its state, which the last
+    token's replace."""
     del positions
     cfg = self.cfg
     b, t, _ = x.shape
     hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
-    conv = lambda proj, kernel: jax.nn.silu(causal_conv(proj(x), kernel[...], run))
-    q = conv(self.q, self.conv_q).reshape(b, t, hk, cfg.linear_key_head_dim)
-    k = conv(self.k, self.conv_k).reshape(b, t, hk, cfg.linear_key_head_dim)
-    v = conv(self.v, self.conv_v).reshape(b, t, hv, cfg.linear_value_head_dim)
+    if cache is None:
+      conv = lambda proj, kernel, _: (jax.nn.silu(causal_conv(proj(x), kernel[...], run)), None)
+    else:
+      real = (run > 0)[..., None]
+
+      def conv(proj, kernel, past):  # past: [B, K - 1, width] inputs before these tokens
+        inputs = jnp.concatenate([past, jnp.where(real, proj(x), 0).astype(past.dtype)], axis=1)
+        taps = past.shape[1]
+        out = causal_conv(inputs, kernel[...], jnp.zeros(inputs.shape[:2], jnp.int32))[:, taps:]
+        return jax.nn.silu(out), inputs[:, inputs.shape[1] - taps:]
+
+    (q, conv_q), (k, conv_k), (v, conv_v) = (
+        conv(proj, kernel, None if cache is None else past) for proj, kernel, past in
+        ((self.q, self.conv_q, getattr(cache, "conv_q", None)), (self.k, self.conv_k, getattr(cache, "conv_k", None)),
+         (self.v, self.conv_v, getattr(cache, "conv_v", None))))
+    q = q.reshape(b, t, hk, cfg.linear_key_head_dim)
+    k = k.reshape(b, t, hk, cfg.linear_key_head_dim)
+    v = v.reshape(b, t, hv, cfg.linear_value_head_dim)
     g = -jnp.exp(self.A_log[...]) * jax.nn.softplus(self.a(x).astype(jnp.float32) + self.dt_bias[...])
     beta = jax.nn.sigmoid(self.b(x).astype(jnp.float32))
-    out = gated_delta_rule(q, k, v, g, beta, run).out  # [B, T, Hv, dv]
+    # one new token: the recurrence, rather than a chunk padded to 64
+    rule = gated_delta_rule_recurrent if cache is not None and t == 1 else gated_delta_rule
+    result = rule(q, k, v, g, beta, run, state=None if cache is None else cache.state)  # out: [B, T, Hv, dv]
+    if cache is not None:
+      cache = DeltaCache(result.state.astype(jnp.float32), conv_q, conv_k, conv_v)
     z = self.z(x).reshape(b, t, hv, cfg.linear_value_head_dim)
-    out = self.norm(out) * jax.nn.silu(z.astype(jnp.float32))
-    return self.o(out.reshape(b, t, hv * cfg.linear_value_head_dim).astype(x.dtype))
+    out = self.norm(result.out) * jax.nn.silu(z.astype(jnp.float32))
+    return self.o(out.reshape(b, t, hv * cfg.linear_value_head_dim).astype(x.dtype)), cache

@@ -29,9 +29,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tailjax.models.attention import causal_attention
+from tailjax.models.attention import attention
+from tailjax.models.cache import KVCache
 from tailjax.models.config import ModelConfig
-from tailjax.models.layers import MLP, RMSNorm, axes, gated, linear, rms_normalize, rope_frequencies, rotary
+from tailjax.models.layers import MLP, BlockOutput, RMSNorm, axes, gated, linear, rms_normalize, rope_frequencies, rotary
 from tailjax.models.moe import MoE
 
 Array = jax.Array
@@ -69,12 +70,16 @@ class Gemma4Attention(nnx.Module):
     self.o = linear(h * hd, d, cfg.o_bias, ("heads", "embed"), dtype, param_dtype, rngs)
     self.cfg = cfg
 
-  def __call__(self, x: Array, positions: Array, mask: Array, shared: SharedKV) -> tuple[Array, SharedKV]:
-    """``x: [B, T, d]`` -> (``[B, T, d]``, ``shared`` with this layer's keys and values when others reuse them)."""
+  def __call__(self, x: Array, positions: Array, mask: Array, shared: SharedKV, cache: KVCache | None = None
+               ) -> tuple[Array, SharedKV, KVCache | None]:
+    """``x: [B, T, d]`` -> (``[B, T, d]``, ``shared`` with this layer's keys and values when others reuse them, the
+    ``cache``). Decoding (``tailjax.models.cache``), ``mask`` is ``[B, T, S]``, the cache's keys and values are what
+    is shared, and a sharing layer has no cache of its own."""
     cfg = self.cfg
     b, t, _ = x.shape
     hd, kv = cfg.attention_dims(self.layer_type)
-    inv_freq, rope_scale = rope_frequencies(cfg, t, self.layer_type)
+    length = mask.shape[-1]  # T, or the cache's slots
+    inv_freq, rope_scale = rope_frequencies(cfg, length, self.layer_type)
     q = rotary(self.q_norm(self.q(x).reshape(b, t, cfg.num_heads, hd)), positions, inv_freq, rope_scale)
     if self.shared:
       k, v = shared[self.layer_type]
@@ -83,12 +88,15 @@ class Gemma4Attention(nnx.Module):
       v = self.v(x).reshape(b, t, kv, hd) if hasattr(self, "v") else k
       k = rotary(self.k_norm(k), positions, inv_freq, rope_scale)
       v = rms_normalize(v, cfg.rms_norm_eps)
+      if cache is not None:
+        cache = cache.write(k, v)
+        k, v = cache.k, cache.v
       if self.layer_type in shared:  # the last layer of this type before the shared ones is what they read
         shared = {**shared, self.layer_type: (k.astype(shared[self.layer_type][0].dtype),
                                               v.astype(shared[self.layer_type][1].dtype))}
     window = cfg.sliding_window if self.layer_type == "sliding" else None
-    out = causal_attention(q, k, v, mask, window, scale=1.0)
-    return self.o(out.reshape(b, t, cfg.num_heads * hd)), shared
+    out = attention(q, k, v, mask, window, scale=1.0)
+    return self.o(out.reshape(b, t, cfg.num_heads * hd)), shared, cache
 
 
 class Gemma4Block(nnx.Module):
@@ -114,10 +122,9 @@ class Gemma4Block(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x: Array, positions: Array, masks: dict[str, Array], per_layer: Array | None,
-               shared: SharedKV) -> tuple[Array, Array | None, SharedKV]:
-    """``per_layer: [B, T, p]`` this layer's inputs (or None) -> (output, ``[B, T, k]`` chosen experts of an MoE
-    layer else None, ``shared``)."""
-    h, shared = self.attn(self.attn_norm(x), positions, masks[self.layer_type], shared)
+               shared: SharedKV, cache: KVCache | None = None) -> BlockOutput:
+    """``per_layer: [B, T, p]`` this layer's inputs (or None) -> ``BlockOutput``."""
+    h, shared, cache = self.attn(self.attn_norm(x), positions, masks[self.layer_type], shared, cache)
     x = x + self.attn_post_norm(h)
     h, experts = self.mlp(self.mlp_norm(x)), None
     if hasattr(self, "moe"):
@@ -127,7 +134,7 @@ class Gemma4Block(nnx.Module):
     if per_layer is not None:
       h = gated(self.cfg, self.per_layer_gate(x), per_layer.astype(x.dtype))
       x = x + self.per_layer_norm(self.per_layer_projection(h))
-    return x * self.layer_scalar[...].astype(x.dtype), experts, shared
+    return BlockOutput(x * self.layer_scalar[...].astype(x.dtype), experts, shared, cache)
 
 
 class PerLayerInputs(nnx.Module):

@@ -10,6 +10,7 @@ them onto devices.
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,17 @@ from flax import nnx
 from tailjax.models.config import ModelConfig, RopeScaling
 
 Array = jax.Array
+
+
+class BlockOutput(NamedTuple):
+  """What a decoder block gives: ``x: [B, T, d]`` its output; ``experts: [B, T, k]`` the experts an MoE block
+  routed each token to (else None); ``shared`` the keys and values later layers reuse (Gemma 4, else empty);
+  ``cache`` its mixer's decoding cache as updated (``tailjax.models.cache``; None outside decoding)."""
+
+  x: Array
+  experts: Array | None
+  shared: dict
+  cache: Any
 
 
 def axes(*names: str | None) -> dict:

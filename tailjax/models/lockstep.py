@@ -73,10 +73,11 @@ def forward_together(models: Sequence[Decoder], tokens: Array) -> tuple[list[Dec
       xs, shared, chosen, rel, dist = list(xs), list(shared), [[] for _ in xs], [], []
       for j in range(period):
         for i, (block, inp) in enumerate(zip(blocks, inputs)):
-          xs[i], experts, shared[i] = block[j](xs[i], inp.positions, inp.masks,
-                                               None if per_layer[i] is None else per_layer[i][j], shared[i])
-          if experts is not None:
-            chosen[i].append(experts)
+          out = block[j](xs[i], inp.positions, inp.masks, None if per_layer[i] is None else per_layer[i][j],
+                         shared[i])
+          xs[i], shared[i] = out.x, out.shared
+          if out.experts is not None:
+            chosen[i].append(out.experts)
         r, d = zip(*(divergence(xs[0], x) for x in xs[1:]))
         rel.append(jnp.stack(r))
         dist.append(jnp.stack(d))

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tailjax.models.attention import causal_attention
+from tailjax.models.attention import attention
+from tailjax.models.cache import KVCache
 from tailjax.models.config import ModelConfig
 from tailjax.models.layers import RMSNorm, linear, rope_frequencies, rotary
 
@@ -60,8 +61,10 @@ class MultiLatentAttention(nnx.Module):
     self.o = linear(h * vd, d, cfg.o_bias, ("heads", "embed"), dtype, param_dtype, rngs)
     self.cfg = cfg
 
-  def __call__(self, x: Array, positions: Array, mask: Array) -> Array:
-    """``x: [B, T, d]``, ``mask: [B, T, T]`` -> ``[B, T, d]``."""
+  def __call__(self, x: Array, positions: Array, mask: Array, cache: KVCache | None = None
+               ) -> tuple[Array, KVCache | None]:
+    """``x: [B, T, d]``, ``mask: [B, T, T]`` (``[B, T, S]`` with a ``cache`` of ``S`` slots: every head's keys and
+    values, not the latent) -> (``[B, T, d]``, the cache)."""
     cfg = self.cfg
     b, t, _ = x.shape
     h, hd, rope, vd = cfg.num_heads, cfg.head_dim, cfg.rotary_dim, cfg.value_head_dim
@@ -70,10 +73,14 @@ class MultiLatentAttention(nnx.Module):
     q = q.reshape(b, t, h, hd)
     compressed = self.kv_a(x)  # [B, T, latent + rope]
     kv = self.kv_b(self.kv_a_norm(compressed[..., :cfg.kv_lora_rank])).reshape(b, t, h, nope + vd)
-    inv_freq, rope_scale = rope_frequencies(cfg, t)
+    inv_freq, rope_scale = rope_frequencies(cfg, t if cache is None else cache.k.shape[1])
     rotate = lambda y: rotary(y, positions, inv_freq, rope_scale, cfg.rope_interleaved)
     k_rope = rotate(compressed[:, :, None, cfg.kv_lora_rank:])  # [B, T, 1, rope]: one key for every head
     q = jnp.concatenate([q[..., :nope], rotate(q[..., nope:])], axis=-1)
     k = jnp.concatenate([kv[..., :nope], jnp.broadcast_to(k_rope, (b, t, h, rope))], axis=-1)
-    out = causal_attention(q, k, kv[..., nope:], mask, scale=cfg.query_pre_attn_scalar**-0.5)
-    return self.o(out.reshape(b, t, h * vd))
+    v = kv[..., nope:]
+    if cache is not None:
+      cache = cache.write(k, v)
+      k, v = cache.k, cache.v
+    out = attention(q, k, v, mask, scale=cfg.query_pre_attn_scalar**-0.5)
+    return self.o(out.reshape(b, t, h * vd)), cache

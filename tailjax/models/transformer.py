@@ -29,7 +29,8 @@ from tailjax.models.attention import Attention, Retention
 from tailjax.models.config import ModelConfig
 from tailjax.models.deltanet import GatedDeltaNet, runs
 from tailjax.models.gemma4 import Gemma4Block, PerLayerInputs, SharedKV, initial_shared_kv
-from tailjax.models.layers import MLP, RMSNorm, axes
+from tailjax.models.cache import DecodeCache, LayerCache, layer_cache, slot_inputs
+from tailjax.models.layers import MLP, BlockOutput, RMSNorm, axes
 from tailjax.models.mla import MultiLatentAttention
 from tailjax.models.moe import MoE
 
@@ -55,6 +56,23 @@ class StreamInputs(NamedTuple):
   shared: SharedKV
 
 
+class StackOutput(NamedTuple):
+  """A ``Stack``'s ``x: [B, T, d]`` output; per MoE layer in layer order ``[B, T, k]`` chosen experts; ``shared``
+  keys and values (Gemma 4); ``caches`` per block of the period, ``[repeats]``-stacked (None outside decoding)."""
+
+  x: Array
+  experts: tuple[Array, ...]
+  shared: SharedKV
+  caches: tuple[LayerCache, ...]
+
+
+class DecodeStep(NamedTuple):
+  """``Decoder.decode``'s result: ``hidden: [B, T, d]`` final-norm states of the new tokens; ``cache`` updated."""
+
+  hidden: Array
+  cache: DecodeCache
+
+
 class Block(nnx.Module):
   """Pre-norm residual block: ``x + mixer(norm(x))``, then ``x + mlp(norm(x))``.
 
@@ -77,15 +95,15 @@ class Block(nnx.Module):
     self.layer_type = cfg.layer_type(layer)
 
   def __call__(self, x: Array, positions: Array, masks: dict[str, Array], per_layer: Array | None,
-               shared: SharedKV) -> tuple[Array, Array | None, SharedKV]:
-    """``masks``: per layer type what its mixer may see (``Decoder.forward``) -> (the block's output, ``[B, T, k]``
-    chosen experts of an MoE block, else None, ``shared`` as it came: per-layer inputs and shared keys and values
-    are Gemma 4's, ``tailjax.models.gemma4``)."""
+               shared: SharedKV, cache: LayerCache = None) -> BlockOutput:
+    """``masks``: per layer type what its mixer may see (``Decoder.forward``; ``Decoder.decode``, with the mixer's
+    ``cache``) -> ``BlockOutput`` (``shared`` as it came: per-layer inputs and shared keys and values are Gemma 4's,
+    ``tailjax.models.gemma4``)."""
     del per_layer
-    h = self.attn(self.attn_norm(x), positions, masks[self.layer_type])
+    h, cache = self.attn(self.attn_norm(x), positions, masks[self.layer_type], cache)
     x = x + (self.attn_post_norm(h) if self.sandwich else h)
     h, experts = self.mlp(self.mlp_norm(x)) if isinstance(self.mlp, MoE) else (self.mlp(self.mlp_norm(x)), None)
-    return x + (self.mlp_post_norm(h) if self.sandwich else h), experts, shared
+    return BlockOutput(x + (self.mlp_post_norm(h) if self.sandwich else h), experts, shared, cache)
 
 
 class StackSpan(NamedTuple):
@@ -154,24 +172,28 @@ class Stack(nnx.Module):
     self.span = span
 
   def __call__(self, x: Array, positions: Array, masks: dict[str, Array], per_layer: Array | None = None,
-               shared: SharedKV | None = None) -> tuple[Array, tuple[Array, ...], SharedKV]:
-    """``per_layer: [B, T, L, p]`` every layer's inputs (Gemma 4) or None -> (output, per MoE layer in layer order
-    ``[B, T, k]`` chosen experts, ``shared``)."""
+               shared: SharedKV | None = None, caches: tuple[LayerCache, ...] | None = None) -> StackOutput:
+    """``per_layer: [B, T, L, p]`` every layer's inputs (Gemma 4) or None; ``caches`` per block of the period, with a
+    leading ``[repeats]`` axis (decoding: ``Decoder.decode``) -> ``StackOutput``."""
     graph, rows = nnx.split(self.blocks)
     repeats = self.span.repeats
     per_layer = self.row_inputs(per_layer)
+    caches = (None,) * self.span.period if caches is None else caches
 
     def run(carry, inputs):
-      (x, shared), (row, inputs) = carry, inputs
-      routed = []
+      (x, shared), (row, inputs, caches) = carry, inputs
+      routed, updated = [], []
       for j, block in enumerate(nnx.merge(graph, row)):
-        x, experts, shared = block(x, positions, masks, None if inputs is None else inputs[j], shared)
-        if experts is not None:
-          routed.append(experts)
-      return (x, shared), tuple(routed)
+        out = block(x, positions, masks, None if inputs is None else inputs[j], shared, caches[j])
+        x, shared = out.x, out.shared
+        updated.append(out.cache)
+        if out.experts is not None:
+          routed.append(out.experts)
+      return (x, shared), (tuple(routed), tuple(updated))
 
-    (x, shared), routed = jax.lax.scan(run, (x, shared or {}), (rows, per_layer))  # routed: [repeats, B, T, k]
-    return x, tuple(experts[r] for r in range(repeats) for experts in routed), shared
+    # routed: [repeats, B, T, k]
+    (x, shared), (routed, caches) = jax.lax.scan(run, (x, shared or {}), (rows, per_layer, caches))
+    return StackOutput(x, tuple(experts[r] for r in range(repeats) for experts in routed), shared, caches)
 
   def row_inputs(self, per_layer: Array | None) -> Array | None:
     """Every layer's per-layer inputs ``[B, T, L, p]`` (Gemma 4) -> this stack's ``[repeats, period, B, T, p]``:
@@ -221,9 +243,35 @@ class Decoder(nnx.Module):
     x, positions, masks, per_layer, shared = self.stream_inputs(tokens, segment_ids)
     routed = []
     for stack in self.layers:
-      x, experts, shared = stack(x, positions, masks, per_layer, shared)
+      x, experts, shared, _ = stack(x, positions, masks, per_layer, shared)
       routed.extend(experts)
     return DecoderOutput(self.norm(x), tuple(routed))
+
+  def init_cache(self, start: Array, length: int) -> DecodeCache:
+    """An empty cache of ``length`` slots for rows whose prompts start at slots ``start: [B]`` (left padding before
+    them; ``tailjax.models.cache``)."""
+    batch = start.shape[0]
+
+    def stacked(layer: int, repeats: int) -> LayerCache:
+      return jax.tree.map(lambda z: jnp.zeros((repeats, *z.shape), z.dtype),
+                          layer_cache(self.cfg, layer, batch, length, self.dtype))
+
+    layers = tuple(tuple(stacked(span.first + j, span.repeats) for j in range(span.period))
+                   for span in stack_layout(self.cfg))
+    return DecodeCache(layers, jnp.asarray(start, jnp.int32), jnp.zeros((), jnp.int32))
+
+  def decode(self, tokens: Array, cache: DecodeCache) -> DecodeStep:
+    """``tokens: [B, T]`` written at the cache's next ``T`` slots (a left-padded prompt, then one token a step) ->
+    ``DecodeStep``: their hidden states equal a ``forward`` of every slot so far at the same slots."""
+    b, t = tokens.shape
+    positions, masks = slot_inputs(self.cfg, cache.start, cache.index, t, cache.length)
+    x, per_layer = self.embedded(tokens)
+    shared = initial_shared_kv(self.cfg, b, cache.length, x.dtype)
+    layers = []
+    for stack, caches in zip(self.layers, cache.layers, strict=True):
+      x, _, shared, caches = stack(x, positions, masks, per_layer, shared, caches)
+      layers.append(caches)
+    return DecodeStep(self.norm(x), DecodeCache(tuple(layers), cache.start, cache.index + t))
 
   def stream_inputs(self, tokens: Array, segment_ids: Array | None = None) -> StreamInputs:
     """What the first layer gets (``forward``'s arguments as there): the embedded tokens and every layer's
@@ -247,11 +295,16 @@ class Decoder(nnx.Module):
     if self.cfg.attention_chunk_size:  # Llama 4: aligned chunks of the document's positions
       chunk = positions // self.cfg.attention_chunk_size  # [B, T]
       masks["chunked"] = causal[None] & visible & (chunk[:, :, None] == chunk[:, None, :]) | eye
+    x, per_layer = self.embedded(tokens)
+    return StreamInputs(x, positions, masks, per_layer, initial_shared_kv(self.cfg, b, t, x.dtype))
+
+  def embedded(self, tokens: Array) -> tuple[Array, Array | None]:
+    """``tokens: [B, T]`` -> (``[B, T, d]`` embeddings as the first layer reads them, ``[B, T, L, p]`` per-layer
+    inputs of Gemma 4 or None)."""
     x = self.embed(tokens)
     if self.cfg.scale_embeddings:  # Gemma: sqrt(d), rounded to the compute dtype as Hugging Face does
       x = x * jnp.asarray(self.cfg.hidden_size**0.5, self.dtype).astype(x.dtype)
-    per_layer = self.per_layer_inputs(tokens, x) if self.cfg.per_layer_input_size else None
-    return StreamInputs(x, positions, masks, per_layer, initial_shared_kv(self.cfg, b, t, x.dtype))
+    return x, self.per_layer_inputs(tokens, x) if self.cfg.per_layer_input_size else None
 
   def block(self, layer: int) -> Block:
     """Layer ``layer`` alone, as an ordinary ``Block`` holding a copy of its row of the stacked parameters
