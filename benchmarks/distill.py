@@ -69,7 +69,7 @@ def make_step(student: Decoder, teacher: Decoder | None, vocab: int):
 def batch_for(vocab: int, batch: int, seq_len: int, cached: bool) -> dict[str, jax.Array]:
   rng = np.random.default_rng(0)
   out = {"tokens": jnp.asarray(rng.integers(0, vocab, (batch, seq_len + 1), dtype=np.int32)),
-         "segments": jnp.ones((batch, seq_len + 1), jnp.int32)}
+         "segments": jnp.ones((batch, seq_len + 1), jnp.int32), "scored": jnp.ones((batch, seq_len + 1), bool)}
   if cached:
     ids = np.argsort(rng.random((batch, seq_len, vocab)), axis=-1)[..., :K] if vocab <= 8192 else \
         rng.integers(0, vocab, (batch, seq_len, K))

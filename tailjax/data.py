@@ -246,6 +246,7 @@ class Packed:
   tokens: np.ndarray  # int32 [N, T + 1]
   segments: np.ndarray  # int32 [N, T + 1]
   fingerprint: str
+  scored: np.ndarray | None = None  # bool [N, T + 1]: token i is a target that counts (None: every one does)
 
   def __len__(self) -> int:
     return len(self.tokens)
@@ -256,7 +257,12 @@ class Packed:
 
   def take(self, count: int) -> Packed:
     """The first ``count`` windows."""
-    return _packed(self.tokens[:count], self.segments[:count])
+    return packed(self.tokens[:count], self.segments[:count], None if self.scored is None else self.scored[:count])
+
+  def target_weights(self) -> np.ndarray:
+    """``[N, T + 1]`` bool, ``scored`` or every token: weight ``[:, 1:]`` is whether target ``tokens[:, 1:]``
+    counts in a loss."""
+    return np.ones(self.tokens.shape, bool) if self.scored is None else self.scored
 
 
 def pack_documents(documents: list[str], tokenizer, seq_len: int, source: str = "corpus") -> Packed:
@@ -272,9 +278,10 @@ def pack_documents(documents: list[str], tokenizer, seq_len: int, source: str = 
     raise ValueError(f"{source}: {len(stream)} tokens is shorter than one training window of {seq_len + 1} tokens")
   index = np.arange(count)[:, None] * seq_len + np.arange(seq_len + 1)
   tokens, docs = stream[index], doc[index]
-  return _packed(tokens, (docs - docs[:, :1] + 1).astype(np.int32))
+  return packed(tokens, (docs - docs[:, :1] + 1).astype(np.int32))
 
 
-def _packed(tokens: np.ndarray, segments: np.ndarray) -> Packed:
-  digest = files.fingerprint(tokens, segments)
-  return Packed(tokens, segments, digest)
+def packed(tokens: np.ndarray, segments: np.ndarray, scored: np.ndarray | None = None) -> Packed:
+  """Training windows from their arrays (``Packed``'s fields), fingerprinted."""
+  digest = files.fingerprint(tokens, segments) if scored is None else files.fingerprint(tokens, segments, scored)
+  return Packed(tokens, segments, digest, scored)

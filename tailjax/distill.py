@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tailjax import configs, data, files, head, mesh, teacher_cache
+from tailjax import configs, data, files, head, mesh, spans, teacher_cache
 from tailjax.losses import TopK
 from tailjax.models import DTYPES as MODEL_DTYPES
 from tailjax.models import checkpoint
@@ -190,10 +190,11 @@ def optimizer(config: DistillConfig) -> tuple[optax.GradientTransformation, opta
 def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_state: nnx.State | None, *,
                graphdef, teacher_graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
                accum: int, loss_options: dict) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step over ``accum`` micro-batches; the loss is the mean over every token of the batch.
+  """One optimizer step over ``accum`` micro-batches; the loss is the mean over the batch's targets that count
+  (``scored``: every token of packed documents, the answer tokens of examples).
 
   ``state`` the student's parameters and optimizer state (``graphdef``: its NNX graph), ``batch`` the arrays of
-  ``batches`` (``tokens: [B, T+1]``, ...), ``teacher_state`` / ``teacher_graphdef`` the teacher (None with a
+  ``batches`` (``tokens, segments, scored: [B, T+1]``, ...), ``teacher_state`` / ``teacher_graphdef`` the teacher (None with a
   teacher cache), ``tx`` / ``schedule`` from ``optimizer``, ``loss_options`` the keyword arguments of
   ``token_losses``. Returns the new state and the step's metrics (``loss``, ``grad_norm``, ``lr``); ``distill``
   jits it."""
@@ -202,7 +203,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_state: nn
 
   def summed(params, mb):
     values = token_losses(nnx.merge(graphdef, params), mb, teacher=teacher, **loss_options)
-    return jnp.sum(values), values.size
+    return jnp.sum(jnp.where(mb["scored"][:, 1:], values, 0.0)), values.size
 
   def accumulate(carry, mb):
     grads, total = carry
@@ -211,7 +212,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_state: nn
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
   (grads, total), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), micro)
-  tokens = batch["tokens"].shape[0] * (batch["tokens"].shape[1] - 1)
+  tokens = jnp.maximum(jnp.sum(batch["scored"][:, 1:]), 1)
   grads = jax.tree.map(lambda g: g / tokens, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -220,17 +221,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_state: nn
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "vocab_size", "block_size"))
-def _add_val_ce(sketch: LogHistogram, params: nnx.State, tokens: jax.Array, segments: jax.Array, rows: jax.Array, *,
-                graphdef, vocab_size: int, block_size: int) -> LogHistogram:
+def _add_val_ce(sketch: LogHistogram, params: nnx.State, tokens: jax.Array, segments: jax.Array, scored: jax.Array,
+                rows: jax.Array, *, graphdef, vocab_size: int, block_size: int) -> LogHistogram:
   model = nnx.merge(graphdef, params)
   hidden = model(tokens[:, :-1], segments[:, :-1])
   ce = head.cross_entropy(hidden, model.output_head(), tokens[:, 1:], vocab_size=vocab_size, block_size=block_size)
-  return sketch.add(ce, jnp.broadcast_to(rows[:, None], ce.shape))
+  return sketch.add(ce, rows[:, None] & scored[:, 1:])
 
 
 def validation_ce(graphdef, params: nnx.State, windows: data.Packed, *, batch_size: int, vocab_size: int,
                   block_size: int = head.DEFAULT_BLOCK_SIZE, device_mesh=None) -> Summary:
-  """Per-token CE of the model over ``windows``, as a ``Summary`` (only the sketch leaves the device).
+  """Per-token CE of the model over the targets of ``windows`` that count (``Packed.target_weights``), as a
+  ``Summary`` (only the sketch leaves the device).
 
   Every batch has ``batch_size`` rows (a short last one is padded with rows that count for
   nothing), so one compilation serves and any mesh splits it.
@@ -241,7 +243,7 @@ def validation_ce(graphdef, params: nnx.State, windows: data.Packed, *, batch_si
     count = min(batch_size, len(windows) - start)
     pad = lambda a: np.concatenate([a[start:start + count], np.zeros((batch_size - count, *a.shape[1:]), a.dtype)])
     sketch = _add_val_ce(sketch, params, place(pad(windows.tokens)), place(pad(windows.segments)),
-                         place(np.arange(batch_size) < count), graphdef=graphdef, vocab_size=vocab_size,
+                         place(pad(windows.target_weights())), place(np.arange(batch_size) < count), graphdef=graphdef, vocab_size=vocab_size,
                          block_size=block_size)
   return Summary.from_sketch(sketch)
 
@@ -315,13 +317,18 @@ def prepare(config: DistillConfig) -> Setup:
     tokenizer_name = f"teacher {config.teacher}"
     if tokenizer is None:
       raise ValueError(f"{config.teacher}: the teacher has no tokenizer")
-  documents = data.read_documents(config.data, config.text_field)
-  if config.val_data is None:
-    train_docs, val_docs = data.split_documents(documents, config.val_fraction, config.seed)
-  else:
-    train_docs, val_docs = documents, data.read_documents(config.val_data, config.text_field)
+  examples = spans.span_kind(config.data) is not None  # prompt/answer or chat records: supervised fine-tuning
+  if not examples:
+    documents = data.read_documents(config.data, config.text_field)
+    if config.val_data is None:
+      train_docs, val_docs = data.split_documents(documents, config.val_fraction, config.seed)
+    else:
+      train_docs, val_docs = documents, data.read_documents(config.val_data, config.text_field)
   if config.tokenizer is not None:
     if config.tokenizer.startswith("train-bpe:"):
+      if examples:
+        raise ValueError(f"{config.data}: prompt/answer or chat records are learned with a pretrained model's "
+                         "tokenizer (and chat template), not one trained here (train-bpe)")
       own = data.train_bpe(train_docs, int(config.tokenizer.removeprefix("train-bpe:")))
     else:
       own = load_tokenizer(config.tokenizer)
@@ -352,8 +359,14 @@ def prepare(config: DistillConfig) -> Setup:
   if config.topk is not None and config.objective == "topk" and config.topk > vocab:
     raise ValueError(f"topk={config.topk} is larger than the vocabulary ({vocab} tokens)")
 
-  train = data.pack_documents(train_docs, tokenizer, config.seq_len, f"{config.data} (training split)")
-  val = data.pack_documents(val_docs, tokenizer, config.seq_len, f"{config.val_data or config.data} (validation)")
+  if examples:  # read now that the tokenizer (and its chat template) is known
+    records = spans.read_records(config.data, tokenizer)
+    if config.val_data is None:
+      train_docs, val_docs = data.split_documents(records, config.val_fraction, config.seed)
+    else:
+      train_docs, val_docs = records, spans.read_records(config.val_data, tokenizer)
+  train = pack(train_docs, tokenizer, config.seq_len, f"{config.data} (training split)")
+  val = pack(val_docs, tokenizer, config.seq_len, f"{config.val_data or config.data} (validation)")
   if config.val_windows is not None:
     val = val.take(config.val_windows)
   if len(train) < config.batch_size:
@@ -371,6 +384,21 @@ def prepare(config: DistillConfig) -> Setup:
       expected["k"] = config.topk
     cache.meta.check(expected, cache.directory)
   return Setup(config, tokenizer, student, teacher, train, val, cache)
+
+
+def pack(examples: list[str] | list[spans.Record], tokenizer, seq_len: int, source: str) -> data.Packed:
+  """Training windows: documents packed end to end (``data.pack_documents``: every token a target), or prompt/answer
+  and chat records packed whole with only their answer or assistant tokens as targets (``spans.pack_records``)."""
+  if examples and isinstance(examples[0], spans.Record):
+    return spans.pack_records(examples, tokenizer, seq_len, source)
+  return data.pack_documents(examples, tokenizer, seq_len, source)
+
+
+def read_examples(spec: str, tokenizer, text_field: str = "text") -> list[str] | list[spans.Record]:
+  """A corpus's documents, or its records when it is a prompt/answer or chat JSONL (``spans.span_kind``)."""
+  if spans.span_kind(spec) is not None:
+    return spans.read_records(spec, tokenizer)
+  return data.read_documents(spec, text_field)
 
 
 def cache_teacher(config: DistillConfig, output: str | Path, *, logprob_dtype: str = "float32",
@@ -398,7 +426,8 @@ class _Records:
     return len(self.packed)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    record = {"tokens": self.packed.tokens[index], "segments": self.packed.segments[index]}
+    record = {"tokens": self.packed.tokens[index], "segments": self.packed.segments[index],
+              "scored": self.packed.target_weights()[index]}
     if self.cache is not None:
       ids, logprobs = self.cache[index]
       record["topk_ids"], record["topk_logprobs"] = ids[:, :self.k], logprobs[:, :self.k]
@@ -628,7 +657,7 @@ def evaluate_checkpoint(step_dir: str | Path, corpus: str, *, text_field: str = 
   loaded = load(step_dir, dtype, device_mesh=device_mesh)
   if loaded.tokenizer is None:
     raise ValueError(f"{step_dir}: the checkpoint has no tokenizer to read {corpus} with")
-  windows = data.pack_documents(data.read_documents(corpus, text_field), loaded.tokenizer, seq_len, corpus).take(count)
+  windows = pack(read_examples(corpus, loaded.tokenizer, text_field), loaded.tokenizer, seq_len, corpus).take(count)
   graphdef, params = nnx.split(loaded.model, nnx.Param)
   summary = validation_ce(graphdef, params, windows, batch_size=shape.get("batch_size", 8),
                           vocab_size=loaded.tokenizer.vocab_size, device_mesh=device_mesh)

@@ -2,7 +2,7 @@
 
 Instruct models are judged on what they write. A JSONL corpus whose records hold
 
-- ``prompt`` and ``response`` (or ``completion``): the text ``prompt + response``, tokenized with the
+- ``prompt`` and ``response`` (or ``completion`` or ``answer``): the text ``prompt + response``, tokenized with the
   tokenizer's BOS rule; the response's tokens are scored;
 - ``messages`` (``[{"role", "content"}, ...]``): the conversation rendered with the tokenizer's chat template
   (``Tokenizer.chat_template``, rendered by transformers' Jinja renderer, as ``apply_chat_template`` does) and
@@ -25,18 +25,19 @@ from typing import NamedTuple
 import numpy as np
 
 from tailjax import files
-from tailjax.data import Protocol, Windows
+from tailjax.data import Packed, Protocol, Windows, packed
 
-RESPONSE_FIELDS = ("response", "completion")
+RESPONSE_FIELDS = ("response", "completion", "answer")
 
 
 class Record(NamedTuple):
   """``text`` and the character ranges ``spans`` whose tokens are scored; ``templated``: the text was rendered
-  by a chat template and carries its own special tokens (no BOS added)."""
+  by a chat template and carries its own special tokens (no BOS added); ``where``: ``file:line``."""
 
   text: str
   spans: tuple[tuple[int, int], ...]
   templated: bool
+  where: str = ""
 
 
 def span_kind(spec: str) -> str | None:
@@ -109,17 +110,17 @@ def read_records(spec: str, tokenizer) -> list[Record]:
       messages = record.get("messages")
       if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise ValueError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
-      records.append(render_chat(messages, template, special, where))
+      records.append(render_chat(messages, template, special, where)._replace(where=where))
       continue
     response = next((record[k] for k in RESPONSE_FIELDS if k in record), None)
     if not isinstance(record.get("prompt"), str) or not isinstance(response, str):
-      raise ValueError(f"{where}: a record needs a 'prompt' and a 'response' (or 'completion') string")
+      raise ValueError(f"{where}: a record needs a 'prompt' and a 'response' (or 'completion' or 'answer') string")
     text = record["prompt"] + response
-    records.append(Record(text, ((len(record["prompt"]), len(text)),), False))
+    records.append(Record(text, ((len(record["prompt"]), len(text)),), False, where))
   return records
 
 
-def _tokens(record: Record, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+def record_tokens(record: Record, tokenizer) -> tuple[np.ndarray, np.ndarray]:
   """``ids [n]`` and ``in_span [n]`` (whether each token starts inside a span)."""
   encoding = tokenizer.backend.encode(record.text, add_special_tokens=False)
   ids, starts = list(encoding.ids), [start for start, _ in encoding.offsets]
@@ -138,7 +139,7 @@ def span_windows(spec: str, tokenizer, protocol: Protocol) -> Windows:
   if protocol.stride is not None or protocol.score_second_half:
     raise ValueError(f"{spec}: a prompt/response or chat corpus is scored record by record; protocol "
                      f"{protocol.name!r} with a stride or half-window scoring does not apply")
-  encoded = [_tokens(r, tokenizer) for r in read_records(spec, tokenizer)]
+  encoded = [record_tokens(r, tokenizer) for r in read_records(spec, tokenizer)]
   keep = [i for i, (_, in_span) in enumerate(encoded) if in_span[1:protocol.seq_len].any()]
   if not keep:
     raise ValueError(f"{spec}: no record has a response or assistant token to score within the first "
@@ -158,3 +159,37 @@ def span_windows(spec: str, tokenizer, protocol: Protocol) -> Windows:
     tokens[row, :len(ids)], scored[row, :len(ids) - 1] = ids, in_span[1:]
   return Windows(tokens, scored, np.asarray(keep, np.int64), sum(len(encoded[i][0]) for i in keep),
                  files.fingerprint(tokens, scored), truncated)
+
+
+def pack_records(records: list[Record], tokenizer, seq_len: int, source: str) -> Packed:
+  """Training windows of ``seq_len + 1`` tokens holding whole records, in order: a window closes when the next
+  record does not fit, each record is a segment of its own (``Packed.segments``, padding 0), and only its span
+  tokens are ``scored`` targets (an answer's or an assistant turn's; never a record's first token). A record
+  longer than a window, or with no span token, is refused by ``file:line``."""
+  width = seq_len + 1
+  rows: list[list[tuple[np.ndarray, np.ndarray]]] = [[]]
+  used = 0
+  for number, record in enumerate(records, 1):
+    ids, in_span = record_tokens(record, tokenizer)
+    where = record.where or f"{source}: record {number}"
+    if len(ids) > width:
+      raise ValueError(f"{where}: {len(ids)} tokens, longer than a training window of {width} (seq_len {seq_len} "
+                       "+ 1); raise seq_len or shorten the example: examples are never split")
+    if not in_span[1:].any():
+      raise ValueError(f"{where}: no answer or assistant token to learn from")
+    if used + len(ids) > width:
+      rows.append([])
+      used = 0
+    rows[-1].append((ids, in_span))
+    used += len(ids)
+  if not rows[0]:
+    raise ValueError(f"{source}: no records")
+  tokens, segments = np.zeros((len(rows), width), np.int32), np.zeros((len(rows), width), np.int32)
+  scored = np.zeros((len(rows), width), bool)
+  for r, row in enumerate(rows):
+    at = 0
+    for segment, (ids, in_span) in enumerate(row, 1):
+      tokens[r, at:at + len(ids)], segments[r, at:at + len(ids)] = ids, segment
+      scored[r, at + 1:at + len(ids)] = in_span[1:]
+      at += len(ids)
+  return packed(tokens, segments, scored)

@@ -54,7 +54,7 @@ def materialized_loss(setup: distill.Setup, batch, cfg: distill.DistillConfig) -
       values = (losses.kl_divergence(ref_logits=teacher, cand_logits=student,
                                      vocab_size=v) if cfg.objective == "kl" else
                 losses.topk_kl_divergence(student_logits=student, teacher=teacher, k=cfg.topk, vocab_size=v))
-    return float(np.mean(np.asarray(values)))
+    return float(np.mean(np.asarray(values)[batch["scored"][:, 1:]]))  # the targets that count
 
 
 @pytest.mark.parametrize("objective", ["ce", "kl", "topk"])
@@ -64,6 +64,45 @@ def test_first_step_loss_equals_losses_on_materialized_logits(tiny, tmp_path, ob
   expected = materialized_loss(setup, next(distill.batches(setup)), cfg)
   result = distill.distill(cfg, tmp_path / "run")
   assert result.losses[1] == pytest.approx(expected, rel=2e-5)
+
+
+ANSWERS = {" dog": 4, " dog cat": 8, " cat cat cat": 12}  # tokens by hand: a space (Ġ) and one per letter
+
+
+def test_examples_are_packed_whole_and_only_their_answer_tokens_count(tiny, tmp_path):
+  records = [{"prompt": prompt, "answer": answer} for prompt in ("my pet is a", "what do you see", "name two pets")
+             for answer in ANSWERS] * 2
+  path = tmp_path / "sft.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  cfg = config(tiny, data=str(path), objective="ce", teacher=None, tokenizer=str(tiny / "teacher.gguf"), seq_len=40,
+               batch_size=2, steps=1, val_fraction=0.2, learning_rate=1e-2)
+  setup = distill.prepare(cfg)
+  tokenizer = setup.tokenizer
+  seen = []
+  for packed in (setup.train, setup.val):
+    for tokens, segments, scored in zip(packed.tokens, packed.segments, packed.scored):
+      for segment in range(1, segments.max() + 1):
+        ids, mask = tokens[segments == segment], scored[segments == segment]
+        text = tokenizer.decode(ids)
+        answer = next(a for a in ANSWERS if text.endswith(a))
+        assert mask.sum() == ANSWERS[answer] and mask[-ANSWERS[answer]:].all()  # the answer, whole, and only it
+        assert tokenizer.decode(ids[mask]) == answer
+        seen.append(text)
+      assert not scored[segments == 0].any()
+  assert sorted(seen) == sorted(r["prompt"] + r["answer"] for r in records)  # every example once, never split
+  # the loss and the validation CE average over exactly those tokens
+  batch = next(distill.batches(setup))
+  expected = materialized_loss(setup, batch, cfg)
+  result = distill.distill(cfg, tmp_path / "run")
+  assert result.losses[1] == pytest.approx(expected, rel=2e-5)
+  assert result.evals[1]["ce"]["n"] == setup.val.scored[:, 1:].sum()
+  # an example longer than a window is named, not cut
+  path.write_text(json.dumps(records[0]) + "\n" + json.dumps({"prompt": "a " * 30, "answer": " dog"}) + "\n")
+  with pytest.raises(ValueError, match=f"{path}:2: 64 tokens, longer than a training window of 41"):
+    distill.prepare(dataclasses.replace(cfg, val_data=str(path)))
+  path.write_text(json.dumps({"prompt": "my pet is a", "answer": ""}) + "\n")
+  with pytest.raises(ValueError, match=f"{path}:1: no answer or assistant token to learn from"):
+    distill.prepare(dataclasses.replace(cfg, val_data=str(path)))
 
 
 def test_ce_training_lowers_validation_ce_and_checkpoints_are_models(tiny, tmp_path):
