@@ -237,6 +237,23 @@ def generate_command(model_spec: str, prompts: Path, output: Path, max_new_token
                 f"({', '.join(f'{n} {k}' for k, n in sorted(finishes.items()))})")
 
 
+@main.command("merge")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--output", required=True, type=click.Path(path_type=Path), help="Directory for the plain checkpoint.")
+def merge_command(checkpoint: Path, output: Path) -> None:
+  """Fold a CHECKPOINT of LoRA adapters into its base and write a plain tailjax checkpoint."""
+  from tailjax import files, models
+  from tailjax.models.load import save_checkpoint
+
+  try:
+    files.output_dir(output, "the output directory")
+    loaded = models.load(checkpoint)  # adapters restored onto their base and merged
+  except (ValueError, FileNotFoundError) as err:
+    raise click.ClickException(str(err)) from None
+  save_checkpoint(loaded, output)
+  Console().print(f"wrote {output} ({loaded.config.num_params / 1e6:.1f}M parameters)")
+
+
 @main.command("report")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--output", type=click.Path(path_type=Path), help="Directory for the combined report.md/.html/.json.")

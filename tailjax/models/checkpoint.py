@@ -31,12 +31,13 @@ def save(model: Decoder, directory: Path) -> None:
     checkpointer.save(directory, nnx.state(model, nnx.Param), force=True)
 
 
-def restore(directory: Path, model: Decoder, device_mesh: jax.sharding.Mesh | None = None) -> None:
+def restore(directory: Path, model: Decoder, device_mesh: jax.sharding.Mesh | None = None, kind=nnx.Param) -> None:
   """Fill the abstract ``model`` (``nnx.eval_shape``) from the checkpoint ``directory``, in place: each parameter
-  in the dtype ``model`` declares, in its sharding on ``device_mesh``; a per-layer checkpoint is converted."""
+  in the dtype ``model`` declares, in its sharding on ``device_mesh``; a per-layer checkpoint is converted.
+  ``kind``: the variables the checkpoint holds (``nnx.LoRAParam``: a trainer's checkpoint of adapters)."""
   import orbax.checkpoint as ocp
 
-  abstract = nnx.state(model, nnx.Param)
+  abstract = nnx.state(model, kind)
   placement = meshes.parameter_shardings(abstract, device_mesh)
   try:
     with ocp.StandardCheckpointer() as checkpointer:

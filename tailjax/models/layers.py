@@ -134,10 +134,28 @@ def rotary(x: Array, positions: Array, inv_freq: np.ndarray, scale: float = 1.0,
   return jnp.concatenate([rotated, rest], axis=-1).astype(x.dtype)
 
 
-def linear(d_in: int, d_out: int, bias: bool, names: tuple[str, str], dtype, param_dtype, rngs) -> nnx.Linear:
-  return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                    kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names, eager_sharding=False),
-                    bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[1:], eager_sharding=False))
+class Linear(nnx.Linear):
+  """``nnx.Linear`` (``kernel: [in, out]``, optional ``bias``) that may carry low-rank adapters
+  (``tailjax.models.lora``): ``lora_a: [in, r]``, ``lora_b: [r, out]`` and their ``lora_scale``, added as
+  ``lora_scale * (x A) B`` in float32. Without adapters it is ``nnx.Linear``."""
+
+  lora_a = None
+  lora_b = None
+  lora_scale = 1.0
+
+  def __call__(self, x: Array) -> Array:
+    y = super().__call__(x)
+    if self.lora_a is None:
+      return y
+    low = jnp.einsum("...i,ir->...r", x.astype(jnp.float32), self.lora_a[...].astype(jnp.float32))
+    delta = jnp.einsum("...r,ro->...o", low, self.lora_b[...].astype(jnp.float32))
+    return (y.astype(jnp.float32) + self.lora_scale * delta).astype(y.dtype)
+
+
+def linear(d_in: int, d_out: int, bias: bool, names: tuple[str, str], dtype, param_dtype, rngs) -> Linear:
+  return Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names, eager_sharding=False),
+                bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[1:], eager_sharding=False))
 
 
 def gated(cfg: ModelConfig, gate: Array, up: Array) -> Array:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tailjax.frozen import frozen_jit
-from tailjax.models import checkpoint, gguf, hf, place
+from tailjax.models import checkpoint, gguf, hf, lora, place
 from tailjax.models.config import ModelConfig
 from tailjax.models.quantize import QuantSpec, quantize_model
 from tailjax.models.spec import ModelSpec
@@ -172,11 +172,14 @@ def save_checkpoint(loaded: LoadedModel, directory: str | Path) -> Path:
 
 
 def write_checkpoint_meta(directory: Path, config: ModelConfig, tokenizer: Tokenizer | None, source: str,
-                          dtype: str) -> None:
+                          dtype: str, lora: dict | None = None) -> None:
   """What makes a directory of orbax ``params`` a model spec: ``tokenizer.json`` and ``tailjax_model.json``
-  (config, source, dtype, BOS rule), the latter written last and atomically (a kill leaves no half file).
-  The one writer of checkpoint descriptions (``save_checkpoint``, the trainer's checkpoints)."""
+  (config, source, dtype, BOS rule; ``lora``: the params are adapters, ``LoraConfig`` fields and the ``base``
+  model spec they adapt), the latter written last and atomically (a kill leaves no half file). The one writer
+  of checkpoint descriptions (``save_checkpoint``, the trainer's checkpoints)."""
   meta = {"config": config.to_dict(), "source": source, "dtype": dtype}
+  if lora is not None:
+    meta["lora"] = lora
   if tokenizer is not None:
     tokenizer.backend.save(str(directory / "tokenizer.json"))
     meta["tokenizer"] = {"file": "tokenizer.json", "add_bos": tokenizer.add_bos, "bos_id": tokenizer.bos_id}
@@ -190,6 +193,8 @@ def from_checkpoint(directory: str | Path, dtype=None, param_dtype=None, device_
   parameter's sharding on ``device_mesh`` (None: the first local device), in ``param_dtype``."""
   directory = Path(directory).absolute()
   meta = _checkpoint_meta(directory)
+  if "lora" in meta:
+    return _from_adapters(directory, meta, dtype, param_dtype, device_mesh)
   cfg = meta["config"]
   stored = jnp.dtype(meta.get("dtype", "float32"))
   dtype = dtype or stored
@@ -198,6 +203,20 @@ def from_checkpoint(directory: str | Path, dtype=None, param_dtype=None, device_
   tokenizer = from_checkpoint_meta(directory, meta)
   check_vocab(tokenizer, cfg.vocab_size, str(directory))
   return LoadedModel(cfg, model, tokenizer, str(directory))
+
+
+def _from_adapters(directory: Path, meta: dict, dtype, param_dtype, device_mesh) -> LoadedModel:
+  """A checkpoint of LoRA adapters: its base loaded, the adapters restored onto it and merged (a plain model)."""
+  fields = dict(meta["lora"])
+  base_spec = fields.pop("base")
+  try:
+    base = load(base_spec, dtype or jnp.float32, param_dtype, device_mesh)
+  except (OSError, ValueError) as err:
+    raise ValueError(f"{directory}: holds LoRA adapters of {base_spec}, which does not load ({err})") from err
+  lora.adapt(base.model, lora.LoraConfig.from_dict(fields), nnx.Rngs(0))
+  checkpoint.restore(directory / "params", base.model, device_mesh, kind=nnx.LoRAParam)
+  lora.merge(base.model)
+  return LoadedModel(base.config, base.model, from_checkpoint_meta(directory, meta) or base.tokenizer, str(directory))
 
 
 def load_config(spec: str | Path) -> ModelConfig:

@@ -1,0 +1,110 @@
+"""Low-rank adapters (LoRA; Hu et al., 2021) on a decoder's linear layers.
+
+An adapted layer computes ``y = x W + b + (alpha / r) (x A) B``: ``A: [in, r]`` (He-uniform) and ``B: [r, out]``
+(zeros, so an adapted model starts equal to its base) are ``nnx.LoRAParam``s in float32 beside the frozen
+kernel ``W``, which keeps its dtype. In stacked layers (``tailjax.models.transformer.Stack``) adapters carry the
+kernels' leading ``[repeats]`` axis. ``merge`` folds them into the kernels, ``W + (alpha / r) A B``, and removes
+them: the result is a plain model.
+
+``targets`` name linear layers by attribute: ``q``, ``k``, ``v``, ``o`` (every softmax family; Gated DeltaNet's
+projections too), ``gate``, ``up``, ``down`` (dense MLPs and an MoE's shared expert; routed experts are einsums
+over stacked expert weights, not linear layers, and are left alone), or any other linear layer's name
+(``q_a``, ``kv_b`` of multi-head latent attention, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tailjax.models.layers import Linear
+
+DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """``rank`` r of each adapter, ``alpha`` (the update is scaled by ``alpha / rank``), ``targets`` (the module
+  docstring)."""
+
+  rank: int = 8
+  alpha: float = 16.0
+  targets: tuple[str, ...] = DEFAULT_TARGETS
+
+  def __post_init__(self):
+    object.__setattr__(self, "targets", tuple(self.targets))
+    if not isinstance(self.rank, int) or self.rank < 1:
+      raise ValueError(f"lora rank {self.rank!r}: expected a whole number >= 1")
+    if not self.alpha > 0:
+      raise ValueError(f"lora alpha {self.alpha!r}: expected > 0")
+    if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+      raise ValueError(f"lora targets {self.targets!r}: expected names of linear layers, e.g. {DEFAULT_TARGETS}")
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+  @classmethod
+  def from_dict(cls, fields: dict[str, Any]) -> LoraConfig:
+    unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"lora: unknown fields {sorted(unknown)} (rank, alpha, targets)")
+    return cls(**fields)
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
+
+
+def _linears(model: nnx.Module):
+  for path, module in nnx.iter_graph(model):
+    if isinstance(module, Linear) and path:
+      yield path, module
+
+
+def adapt(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs) -> int:
+  """Adds adapters to every linear layer of ``model`` named in ``config.targets`` (in place) -> how many."""
+  names = {str(path[-1]) for path, _ in _linears(model)}
+  missing = sorted(set(config.targets) - names)
+  if missing:
+    raise ValueError(f"lora targets {missing}: this model has no linear layer of that name (it has "
+                     f"{sorted(names)})")
+  count = 0
+  for path, module in _linears(model):
+    if str(path[-1]) not in config.targets:
+      continue
+    if module.lora_a is not None:
+      raise ValueError(f"{'/'.join(map(str, path))}: already has adapters")
+    kernel = module.kernel
+    *lead, d_in, d_out = kernel.shape
+    a = nnx.initializers.he_uniform()(rngs.params(), (*lead, d_in, config.rank), jnp.float32)
+    module.lora_a = nnx.LoRAParam(a)
+    module.lora_b = nnx.LoRAParam(jnp.zeros((*lead, config.rank, d_out), jnp.float32))
+    module.lora_scale = config.scale
+    count += 1
+  return count
+
+
+def delta(module: Linear) -> jax.Array:
+  """``scale * A B``: the adapted layer's change of kernel, ``[..., in, out]`` float32."""
+  return module.lora_scale * jnp.einsum("...ir,...ro->...io", module.lora_a[...], module.lora_b[...])
+
+
+def merge(model: nnx.Module) -> int:
+  """Folds every adapter into its kernel (in the kernel's dtype) and removes it, in place -> how many."""
+  count = 0
+  for _, module in list(_linears(model)):
+    if module.lora_a is None:
+      continue
+    kernel = module.kernel[...]
+    module.kernel.set_value((kernel.astype(jnp.float32) + delta(module)).astype(kernel.dtype))
+    del module.lora_a, module.lora_b, module.lora_scale
+    count += 1
+  return count
+
+
+def adapted(model: nnx.Module) -> bool:
+  return any(module.lora_a is not None for _, module in _linears(model))

@@ -1,0 +1,93 @@
+"""LoRA: adapters start at the base, train alone, merge into base + (alpha / r) A B, resume exactly, and a
+checkpoint of adapters is a model spec."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from click.testing import CliRunner
+from flax import nnx
+
+from tailjax import cli, distill, models
+from tailjax.models import Decoder, lora
+from tailjax.models.layers import Linear
+from test_distill import config, tiny  # noqa: F401 (the fixture)
+from test_models import TINY
+
+LORA = {"rank": 3, "alpha": 6.0, "targets": ["q", "v", "down"]}
+
+
+def kernels(model) -> dict[str, np.ndarray]:
+  return {"/".join(map(str, path)): np.asarray(v, np.float64)
+          for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def test_an_adapted_layer_computes_the_rank_r_update(rng):
+  model = Decoder(TINY, rngs=nnx.Rngs(0))
+  x = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, 9)))
+  base = np.asarray(model(x))
+  assert lora.adapt(model, lora.LoraConfig(**LORA), nnx.Rngs(1)) == 3  # one stacked module per target
+  assert np.array_equal(np.asarray(model(x)), base)  # B = 0: the adapted model starts as its base
+  layer = model.block(0).attn.q
+  assert isinstance(layer, Linear) and layer.lora_a.shape == (TINY.hidden_size, 3)
+  layer.lora_b.set_value(jnp.asarray(rng.normal(size=layer.lora_b.shape), jnp.float32))
+  h = rng.normal(size=(5, TINY.hidden_size))
+  want = h @ np.asarray(layer.kernel, np.float64) + 2.0 * (h @ np.asarray(layer.lora_a, np.float64)) @ np.asarray(
+      layer.lora_b, np.float64)
+  assert np.abs(np.asarray(layer(jnp.asarray(h, jnp.float32)), np.float64) - want).max() < 1e-4
+  with pytest.raises(ValueError, match=r"lora targets \['w_q'\]: this model has no linear layer of that name"):
+    lora.adapt(Decoder(TINY, rngs=nnx.Rngs(0)), lora.LoraConfig(targets=("w_q",)), nnx.Rngs(1))
+  with pytest.raises(ValueError, match="lora rank 0"):
+    lora.LoraConfig(rank=0)
+
+
+def test_lora_training_changes_only_adapters_merges_and_resumes(tiny, tmp_path):  # noqa: F811
+  base_spec = str(tiny / "teacher.gguf")
+  cfg = config(tiny, objective="ce", teacher=None, student=base_spec, lora=LORA, steps=4, save_every=2,
+               eval_every=2, learning_rate=3e-2)
+  whole = distill.distill(cfg, tmp_path / "whole")
+  assert whole.losses[4] < whole.losses[1]
+
+  def interrupt(step, metrics):
+    if step == 3:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    distill.distill(cfg, tmp_path / "cut", on_step=interrupt)
+  resumed = distill.distill(cfg, tmp_path / "cut")
+  assert sorted(resumed.losses) == [3, 4] and all(resumed.losses[s] == whole.losses[s] for s in (3, 4))
+
+  # the checkpoint holds adapters only and names its base
+  step_dir = tmp_path / "whole" / "checkpoints" / "4"
+  meta = json.loads((step_dir / "tailjax_model.json").read_text())
+  assert meta["lora"] == {"rank": 3, "alpha": 6.0, "targets": ["q", "v", "down"], "base": str(tiny / "teacher.gguf")}
+  with ocp.StandardCheckpointer() as checkpointer:
+    stored = checkpointer.restore(step_dir / "params")
+  adapters = {"/".join(str(getattr(k, "key", k)) for k in path).removesuffix("/value"): np.asarray(v, np.float64)
+              for path, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
+  assert adapters and all(k.endswith(("lora_a", "lora_b")) for k in adapters)
+  # loaded, it is the base with A B folded in: targets changed by exactly scale * A B, every other tensor as it was
+  base = kernels(models.load(base_spec).model)
+  merged = kernels(models.load(step_dir).model)
+  assert merged.keys() == base.keys()
+  changed = 0
+  for name, value in merged.items():
+    layer = name.removesuffix("/kernel")
+    if name.endswith("/kernel") and f"{layer}/lora_a" in adapters:
+      a, b = adapters[f"{layer}/lora_a"], adapters[f"{layer}/lora_b"]
+      assert np.abs(value - (base[name] + 2.0 * a @ b)).max() < 1e-5
+      changed += int(np.abs(b).max() > 0)
+    else:
+      assert np.array_equal(value, base[name]), name
+  assert changed == 3
+  # its saved validation CE is the merged model's; `tailjax merge` writes it as a plain checkpoint
+  out = tmp_path / "merged"
+  result = CliRunner().invoke(cli.main, ["--no-compile-cache", "merge", str(step_dir), "--output", str(out)])
+  assert result.exit_code == 0, result.output
+  assert "lora" not in json.loads((out / "tailjax_model.json").read_text())
+  assert all(np.array_equal(v, merged[k]) for k, v in kernels(models.load(out).model).items())
+  with pytest.raises(ValueError, match="LoRA adapts a pretrained model"):
+    distill.prepare(config(tiny, objective="ce", teacher=None, tokenizer=base_spec, lora=LORA))
