@@ -41,7 +41,8 @@ def main(compile_cache: bool) -> None:
 @click.option("--by", default="median", show_default=True, help="Summary that selects: mean, median or pNN.")
 @click.option("--summaries", help="Comma-separated summaries whose concordance is reported; default: those of "
               "mean,median,p90,p99 the tables have.")
-@click.option("--task-scores", type=click.Path(path_type=Path), help="CSV name,score to correlate summaries with.")
+@click.option("--task-scores", type=click.Path(path_type=Path), help="CSV name,score to correlate summaries with (default: the task accuracy saved "
+              "with distill checkpoints, when every one has it).")
 @click.option("--output", type=click.Path(path_type=Path), help="Directory for selection.json, .md and .html.")
 @click.option("--force", is_flag=True, help="Rank inputs measured on different tokens together.")
 @click.option("--family", "families", multiple=True, metavar="NAME=GLOB",
@@ -65,8 +66,10 @@ def select(tables: tuple[Path, ...], by: str, summaries: str, task_scores: Path 
     placed = mesh.parse(device_mesh) if device_mesh else None
     table: dict[str, dict[str, float]] = {}
     scored = {}  # input -> the tokens it was measured on: a family is ranked on one corpus and protocol
+    measured: dict[str, float] = {}  # task accuracy saved with distill checkpoints
     for path in tables:
-      part, fingerprint = selection.read_source(path, corpus, placed, dtype)
+      part, fingerprint, found = selection.read_source(path, corpus, placed, dtype)
+      measured.update(found or {})
       if fingerprint is not None:
         scored[path] = fingerprint
         if len(set(scored.values())) > 1 and not force:
@@ -76,7 +79,8 @@ def select(tables: tuple[Path, ...], by: str, summaries: str, task_scores: Path 
       if clash:
         raise ValueError(f"{path}: checkpoints {clash[:5]} already came from an earlier table")
       table.update(part)
-    scores = selection.read_scores(task_scores) if task_scores else None
+    scores = selection.read_scores(task_scores) if task_scores else (
+        measured if measured and set(measured) == set(table) else None)
     named = dict(f.split("=", 1) for f in families if "=" in f)
     if len(named) != len(families):
       raise ValueError(f"--family takes NAME=GLOB, got {[f for f in families if '=' not in f]}")

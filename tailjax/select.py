@@ -5,7 +5,8 @@ Inputs are summary tables: a CSV with a ``name`` column and one column per summa
 name to its summaries, a saved ``tailjax eval`` report (its directory or ``report.json``):
 one row per model, its per-token CE summary, or a ``tailjax distill`` run (or one of its
 checkpoints): one row per checkpoint, the validation CE summary saved with it. Task
-scores (optional) are a CSV ``name,score``.
+scores (optional) are a CSV ``name,score``, or the task accuracy a distill run saved with each checkpoint
+(``eval_task``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 from tailjax import files, pages, stats
 
@@ -51,40 +52,51 @@ def _ce_row(ce: dict[str, Any]) -> dict[str, float]:
   return row
 
 
-def read_distill_run(path: str | Path, corpus: str | None = None, device_mesh=None,
-                     dtype: str = "auto") -> tuple[dict[str, dict[str, float]], str]:
-  """A ``tailjax distill`` run -> (``{run@step: CE summaries}``, fingerprint of the windows they were measured on).
+class Source(NamedTuple):
+  """What one input of ``tailjax select`` gives: ``table`` ``{checkpoint: {summary: value}}``, the ``fingerprint``
+  of the tokens it was measured on (None: unknown), and ``scores`` ``{checkpoint: task accuracy}`` when every
+  checkpoint of a distill run was scored on its ``eval_task`` (else None)."""
+
+  table: dict[str, dict[str, float]]
+  fingerprint: str | None
+  scores: dict[str, float] | None = None
+
+
+def read_distill_run(path: str | Path, corpus: str | None = None, device_mesh=None, dtype: str = "auto") -> Source:
+  """A ``tailjax distill`` run -> its ``Source``: ``{run@step: CE summaries}``, the validation windows' fingerprint,
+  and each checkpoint's task accuracy when the run measured one.
 
   A checkpoint without a saved summary is evaluated on ``corpus`` when one is given (on
   ``device_mesh`` if any, with parameters in ``dtype``).
   """
   from tailjax import distill
 
-  table, fingerprints = {}, set()
+  table, fingerprints, scores = {}, set(), {}
   for name, saved in distill.read_run(path, corpus, device_mesh, dtype).items():
     table[name] = _ce_row(saved["ce"])
     fingerprints.add(saved["fingerprint"])
+    if "task" in saved:
+      scores[name] = float(saved["task"]["accuracy"])
   if len(fingerprints) > 1:
     raise ValueError(f"{path}: checkpoints were evaluated on different validation windows")
-  return table, fingerprints.pop()
+  return Source(table, fingerprints.pop(), scores if len(scores) == len(table) else None)
 
 
-def read_source(path: str | Path, corpus: str | None = None, device_mesh=None,
-                dtype: str = "auto") -> tuple[dict[str, dict[str, float]], str | None]:
-  """Any input of ``tailjax select`` -> (table, fingerprint of the tokens it was measured on, if known)."""
+def read_source(path: str | Path, corpus: str | None = None, device_mesh=None, dtype: str = "auto") -> Source:
+  """Any input of ``tailjax select`` -> its ``Source``."""
   path = Path(path)
   if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "tailjax_model.json").exists()):
     return read_distill_run(path, corpus, device_mesh, dtype)
   if path.is_dir() or path.name == "report.json":
-    return read_eval_report(path)
-  return read_table(path), None
+    return Source(*read_eval_report(path))
+  return Source(read_table(path), None)
 
 
 def read_table(path: str | Path) -> dict[str, dict[str, float]]:
   """A summary table file -> ``{checkpoint: {summary: value}}``."""
   path = Path(path)
   if path.is_dir() or path.name == "report.json":
-    return read_source(path)[0]
+    return read_source(path).table
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such summary table")
   if path.suffix == ".json":

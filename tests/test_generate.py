@@ -24,9 +24,28 @@ forward = frozen_jit(lambda model, tokens, segments: model(tokens, segments))
 
 
 def check_decoding(loaded, reference, rng, vocab: int):
-  """A left-padded batch decoded slot by slot (a prompt, then one token a step) gives the hidden states of one
-  forward pass over the same slots; greedy continuations equal transformers' ``generate`` on the same weights."""
+  """Cached decoding equals a forward pass (``check_cache``); greedy continuations equal transformers' ``generate``
+  on the same weights."""
   model = loaded.model
+  check_cache(model, rng, vocab)
+  prompts = [rng.integers(0, vocab, 5).tolist(), rng.integers(0, vocab, 7).tolist()]
+  config = gen.GenerateConfig(max_new_tokens=6, batch_size=2)
+  ours = [g.token_ids for g in gen.generate_ids(model, prompts, config)]
+  if (loaded.config.rope_scaling is not None and loaded.config.rope_scaling.type in LENGTH_DEPENDENT_ROPE):
+    # transformers switches frequencies as the sequence grows; a cache rotates every slot for its full length,
+    # as one forward pass of that length does: the reference is that forward pass, token by token
+    theirs = [greedy_by_forward(model, p, 6, len(p) + 6 + (-len(p) % gen.PROMPT_ROUNDING)) for p in prompts]
+  else:
+    reference.generation_config.eos_token_id = None  # six tokens whatever they are, as ours
+    with torch.no_grad():
+      theirs = [tuple(reference.generate(torch.as_tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                         max_new_tokens=6, do_sample=False)[0, len(p):].tolist()) for p in prompts]
+  assert ours == theirs, (ours, theirs)
+
+
+def check_cache(model, rng, vocab: int):
+  """A left-padded batch decoded slot by slot (a prompt, then one token a step) gives the hidden states of one
+  forward pass over the same slots."""
   slots, prompt = 16, 9
   start = np.array([0, 5])
   tokens = rng.integers(0, vocab, (2, slots))
@@ -42,19 +61,10 @@ def check_decoding(loaded, reference, rng, vocab: int):
   real = segments.astype(bool)
   assert np.abs(hidden[real] - full[real]).max() <= 1e-4 * max(1.0, np.abs(full[real]).max())
 
-  prompts = [tokens[0, :5].tolist(), tokens[1, 5:12].tolist()]
-  config = gen.GenerateConfig(max_new_tokens=6, batch_size=2)
-  ours = [g.token_ids for g in gen.generate_ids(model, prompts, config)]
-  if (loaded.config.rope_scaling is not None and loaded.config.rope_scaling.type in LENGTH_DEPENDENT_ROPE):
-    # transformers switches frequencies as the sequence grows; a cache rotates every slot for its full length,
-    # as one forward pass of that length does: the reference is that forward pass, token by token
-    theirs = [greedy_by_forward(model, p, 6, len(p) + 6 + (-len(p) % gen.PROMPT_ROUNDING)) for p in prompts]
-  else:
-    reference.generation_config.eos_token_id = None  # six tokens whatever they are, as ours
-    with torch.no_grad():
-      theirs = [tuple(reference.generate(torch.as_tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                         max_new_tokens=6, do_sample=False)[0, len(p):].tolist()) for p in prompts]
-  assert ours == theirs, (ours, theirs)
+
+def test_cached_retention_equals_its_forward_pass(rng):
+  check_cache(Decoder(models.ModelConfig(**{**TINY.to_dict(), "attention": "retention"}), rngs=nnx.Rngs(2)), rng,
+              TINY.vocab_size)
 
 
 def greedy_by_forward(model, prompt, n, slots):

@@ -25,7 +25,8 @@ def layer_states(model: Decoder, tokens) -> list[np.ndarray]:
   x, positions, masks, per_layer, shared = model.stream_inputs(tokens)
   states = []
   for layer in range(model.cfg.num_layers):
-    x, _, shared = model.block(layer)(x, positions, masks, None, shared)
+    out = model.block(layer)(x, positions, masks, None, shared)
+    x, shared = out.x, out.shared
     states.append(np.asarray(x, np.float64))
   return states
 

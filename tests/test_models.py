@@ -291,7 +291,7 @@ def test_retention_matches_its_recurrent_form(rng):
   attn.norm_scale.set_value(jnp.asarray(1 + 0.1 * rng.standard_normal(attn.norm_scale.shape), jnp.float32))
   x = rng.standard_normal((1, 9, 32)).astype(np.float32)
   t = x.shape[1]
-  got = attn(jnp.asarray(x), jnp.arange(t)[None], jnp.tril(jnp.ones((t, t), bool))[None])
+  got, _ = attn(jnp.asarray(x), jnp.arange(t)[None], jnp.tril(jnp.ones((t, t), bool))[None])
   f64 = lambda a: np.asarray(a, np.float64)
   q, k, v = (f64(x[0]) @ f64(layer.kernel[...]) for layer in (attn.q, attn.k, attn.v))
   heads, hd = cfg.num_heads, cfg.head_dim

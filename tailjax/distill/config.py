@@ -10,6 +10,7 @@ from typing import Any
 from tailjax import configs, head
 from tailjax.models import DTYPES as MODEL_DTYPES
 from tailjax.models.lora import LoraConfig
+from tailjax.tasks import TaskConfig
 
 
 OBJECTIVES = ("ce", "kl", "topk")
@@ -56,6 +57,7 @@ class DistillConfig:
   cache_batch_size: int = 8
   mesh: str | None = None  # device mesh (tailjax.mesh): data=8, data=4,model=2, auto; None: one device
   lora: dict | None = None  # {rank, alpha, targets}: train low-rank adapters on a frozen pretrained student
+  eval_task: dict | None = None  # tailjax.tasks.TaskConfig fields: task accuracy beside each validation CE
 
   def __post_init__(self):
     problems = configs.type_problems(self)
@@ -75,6 +77,11 @@ class DistillConfig:
     for name in ("keep", "val_windows", "cache_batch_size", "block_size", "topk"):
       if getattr(self, name) is not None and getattr(self, name) < 1:
         problems.append(f"{name}={getattr(self, name)} must be at least 1")
+    if self.eval_task is not None:
+      try:
+        TaskConfig.from_dict(self.eval_task)
+      except (TypeError, ValueError) as err:
+        problems.append(str(err))
     if self.lora is not None:
       try:
         LoraConfig.from_dict(self.lora)

@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tailjax import files, mesh
+from tailjax import files, mesh, tasks
 from tailjax.distill.config import EVAL_FILE, OPERATIONAL, DistillConfig
 from tailjax.distill.setup import Setup, batches, model_id, prepare
-from tailjax.distill.step import TrainState, optimizer, train_step, validation_ce
+from tailjax.distill.step import TrainState, optimizer, student, train_step, validation_ce
 from tailjax.models import checkpoint, lora
 from tailjax.models.load import write_checkpoint_meta
 
@@ -155,6 +155,10 @@ def distill(config: DistillConfig, output: str | Path, *, force: bool = False, c
                               frozen=frozen)
       evals[step] = {"step": step, "windows": len(setup.val), "fingerprint": setup.val.fingerprint,
                      "ce": summary.to_dict()}
+      if setup.task is not None:  # the model writes its answers: task accuracy beside the CE summary
+        task = tasks.TaskConfig.from_dict(config.eval_task)
+        result = tasks.evaluate(student(graphdef, state.params, frozen), setup.tokenizer, setup.task, task)
+        evals[step]["task"] = result.to_dict(task)
       log("evals.jsonl", evals[step])
       return evals[step]
 

@@ -65,12 +65,14 @@ def render(result: DistillResult, console) -> None:
   from rich.table import Table
 
   table = Table(title=f"tailjax distill: {result.output}")
-  for column in ("step", "CE mean", "median", "p90", "p99", "train loss"):
+  scored = any("task" in e for e in result.evals.values())
+  for column in ("step", "CE mean", "median", "p90", "p99", "train loss", *(("task accuracy",) if scored else ())):
     table.add_column(column, justify="right")
   for step, evaluation in sorted(result.evals.items()):
     ce = evaluation["ce"]
     loss = result.losses.get(step)
+    task = [f"{evaluation['task']['accuracy']:.3f}" if "task" in evaluation else ""] if scored else []
     table.add_row(str(step), *(f"{ce[k]:.4f}" for k in ("mean", "median", "p90", "p99")),
-                  "" if loss is None else f"{loss:.4f}")
+                  "" if loss is None else f"{loss:.4f}", *task)
   console.print(table)
   console.print(f"checkpoints: {', '.join(map(str, result.checkpoints))} in {result.output / 'checkpoints'}")

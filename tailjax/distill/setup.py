@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tailjax import data, files, mesh, spans, teacher_cache
+from tailjax import data, files, mesh, spans, tasks, teacher_cache
 from tailjax.distill.config import DTYPES, DistillConfig
 from tailjax.models import lora
 from tailjax.models import PRESETS, Decoder, LoadedModel, ModelConfig, ModelSpec, Tokenizer, load, load_tokenizer
@@ -28,6 +28,7 @@ class Setup:
   train: data.Packed
   val: data.Packed
   cache: teacher_cache.TeacherCache | None
+  task: list[tasks.Item] | None = None  # the eval_task's prompts and answers
 
   @property
   def vocab_size(self) -> int:
@@ -147,6 +148,8 @@ def prepare(config: DistillConfig) -> Setup:
     raise ValueError(f"{config.data}: {len(train)} training windows of {config.seq_len + 1} tokens, fewer than "
                      f"one batch of {config.batch_size}")
 
+  task = None if config.eval_task is None else tasks.read_task(tasks.TaskConfig.from_dict(config.eval_task).data,
+                                                                tokenizer)
   cache = None
   if config.teacher_cache is not None:
     cache = teacher_cache.TeacherCache(config.teacher_cache)
@@ -157,7 +160,7 @@ def prepare(config: DistillConfig) -> Setup:
     if cache.meta.k < config.topk:  # a larger K serves: the cached ids are sorted, most probable first
       expected["k"] = config.topk
     cache.meta.check(expected, cache.directory)
-  return Setup(config, tokenizer, student, teacher, train, val, cache)
+  return Setup(config, tokenizer, student, teacher, train, val, cache, task)
 
 
 def pack(examples: list[str] | list[spans.Record], tokenizer, seq_len: int, source: str) -> data.Packed:
