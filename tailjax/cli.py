@@ -307,7 +307,10 @@ def _config(config_file, **overrides):
 @main.command()
 @_training_options
 @click.option("--student", help="Preset name (tinystories-34m), ModelConfig .json/.yaml, or a model spec to start from.")
-@click.option("--objective", type=click.Choice(["ce", "kl", "topk"]), help="Token CE, full KL or top-K KL.")
+@click.option("--objective", type=click.Choice(["ce", "kl", "topk", "reverse_kl", "jsd"]),
+              help="Token CE, full KL, top-K KL, reverse KL or generalized Jensen-Shannon (--jsd-beta).")
+@click.option("--jsd-beta", type=float, help="Beta of --objective jsd, in (0, 1).")
+@click.option("--t2-scaling/--no-t2-scaling", default=None, help="Multiply divergences by temperature^2.")
 @click.option("--teacher-cache", type=click.Path(path_type=Path), help="Directory written by cache-teacher.")
 @click.option("--steps", type=int, help="Optimizer steps.")
 @click.option("--batch-size", type=int, help="Windows per optimizer step.")
@@ -321,7 +324,8 @@ def _config(config_file, **overrides):
 @click.option("--output", required=True, type=click.Path(path_type=Path), help="Run directory (resumed if it exists).")
 @click.option("--force", is_flag=True, help="Resume even though the config changed.")
 def distill(config_file, output, force, teacher_cache, **fields) -> None:
-  """Train a student by token CE, full KL or top-K KL against a frozen teacher; resumable."""
+  """Train a student by token CE, or a divergence from a frozen teacher (full, top-K or reverse KL, generalized
+  Jensen-Shannon); fine-tune on prompt/answer examples, whole or with LoRA adapters (config); resumable."""
   from tailjax import distill as training
 
   console = _wide_console()

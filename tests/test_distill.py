@@ -50,16 +50,21 @@ def materialized_loss(setup: distill.Setup, batch, cfg: distill.DistillConfig) -
     if cfg.objective == "ce":
       values = losses.cross_entropy(student, targets, vocab_size=v)
     else:
-      teacher = logits(setup.teacher.model)
-      values = (losses.kl_divergence(ref_logits=teacher, cand_logits=student,
-                                     vocab_size=v) if cfg.objective == "kl" else
-                losses.topk_kl_divergence(student_logits=student, teacher=teacher, k=cfg.topk, vocab_size=v))
+      teacher, student = logits(setup.teacher.model) / cfg.temperature, student / cfg.temperature
+      values = {
+          "kl": lambda: losses.kl_divergence(ref_logits=teacher, cand_logits=student, vocab_size=v),
+          "topk": lambda: losses.topk_kl_divergence(student_logits=student, teacher=teacher, k=cfg.topk, vocab_size=v),
+          "reverse_kl": lambda: losses.kl_divergence(ref_logits=student, cand_logits=teacher, vocab_size=v),
+          "jsd": lambda: losses.jensen_shannon(ref_logits=teacher, cand_logits=student, beta=cfg.jsd_beta,
+                                               vocab_size=v),
+      }[cfg.objective]() * (cfg.temperature**2 if cfg.t2_scaling else 1.0)
     return float(np.mean(np.asarray(values)[batch["scored"][:, 1:]]))  # the targets that count
 
 
-@pytest.mark.parametrize("objective", ["ce", "kl", "topk"])
-def test_first_step_loss_equals_losses_on_materialized_logits(tiny, tmp_path, objective):
-  cfg = config(tiny, objective=objective, steps=1, grad_accum=2)
+@pytest.mark.parametrize("objective,fields", [("ce", {}), ("kl", {}), ("topk", {}), ("reverse_kl", {}),
+                                              ("jsd", dict(jsd_beta=0.2, temperature=2.0, t2_scaling=True))])
+def test_first_step_loss_equals_losses_on_materialized_logits(tiny, tmp_path, objective, fields):
+  cfg = config(tiny, objective=objective, steps=1, grad_accum=2, **fields)
   setup = distill.prepare(cfg)
   expected = materialized_loss(setup, next(distill.batches(setup)), cfg)
   result = distill.distill(cfg, tmp_path / "run")

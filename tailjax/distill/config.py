@@ -13,7 +13,7 @@ from tailjax.models.lora import LoraConfig
 from tailjax.tasks import TaskConfig
 
 
-OBJECTIVES = ("ce", "kl", "topk")
+OBJECTIVES = ("ce", "kl", "topk", "reverse_kl", "jsd")  # tailjax.distill.objectives
 DTYPES = {name: MODEL_DTYPES[name] for name in ("float32", "bfloat16")}  # training: no float16
 # May change when a run resumes: they decide when to log, evaluate and save, not what is computed.
 OPERATIONAL = ("save_every", "keep", "eval_every", "log_every", "cache_batch_size", "mesh")
@@ -36,6 +36,8 @@ class DistillConfig:
   objective: str = "topk"
   topk: int | None = None
   temperature: float = 1.0
+  t2_scaling: bool = False  # multiply every objective but ce by temperature^2 (Hinton et al.)
+  jsd_beta: float = 0.5  # beta of objective jsd, in (0, 1)
   seq_len: int = 512
   batch_size: int = 32  # windows per optimizer step, split into grad_accum micro-batches
   grad_accum: int = 1
@@ -89,6 +91,8 @@ class DistillConfig:
         problems.append(str(err))
     if self.objective not in OBJECTIVES:
       problems.append(f"objective={self.objective!r}: choose one of {OBJECTIVES}")
+    if not 0 < self.jsd_beta < 1:
+      problems.append(f"jsd_beta={self.jsd_beta} must lie strictly between 0 and 1")
     if self.objective == "topk" and (self.topk is None or self.topk < 1):
       problems.append("objective topk needs topk >= 1")
     if self.objective != "ce" and self.teacher is None and self.teacher_cache is None:

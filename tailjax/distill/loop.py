@@ -121,7 +121,8 @@ def distill(config: DistillConfig, output: str | Path, *, force: bool = False, c
   iterator = batches(setup)
   teacher_graphdef, teacher_state = (None, None) if setup.teacher is None else nnx.split(setup.teacher.model)
   loss_options = dict(objective=config.objective, vocab_size=setup.vocab_size, topk=config.topk,
-                      temperature=config.temperature, block_size=config.block_size)
+                      temperature=config.temperature, block_size=config.block_size, beta=config.jsd_beta,
+                      t2_scaling=config.t2_scaling)
   step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, teacher_graphdef=teacher_graphdef, tx=tx,
                                       schedule=schedule, accum=config.grad_accum, loss_options=loss_options),
                     donate_argnums=0)
