@@ -11,6 +11,8 @@ weights and random tokens:
   teacher  a student (d=256, 4 layers) and a teacher 4x its non-embedding parameters (d=512);
            top-K KL with the teacher online in the step vs read from a cache.
            Target: cached >= 1.5x online.
+  lora     token CE on a d=512, 8-layer model: every parameter trained (the baseline) vs rank-16 LoRA adapters on
+           q, k, v, o, gate, up, down with the base frozen; step time, compiled temporaries, optimizer state.
 
   python benchmarks/distill.py                    # both, batch 8 x 256 tokens
   python benchmarks/distill.py --only teacher --repeats 10
@@ -30,7 +32,7 @@ from flax import nnx
 
 from tailjax import distill, head, losses
 from tailjax.losses import TopK
-from tailjax.models import Decoder, ModelConfig
+from tailjax.models import Decoder, ModelConfig, lora
 
 VOCABS = (8192, 32768, 131072)
 K = 40
@@ -54,16 +56,18 @@ def materialized_losses(student, batch, *, objective, vocab_size, topk=None, tem
   return losses.topk_kl_divergence(student_logits=logits, teacher=teacher_logits, k=topk, vocab_size=vocab_size)
 
 
-def make_step(student: Decoder, teacher: Decoder | None, vocab: int):
-  """``tailjax.distill``'s training step and a fresh state (``measure`` decides which loss it traces)."""
-  cfg = distill.DistillConfig(objective="topk", topk=K, teacher="bench", steps=1000, warmup_steps=10)
-  graphdef, params = nnx.split(student, nnx.Param)
+def make_step(student: Decoder, teacher: Decoder | None, vocab: int, fused: bool = True, objective: str = "topk"):
+  """``tailjax.distill``'s public training step (its loss fused, or the materialized baseline) and a fresh state;
+  a student with LoRA adapters trains them alone (its base frozen)."""
+  cfg = distill.DistillConfig(objective=objective, topk=K, teacher="bench", steps=1000, warmup_steps=10)
+  graphdef, params, frozen = nnx.split(student, nnx.LoRAParam if lora.adapted(student) else nnx.Param, ...)
   tx, schedule = distill.optimizer(cfg)
   teacher_graphdef, teacher_state = (None, None) if teacher is None else nnx.split(teacher)
   step = jax.jit(functools.partial(
       distill.train_step, graphdef=graphdef, teacher_graphdef=teacher_graphdef, tx=tx, schedule=schedule,
-      accum=1, loss_options=dict(objective="topk", vocab_size=vocab, topk=K, block_size=head.DEFAULT_BLOCK_SIZE)))
-  return step, distill.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), teacher_state
+      accum=1, loss_options=dict(objective=objective, vocab_size=vocab, topk=K, block_size=head.DEFAULT_BLOCK_SIZE),
+      loss_fn=distill.token_losses if fused else materialized_losses))
+  return step, distill.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), teacher_state, frozen
 
 
 def batch_for(vocab: int, batch: int, seq_len: int, cached: bool) -> dict[str, jax.Array]:
@@ -78,21 +82,16 @@ def batch_for(vocab: int, batch: int, seq_len: int, cached: bool) -> dict[str, j
   return out
 
 
-def measure(step, state, batch, teacher_state, repeats: int, fused: bool) -> tuple[float, float]:
-  """(median seconds per step, compiled temporary MB); ``fused=False`` traces the materialized loss."""
-  original = distill.token_losses
-  distill.token_losses = original if fused else materialized_losses
-  try:
-    compiled = step.lower(state, batch, teacher_state).compile()
-  finally:
-    distill.token_losses = original
+def measure(step, state, batch, teacher_state, repeats: int, frozen=None) -> tuple[float, float]:
+  """(median seconds per step, compiled temporary MB)."""
+  compiled = step.lower(state, batch, teacher_state, frozen).compile()
   temp_mb = compiled.memory_analysis().temp_size_in_bytes / 2**20
-  state, metrics = compiled(state, batch, teacher_state)
+  state, metrics = compiled(state, batch, teacher_state, frozen)
   jax.block_until_ready(metrics)
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    state, metrics = compiled(state, batch, teacher_state)
+    state, metrics = compiled(state, batch, teacher_state, frozen)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   return statistics.median(times), temp_mb
@@ -108,8 +107,8 @@ def bench_head(args) -> None:
     batch = batch_for(vocab, args.batch, args.seq_len, cached=True)
     rows = {}
     for fused in (False, True):
-      step, state, _ = make_step(student, None, vocab)
-      rows[fused] = measure(step, state, batch, None, args.repeats, fused)
+      step, state, _, _ = make_step(student, None, vocab, fused)
+      rows[fused] = measure(step, state, batch, None, args.repeats)
     for fused, name in ((False, "materialized"), (True, "fused")):
       seconds, temp = rows[fused]
       print(f"{vocab:>8} {name:>13} {tokens / seconds:>10,.0f} {temp:>9.0f} "
@@ -125,17 +124,36 @@ def bench_teacher(args) -> None:
   print(f"\nteacher: top-{K} KL training step, V={vocab}, {args.batch} x {args.seq_len} tokens; teacher "
         f"{body(teacher) / body(student):.1f}x the student's non-embedding parameters")
   print(f"{'teacher':>8} {'tokens/s':>10} {'temp MB':>9} {'ratio':>7}")
-  step, state, teacher_state = make_step(student, teacher, vocab)
-  online = measure(step, state, batch_for(vocab, args.batch, args.seq_len, False), teacher_state, args.repeats, True)
-  step, state, _ = make_step(student, None, vocab)
-  cached = measure(step, state, batch_for(vocab, args.batch, args.seq_len, True), None, args.repeats, True)
+  step, state, teacher_state, _ = make_step(student, teacher, vocab)
+  online = measure(step, state, batch_for(vocab, args.batch, args.seq_len, False), teacher_state, args.repeats)
+  step, state, _, _ = make_step(student, None, vocab)
+  cached = measure(step, state, batch_for(vocab, args.batch, args.seq_len, True), None, args.repeats)
   for name, (seconds, temp) in (("online", online), ("cached", cached)):
     print(f"{name:>8} {tokens / seconds:>10,.0f} {temp:>9.0f} {online[0] / seconds:>6.2f}x")
 
 
+def bench_lora(args) -> None:
+  vocab = 8192
+  tokens = args.batch * args.seq_len
+  print(f"\nlora: token CE training step, d=512 x 8 layers, V={vocab}, {args.batch} x {args.seq_len} tokens")
+  print(f"{'trained':>22} {'tokens/s':>10} {'temp MB':>9} {'opt state MB':>13} {'speed ratio':>12}")
+  rows = {}
+  for name in ("every parameter", "rank-16 LoRA adapters"):
+    student = Decoder(config(512, 8, vocab), rngs=nnx.Rngs(0))
+    if name != "every parameter":
+      lora.adapt(student, lora.LoraConfig(rank=16, alpha=32.0), nnx.Rngs(1))
+    step, state, _, frozen = make_step(student, None, vocab, objective="ce")
+    opt_mb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.opt_state)) / 2**20
+    seconds, temp = measure(step, state, batch_for(vocab, args.batch, args.seq_len, False), None, args.repeats,
+                            frozen)
+    rows[name] = seconds
+    print(f"{name:>22} {tokens / seconds:>10,.0f} {temp:>9.0f} {opt_mb:>13.1f} "
+          f"{rows['every parameter'] / seconds:>11.2f}x")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--only", choices=("head", "teacher"))
+  parser.add_argument("--only", choices=("head", "teacher", "lora"))
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq-len", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=5)
@@ -145,6 +163,8 @@ def main() -> None:
     bench_head(args)
   if args.only in (None, "teacher"):
     bench_teacher(args)
+  if args.only in (None, "lora"):
+    bench_lora(args)
 
 
 if __name__ == "__main__":

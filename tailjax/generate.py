@@ -84,8 +84,9 @@ class GenerateConfig:
 
 
 class Generation(NamedTuple):
-  """One continuation: of prompt number ``prompt``, sample ``sample``; ``token_ids`` as generated (the end id or
-  stop string excluded); ``finish``: ``"eos"``, ``"stop"`` or ``"length"``."""
+  """One continuation: of prompt number ``prompt``, sample ``sample``; ``token_ids`` as generated up to its end
+  (not the end-of-sequence id; at a stop string, the tokens that reach it); ``text`` (cut before a stop string);
+  ``finish``: ``"eos"``, ``"stop"`` or ``"length"``."""
 
   prompt: int
   sample: int
@@ -146,13 +147,15 @@ decode_step = frozen_jit(_decode, static_argnums=(5, 6))
 
 
 def _finished(ids: list[int], eos: set[int], stop: tuple[str, ...], decode) -> tuple[list[int], str, str] | None:
-  """(kept ids, text, finish) if ``ids`` already hold an end, else None."""
+  """(kept ids, text, finish) if ``ids`` already hold an end, else None. At a stop string the ids kept are the
+  fewest whose text reaches it (a token that straddles it stays)."""
   end = next((i for i, t in enumerate(ids) if t in eos), None)
   kept = ids if end is None else ids[:end]
   text = decode(kept)
   cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=None)
   if cut is not None:
-    return kept, text[:cut], "stop"
+    reach = next(n for n in range(len(kept) + 1) if len(decode(kept[:n])) >= cut)
+    return kept[:reach], text[:cut], "stop"
   return (kept, text, "eos") if end is not None else None
 
 

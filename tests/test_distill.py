@@ -330,3 +330,36 @@ def test_smoke_recipe_runs_end_to_end_and_selects_by_median(tmp_path):
   assert "concordance C({mean,median})" in done.stdout
   cache = teacher_cache.read_meta(tmp_path / "smoke" / "teacher-top40")
   assert cache.k == 40 and cache.vocab_size == 4096
+
+
+@pytest.mark.slow
+def test_sft_facts_recipe_fine_tunes_smollm2_with_lora_and_selects(tmp_path):
+  """recipes/sft-facts end to end, shrunk (4 people, 3 steps, a checkpoint each): held-out phrasings, LoRA on the
+  real SmolLM2, task accuracy beside every CE summary, selection correlating them."""
+  import importlib.util
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  recipe = Path(__file__).parent.parent / "recipes" / "sft-facts"
+  env = {**os.environ, "PEOPLE": "4", "STEPS": "3", "EPOCH": "1",
+         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+  done = subprocess.run(["bash", str(recipe / "run.sh"), str(tmp_path)], env=env, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-3000:]
+  train = [json.loads(x) for x in (tmp_path / "data" / "train.jsonl").read_text().splitlines()]
+  test = [json.loads(x) for x in (tmp_path / "data" / "test.jsonl").read_text().splitlines()]
+  assert (len(train), len(test)) == (36, 12)
+  assert not {r["prompt"] for r in test} & {r["prompt"] for r in train}  # held-out phrasings only
+  spec = importlib.util.spec_from_file_location("make_data", recipe / "make_data.py")
+  make_data = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(make_data)
+  for person in make_data.people(4, 0):  # every held-out fact was taught, with the same answer
+    for record in (r for r in test if person["name"] in r["prompt"]):
+      assert record["answer"] == f" {person[record['attribute']]}\n"
+      assert sum(person["name"] in r["prompt"] and r["answer"] == record["answer"] for r in train) >= 3
+  evals = [json.loads(x) for x in (tmp_path / "run" / "evals.jsonl").read_text().splitlines()]
+  assert [e["step"] for e in evals] == [1, 2, 3]
+  assert all(e["task"]["prompts"] == 12 and 0 <= e["task"]["accuracy"] <= 1 and e["ce"]["n"] > 12 for e in evals)
+  selection = json.loads((tmp_path / "selection" / "selection.json").read_text())
+  assert set(selection["table"]) == {"run@1", "run@2", "run@3"} and {"mean", "median"} <= set(selection["correlations"])

@@ -158,6 +158,9 @@ def test_continuations_end_at_eos_ids_and_stop_strings(smollm2):
   word = greedy.text.split()[2]
   stopped = gen.generate(smollm2, ["The capital of France is"], gen.GenerateConfig(max_new_tokens=24, stop=(word,)))
   assert stopped[0].finish == "stop" and stopped[0].text == greedy.text[:greedy.text.index(word)]
+  kept = stopped[0].token_ids  # the fewest tokens whose text reaches the stop string
+  assert kept == greedy.token_ids[:len(kept)] and len(smollm2.tokenizer.decode(kept)) >= len(stopped[0].text)
+  assert len(smollm2.tokenizer.decode(kept[:-1])) < len(stopped[0].text)
 
 
 def test_generate_command_continues_prompts_and_chats(smollm2, tmp_path):

@@ -4,7 +4,7 @@ summary of a model on training windows (``validation_ce``)."""
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +42,9 @@ def student(graphdef, params: nnx.State, frozen: nnx.State | None = None) -> Dec
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_state: nnx.State | None,
-               frozen: nnx.State | None = None, *, graphdef, teacher_graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               accum: int, loss_options: dict) -> tuple[TrainState, dict[str, jax.Array]]:
+               frozen: nnx.State | None = None, *, graphdef, teacher_graphdef, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, accum: int, loss_options: dict, loss_fn: Callable = token_losses
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step over ``accum`` micro-batches; the loss is the mean over the batch's targets that count
   (``scored``: every token of packed documents, the answer tokens of examples).
 
@@ -51,13 +52,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_state: nn
   the rest of the student (its base under LoRA adapters; None: nothing is frozen), ``batch`` the arrays of
   ``batches`` (``tokens, segments, scored: [B, T+1]``, ...), ``teacher_state`` / ``teacher_graphdef`` the teacher
   (None with a teacher cache), ``tx`` / ``schedule`` from ``optimizer``, ``loss_options`` the keyword arguments
-  of ``token_losses``. Returns the new state and the step's metrics (``loss``, ``grad_norm``, ``lr``); ``distill``
+  of ``loss_fn`` (default ``token_losses``; a benchmark passes its materialized baseline). Returns the new state and the step's metrics (``loss``, ``grad_norm``, ``lr``); ``distill``
   jits it."""
   teacher = None if teacher_graphdef is None else nnx.merge(teacher_graphdef, teacher_state)
   micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
   def summed(params, mb):
-    values = token_losses(student(graphdef, params, frozen), mb, teacher=teacher, **loss_options)
+    values = loss_fn(student(graphdef, params, frozen), mb, teacher=teacher, **loss_options)
     return jnp.sum(jnp.where(mb["scored"][:, 1:], values, 0.0)), values.size
 
   def accumulate(carry, mb):

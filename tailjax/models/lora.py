@@ -66,12 +66,14 @@ def _linears(model: nnx.Module):
 
 
 def adapt(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs) -> int:
-  """Adds adapters to every linear layer of ``model`` named in ``config.targets`` (in place) -> how many."""
+  """Adds adapters to every linear layer of ``model`` named in ``config.targets`` (in place) -> how many. A name
+  of ``DEFAULT_TARGETS`` the model lacks is passed over (an MoE model without dense MLPs has no ``gate``); any
+  other unknown name is refused, as is a set of targets that matches nothing."""
   names = {str(path[-1]) for path, _ in _linears(model)}
-  missing = sorted(set(config.targets) - names)
-  if missing:
-    raise ValueError(f"lora targets {missing}: this model has no linear layer of that name (it has "
-                     f"{sorted(names)})")
+  missing = sorted(set(config.targets) - names - set(DEFAULT_TARGETS))
+  if missing or not set(config.targets) & names:
+    raise ValueError(f"lora targets {missing or sorted(config.targets)}: this model has no linear layer of that "
+                     f"name (it has {sorted(names)})")
   count = 0
   for path, module in _linears(model):
     if str(path[-1]) not in config.targets:
