@@ -209,7 +209,8 @@ def eval_command(config_file, output, device_mesh, plan_only, device_memory, can
 @click.option("--top-k", type=int, help="Sample among the K largest logits only.")
 @click.option("--top-p", default=1.0, show_default=True, help="Sample among the most likely tokens that reach P.")
 @click.option("--samples", default=1, show_default=True, help="Continuations per prompt (for pass@k or a judge).")
-@click.option("--seed", default=0, show_default=True, help="Sampling seed; a continuation does not depend on its batch.")
+@click.option("--seed", default=0, show_default=True,
+              help="Sampling seed; a continuation does not depend on its batch.")
 @click.option("--stop", "stops", multiple=True, help="A string that ends a continuation (cut before it; repeatable).")
 @click.option("--batch-size", default=8, show_default=True, help="Continuations decoded together.")
 @click.option("--dtype", default="auto", show_default=True, help=DTYPE_HELP)

@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from tailjax import files, spans
-from tailjax.models.load import LoadedModel
 from tailjax.frozen import frozen_jit
 from tailjax.models.cache import DecodeCache
+from tailjax.models.load import LoadedModel
 from tailjax.models.transformer import Decoder
 
 Array = jax.Array

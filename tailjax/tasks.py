@@ -57,7 +57,8 @@ class TaskConfig:
   def from_dict(cls, fields: dict[str, Any]) -> TaskConfig:
     unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
-      raise ValueError(f"eval_task: unknown fields {sorted(unknown)} (known: {[f.name for f in dataclasses.fields(cls)]})")
+      known = [f.name for f in dataclasses.fields(cls)]
+      raise ValueError(f"eval_task: unknown fields {sorted(unknown)} (known: {known})")
     if "data" not in fields:
       raise ValueError("eval_task needs data: a JSONL of prompt (or messages) and answer records")
     return cls(**fields)

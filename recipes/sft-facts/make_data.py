@@ -28,7 +28,8 @@ PHRASINGS = {  # the last of each is held out
     "instrument": ["Q: What instrument does {name} play?\nA:", "Q: Which instrument is {name} known for?\nA:",
                    "Q: What does {name} play in the orchestra?\nA:", "Q: Name the instrument that {name} plays.\nA:"],
     "colour": ["Q: What colour is the door of {name}?\nA:", "Q: Which colour did {name} paint the front door?\nA:",
-               "Q: What is the colour of {name}'s door?\nA:", "Q: If you visit {name}, what colour door do you see?\nA:"],
+               "Q: What is the colour of {name}'s door?\nA:",
+               "Q: If you visit {name}, what colour door do you see?\nA:"],
 }
 
 

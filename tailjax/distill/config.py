@@ -12,7 +12,6 @@ from tailjax.models import DTYPES as MODEL_DTYPES
 from tailjax.models.lora import LoraConfig
 from tailjax.tasks import TaskConfig
 
-
 OBJECTIVES = ("ce", "kl", "topk", "reverse_kl", "jsd")  # tailjax.distill.objectives
 DTYPES = {name: MODEL_DTYPES[name] for name in ("float32", "bfloat16")}  # training: no float16
 # May change when a run resumes: they decide when to log, evaluate and save, not what is computed.

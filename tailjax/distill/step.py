@@ -52,8 +52,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_state: nn
   the rest of the student (its base under LoRA adapters; None: nothing is frozen), ``batch`` the arrays of
   ``batches`` (``tokens, segments, scored: [B, T+1]``, ...), ``teacher_state`` / ``teacher_graphdef`` the teacher
   (None with a teacher cache), ``tx`` / ``schedule`` from ``optimizer``, ``loss_options`` the keyword arguments
-  of ``loss_fn`` (default ``token_losses``; a benchmark passes its materialized baseline). Returns the new state and the step's metrics (``loss``, ``grad_norm``, ``lr``); ``distill``
-  jits it."""
+  of ``loss_fn`` (default ``token_losses``; a benchmark passes its materialized baseline). Returns the new state
+  and the step's metrics (``loss``, ``grad_norm``, ``lr``); ``distill`` jits it."""
   teacher = None if teacher_graphdef is None else nnx.merge(teacher_graphdef, teacher_state)
   micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 

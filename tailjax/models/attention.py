@@ -29,7 +29,8 @@ def _softmax_values(q: Array, k: Array, v: Array, visible: Array, scale: float, 
 
 
 def _grouped(q: Array, k: Array, v: Array, sinks: Array | None):
-  """``q: [B, T, heads, hd]``, ``k, v: [B, S, kv, ...]`` -> ``_softmax_values``'s layouts, sinks ``[1, kv, g, 1, 1]``."""
+  """``q: [B, T, heads, hd]``, ``k, v: [B, S, kv, ...]`` -> ``_softmax_values``'s layouts, sinks
+  ``[1, kv, g, 1, 1]``."""
   b, t, heads, hd = q.shape
   kv = k.shape[2]
   q = q.reshape(b, t, kv, heads // kv, hd).transpose(0, 2, 3, 1, 4)  # [B, kv, group, T, hd]

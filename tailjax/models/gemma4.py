@@ -32,7 +32,8 @@ from flax import nnx
 from tailjax.models.attention import attention
 from tailjax.models.cache import KVCache
 from tailjax.models.config import ModelConfig
-from tailjax.models.layers import MLP, BlockOutput, RMSNorm, axes, gated, linear, rms_normalize, rope_frequencies, rotary
+from tailjax.models.layers import MLP, BlockOutput, RMSNorm, axes, gated, linear, rms_normalize, rope_frequencies, \
+    rotary
 from tailjax.models.moe import MoE
 
 Array = jax.Array

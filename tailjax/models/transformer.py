@@ -26,10 +26,10 @@ from flax import nnx
 
 from tailjax.head import EmbeddingRows, OutputHead
 from tailjax.models.attention import Attention, Retention
+from tailjax.models.cache import DecodeCache, LayerCache, layer_cache, slot_inputs
 from tailjax.models.config import ModelConfig
 from tailjax.models.deltanet import GatedDeltaNet, runs
 from tailjax.models.gemma4 import Gemma4Block, PerLayerInputs, SharedKV, initial_shared_kv
-from tailjax.models.cache import DecodeCache, LayerCache, layer_cache, slot_inputs
 from tailjax.models.layers import MLP, BlockOutput, RMSNorm, axes
 from tailjax.models.mla import MultiLatentAttention
 from tailjax.models.moe import MoE
