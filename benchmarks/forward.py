@@ -71,6 +71,17 @@ def run_torch(args) -> dict:
   return timed(step, args)
 
 
+def run_each(script: str) -> dict[str, dict]:
+  """``script --impl torch`` then ``--impl jax`` (this command's other arguments passed on), each in its own process
+  so that its peak resident memory is its own -> ``{impl: the JSON object its last line printed}``."""
+  results = {}
+  for impl in ("torch", "jax"):
+    out = subprocess.run([sys.executable, script, "--impl", impl, *sys.argv[1:]], capture_output=True, text=True,
+                         check=True)
+    results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+  return results
+
+
 def timed(step, args) -> dict:
   step()  # compile / warm up
   times = []
@@ -97,11 +108,7 @@ def main():
   from rich.console import Console
   from rich.table import Table
 
-  results = {}
-  for impl in ("torch", "jax"):
-    out = subprocess.run([sys.executable, __file__, "--impl", impl, *sys.argv[1:]], capture_output=True, text=True,
-                         check=True)
-    results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+  results = run_each(__file__)
   table = Table(title=f"SmolLM2-135M forward, float32, batch {args.batch} x {args.seq_len} tokens, CPU")
   for column in ("impl", "ms / batch", "tokens/s", "peak RSS MB", "throughput vs PyTorch"):
     table.add_column(column, justify="right")

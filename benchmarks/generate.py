@@ -15,11 +15,9 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
 
-from forward import batch, smollm2
+from forward import batch, run_each, smollm2
 
 
 def run_jax(args) -> dict:
@@ -79,11 +77,7 @@ def main():
   from rich.console import Console
   from rich.table import Table
 
-  results = {}
-  for impl in ("torch", "jax"):
-    out = subprocess.run([sys.executable, __file__, "--impl", impl, *sys.argv[1:]], capture_output=True, text=True,
-                         check=True)
-    results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+  results = run_each(__file__)
   table = Table(title=f"SmolLM2-135M greedy generation, float32, batch {args.batch}, {args.prompt_len}-token prompts, "
                 f"{args.new_tokens} new tokens, CPU")
   for column in ("impl", "s / batch", "new tokens/s", "first call s", "peak RSS MB", "throughput vs PyTorch"):

@@ -365,14 +365,21 @@ def kl_divergence(*, ref_hidden: Array, ref_unembedding: Array | OutputHead, can
   Differentiable in the candidate (student) only: the reference is a frozen teacher
   and is treated as a constant (``stop_gradient``).
   """
-  (ref_unembedding, ref_form), (cand_unembedding, cand_form) = (_split(ref_unembedding, temperature),
-                                                                _split(cand_unembedding, temperature))
-  lead, h_ref, _ = _flatten(ref_hidden)
-  _, h_cand, _ = _flatten(cand_hidden)
-  vocab = _vocab_pair(ref_unembedding, cand_unembedding, vocab_size, block_size)
-  kl = _kl(jax.lax.stop_gradient(h_ref), jax.lax.stop_gradient(ref_unembedding), h_cand, cand_unembedding,
-           vocab, (ref_form, cand_form))
-  return _finish(lead, kl, where)
+  lead, args = _frozen_and_trained(ref_hidden, ref_unembedding, cand_hidden, cand_unembedding, temperature,
+                                   vocab_size, block_size)
+  return _finish(lead, _kl(*args), where)
+
+
+def _frozen_and_trained(frozen_hidden, frozen_unembedding, hidden, unembedding, temperature, vocab_size, block_size):
+  """A frozen model's and a trained model's heads -> (leading shape, the kernels' arguments: the frozen side behind
+  ``stop_gradient``, both ``[N, d]``, the vocabulary blocks, the (frozen, trained) logit forms)."""
+  (frozen_unembedding, frozen_form), (unembedding, form) = (_split(frozen_unembedding, temperature),
+                                                            _split(unembedding, temperature))
+  lead, h_frozen, _ = _flatten(frozen_hidden)
+  _, h, _ = _flatten(hidden)
+  vocab = _vocab_pair(frozen_unembedding, unembedding, vocab_size, block_size)
+  return lead, (jax.lax.stop_gradient(h_frozen), jax.lax.stop_gradient(frozen_unembedding), h, unembedding, vocab,
+                (frozen_form, form))
 
 
 def _vocab_pair(ref_unembedding: Array, cand_unembedding: Array, vocab_size: int | None, block_size: int,
@@ -467,14 +474,9 @@ _student_divergence.defvjp(_student_divergence_fwd, _student_divergence_bwd)
 
 def _from_teacher(teacher_hidden, teacher_unembedding, student_hidden, student_unembedding, temperature, where,
                   vocab_size, block_size, beta) -> Array:
-  (t_unembedding, t_form), (s_unembedding, s_form) = (_split(teacher_unembedding, temperature),
-                                                      _split(student_unembedding, temperature))
-  lead, h_t, _ = _flatten(teacher_hidden)
-  _, h_s, _ = _flatten(student_hidden)
-  vocab = _vocab_pair(t_unembedding, s_unembedding, vocab_size, block_size)
-  values = _student_divergence(jax.lax.stop_gradient(h_t), jax.lax.stop_gradient(t_unembedding), h_s, s_unembedding,
-                               vocab, (t_form, s_form), beta)
-  return _finish(lead, values, where)
+  lead, args = _frozen_and_trained(teacher_hidden, teacher_unembedding, student_hidden, student_unembedding,
+                                   temperature, vocab_size, block_size)
+  return _finish(lead, _student_divergence(*args, beta), where)
 
 
 def reverse_kl_divergence(*, teacher_hidden: Array, teacher_unembedding: Array | OutputHead, student_hidden: Array,
