@@ -99,6 +99,24 @@ def correct(completion: str, answers: tuple[str, ...], metric: str) -> bool:
   return any(normalise(a) in text for a in answers)
 
 
+class Task(NamedTuple):
+  """A task as a run holds it: its ``config`` and its ``items``."""
+
+  config: TaskConfig
+  items: list[Item]
+
+
+def task_configs(fields: dict | list | None) -> list[TaskConfig]:
+  """A run's ``eval_task``: one mapping of ``TaskConfig`` fields, a list of them (e.g. greedy and sampled), or
+  None."""
+  if fields is None:
+    return []
+  listed = fields if isinstance(fields, list) else [fields]
+  if not listed or not all(isinstance(f, dict) for f in listed):
+    raise ValueError("eval_task: a mapping of task fields, or a list of them")
+  return [TaskConfig.from_dict(f) for f in listed]
+
+
 class TaskResult(NamedTuple):
   """``accuracy`` and ``fail_rate`` over ``prompts`` prompts of ``samples`` continuations each; ``correct[i]`` the
   correct continuations of prompt ``i``."""

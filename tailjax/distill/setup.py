@@ -28,7 +28,7 @@ class Setup:
   train: data.Packed
   val: data.Packed
   cache: teacher_cache.TeacherCache | None
-  task: list[tasks.Item] | None = None  # the eval_task's prompts and answers
+  tasks: list[tasks.Task] = dataclasses.field(default_factory=list)  # eval_task: prompts and answers
 
   @property
   def vocab_size(self) -> int:
@@ -148,8 +148,7 @@ def prepare(config: DistillConfig) -> Setup:
     raise ValueError(f"{config.data}: {len(train)} training windows of {config.seq_len + 1} tokens, fewer than "
                      f"one batch of {config.batch_size}")
 
-  task = None if config.eval_task is None else tasks.read_task(tasks.TaskConfig.from_dict(config.eval_task).data,
-                                                                tokenizer)
+  measured = [tasks.Task(task, tasks.read_task(task.data, tokenizer)) for task in tasks.task_configs(config.eval_task)]
   cache = None
   if config.teacher_cache is not None:
     cache = teacher_cache.TeacherCache(config.teacher_cache)
@@ -160,7 +159,7 @@ def prepare(config: DistillConfig) -> Setup:
     if cache.meta.k < config.topk:  # a larger K serves: the cached ids are sorted, most probable first
       expected["k"] = config.topk
     cache.meta.check(expected, cache.directory)
-  return Setup(config, tokenizer, student, teacher, train, val, cache, task)
+  return Setup(config, tokenizer, student, teacher, train, val, cache, measured)
 
 
 def pack(examples: list[str] | list[spans.Record], tokenizer, seq_len: int, source: str) -> data.Packed:
