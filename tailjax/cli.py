@@ -41,8 +41,9 @@ def main(compile_cache: bool) -> None:
 @click.option("--by", default="median", show_default=True, help="Summary that selects: mean, median or pNN.")
 @click.option("--summaries", help="Comma-separated summaries whose concordance is reported; default: those of "
               "mean,median,p90,p99 the tables have.")
-@click.option("--task-scores", type=click.Path(path_type=Path), help="CSV name,score to correlate summaries with (default: the task accuracy saved "
-              "with distill checkpoints, when every one has it).")
+@click.option("--task-scores", type=click.Path(path_type=Path),
+              help="CSV name,score to correlate summaries with (default: the task accuracy saved with distill "
+              "checkpoints, when every one has it).")
 @click.option("--output", type=click.Path(path_type=Path), help="Directory for selection.json, .md and .html.")
 @click.option("--force", is_flag=True, help="Rank inputs measured on different tokens together.")
 @click.option("--family", "families", multiple=True, metavar="NAME=GLOB",

@@ -226,26 +226,37 @@ def encode_prompt(tokenizer, text: str, templated: bool = False) -> Prompt:
   return Prompt(tuple(ids), text, {"prompt": text})
 
 
+def record_prompt(record: dict, tokenizer, where: str) -> Prompt:
+  """One JSONL record's prompt (``read_prompts``); ``where``: its ``file:line`` for errors."""
+  if isinstance(record.get("prompt"), str):
+    prompt = encode_prompt(tokenizer, record["prompt"])
+  elif "messages" in record:
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+      raise ValueError(f"{where}: chat messages need the model's chat template, and its tokenizer has none")
+    text = spans.render_template(spans.chat_messages(record, where), template, spans.template_tokens(tokenizer),
+                                 where, generation_prompt=True)
+    prompt = encode_prompt(tokenizer, text, templated=True)
+  else:
+    raise ValueError(f"{where}: a prompt record needs a 'prompt' string or a 'messages' list")
+  return prompt._replace(record=record)
+
+
 def read_prompts(spec: str, tokenizer) -> list[Prompt]:
   """A JSONL file of prompts: each record's ``prompt`` string (tokenized with the BOS rule) or its chat
   ``messages`` rendered by the tokenizer's chat template followed by the assistant's opening (a conversation
   whose last message is the user's)."""
-  prompts = []
-  template, special = getattr(tokenizer, "chat_template", None), spans.template_tokens(tokenizer)
-  for where, record in files.jsonl_objects(spec, "prompts"):
-    if isinstance(record.get("prompt"), str):
-      prompt = encode_prompt(tokenizer, record["prompt"])
-    elif isinstance(record.get("messages"), list):
-      if not template:
-        raise ValueError(f"{where}: chat messages need the model's chat template, and its tokenizer has none")
-      text = spans.render_template(record["messages"], template, special, where, generation_prompt=True)
-      prompt = encode_prompt(tokenizer, text, templated=True)
-    else:
-      raise ValueError(f"{where}: a prompt record needs a 'prompt' string or a 'messages' list")
-    prompts.append(prompt._replace(record=record))
+  prompts = [record_prompt(record, tokenizer, where) for where, record in files.jsonl_objects(spec, "prompts")]
   if not prompts:
     raise ValueError(f"{spec}: no prompts")
   return prompts
+
+
+def default_eos(tokenizer, eos_ids: Sequence[int] | None = None) -> tuple[int, ...]:
+  """``eos_ids`` when given, else the tokenizer's end-of-sequence id (if it has one)."""
+  if eos_ids is not None:
+    return tuple(eos_ids)
+  return () if tokenizer.eos_id is None else (tokenizer.eos_id,)
 
 
 def generate(loaded: LoadedModel, prompts: Sequence[str | Prompt], config: GenerateConfig = GenerateConfig()
@@ -255,7 +266,7 @@ def generate(loaded: LoadedModel, prompts: Sequence[str | Prompt], config: Gener
   tokenizer = loaded.tokenizer
   if tokenizer is None:
     raise ValueError(f"{loaded.source}: has no tokenizer to encode prompts with; use generate_ids")
-  eos = config.eos_ids if config.eos_ids is not None else (() if tokenizer.eos_id is None else (tokenizer.eos_id,))
+  eos = default_eos(tokenizer, config.eos_ids)
   ids = [p.ids if isinstance(p, Prompt) else encode_prompt(tokenizer, p).ids for p in prompts]
   return generate_ids(loaded.model, ids, config, tokenizer.decode, eos)
 

@@ -73,6 +73,14 @@ def render_template(messages: list[dict], template: str, special: dict[str, str]
     raise ValueError(f"{where}: the chat template cannot render these messages ({err})") from err
 
 
+def chat_messages(record: dict, where: str) -> list[dict]:
+  """A record's ``messages``, checked: a list of ``{"role", "content"}`` objects."""
+  messages = record.get("messages")
+  if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+    raise ValueError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
+  return messages
+
+
 def template_tokens(tokenizer) -> dict[str, str]:
   """The special tokens a chat template may name (``bos_token``, ``eos_token``) as the tokenizer spells them."""
   return {name: tokenizer.decode([i]) for name, i in (("bos_token", tokenizer.bos_id),
@@ -107,10 +115,7 @@ def read_records(spec: str, tokenizer) -> list[Record]:
   records = []
   for where, record in files.jsonl_objects(path, "span corpus"):
     if kind == "chat":
-      messages = record.get("messages")
-      if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-        raise ValueError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
-      records.append(render_chat(messages, template, special, where)._replace(where=where))
+      records.append(render_chat(chat_messages(record, where), template, special, where)._replace(where=where))
       continue
     response = next((record[k] for k in RESPONSE_FIELDS if k in record), None)
     if not isinstance(record.get("prompt"), str) or not isinstance(response, str):

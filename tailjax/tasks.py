@@ -50,8 +50,7 @@ class TaskConfig:
       raise ValueError(f"task decoding {self.decoding!r}: choose one of {DECODINGS}")
     if self.decoding == "greedy" and self.samples != 1:
       raise ValueError(f"task samples {self.samples}: greedy decoding writes one continuation per prompt")
-    generate.GenerateConfig(self.max_new_tokens, self.sampling(), self.samples, self.seed, self.stop,
-                            batch_size=self.batch_size)  # the rest is checked where it is used
+    self.generation()  # the generation fields, checked
 
   @classmethod
   def from_dict(cls, fields: dict[str, Any]) -> TaskConfig:
@@ -63,8 +62,11 @@ class TaskConfig:
       raise ValueError("eval_task needs data: a JSONL of prompt (or messages) and answer records")
     return cls(**fields)
 
-  def sampling(self) -> generate.Sampling:
-    return generate.Sampling() if self.decoding == "greedy" else generate.Sampling(self.temperature)
+  def generation(self) -> generate.GenerateConfig:
+    """How the task's continuations are generated."""
+    sampling = generate.Sampling() if self.decoding == "greedy" else generate.Sampling(self.temperature)
+    return generate.GenerateConfig(self.max_new_tokens, sampling, self.samples, self.seed, self.stop,
+                                   batch_size=self.batch_size)
 
 
 class Item(NamedTuple):
@@ -75,15 +77,16 @@ class Item(NamedTuple):
 
 
 def read_task(spec: str, tokenizer) -> list[Item]:
-  """A task file's records: each prompt (``generate.read_prompts``) with its accepted answers."""
-  prompts = generate.read_prompts(spec, tokenizer)
+  """A task file's records: each prompt (``generate.record_prompt``) with its accepted answers."""
   items = []
-  for (where, record), prompt in zip(files.jsonl_objects(spec, "task"), prompts, strict=True):
+  for where, record in files.jsonl_objects(spec, "task"):
     answer = record.get("answer")
     answers = [answer] if isinstance(answer, str) else answer
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
       raise ValueError(f"{where}: a task record needs an 'answer': a non-empty string or list of strings")
-    items.append(Item(prompt, tuple(answers)))
+    items.append(Item(generate.record_prompt(record, tokenizer, where), tuple(answers)))
+  if not items:
+    raise ValueError(f"{spec}: no task records")
   return items
 
 
@@ -134,10 +137,8 @@ class TaskResult(NamedTuple):
 
 def evaluate(model, tokenizer, items: list[Item], config: TaskConfig, eos_ids=None) -> TaskResult:
   """Continues every item's prompt with ``model`` (a ``Decoder``) and scores the continuations."""
-  eos = eos_ids if eos_ids is not None else (() if tokenizer.eos_id is None else (tokenizer.eos_id,))
-  gen_config = generate.GenerateConfig(config.max_new_tokens, config.sampling(), config.samples, config.seed,
-                                       config.stop, batch_size=config.batch_size)
-  outputs = generate.generate_ids(model, [item.prompt.ids for item in items], gen_config, tokenizer.decode, eos)
+  outputs = generate.generate_ids(model, [item.prompt.ids for item in items], config.generation(), tokenizer.decode,
+                                  generate.default_eos(tokenizer, eos_ids))
   hits = [0] * len(items)
   for g in outputs:
     hits[g.prompt] += correct(g.text, items[g.prompt].answers, config.metric)

@@ -88,11 +88,7 @@ def prepare(config: DistillConfig) -> Setup:
       raise ValueError(f"{config.teacher}: the teacher has no tokenizer")
   examples = spans.span_kind(config.data) is not None  # prompt/answer or chat records: supervised fine-tuning
   if not examples:
-    documents = data.read_documents(config.data, config.text_field)
-    if config.val_data is None:
-      train_docs, val_docs = data.split_documents(documents, config.val_fraction, config.seed)
-    else:
-      train_docs, val_docs = documents, data.read_documents(config.val_data, config.text_field)
+    train_docs, val_docs = _train_and_val(config, lambda spec: data.read_documents(spec, config.text_field))
   if config.tokenizer is not None:
     if config.tokenizer.startswith("train-bpe:"):
       if examples:
@@ -135,11 +131,7 @@ def prepare(config: DistillConfig) -> Setup:
     raise ValueError(f"topk={config.topk} is larger than the vocabulary ({vocab} tokens)")
 
   if examples:  # read now that the tokenizer (and its chat template) is known
-    records = spans.read_records(config.data, tokenizer)
-    if config.val_data is None:
-      train_docs, val_docs = data.split_documents(records, config.val_fraction, config.seed)
-    else:
-      train_docs, val_docs = records, spans.read_records(config.val_data, tokenizer)
+    train_docs, val_docs = _train_and_val(config, lambda spec: spans.read_records(spec, tokenizer))
   train = pack(train_docs, tokenizer, config.seq_len, f"{config.data} (training split)")
   val = pack(val_docs, tokenizer, config.seq_len, f"{config.val_data or config.data} (validation)")
   if config.val_windows is not None:
@@ -160,6 +152,15 @@ def prepare(config: DistillConfig) -> Setup:
       expected["k"] = config.topk
     cache.meta.check(expected, cache.directory)
   return Setup(config, tokenizer, student, teacher, train, val, cache, measured)
+
+
+def _train_and_val(config: DistillConfig, read: Callable[[str], list]) -> tuple[list, list]:
+  """(training, validation) documents or records: ``read(data)`` split by ``val_fraction`` and ``seed``, or all of
+  it and ``read(val_data)``."""
+  found = read(config.data)
+  if config.val_data is None:
+    return data.split_documents(found, config.val_fraction, config.seed)
+  return found, read(config.val_data)
 
 
 def pack(examples: list[str] | list[spans.Record], tokenizer, seq_len: int, source: str) -> data.Packed:

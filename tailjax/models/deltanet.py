@@ -234,21 +234,19 @@ class GatedDeltaNet(nnx.Module):
     cfg = self.cfg
     b, t, _ = x.shape
     hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
-    if cache is None:
-      conv = lambda proj, kernel, _: (jax.nn.silu(causal_conv(proj(x), kernel[...], run)), None)
-    else:
-      real = (run > 0)[..., None]
 
-      def conv(proj, kernel, past):  # past: [B, K - 1, width] inputs before these tokens
-        inputs = jnp.concatenate([past, jnp.where(real, proj(x), 0).astype(past.dtype)], axis=1)
-        taps = past.shape[1]
-        out = causal_conv(inputs, kernel[...], jnp.zeros(inputs.shape[:2], jnp.int32))[:, taps:]
-        return jax.nn.silu(out), inputs[:, inputs.shape[1] - taps:]
+    def conv(proj, kernel, past):  # past: [B, K - 1, width] the inputs before these tokens (decoding), else None
+      if past is None:
+        return jax.nn.silu(causal_conv(proj(x), kernel[...], run)), None
+      inputs = jnp.concatenate([past, jnp.where((run > 0)[..., None], proj(x), 0).astype(past.dtype)], axis=1)
+      taps = past.shape[1]
+      out = causal_conv(inputs, kernel[...], jnp.zeros(inputs.shape[:2], jnp.int32))[:, taps:]
+      return jax.nn.silu(out), inputs[:, inputs.shape[1] - taps:]
 
+    pasts = (None,) * 3 if cache is None else (cache.conv_q, cache.conv_k, cache.conv_v)
     (q, conv_q), (k, conv_k), (v, conv_v) = (
-        conv(proj, kernel, None if cache is None else past) for proj, kernel, past in
-        ((self.q, self.conv_q, getattr(cache, "conv_q", None)), (self.k, self.conv_k, getattr(cache, "conv_k", None)),
-         (self.v, self.conv_v, getattr(cache, "conv_v", None))))
+        conv(proj, kernel, past) for proj, kernel, past in zip((self.q, self.k, self.v),
+                                                               (self.conv_q, self.conv_k, self.conv_v), pasts))
     q = q.reshape(b, t, hk, cfg.linear_key_head_dim)
     k = k.reshape(b, t, hk, cfg.linear_key_head_dim)
     v = v.reshape(b, t, hv, cfg.linear_value_head_dim)
