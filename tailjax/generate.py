@@ -81,18 +81,29 @@ class GenerateConfig:
         raise ValueError(f"{name} {getattr(self, name)}: expected >= 1")
     if any(not s for s in self.stop):
       raise ValueError("stop strings must not be empty")
+    if not 0 <= self.seed < 2**32:
+      raise ValueError(f"seed {self.seed}: expected a whole number in [0, 2**32)")
 
 
 class Generation(NamedTuple):
   """One continuation: of prompt number ``prompt``, sample ``sample``; ``token_ids`` as generated up to its end
   (not the end-of-sequence id; at a stop string, the tokens that reach it); ``text`` (cut before a stop string);
-  ``finish``: ``"eos"``, ``"stop"`` or ``"length"``."""
+  ``finish``: ``"eos"``, ``"stop"`` or ``"length"``; ``eos_id``: the end-of-sequence id that ended it (None unless
+  ``finish == "eos"``)."""
 
   prompt: int
   sample: int
   text: str
   token_ids: tuple[int, ...]
   finish: str
+  eos_id: int | None = None
+
+
+class _End(NamedTuple):
+  ids: list[int]
+  text: str
+  finish: str
+  eos_id: int | None = None
 
 
 def next_logits(model: Decoder, hidden: Array) -> Array:
@@ -119,7 +130,7 @@ def choose(logits: Array, keys: Array, sampling: Sampling) -> Array:
   return jax.vmap(jax.random.categorical)(keys, z).astype(jnp.int32)
 
 
-def _keys(seed: int, rows: Array, step: Array) -> Array:
+def _keys(seed: Array, rows: Array, step: Array) -> Array:
   base = jax.random.key(seed)
   return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base, r), step))(rows)
 
@@ -129,34 +140,35 @@ class _Step(NamedTuple):
   cache: DecodeCache
 
 
-def _prefill(model: Decoder, prompts: Array, start: Array, rows: Array, length: int, seed: int,
+def _prefill(model: Decoder, prompts: Array, start: Array, rows: Array, length: int, seed: Array,
              sampling: Sampling) -> _Step:
   step = model.decode(prompts, model.init_cache(start, length))
   logits = next_logits(model, step.hidden[:, -1])
   return _Step(choose(logits, _keys(seed, rows, jnp.zeros((), jnp.int32)), sampling), step.cache)
 
 
-def _decode(model: Decoder, tokens: Array, cache: DecodeCache, rows: Array, n: Array, seed: int,
+def _decode(model: Decoder, tokens: Array, cache: DecodeCache, rows: Array, n: Array, seed: Array,
             sampling: Sampling) -> _Step:
   step = model.decode(tokens[:, None], cache)
   return _Step(choose(next_logits(model, step.hidden[:, 0]), _keys(seed, rows, n), sampling), step.cache)
 
 
-prefill = frozen_jit(_prefill, static_argnums=(4, 5, 6))
-decode_step = frozen_jit(_decode, static_argnums=(5, 6))
+# the seed is an argument, not a constant: a new seed (a training run's every on-policy step) compiles nothing
+prefill = frozen_jit(_prefill, static_argnums=(4, 6))
+decode_step = frozen_jit(_decode, static_argnums=(6,))
 
 
-def _finished(ids: list[int], eos: set[int], stop: tuple[str, ...], decode) -> tuple[list[int], str, str] | None:
-  """(kept ids, text, finish) if ``ids`` already hold an end, else None. At a stop string the ids kept are the
-  fewest whose text reaches it (a token that straddles it stays)."""
+def _finished(ids: list[int], eos: set[int], stop: tuple[str, ...], decode) -> _End | None:
+  """How ``ids`` end, if they already hold an end, else None. At a stop string the ids kept are the fewest whose
+  text reaches it (a token that straddles it stays)."""
   end = next((i for i, t in enumerate(ids) if t in eos), None)
   kept = ids if end is None else ids[:end]
   text = decode(kept)
   cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=None)
   if cut is not None:
     reach = next(n for n in range(len(kept) + 1) if len(decode(kept[:n])) >= cut)
-    return kept[:reach], text[:cut], "stop"
-  return (kept, text, "eos") if end is not None else None
+    return _End(kept[:reach], text[:cut], "stop")
+  return _End(kept, text, "eos", ids[end]) if end is not None else None
 
 
 def generate_ids(model: Decoder, prompts: Sequence[Sequence[int]], config: GenerateConfig, decode=None,
@@ -178,21 +190,21 @@ def generate_ids(model: Decoder, prompts: Sequence[Sequence[int]], config: Gener
     padded = batch + [batch[0]] * (config.batch_size - len(batch))  # one shape for every batch
     ends = _decode_batch(model, [prompts[p] for p, _ in padded], [p * config.samples + s for p, s in padded],
                          config, set(eos_ids), decode)
-    results.extend(Generation(p, s, text, tuple(kept), finish) for (p, s), (kept, text, finish) in zip(batch, ends))
+    results.extend(Generation(p, s, end.text, tuple(end.ids), end.finish, end.eos_id) for (p, s), end in zip(batch, ends))
   return results
 
 
 def _decode_batch(model: Decoder, prompts: list[Sequence[int]], rows: list[int], config: GenerateConfig,
-                  eos: set[int], decode) -> list[tuple[list[int], str, str]]:
-  """One batch of left-padded prompts decoded together -> per row (kept ids, text, finish)."""
+                  eos: set[int], decode) -> list[_End]:
+  """One batch of left-padded prompts decoded together -> how each row ends."""
   width = -(-max(map(len, prompts)) // PROMPT_ROUNDING) * PROMPT_ROUNDING
   tokens, start = np.zeros((len(prompts), width), np.int32), np.zeros(len(prompts), np.int32)
   for r, prompt in enumerate(prompts):
     start[r] = width - len(prompt)
     tokens[r, start[r]:] = prompt
-  rows = jnp.asarray(rows, jnp.int32)
-  step = prefill(model, jnp.asarray(tokens), jnp.asarray(start), rows, width + config.max_new_tokens,
-                 config.seed, config.sampling)
+  rows, seed = jnp.asarray(rows, jnp.int32), jnp.asarray(config.seed, jnp.uint32)
+  step = prefill(model, jnp.asarray(tokens), jnp.asarray(start), rows, width + config.max_new_tokens, seed,
+                 config.sampling)
   written, ends = [step.tokens], {}
   while len(written) < config.max_new_tokens:
     if len(written) % CHECK_EVERY == 0:
@@ -202,11 +214,11 @@ def _decode_batch(model: Decoder, prompts: list[Sequence[int]], rows: list[int],
           ends[r] = end
       if len(ends) == len(prompts):
         break
-    step = decode_step(model, step.tokens, step.cache, rows, jnp.asarray(len(written), jnp.int32), config.seed,
+    step = decode_step(model, step.tokens, step.cache, rows, jnp.asarray(len(written), jnp.int32), seed,
                        config.sampling)
     written.append(step.tokens)
   out = np.asarray(jnp.stack(written, axis=1))
-  return [ends.get(r) or _finished(ids, eos, config.stop, decode) or (ids, decode(ids), "length")
+  return [ends.get(r) or _finished(ids, eos, config.stop, decode) or _End(ids, decode(ids), "length")
           for r, ids in enumerate(out.tolist())]
 
 

@@ -17,7 +17,7 @@ from tailjax.models.layers import Linear
 from test_distill import config, tiny  # noqa: F401 (the fixture)
 from test_models import TINY
 
-LORA = {"rank": 3, "alpha": 6.0, "targets": ["q", "v", "down"]}
+LORA = {"rank": 3, "alpha": 6.0, "targets": ["q", "v", "down"], "dropout": 0.25}
 
 
 def kernels(model) -> dict[str, np.ndarray]:
@@ -29,7 +29,7 @@ def test_an_adapted_layer_computes_the_rank_r_update(rng):
   model = Decoder(TINY, rngs=nnx.Rngs(0))
   x = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, 9)))
   base = np.asarray(model(x))
-  assert lora.adapt(model, lora.LoraConfig(**LORA), nnx.Rngs(1)) == 3  # one stacked module per target
+  assert lora.adapt(model, lora.LoraConfig(**{**LORA, "dropout": 0.25}), nnx.Rngs(1)) == 3  # one stacked module per target
   assert np.array_equal(np.asarray(model(x)), base)  # B = 0: the adapted model starts as its base
   layer = model.block(0).attn.q
   assert isinstance(layer, Linear) and layer.lora_a.shape == (TINY.hidden_size, 3)
@@ -38,10 +38,23 @@ def test_an_adapted_layer_computes_the_rank_r_update(rng):
   want = h @ np.asarray(layer.kernel, np.float64) + 2.0 * (h @ np.asarray(layer.lora_a, np.float64)) @ np.asarray(
       layer.lora_b, np.float64)
   assert np.abs(np.asarray(layer(jnp.asarray(h, jnp.float32)), np.float64) - want).max() < 1e-4
+  # dropout: only in a forward whose layers hold keys, on the adapter's input, the kept inputs scaled by 1/(1-p)
+  assert lora.dropout_keys(model, jax.random.key(5)) == 3  # stacked layers: a key per row of each
+  keyed = [m for _, m in nnx.iter_graph(model) if isinstance(m, Linear) and m.lora_key is not None]
+  assert len(keyed) == 3 and all(m.lora_key.shape == m.lora_a.shape[:-2] for m in keyed)
+  layer.lora_key = lora.DropoutKey(jax.random.key(5))
+  h = rng.normal(size=(400, TINY.hidden_size))
+  keep = np.asarray(jax.random.bernoulli(layer.lora_key[...], 0.75, h.shape))
+  assert abs(keep.mean() - 0.75) < 0.01
+  dropped = h @ np.asarray(layer.kernel, np.float64) + 2.0 * ((h * keep / 0.75) @ np.asarray(
+      layer.lora_a, np.float64)) @ np.asarray(layer.lora_b, np.float64)
+  assert np.abs(np.asarray(layer(jnp.asarray(h, jnp.float32)), np.float64) - dropped).max() < 1e-4
   with pytest.raises(ValueError, match=r"lora targets \['w_q'\]: this model has no linear layer of that name"):
     lora.adapt(Decoder(TINY, rngs=nnx.Rngs(0)), lora.LoraConfig(targets=("w_q",)), nnx.Rngs(1))
   with pytest.raises(ValueError, match="lora rank 0"):
     lora.LoraConfig(rank=0)
+  with pytest.raises(ValueError, match=r"lora dropout 1.0: expected a rate in \[0, 1\)"):
+    lora.LoraConfig(dropout=1.0)
 
 
 def test_lora_training_changes_only_adapters_merges_and_resumes(tiny, tmp_path):  # noqa: F811
@@ -59,11 +72,16 @@ def test_lora_training_changes_only_adapters_merges_and_resumes(tiny, tmp_path):
     distill.distill(cfg, tmp_path / "cut", on_step=interrupt)
   resumed = distill.distill(cfg, tmp_path / "cut")
   assert sorted(resumed.losses) == [3, 4] and all(resumed.losses[s] == whole.losses[s] for s in (3, 4))
+  # adapter dropout acts in training: without it the losses before the first update (step 1's learning rate is 0
+  # in warmup, and B = 0 leaves the adapters' output 0) are the same, the third is not
+  plain = distill.distill(config(tiny, objective="ce", teacher=None, student=base_spec, lora={**LORA, "dropout": 0.0},
+                                 steps=3, save_every=3, eval_every=3, learning_rate=3e-2), tmp_path / "plain")
+  assert plain.losses[2] == whole.losses[2] and abs(plain.losses[3] - whole.losses[3]) > 1e-4
 
   # the checkpoint holds adapters only and names its base
   step_dir = tmp_path / "whole" / "checkpoints" / "4"
   meta = json.loads((step_dir / "tailjax_model.json").read_text())
-  assert meta["lora"] == {"rank": 3, "alpha": 6.0, "targets": ["q", "v", "down"], "base": str(tiny / "teacher.gguf")}
+  assert meta["lora"] == {**LORA, "base": str(tiny / "teacher.gguf")}
   with ocp.StandardCheckpointer() as checkpointer:
     stored = checkpointer.restore(step_dir / "params")
   adapters = {"/".join(str(getattr(k, "key", k)) for k in path).removesuffix("/value"): np.asarray(v, np.float64)

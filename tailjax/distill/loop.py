@@ -124,7 +124,8 @@ def distill(config: DistillConfig, output: str | Path, *, force: bool = False, c
                       temperature=config.temperature, block_size=config.block_size, beta=config.jsd_beta,
                       t2_scaling=config.t2_scaling)
   step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, teacher_graphdef=teacher_graphdef, tx=tx,
-                                      schedule=schedule, accum=config.grad_accum, loss_options=loss_options),
+                                      schedule=schedule, accum=config.grad_accum, loss_options=loss_options,
+                                      seed=config.seed),
                     donate_argnums=0)
 
   options = ocp.CheckpointManagerOptions(max_to_keep=config.keep, enable_async_checkpointing=False, create=True)

@@ -15,7 +15,7 @@ from flax import nnx
 from tailjax import data, head, mesh
 from tailjax.distill.config import DistillConfig
 from tailjax.distill.objectives import token_losses
-from tailjax.models import Decoder
+from tailjax.models import Decoder, lora
 from tailjax.stats import LogHistogram, Summary, spec_for
 
 
@@ -43,8 +43,8 @@ def student(graphdef, params: nnx.State, frozen: nnx.State | None = None) -> Dec
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_state: nnx.State | None,
                frozen: nnx.State | None = None, *, graphdef, teacher_graphdef, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, accum: int, loss_options: dict, loss_fn: Callable = token_losses
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               schedule: optax.Schedule, accum: int, loss_options: dict, loss_fn: Callable = token_losses,
+               seed: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step over ``accum`` micro-batches; the loss is the mean over the batch's targets that count
   (``scored``: every token of packed documents, the answer tokens of examples).
 
@@ -52,22 +52,27 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_state: nn
   the rest of the student (its base under LoRA adapters; None: nothing is frozen), ``batch`` the arrays of
   ``batches`` (``tokens, segments, scored: [B, T+1]``, ...), ``teacher_state`` / ``teacher_graphdef`` the teacher
   (None with a teacher cache), ``tx`` / ``schedule`` from ``optimizer``, ``loss_options`` the keyword arguments
-  of ``loss_fn`` (default ``token_losses``; a benchmark passes its materialized baseline). Returns the new state
-  and the step's metrics (``loss``, ``grad_norm``, ``lr``); ``distill`` jits it."""
+  of ``loss_fn`` (default ``token_losses``; a benchmark passes its materialized baseline), ``seed`` the run's
+  (adapter dropout draws from ``fold_in(fold_in(key(seed), step), micro-batch)``). Returns the new state and the
+  step's metrics (``loss``, ``grad_norm``, ``lr``); ``distill`` jits it."""
   teacher = None if teacher_graphdef is None else nnx.merge(teacher_graphdef, teacher_state)
   micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
-  def summed(params, mb):
-    values = loss_fn(student(graphdef, params, frozen), mb, teacher=teacher, **loss_options)
+  step_key = jax.random.fold_in(jax.random.key(seed), state.step)
+
+  def summed(params, mb, number):
+    model = student(graphdef, params, frozen)
+    lora.dropout_keys(model, jax.random.fold_in(step_key, number))
+    values = loss_fn(model, mb, teacher=teacher, **loss_options)
     return jnp.sum(jnp.where(mb["scored"][:, 1:], values, 0.0)), values.size
 
-  def accumulate(carry, mb):
-    grads, total = carry
-    (loss, _), g = jax.value_and_grad(summed, has_aux=True)(state.params, mb)
+  def accumulate(carry, inputs):
+    (grads, total), (mb, number) = carry, inputs
+    (loss, _), g = jax.value_and_grad(summed, has_aux=True)(state.params, mb, number)
     return (jax.tree.map(jnp.add, grads, g), total + loss), None
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
-  (grads, total), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), micro)
+  (grads, total), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), (micro, jnp.arange(accum)))
   tokens = jnp.maximum(jnp.sum(batch["scored"][:, 1:]), 1)
   grads = jax.tree.map(lambda g: g / tokens, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -137,17 +137,24 @@ def rotary(x: Array, positions: Array, inv_freq: np.ndarray, scale: float = 1.0,
 class Linear(nnx.Linear):
   """``nnx.Linear`` (``kernel: [in, out]``, optional ``bias``) that may carry low-rank adapters
   (``tailjax.models.lora``): ``lora_a: [in, r]``, ``lora_b: [r, out]`` and their ``lora_scale``, added as
-  ``lora_scale * (x A) B`` in float32. Without adapters it is ``nnx.Linear``."""
+  ``lora_scale * (d(x) A) B`` in float32, ``d`` dropping inputs at rate ``lora_dropout`` when the layer holds a
+  ``lora_key`` (a training forward). Without adapters it is ``nnx.Linear``."""
 
   lora_a = None
   lora_b = None
   lora_scale = 1.0
+  lora_dropout = 0.0
+  lora_key = None
 
   def __call__(self, x: Array) -> Array:
     y = super().__call__(x)
     if self.lora_a is None:
       return y
-    low = jnp.einsum("...i,ir->...r", x.astype(jnp.float32), self.lora_a[...].astype(jnp.float32))
+    x = x.astype(jnp.float32)
+    if self.lora_key is not None and self.lora_dropout:
+      keep = jax.random.bernoulli(self.lora_key[...], 1.0 - self.lora_dropout, x.shape)
+      x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0.0)
+    low = jnp.einsum("...i,ir->...r", x, self.lora_a[...].astype(jnp.float32))
     delta = jnp.einsum("...r,ro->...o", low, self.lora_b[...].astype(jnp.float32))
     return (y.astype(jnp.float32) + self.lora_scale * delta).astype(y.dtype)
 

@@ -1,8 +1,10 @@
 """Low-rank adapters (LoRA; Hu et al., 2021) on a decoder's linear layers.
 
-An adapted layer computes ``y = x W + b + (alpha / r) (x A) B``: ``A: [in, r]`` (He-uniform) and ``B: [r, out]``
-(zeros, so an adapted model starts equal to its base) are ``nnx.LoRAParam``s in float32 beside the frozen
-kernel ``W``, which keeps its dtype. In stacked layers (``tailjax.models.transformer.Stack``) adapters carry the
+An adapted layer computes ``y = x W + b + (alpha / r) (d(x) A) B``: ``A: [in, r]`` (He-uniform) and
+``B: [r, out]`` (zeros, so an adapted model starts equal to its base) are ``nnx.LoRAParam``s in float32 beside the
+frozen kernel ``W``, which keeps its dtype. ``d`` is dropout on the adapter's input (rate ``dropout``, the kept
+inputs scaled by ``1 / (1 - dropout)``, as in Hu et al.'s and PEFT's ``lora_dropout``) during a training step
+that gave the layers keys (``dropout_keys``); otherwise, and at ``dropout = 0``, ``d(x) = x``. In stacked layers (``tailjax.models.transformer.Stack``) adapters carry the
 kernels' leading ``[repeats]`` axis. ``merge`` folds them into the kernels, ``W + (alpha / r) A B``, and removes
 them: the result is a plain model.
 
@@ -28,12 +30,13 @@ DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-  """``rank`` r of each adapter, ``alpha`` (the update is scaled by ``alpha / rank``), ``targets`` (the module
-  docstring)."""
+  """``rank`` r of each adapter, ``alpha`` (the update is scaled by ``alpha / rank``), ``targets`` and
+  ``dropout`` (the module docstring)."""
 
   rank: int = 8
   alpha: float = 16.0
   targets: tuple[str, ...] = DEFAULT_TARGETS
+  dropout: float = 0.0
 
   def __post_init__(self):
     object.__setattr__(self, "targets", tuple(self.targets))
@@ -43,6 +46,8 @@ class LoraConfig:
       raise ValueError(f"lora alpha {self.alpha!r}: expected > 0")
     if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
       raise ValueError(f"lora targets {self.targets!r}: expected names of linear layers, e.g. {DEFAULT_TARGETS}")
+    if not 0 <= self.dropout < 1:
+      raise ValueError(f"lora dropout {self.dropout!r}: expected a rate in [0, 1)")
 
   @property
   def scale(self) -> float:
@@ -52,11 +57,11 @@ class LoraConfig:
   def from_dict(cls, fields: dict[str, Any]) -> LoraConfig:
     unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
-      raise ValueError(f"lora: unknown fields {sorted(unknown)} (rank, alpha, targets)")
+      raise ValueError(f"lora: unknown fields {sorted(unknown)} (rank, alpha, targets, dropout)")
     return cls(**fields)
 
   def to_dict(self) -> dict[str, Any]:
-    return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
+    return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets), "dropout": self.dropout}
 
 
 def _linears(model: nnx.Module):
@@ -86,9 +91,27 @@ def adapt(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs) -> int:
     module.lora_a = nnx.LoRAParam(a)
     module.lora_b = nnx.LoRAParam(jnp.zeros((*lead, config.rank, d_out), jnp.float32))
     module.lora_scale = config.scale
+    module.lora_dropout = config.dropout
     count += 1
   return count
 
+
+class DropoutKey(nnx.Variable):
+  """An adapted layer's dropout key for one training forward (``[repeats]`` keys in stacked layers)."""
+
+
+def dropout_keys(model: nnx.Module, key: jax.Array) -> int:
+  """Gives every adapted layer with a dropout rate its own key drawn from ``key`` (in place, on the model of one
+  training forward: a model without keys drops nothing) -> how many layers."""
+  count = 0
+  for number, (_, module) in enumerate(_linears(model)):
+    if module.lora_a is None or not module.lora_dropout:
+      continue
+    lead = module.lora_a.shape[:-2]
+    layer_key = jax.random.fold_in(key, number)
+    module.lora_key = DropoutKey(jax.random.split(layer_key, lead) if lead else layer_key)
+    count += 1
+  return count
 
 def delta(module: Linear) -> jax.Array:
   """``scale * A B``: the adapted layer's change of kernel, ``[..., in, out]`` float32."""
@@ -103,7 +126,7 @@ def merge(model: nnx.Module) -> int:
       continue
     kernel = module.kernel[...]
     module.kernel.set_value((kernel.astype(jnp.float32) + delta(module)).astype(kernel.dtype))
-    del module.lora_a, module.lora_b, module.lora_scale
+    del module.lora_a, module.lora_b, module.lora_scale, module.lora_dropout
     count += 1
   return count
 
