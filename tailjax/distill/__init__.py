@@ -1,16 +1,13 @@
-"""Training a student decoder by token CE, full KL or top-K KL against a frozen teacher.
+"""Training a student decoder by token CE or a divergence from a frozen teacher; fine-tuning with LoRA.
 
-``tailjax distill`` reproduces the top-K distillation of ../shared/mission/001 (section 4):
-the student's per-token loss is one of
-
-- ``ce``: ``-log q(target)`` (no teacher; how the paper trains its teacher and controls),
-- ``kl``: ``KL(p || q)`` over the whole vocabulary,
-- ``topk``: the teacher's top-K probabilities renormalized to sum to one against the
-  student's full softmax (``tailjax.losses.topk_kl_from_logprobs``, ``"full"``),
-
-all computed blockwise from hidden states (``tailjax.head``): no ``[tokens, vocab]``
-logits exist, forward or backward. The teacher runs in the same jitted step, or its
-top-K comes from a cache written once by ``tailjax cache-teacher``.
+``tailjax distill`` reproduces the top-K distillation of ../shared/mission/001 (section 4) and its
+fine-tuning case (section 3): the student's per-token loss is one of ``tailjax.distill.objectives``
+(``ce``, ``kl``, ``topk``, ``reverse_kl``, ``jsd``), all computed blockwise from hidden states
+(``tailjax.head``): no ``[tokens, vocab]`` logits exist, forward or backward. The teacher runs in
+the same jitted step, or its top-K comes from a cache written once by ``tailjax cache-teacher``.
+Documents or prompt/answer records (``tailjax.spans``) feed it; adapters (``tailjax.models.lora``)
+may train alone on a frozen base; on a share of steps the student's own continuations may replace
+the corpus's targets (``tailjax.distill.on_policy``).
 
 With ``mesh`` set, parameters are placed by their logical axes and batches split over the
 data axes (``tailjax.mesh``); on several hosts each process reads its own share of the data.
@@ -27,10 +24,12 @@ percentile, p99, band mass, sketch) that ``tailjax select`` reads.
 from tailjax.distill.config import DTYPES, EVAL_FILE, OBJECTIVES, OPERATIONAL, DistillConfig
 from tailjax.distill.loop import DistillResult, distill, truncate_log
 from tailjax.distill.objectives import token_losses
+from tailjax.distill.on_policy import OnPolicyConfig
 from tailjax.distill.runs import evaluate_checkpoint, read_run, render
 from tailjax.distill.setup import Setup, batches, cache_teacher, model_id, pack, prepare, read_examples
 from tailjax.distill.step import TrainState, optimizer, train_step, validation_ce
 
-__all__ = ["DTYPES", "EVAL_FILE", "OBJECTIVES", "OPERATIONAL", "DistillConfig", "DistillResult", "Setup", "TrainState",
+__all__ = ["DTYPES", "EVAL_FILE", "OBJECTIVES", "OPERATIONAL", "DistillConfig", "DistillResult", "OnPolicyConfig",
+           "Setup", "TrainState",
            "batches", "cache_teacher", "distill", "evaluate_checkpoint", "model_id", "optimizer", "pack", "prepare",
            "read_examples", "read_run", "render", "token_losses", "train_step", "truncate_log", "validation_ce"]

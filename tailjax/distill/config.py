@@ -9,6 +9,7 @@ from typing import Any
 
 from tailjax import configs, head
 from tailjax.models import DTYPES as MODEL_DTYPES
+from tailjax.distill.on_policy import OnPolicyConfig
 from tailjax.models.lora import LoraConfig
 from tailjax.tasks import task_configs
 
@@ -59,6 +60,7 @@ class DistillConfig:
   mesh: str | None = None  # device mesh (tailjax.mesh): data=8, data=4,model=2, auto; None: one device
   lora: dict | None = None  # {rank, alpha, targets}: train low-rank adapters on a frozen pretrained student
   eval_task: dict | list | None = None  # tailjax.tasks.TaskConfig fields (or a list): accuracy beside each val CE
+  on_policy: dict | None = None  # OnPolicyConfig fields: a share of steps on the student's samples (GKD)
 
   def __post_init__(self):
     problems = configs.type_problems(self)
@@ -88,6 +90,14 @@ class DistillConfig:
         LoraConfig.from_dict(self.lora)
       except (TypeError, ValueError) as err:
         problems.append(str(err))
+    if self.on_policy is not None:
+      try:
+        OnPolicyConfig.from_dict(self.on_policy)
+      except (TypeError, ValueError) as err:
+        problems.append(str(err))
+      if self.objective == "ce" or self.teacher_cache is not None:
+        problems.append("on_policy batches are the student's samples scored by a teacher: they need a teacher "
+                        f"online and a distillation objective (not {'a teacher cache' if self.teacher_cache else 'ce'})")
     if self.objective not in OBJECTIVES:
       problems.append(f"objective={self.objective!r}: choose one of {OBJECTIVES}")
     if not 0 < self.jsd_beta < 1:

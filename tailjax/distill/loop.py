@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tailjax import files, mesh, tasks
+from tailjax import files, generate, mesh, tasks
+from tailjax.distill import on_policy
 from tailjax.distill.config import EVAL_FILE, OPERATIONAL, DistillConfig
 from tailjax.distill.setup import Setup, batches, model_id, prepare
 from tailjax.distill.step import TrainState, optimizer, student, train_step, validation_ce
@@ -119,6 +120,11 @@ def distill(config: DistillConfig, output: str | Path, *, force: bool = False, c
   tx, schedule = optimizer(config)
   state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   iterator = batches(setup)
+  policy = None if config.on_policy is None else on_policy.OnPolicyConfig.from_dict(config.on_policy)
+  if policy is not None and jax.process_count() > 1:
+    raise ValueError("on_policy: the student's continuations are sampled in one process; a run over several "
+                     "processes cannot use them yet")
+  eos_ids = generate.default_eos(setup.tokenizer)
   teacher_graphdef, teacher_state = (None, None) if setup.teacher is None else nnx.split(setup.teacher.model)
   loss_options = dict(objective=config.objective, vocab_size=setup.vocab_size, topk=config.topk,
                       temperature=config.temperature, block_size=config.block_size, beta=config.jsd_beta,
@@ -166,19 +172,36 @@ def distill(config: DistillConfig, output: str | Path, *, force: bool = False, c
       log("evals.jsonl", evals[step])
       return evals[step]
 
+    def next_batch(step: int) -> tuple[dict[str, Any], on_policy.Resampled | None]:
+      """The corpus's batch, or on a chosen step the student's continuations of its prompts."""
+      batch = next(iterator)
+      if policy is None or not on_policy.chosen(policy.fraction, config.seed, step):
+        return batch, None
+      resampled = on_policy.resample(student(graphdef, state.params, frozen), batch, policy,
+                                     on_policy.step_seed(config.seed, step), eos_ids)
+      return (resampled.batch if resampled.targets else batch), resampled  # nothing to rewrite: the corpus's
+
     tokens_per_step = config.batch_size * config.seq_len
     board = _tensorboard(output) if writer else None
     progress, task = _progress(console, config.steps, start)
     clock, clock_step = time.perf_counter(), start
+    sampled = {"on_policy_steps": 0, "sampled_tokens": 0}  # since the last log line
     try:
       for step in range(start + 1, config.steps + 1):
-        state, metrics = step_fn(state, place(next(iterator)), teacher_state, frozen)
+        batch, resampled = next_batch(step)
+        if resampled is not None:
+          sampled["on_policy_steps"] += 1
+          sampled["sampled_tokens"] += resampled.targets
+        state, metrics = step_fn(state, place(batch), teacher_state, frozen)
         saving = step % config.save_every == 0 or step == config.steps
         if step % config.log_every == 0 or saving:
           values = {k: float(v) for k, v in metrics.items()}
           now = time.perf_counter()
           values["tokens_per_s"] = (step - clock_step) * tokens_per_step / (now - clock)
           clock, clock_step = now, step
+          if policy is not None:
+            values.update(sampled)
+            sampled = dict.fromkeys(sampled, 0)
           losses[step] = values["loss"]
           log("metrics.jsonl", {"step": step, **values})
           for name, value in values.items() if board is not None else ():
