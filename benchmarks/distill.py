@@ -13,6 +13,9 @@ weights and random tokens:
            Target: cached >= 1.5x online.
   lora     token CE on a d=512, 8-layer model: every parameter trained (the baseline) vs rank-16 LoRA adapters on
            q, k, v, o, gate, up, down with the base frozen; step time, compiled temporaries, optimizer state.
+  on_policy  full KL, the teacher of `teacher` online: a corpus step (the baseline) vs an on-policy step (the student
+           continues each window's first half by 32 sampled tokens with its KV cache, then the same step):
+           what one on-policy step costs in corpus steps.
 
   python benchmarks/distill.py                    # both, batch 8 x 256 tokens
   python benchmarks/distill.py --only teacher --repeats 10
@@ -32,6 +35,7 @@ from flax import nnx
 
 from tailjax import distill, head, losses
 from tailjax.losses import TopK
+from tailjax.distill import on_policy
 from tailjax.models import Decoder, ModelConfig, lora
 
 VOCABS = (8192, 32768, 131072)
@@ -151,9 +155,30 @@ def bench_lora(args) -> None:
           f"{rows['every parameter'] / seconds:>11.2f}x")
 
 
+def bench_on_policy(args) -> None:
+  vocab = 8192
+  student = Decoder(config(256, 4, vocab), rngs=nnx.Rngs(0))
+  teacher = Decoder(config(512, 4, vocab), rngs=nnx.Rngs(1))
+  policy = on_policy.OnPolicyConfig(fraction=1.0, max_new_tokens=32, prompt_tokens=args.seq_len // 2)
+  batch = {k: np.asarray(v) for k, v in batch_for(vocab, args.batch, args.seq_len, False).items()}
+  step, state, teacher_state, _ = make_step(student, teacher, vocab, objective="kl")
+  corpus, _ = measure(step, state, jax.tree.map(jnp.asarray, batch), teacher_state, args.repeats)
+  sampling = []
+  for seed in range(args.repeats + 1):  # the first compiles
+    start = time.perf_counter()
+    resampled = on_policy.resample(student, batch, policy, seed)
+    sampling.append(time.perf_counter() - start)
+  sampled = statistics.median(sampling[1:])
+  print(f"\non_policy: full KL training step, teacher online, V={vocab}, {args.batch} x {args.seq_len} tokens; "
+        f"on-policy: {resampled.targets // args.batch} tokens sampled per window after its first {policy.prompt_tokens}")
+  print(f"{'step':>10} {'sampling s':>11} {'step s':>8} {'steps/s':>8} {'cost in corpus steps':>21}")
+  for name, extra in (("corpus", 0.0), ("on-policy", sampled)):
+    print(f"{name:>10} {extra:>11.3f} {corpus:>8.3f} {1 / (corpus + extra):>8.2f} {(corpus + extra) / corpus:>20.2f}x")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--only", choices=("head", "teacher", "lora"))
+  parser.add_argument("--only", choices=("head", "teacher", "lora", "on_policy"))
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq-len", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=5)
@@ -165,6 +190,8 @@ def main() -> None:
     bench_teacher(args)
   if args.only in (None, "lora"):
     bench_lora(args)
+  if args.only in (None, "on_policy"):
+    bench_on_policy(args)
 
 
 if __name__ == "__main__":

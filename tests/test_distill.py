@@ -155,6 +155,7 @@ def _logprobs(loaded, windows):
   return jax.nn.log_softmax(jnp.einsum("btd,dv->btv", hidden, loaded.model.unembedding()), axis=-1)
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny, tmp_path):
   cfg = config(tiny, steps=6, save_every=2, eval_every=3)
   whole = distill.distill(cfg, tmp_path / "whole")
@@ -179,6 +180,7 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny, tmp_pa
   assert sorted(longer.losses) == [7]
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_gives_the_same_steps_and_bfloat16_stays_close(tiny, tmp_path):
   one = distill.distill(config(tiny, steps=3, batch_size=4), tmp_path / "one")
   two = distill.distill(config(tiny, steps=3, batch_size=4, grad_accum=2), tmp_path / "two")

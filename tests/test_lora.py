@@ -57,6 +57,7 @@ def test_an_adapted_layer_computes_the_rank_r_update(rng):
     lora.LoraConfig(dropout=1.0)
 
 
+@pytest.mark.slow
 def test_lora_training_changes_only_adapters_merges_and_resumes(tiny, tmp_path):  # noqa: F811
   base_spec = str(tiny / "teacher.gguf")
   cfg = config(tiny, objective="ce", teacher=None, student=base_spec, lora=LORA, steps=4, save_every=2,

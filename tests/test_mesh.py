@@ -154,6 +154,7 @@ def test_two_processes_give_the_single_process_report(tiny, tmp_path):
   assert_same_numbers(merged, evaluate(tiny))
 
 
+@pytest.mark.slow
 def test_a_distill_step_gives_the_same_loss_on_every_mesh(tmp_path):
   from tailjax import distill
 

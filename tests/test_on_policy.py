@@ -70,6 +70,7 @@ def test_continuations_are_the_students_own_and_the_only_targets(rng):
   assert np.array_equal(draws[0], draws[1]) and not np.array_equal(draws[0], draws[2])
 
 
+@pytest.mark.slow
 def test_a_run_learns_from_its_samples_scored_by_the_teacher_and_resumes_to_them(tiny, tmp_path):  # noqa: F811
   policy = {"fraction": 0.5, "max_new_tokens": 5, "prompt_tokens": 6}
   cfg = config(tiny, objective="kl", seed=2, steps=6, save_every=2, eval_every=6, on_policy=policy)
