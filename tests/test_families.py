@@ -128,16 +128,19 @@ def test_logprobs_and_decoding_equal_transformers(family, tmp_path, rng):
 
 def check_adapters(loaded: models.LoadedModel, ids: np.ndarray, rng) -> None:
   """LoRA adapts the family (its default targets, whichever it has): adapters that moved off zero move the
-  log-probabilities, and merging them into the kernels gives the same log-probabilities (in place: call last)."""
+  log-probabilities, and merging them into the kernels gives the same log-probabilities (in place: call last).
+  Medians: in a mixture of experts a rounding difference may flip a near-tied routing choice and move one token's
+  later positions (seen once: 7.5e-4 in Gemma 4's MoE case); a wrong merge moves them all by the adapters' size."""
   base = np.asarray(loaded.logprobs(ids))
   assert lora.adapt(loaded.model, lora.LoraConfig(rank=2), nnx.Rngs(0)) > 0
   for _, module in nnx.iter_graph(loaded.model):
     if isinstance(module, Linear) and module.lora_b is not None:
       module.lora_b.set_value(jnp.asarray(rng.normal(0, 0.05, module.lora_b.shape), jnp.float32))
   adapted = np.asarray(loaded.logprobs(ids))
-  assert np.abs(adapted - base).max() > 1e-3
+  moved = np.median(np.abs(adapted - base))
   lora.merge(loaded.model)
-  assert np.abs(np.asarray(loaded.logprobs(ids)) - adapted).max() < 1e-4
+  merged = np.abs(np.asarray(loaded.logprobs(ids)) - adapted)
+  assert np.median(merged) < 1e-5 < 1e-3 < moved and merged.max() < 1e-2, (np.median(merged), moved, merged.max())
 
 
 def test_softcaps_and_window_bite(tmp_path, rng):
