@@ -1,3 +1,4 @@
+import gc
 import os
 import sys
 
@@ -16,6 +17,25 @@ sys.path.insert(0, os.path.dirname(__file__))
 @pytest.fixture
 def rng():
   return np.random.default_rng(20261123)
+
+
+MAP_BUDGET = 30_000  # of Linux's 65,530 memory maps per process (vm.max_map_count)
+
+
+@pytest.fixture(autouse=True)
+def compiled_programs_within_the_map_limit():
+  """Each compiled XLA program holds a few memory maps, and JAX keeps every program it compiled. A worker that ran
+  a few hundred tests passed Linux's per-process limit, and XLA's compiler crashed (SIGSEGV) at its next mapping:
+  the rare native crash of earlier suites. Past a budget the caches are dropped; programs compile again as needed."""
+  yield
+  try:
+    with open("/proc/self/maps") as maps:
+      count = sum(1 for _ in maps)
+  except OSError:  # not Linux
+    return
+  if count > MAP_BUDGET:
+    jax.clear_caches()
+    gc.collect()
 
 
 def pytest_collection_modifyitems(config, items):

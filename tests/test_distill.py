@@ -155,18 +155,23 @@ def _logprobs(loaded, windows):
   return jax.nn.log_softmax(jnp.einsum("btd,dv->btv", hidden, loaded.model.unembedding()), axis=-1)
 
 
+def interrupted_and_resumed(cfg: distill.DistillConfig, output, step: int) -> distill.DistillResult:
+  """A run killed at ``step`` (before its checkpoint), then the same command again: the resumed call's result."""
+
+  def interrupt(at, metrics):
+    if at == step:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    distill.distill(cfg, output, on_step=interrupt)
+  return distill.distill(cfg, output)
+
+
 @pytest.mark.slow
 def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny, tmp_path):
   cfg = config(tiny, steps=6, save_every=2, eval_every=3)
   whole = distill.distill(cfg, tmp_path / "whole")
-
-  def interrupt(step, metrics):
-    if step == 5:
-      raise KeyboardInterrupt
-
-  with pytest.raises(KeyboardInterrupt):
-    distill.distill(cfg, tmp_path / "cut", on_step=interrupt)
-  resumed = distill.distill(cfg, tmp_path / "cut")
+  resumed = interrupted_and_resumed(cfg, tmp_path / "cut", 5)
   assert sorted(resumed.losses) == [5, 6]  # restarted from the checkpoint of step 4
   assert all(resumed.losses[s] == whole.losses[s] for s in (5, 6))
   logs = [(tmp_path / run / "metrics.jsonl").read_text().splitlines() for run in ("whole", "cut")]

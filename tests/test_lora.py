@@ -14,7 +14,7 @@ from flax import nnx
 from tailjax import cli, distill, models
 from tailjax.models import Decoder, lora
 from tailjax.models.layers import Linear
-from test_distill import config, tiny  # noqa: F401 (the fixture)
+from test_distill import config, interrupted_and_resumed, tiny  # noqa: F401 (the fixture)
 from test_models import TINY
 
 LORA = {"rank": 3, "alpha": 6.0, "targets": ["q", "v", "down"], "dropout": 0.25}
@@ -64,14 +64,7 @@ def test_lora_training_changes_only_adapters_merges_and_resumes(tiny, tmp_path):
                eval_every=2, learning_rate=3e-2)
   whole = distill.distill(cfg, tmp_path / "whole")
   assert whole.losses[4] < whole.losses[1]
-
-  def interrupt(step, metrics):
-    if step == 3:
-      raise KeyboardInterrupt
-
-  with pytest.raises(KeyboardInterrupt):
-    distill.distill(cfg, tmp_path / "cut", on_step=interrupt)
-  resumed = distill.distill(cfg, tmp_path / "cut")
+  resumed = interrupted_and_resumed(cfg, tmp_path / "cut", 3)
   assert sorted(resumed.losses) == [3, 4] and all(resumed.losses[s] == whole.losses[s] for s in (3, 4))
   # adapter dropout acts in training: without it the losses before the first update (step 1's learning rate is 0
   # in warmup, and B = 0 leaves the adapters' output 0) are the same, the third is not

@@ -11,7 +11,7 @@ from flax import nnx
 from tailjax import distill
 from tailjax.distill import on_policy
 from tailjax.models import Decoder
-from test_distill import config, materialized_loss, tiny  # noqa: F401 (the fixture)
+from test_distill import config, interrupted_and_resumed, materialized_loss, tiny  # noqa: F401 (the fixture)
 from test_models import TINY
 
 
@@ -87,14 +87,7 @@ def test_a_run_learns_from_its_samples_scored_by_the_teacher_and_resumes_to_them
   logged = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
   assert [line["on_policy_steps"] for line in logged] == [int(s in chosen) for s in range(1, 7)]
   assert logged[0]["sampled_tokens"] == expected.targets
-
-  def interrupt(step, metrics):
-    if step == 5:
-      raise KeyboardInterrupt
-
-  with pytest.raises(KeyboardInterrupt):
-    distill.distill(cfg, tmp_path / "cut", on_step=interrupt)
-  resumed = distill.distill(cfg, tmp_path / "cut")
+  resumed = interrupted_and_resumed(cfg, tmp_path / "cut", 5)
   assert sorted(resumed.losses) == [5, 6] and all(resumed.losses[s] == whole.losses[s] for s in (5, 6))
 
 
