@@ -190,7 +190,8 @@ def generate_ids(model: Decoder, prompts: Sequence[Sequence[int]], config: Gener
     padded = batch + [batch[0]] * (config.batch_size - len(batch))  # one shape for every batch
     ends = _decode_batch(model, [prompts[p] for p, _ in padded], [p * config.samples + s for p, s in padded],
                          config, set(eos_ids), decode)
-    results.extend(Generation(p, s, end.text, tuple(end.ids), end.finish, end.eos_id) for (p, s), end in zip(batch, ends))
+    results.extend(Generation(p, s, end.text, tuple(end.ids), end.finish, end.eos_id)
+                   for (p, s), end in zip(batch, ends))
   return results
 
 

@@ -96,8 +96,9 @@ class DistillConfig:
       except (TypeError, ValueError) as err:
         problems.append(str(err))
       if self.objective == "ce" or self.teacher_cache is not None:
+        instead = "a teacher cache" if self.teacher_cache else "ce"
         problems.append("on_policy batches are the student's samples scored by a teacher: they need a teacher "
-                        f"online and a distillation objective (not {'a teacher cache' if self.teacher_cache else 'ce'})")
+                        f"online and a distillation objective (not {instead})")
     if self.objective not in OBJECTIVES:
       problems.append(f"objective={self.objective!r}: choose one of {OBJECTIVES}")
     if not 0 < self.jsd_beta < 1:
