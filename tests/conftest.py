@@ -8,6 +8,10 @@ import pytest
 
 # The command line's persistent compilation cache stays out of the user's cache directory in tests.
 os.environ["TAILJAX_COMPILE_CACHE"] = "off"
+# Tests compile far more than they run: XLA's CPU backend without LLVM's optimizations compiles the suite a third
+# faster (test_distill + test_lora: 125 s -> 84 s). Set before JAX starts its backend; subprocesses inherit it.
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0",
+                                                 "--xla_llvm_disable_expensive_passes=true"]))
 # Eight CPU devices, so sharding and mesh merges are tested on one machine.
 jax.config.update("jax_num_cpu_devices", 8)
 
