@@ -4,9 +4,9 @@ An adapted layer computes ``y = x W + b + (alpha / r) (d(x) A) B``: ``A: [in, r]
 ``B: [r, out]`` (zeros, so an adapted model starts equal to its base) are ``nnx.LoRAParam``s in float32 beside the
 frozen kernel ``W``, which keeps its dtype. ``d`` is dropout on the adapter's input (rate ``dropout``, the kept
 inputs scaled by ``1 / (1 - dropout)``, as in Hu et al.'s and PEFT's ``lora_dropout``) during a training step
-that gave the layers keys (``dropout_keys``); otherwise, and at ``dropout = 0``, ``d(x) = x``. In stacked layers (``tailjax.models.transformer.Stack``) adapters carry the
-kernels' leading ``[repeats]`` axis. ``merge`` folds them into the kernels, ``W + (alpha / r) A B``, and removes
-them: the result is a plain model.
+that gave the layers keys (``dropout_keys``); otherwise, and at ``dropout = 0``, ``d(x) = x``. In stacked layers
+(``tailjax.models.transformer.Stack``) adapters carry the kernels' leading ``[repeats]`` axis. ``merge`` folds
+them into the kernels, ``W + (alpha / r) A B``, and removes them: the result is a plain model.
 
 ``targets`` name linear layers by attribute: ``q``, ``k``, ``v``, ``o`` (every softmax family; Gated DeltaNet's
 projections too), ``gate``, ``up``, ``down`` (dense MLPs and an MoE's shared expert; routed experts are einsums
@@ -112,6 +112,7 @@ def dropout_keys(model: nnx.Module, key: jax.Array) -> int:
     module.lora_key = DropoutKey(jax.random.split(layer_key, lead) if lead else layer_key)
     count += 1
   return count
+
 
 def delta(module: Linear) -> jax.Array:
   """``scale * A B``: the adapted layer's change of kernel, ``[..., in, out]`` float32."""
