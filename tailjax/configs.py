@@ -33,12 +33,17 @@ def from_file(cls: type[Config], path: str | Path | None = None, **overrides) ->
       raise ValueError(f"{path}: unreadable config ({err})") from err
     if not isinstance(values, dict):
       raise ValueError(f"{path}: a config is a mapping of fields")
-    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f"{path}: unknown config fields {sorted(unknown)} (fields: "
-                       f"{', '.join(f.name for f in dataclasses.fields(cls))})")
+    refuse_unknown(cls, values, str(path), "config fields")
   values.update({k: v for k, v in overrides.items() if v is not None})
   return cls(**values)
+
+
+def refuse_unknown(cls: type, fields: dict[str, Any], where: str, what: str = "fields") -> None:
+  """Refuses ``fields`` the dataclass ``cls`` does not have, naming them and the ones it has."""
+  names = [f.name for f in dataclasses.fields(cls)]
+  unknown = set(fields) - set(names)
+  if unknown:
+    raise ValueError(f"{where}: unknown {what} {sorted(unknown)} (fields: {', '.join(names)})")
 
 
 def type_problems(config) -> list[str]:

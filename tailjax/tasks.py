@@ -20,7 +20,7 @@ import dataclasses
 import re
 from typing import Any, NamedTuple
 
-from tailjax import files, generate
+from tailjax import configs, files, generate
 
 METRICS = ("exact", "substring")
 DECODINGS = ("greedy", "sample")
@@ -54,10 +54,7 @@ class TaskConfig:
 
   @classmethod
   def from_dict(cls, fields: dict[str, Any]) -> TaskConfig:
-    unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      known = [f.name for f in dataclasses.fields(cls)]
-      raise ValueError(f"eval_task: unknown fields {sorted(unknown)} (known: {known})")
+    configs.refuse_unknown(cls, fields, "eval_task")
     if "data" not in fields:
       raise ValueError("eval_task needs data: a JSONL of prompt (or messages) and answer records")
     return cls(**fields)

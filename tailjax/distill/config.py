@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from tailjax import configs, head
-from tailjax.models import DTYPES as MODEL_DTYPES
 from tailjax.distill.on_policy import OnPolicyConfig
+from tailjax.models import DTYPES as MODEL_DTYPES
 from tailjax.models.lora import LoraConfig
 from tailjax.tasks import task_configs
 

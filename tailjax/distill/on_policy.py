@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from tailjax import configs
 from tailjax.generate import GenerateConfig, Sampling, generate_ids
 from tailjax.models.transformer import Decoder
 
@@ -57,10 +58,7 @@ class OnPolicyConfig:
 
   @classmethod
   def from_dict(cls, fields: dict[str, Any]) -> OnPolicyConfig:
-    unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      known = ", ".join(f.name for f in dataclasses.fields(cls))
-      raise ValueError(f"on_policy: unknown fields {sorted(unknown)} ({known})")
+    configs.refuse_unknown(cls, fields, "on_policy")
     return cls(**fields)
 
 

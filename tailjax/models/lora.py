@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tailjax import configs
 from tailjax.models.layers import Linear
 
 DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -55,9 +56,7 @@ class LoraConfig:
 
   @classmethod
   def from_dict(cls, fields: dict[str, Any]) -> LoraConfig:
-    unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f"lora: unknown fields {sorted(unknown)} (rank, alpha, targets, dropout)")
+    configs.refuse_unknown(cls, fields, "lora")
     return cls(**fields)
 
   def to_dict(self) -> dict[str, Any]:
