@@ -128,8 +128,9 @@ def _protocol(name: str) -> str:
               "with at least seq-len minus stride tokens of context (the first window scores all).")
 @click.option("--batch-size", type=int, help="Windows per step; default: 4, or the smallest multiple of --mesh's "
               "data shards above it. Each window is one bootstrap block whatever the batch.")
-@click.option("--until-ci", type=float, help="Stop once every candidate's 95%% KLD interval is this narrow relative "
-              "to its value (0.05: within 5%%), checked per batch; windows are then scored in a random order.")
+@click.option("--until-ci", type=float, help="Stop once the full width (high - low) of every candidate's 95%% KLD "
+              "interval is at most this share of its value (0.05: a width of 5%% of the value, about +-2.5%%), checked "
+              "per batch; windows are then scored in a random order. The report prints the interval checked last.")
 @click.option("--until-ci-summary", "until_ci_summaries", multiple=True,
               help=f"KLD summary --until-ci waits for (repeatable): mean, median, p90, p95, p99, p99.9. Default: "
               f"{', '.join(EVAL.until_ci_summaries)}.")

@@ -113,7 +113,11 @@ def kl_block(a: Array, b: Array) -> KLState:
   m = jnp.where(jnp.isfinite(ref.max), ref.max, 0.0)[..., None]
   log_w = a - m
   w = jnp.exp(log_w)
-  comparable = (a > -jnp.inf) & (b > -jnp.inf)
+  # Where the reference's mass underflows to 0 (-inf, or a large finite negative such as -1e9 or finfo.min: JAX
+  # code masks both ways) its token adds nothing to E_p; only the candidate's mass there counts, exactly as for -inf.
+  # Differencing a -1e9 logit would leave rounding of size ~64 in the exponent below.
+  held = w > 0
+  comparable = held & (b > -jnp.inf)
   hi, lo = _two_diff(a, b)
   hi = jnp.where(comparable, hi, 0.0)
   # Any centre gives the same KL; the weighted mean keeps e small. No gradient flows through it.
@@ -125,7 +129,7 @@ def kl_block(a: Array, b: Array) -> KLState:
   small = comparable & (jnp.abs(e) <= _SERIES_RADIUS)
   term = jnp.where(small, w * _phi_series(jnp.where(small, e, 0.0)), w_exp - w + w * e)
   # A candidate that rules out (-inf) a token the reference allows is infinitely far away.
-  term = jnp.where((a > -jnp.inf) & (b == -jnp.inf), jnp.inf, term)
+  term = jnp.where(held & (b == -jnp.inf), jnp.inf, term)
   center = center[..., 0]
   return KLState(ref, cand, center, jnp.sum(term, axis=-1), jnp.sum(w * e, axis=-1))
 
@@ -183,11 +187,15 @@ def argmax_merge(s: ArgmaxState, t: ArgmaxState) -> ArgmaxState:
 
 
 class EntropyState(NamedTuple):
-  """Running entropy of ``softmax(z)``: the log-sum-exp state and ``weighted = sum exp(z - max) (z - max)``, so
-  that ``H = log(sum) - weighted / sum`` (``lse - E_p[z]``); shapes ``[...]``."""
+  """Running entropy of ``softmax(z)``: the log-sum-exp state, ``weighted = sum exp(z - max) (z - max)`` (<= 0) and
+  ``rest = sum - 1``, the mass beside one maximal entry, kept apart (-1 where every entry is -inf); shapes ``[...]``.
+
+  ``H = log1p(rest) - weighted / sum`` adds two non-negative terms: on a near-certain token (``rest`` ~ H ~ 1e-8)
+  nothing cancels, where ``log(sum)`` would round ``1 + rest`` to float32 first."""
 
   lse: LseState
   weighted: Array
+  rest: Array
 
 
 def entropy_block(z: Array) -> EntropyState:
@@ -195,12 +203,15 @@ def entropy_block(z: Array) -> EntropyState:
   s = lse_block(z)
   m_safe = jnp.where(jnp.isfinite(s.max), s.max, 0.0)[..., None]
   e = jnp.exp(z - m_safe)
-  return EntropyState(s, jnp.sum(jnp.where(e > 0, e * (z - m_safe), 0.0), axis=-1))
+  below = z < s.max[..., None]
+  ties = jnp.sum(z == s.max[..., None], axis=-1) - 1  # other entries at the maximum, each of mass 1
+  rest = jnp.where(jnp.isfinite(s.max), jnp.sum(jnp.where(below, e, 0.0), axis=-1) + ties, -1.0)
+  return EntropyState(s, jnp.sum(jnp.where(e > 0, e * (z - m_safe), 0.0), axis=-1), rest)
 
 
 def entropy_merge(s: EntropyState, t: EntropyState) -> EntropyState:
   """Both parts re-expressed about the common max: ``sum e^(z - m') (z - m') = r (T + W (max - m'))``,
-  ``r = e^(max - m')``."""
+  ``r = e^(max - m')``; ``rest`` is the higher part's plus the whole of the other's (``1 + rest``, scaled)."""
   m = jnp.maximum(s.lse.max, t.lse.max)
   m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
 
@@ -208,12 +219,15 @@ def entropy_merge(s: EntropyState, t: EntropyState) -> EntropyState:
     shift = jnp.where(jnp.isfinite(x.lse.max), x.lse.max - m_safe, 0.0)
     return jnp.exp(shift) * (x.weighted + x.lse.sum * shift)
 
-  return EntropyState(lse_merge(s.lse, t.lse), moved(s) + moved(t))
+  s_higher = s.lse.max >= t.lse.max
+  rest = jnp.where(s_higher, s.rest + (1 + t.rest) * jnp.exp(t.lse.max - m_safe),
+                   t.rest + (1 + s.rest) * jnp.exp(s.lse.max - m_safe))
+  return EntropyState(lse_merge(s.lse, t.lse), moved(s) + moved(t), rest)
 
 
 def entropy_finish(s: EntropyState) -> Array:
-  """``H(softmax(z))`` in nats, >= 0."""
-  return jnp.maximum(jnp.log(s.lse.sum) - s.weighted / s.lse.sum, 0.0)
+  """``H(softmax(z))`` in nats, >= 0: ``log1p(rest) - weighted / sum``."""
+  return jnp.maximum(jnp.log1p(s.rest) - s.weighted / s.lse.sum, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,10 +278,10 @@ def _log1p_minus_x(x: Array) -> Array:
 def js_block(a: Array, b: Array, ref_lse: Array, cand_lse: Array, shift: KLShift) -> Array:
   """``a, b: [..., B]`` reference / candidate logits (``-inf`` where invalid), the full-vocabulary log-normalisers
   and ``kl_shift`` ``[...]`` -> this block's share ``[...]`` of JS(p, q) (see above)."""
-  both = (a > -jnp.inf) & (b > -jnp.inf)
+  p, q = jnp.exp(a - ref_lse[..., None]), jnp.exp(b - cand_lse[..., None])
+  both = (p > 0) & (q > 0)  # a mass that underflows (-inf, -1e9, finfo.min) leaves the other's alone, as in kl_block
   hi, lo = _two_diff(a, b)
   delta = jnp.where(both, -((hi - shift.center[..., None]) + lo) - shift.offset[..., None], 0.0)
-  p, q = jnp.exp(a - ref_lse[..., None]), jnp.exp(b - cand_lse[..., None])
   near = both & (jnp.abs(delta) <= 0.25)
   d = jnp.where(near, delta, 0.0)
   u, v = jnp.expm1(d), jnp.expm1(-d)

@@ -20,7 +20,7 @@ from tailjax.eval_state import EvalState, Moments
 from tailjax.evaluate import CONFIDENCE_BANDS, DIRECTION_QUANTITIES, MODEL_REFERENCE_QUANTITIES, confidence_quantity
 from tailjax.stats import HostHistogram, SequenceSummary, Summary, compare
 from tailjax.stats.blocks import Blocks
-from tailjax.stats.bootstrap import MIN_RELIABLE_BLOCKS, block_bootstrap, paired_resamples
+from tailjax.stats.bootstrap import MIN_RELIABLE_BLOCKS, REPLICATES, block_bootstrap, paired_resamples
 
 # llama.cpp's KLD and Δp quantile lines, so users can check one tool against the other.
 KLD_QUANTILES = (0.001, 0.01, 0.05, 0.1, 0.5, 0.9, 0.95, 0.99, 0.999)
@@ -33,9 +33,12 @@ def _quantile_table(sketch: HostHistogram, qs) -> dict[str, float]:
   return {f"{100 * q:g}%": float(v) for q, v in zip(qs, sketch.quantiles(qs))}
 
 
-def _summary(blocks: Blocks, merged: HostHistogram, spike_thresholds, replicates: int) -> dict:
+def _summary(blocks: Blocks, merged: HostHistogram, spike_thresholds, replicates: int,
+             also: tuple[str, ...] = ()) -> dict:
+  """A ``Summary``'s dictionary with 95% block-bootstrap intervals of mean, median, p99, the spike rate and the
+  summaries named in ``also`` (those ``--until-ci`` waited for: the same resamples, so the same intervals)."""
   summary = Summary.from_sketch(merged, spike_thresholds=spike_thresholds).to_dict()
-  statistics = dict(_CI_STATISTICS)
+  statistics = {**_CI_STATISTICS, **{name: stopping.STATISTICS[name] for name in also}}
   if spike_thresholds:
     statistics["spike_rate"] = lambda s: s.fraction_above(spike_thresholds[0])
   summary["ci95"] = {k: list(v) for k, v in block_bootstrap(blocks, statistics, replicates).items()}
@@ -49,7 +52,7 @@ def _summary(blocks: Blocks, merged: HostHistogram, spike_thresholds, replicates
 
 
 def build_report(state: EvalState, run: dict[str, Any], sources: dict[str, str], *, spike_thresholds=(0.5,),
-                 outlier_ppl: float = 100.0, replicates: int = 1000, windows=None, tokenizer=None) -> dict[str, Any]:
+                 outlier_ppl: float = 100.0, replicates: int = REPLICATES, windows=None, tokenizer=None) -> dict[str, Any]:
   """The ``report.json`` dictionary of a finished (or partial) run; with the run's ``windows`` and ``tokenizer``
   its highest-KLD tokens are listed with the text around them (``worst_tokens``)."""
   reference, candidates = state.labels[0], state.labels[1:]
@@ -71,7 +74,8 @@ def build_report(state: EvalState, run: dict[str, Any], sources: dict[str, str],
   for label in candidates:
     whole = state.merged("kld", label)
     summaries[label] = Summary.from_sketch(whole, spike_thresholds=spike_thresholds)
-    kld = _summary(state.sketches("kld", label), whole, spike_thresholds, replicates)
+    kld = _summary(state.sketches("kld", label), whole, spike_thresholds, replicates,
+                   tuple((run.get("until_ci") or {}).get("summaries", ())))
     kld["quantiles"] = _quantile_table(whole, KLD_QUANTILES)
     dp = state.merged("dp", label)
     report["candidates"][label] = {
@@ -120,10 +124,11 @@ def _splits(state: EvalState, label: str, whole: HostHistogram) -> dict[str, Any
   return out
 
 
-def corpus_report(state: EvalState, spike_thresholds=(0.5,)) -> dict[str, Any]:
+def corpus_report(state: EvalState, spike_thresholds=(0.5,), run: dict[str, Any] | None = None) -> dict[str, Any]:
   """One corpus of a several-corpus run (``runner.run_eval``): its own windows' KLD and CE summaries (with their
-  intervals), PPL ratio, top-1 agreement and verdicts."""
-  part = build_report(state, {}, {label: "" for label in state.labels}, spike_thresholds=spike_thresholds)
+  intervals, those ``run["until_ci"]`` checked per corpus among them), PPL ratio, top-1 agreement and verdicts."""
+  part = build_report(state, {"until_ci": (run or {}).get("until_ci")}, {label: "" for label in state.labels},
+                      spike_thresholds=spike_thresholds)
   return {"windows": state.windows_done, "scored_tokens": int(sum(state.seq_tokens)),
           "candidates": {label: {key: c[key] for key in ("kld", "ppl_ratio", "top1_agreement")}
                          for label, c in part["candidates"].items()},

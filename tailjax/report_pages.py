@@ -64,8 +64,14 @@ def notes(report: dict[str, Any]) -> list[str]:
   if until:
     how = (f"stopped after {until['windows_used']} of {report['run']['windows']} windows (scored in a random order)"
            if until["met"] else f"never met, all {until['windows_used']} windows scored")
-    notes.append(f"until-ci: 95% intervals of KLD {', '.join(until['summaries'])} within "
-                 f"{_percent(until['relative_width'], 1)} of the value: {how}")
+    widths = until.get("widths", {})
+    by_corpus = widths if report.get("corpora") else {"": widths}
+    checked = "; ".join(f"{corpus + ' ' if corpus else ''}{name} {summary} {_percent(w, 1)}"
+                        for corpus, by_name in by_corpus.items() for name, by_summary in by_name.items()
+                        for summary, w in by_summary.items())
+    notes.append(f"until-ci: full width (high − low) of the 95% interval of KLD {', '.join(until['summaries'])} "
+                 f"at most {_percent(until['relative_width'], 1)} of the value: {how}"
+                 + (f"; widths at the end: {checked}" if checked else ""))
   for name, c in report["candidates"].items():
     ci = c["kld"]["ci95"]
     interval = lambda key: f"[{_fmt(ci[key][0])}, {_fmt(ci[key][1])}]"

@@ -285,7 +285,7 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
                                       [w.take(range(s.windows_done)) for w, s in zip(parts, states)]),
                                   tokenizer=tokenizer)
   if len(parts) > 1:
-    result["corpora"] = {corpus: reporting.corpus_report(part_state, tuple(spike_thresholds))
+    result["corpora"] = {corpus: reporting.corpus_report(part_state, tuple(spike_thresholds), run)
                          for corpus, part_state in zip(corpora, states)}
   writes = [("the report", lambda: reporting.write(result, output))] if output is not None else []
   if cache is not None:

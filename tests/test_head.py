@@ -436,3 +436,21 @@ def test_student_divergences_value_and_gradient_match_float64(rng, objective):
   with pytest.raises(ValueError, match="beta=1.0"):
     head.generalized_jensen_shannon(teacher_hidden=h, teacher_unembedding=w, student_hidden=h_c,
                                     student_unembedding=w_c, beta=1.0)
+
+
+@pytest.mark.parametrize("block_size", [1, 5, 64])
+def test_reference_entropy_keeps_precision_on_near_certain_tokens(rng, block_size):
+  """H(p_ref) within 1% of float64 from 1e-8 to ~1 nat: a near-certain token's entropy is the mass beside its top
+  entry, which log(sum) would round away (with ties at the top and blocks split anywhere)."""
+  margins = np.linspace(2.0, 27.0, 40)  # top logit above the rest: H from ~1 down to ~1e-9
+  rows = rng.standard_normal((margins.size, 64)).astype(np.float32)
+  rows[:, 7] = rows.max(-1) + margins
+  rows[::5, 40] = rows[::5, 7]  # a tie at the top every fifth row
+  a = ref.f64(rows)
+  p = np.exp(a - ref.lse(a)[..., None])
+  want = -(p * np.log(p)).sum(-1)
+  assert want.min() < 1e-8 and want.max() > 0.5
+  eye = np.eye(rows.shape[0], dtype=np.float32)
+  stats = head.token_stats(ref_hidden=eye, ref_unembedding=rows, cand_hidden=eye, cand_unembedding=rows,
+                           targets=np.zeros(rows.shape[0], int), block_size=block_size)
+  np.testing.assert_allclose(stats.ref_entropy, want, rtol=1e-2)

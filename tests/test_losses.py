@@ -248,3 +248,49 @@ def test_topk_kl_under_jit_with_static_options(rng):
   fn = jax.jit(functools.partial(losses.topk_kl_divergence, k=4, normalization="tail"))
   np.testing.assert_allclose(fn(student_logits=student, teacher=teacher), ref.topk_kl(student, teacher, 4, "tail"),
                              rtol=1e-4)
+
+
+def _masked_kl(ref_logits, cand_logits):
+  """Float64 KL(p || q) summed where p > 0 only (a -inf logit: p = 0, no term)."""
+  lp, lq = ref.f64(ref_logits), ref.f64(cand_logits)
+  lp, lq = lp - ref.lse(lp)[..., None], lq - ref.lse(lq)[..., None]
+  p = np.exp(lp)
+  with np.errstate(invalid="ignore"):  # -inf - -inf where both rule a token out: no term
+    return np.sum(np.where(p > 0, p * (np.where(p > 0, lp - lq, 0)), 0.0), axis=-1)
+
+
+def _masked_js(ref_logits, cand_logits):
+  lp, lq = ref.f64(ref_logits), ref.f64(cand_logits)
+  p, q = np.exp(lp - ref.lse(lp)[..., None]), np.exp(lq - ref.lse(lq)[..., None])
+  m = (p + q) / 2
+  part = lambda x: np.where(x > 0, x * np.log(np.where(x > 0, x, 1) / m), 0.0)
+  return 0.5 * np.sum(part(p) + part(q), axis=-1)
+
+
+@pytest.mark.parametrize("neg", [-1e9, -1e30, float(np.finfo(np.float32).min)])
+def test_large_finite_negative_masks_count_as_zero_probability(rng, neg):
+  """JAX code masks with -1e9 or finfo.min as often as with -inf: wherever the reference's probability underflows
+  to 0 the token adds nothing (the candidate's mass there still counts), as for -inf; materialized and fused."""
+  a, b = logits_pair(rng, (3, 6, 97))
+  masked = rng.random(a.shape) < 0.3
+  with_neg = np.where(masked, neg, a).astype(np.float32)
+  want_kl, want_js = _masked_kl(np.where(masked, -np.inf, a), b), _masked_js(np.where(masked, -np.inf, a), b)
+  assert want_kl.min() > 1e-3
+  np.testing.assert_allclose(losses.kl_divergence(ref_logits=with_neg, cand_logits=b), want_kl, rtol=1e-5)
+  np.testing.assert_allclose(losses.jensen_shannon(ref_logits=with_neg, cand_logits=b), want_js, rtol=1e-4)
+  # the candidate masked the same way as the reference: only the unmasked tokens compared
+  both = np.where(masked, neg, b).astype(np.float32)
+  np.testing.assert_allclose(losses.kl_divergence(ref_logits=with_neg, cand_logits=both),
+                             _masked_kl(np.where(masked, -np.inf, a), np.where(masked, -np.inf, b)), rtol=1e-5)
+  # the fused head: one-hot hidden states select each token's row of logits exactly
+  rows = with_neg.reshape(-1, 97)
+  eye = np.eye(rows.shape[0], dtype=np.float32)
+  for block_size in (7, 97):
+    stats = head.token_stats(ref_hidden=eye, ref_unembedding=rows, cand_hidden=eye,
+                             cand_unembedding=b.reshape(-1, 97), targets=np.zeros(rows.shape[0], int),
+                             block_size=block_size, jensen_shannon=True)
+    np.testing.assert_allclose(stats.kld, want_kl.reshape(-1), rtol=1e-5)
+    np.testing.assert_allclose(stats.jensen_shannon, want_js.reshape(-1), rtol=1e-4)
+    np.testing.assert_allclose(
+        head.kl_divergence(ref_hidden=eye, ref_unembedding=rows, cand_hidden=eye,
+                           cand_unembedding=b.reshape(-1, 97), block_size=block_size), want_kl.reshape(-1), rtol=1e-5)

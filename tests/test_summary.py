@@ -68,6 +68,13 @@ def test_compare_rule():
   tied_median = stats.summarize(np.concatenate([np.linspace(0.0, 1.0, 1001), [0.5] * 50]).astype(np.float32))
   assert tied_median.median == low.median and tied_median.quantile(0.99) < low.quantile(0.99)
   assert stats.compare(low, tied_median, ("A", "B")).winner == "B"  # as good at the median, better in the tail
+  # each number beside its own name, whichever way round the winner was passed
+  for pair in ((low, high, ("x:int4", "y:int3")), (high, low, ("y:int3", "x:int4"))):
+    text = stats.compare(*pair).text
+    assert text.startswith("x:int4 dominates y:int3")
+    assert f"x:int4 median {low.median:.4g}, p99 {low.quantile(0.99):.4g}" in text
+    assert f"y:int3 median {high.median:.4g}, p99 {high.quantile(0.99):.4g}" in text
+    assert text.index("x:int4 median") < text.index("y:int3 median")
   broken = stats.summarize(np.concatenate([np.linspace(0.0, 0.1, 600), [np.nan] * 300, [np.inf] * 100]))
   verdict = stats.compare(broken, high, ("nan", "B"))
   assert verdict.winner is None and "nan has 400 non-finite of 1000 values" in verdict.text

@@ -21,6 +21,9 @@ BlockSketches = Blocks | Sequence[HostHistogram]
 # measured on SmolLM2 Q4_1 vs its @int4 (96 windows of pydoc as the population, 200 subsets), the nominal 95%
 # interval of the median KLD covered the population value 74% of the time from 3 blocks and 90% from 6 (issue 19).
 MIN_RELIABLE_BLOCKS = 8
+# Resamples per interval, for every interval tailjax computes: the report's, and the one ``--until-ci`` checks (so
+# the interval a run stopped on is the interval its report prints, bit for bit).
+REPLICATES = 1000
 
 
 def _weights(blocks: int, replicates: int, seed: int) -> np.ndarray:
@@ -34,7 +37,7 @@ def _blocks(blocks: BlockSketches) -> Blocks:
 
 
 def block_bootstrap(blocks: BlockSketches, statistics: Mapping[str, Callable[[HostHistogram], float]],
-                    replicates: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float]]:
+                    replicates: int = REPLICATES, level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float]]:
   """``{name: (low, high)}`` percentile intervals of each statistic over block resamples.
 
   With fewer than two blocks there is nothing to resample: the intervals are NaN.
@@ -49,7 +52,7 @@ def block_bootstrap(blocks: BlockSketches, statistics: Mapping[str, Callable[[Ho
   return {name: interval(v) for name, v in values.items()}
 
 
-def paired_resamples(blocks: Mapping[str, BlockSketches], replicates: int = 1000,
+def paired_resamples(blocks: Mapping[str, BlockSketches], replicates: int = REPLICATES,
                      seed: int = 0) -> dict[str, list[HostHistogram]] | None:
   """Each label's blocks resampled with the *same* draws (candidates scored on the same windows: their
   block-to-block variation is shared, so a difference between them is judged against its own noise, not
@@ -65,7 +68,7 @@ def paired_resamples(blocks: Mapping[str, BlockSketches], replicates: int = 1000
 
 
 def paired_block_bootstrap(a_blocks: BlockSketches, b_blocks: BlockSketches,
-                           holds: Callable[[HostHistogram, HostHistogram], bool], replicates: int = 1000,
+                           holds: Callable[[HostHistogram, HostHistogram], bool], replicates: int = REPLICATES,
                            seed: int = 0) -> float:
   """The share of paired block resamples (``paired_resamples``) in which ``holds(a, b)`` is true; NaN with fewer
   than two blocks."""

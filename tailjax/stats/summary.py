@@ -196,20 +196,25 @@ class Verdict:
 def compare(a: Summary, b: Summary, names: tuple[str, str] = ("A", "B")) -> Verdict:
   """A dominates B when its median and p99 are both no higher and one is lower; equal on both, they are equal;
   otherwise it is a trade-off. A summary with non-finite values (NaN/Inf, counted apart from its sketch) gets no
-  verdict: its median and p99 describe only its finite part."""
+  verdict: its median and p99 describe only its finite part.
+
+  The text names the candidates in the order it speaks of them (the winner first) and puts each one's median and
+  p99 beside its own name."""
   broken = [f"{name} has {s.nonfinite} non-finite of {s.n} values" for name, s in zip(names, (a, b))
             if s.nonfinite]
   if broken:
     return Verdict(None, f"no verdict between {names[0]} and {names[1]}: {'; '.join(broken)}")
   (ma, pa), (mb, pb) = (a.median, a.quantile(0.99)), (b.median, b.quantile(0.99))
-  numbers = f"median {ma:.4g} vs {mb:.4g}, p99 {pa:.4g} vs {pb:.4g}"
+  figures = {names[0]: (ma, pa), names[1]: (mb, pb)}
+  numbers = lambda first, second: "; ".join(
+      f"{name} median {figures[name][0]:.4g}, p99 {figures[name][1]:.4g}" for name in (first, second))
   if ma == mb and pa == pb:
-    return Verdict(None, f"{names[0]} and {names[1]} are equal ({numbers})")
+    return Verdict(None, f"{names[0]} and {names[1]} are equal ({numbers(*names)})")
   if ma <= mb and pa <= pb:
-    return Verdict(names[0], f"{names[0]} dominates {names[1]} ({numbers})")
+    return Verdict(names[0], f"{names[0]} dominates {names[1]} ({numbers(*names)})")
   if mb <= ma and pb <= pa:
-    return Verdict(names[1], f"{names[1]} dominates {names[0]} ({numbers})")
-  return Verdict(None, f"trade-off between {names[0]} and {names[1]} ({numbers})")
+    return Verdict(names[1], f"{names[1]} dominates {names[0]} ({numbers(names[1], names[0])})")
+  return Verdict(None, f"trade-off between {names[0]} and {names[1]} ({numbers(*names)})")
 
 
 def profile_distance(a: Summary, b: Summary, percents: Iterable[float] = PROFILE_PERCENTILES) -> float:
