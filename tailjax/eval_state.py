@@ -32,8 +32,8 @@ STATE_FORMAT = 2  # 1 (tailjax <= session 12): one dense block per batch
 
 class Moments(NamedTuple):
   """Per-candidate sums over scored tokens (arrays ``[C]`` from a batch; float64 on host, summed over the run)
-  from which the PPL ratio, the CE correlation and RMS Δp follow: ``tokens`` with both CEs finite, top-1
-  agreements, Δp and Δp², both CEs, their squares and their product."""
+  from which the PPL ratio, the CE correlation and RMS Δp follow: ``tokens`` with both CEs and the KLD finite, and
+  over those tokens: top-1 agreements, Δp and Δp², both CEs, their squares and their product."""
 
   tokens: Any
   top1: Any

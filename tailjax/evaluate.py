@@ -131,7 +131,6 @@ def _token_stats(models: tuple, outputs: list, tokens: jax.Array, scored: jax.Ar
 
 def _batch_stats(models: tuple, tokens: jax.Array, scored: jax.Array, stored, options: StepOptions) -> BatchStats:
   labels = options.labels
-  mask = scored.astype(jnp.float32)
   finite = lambda x: scored & (jnp.abs(x) < jnp.inf)
   per_window = lambda spec: jax.vmap(lambda v, w: LogHistogram.empty(spec).add(v, w))
   sketch = lambda values, spec=options.spec, where=scored: per_window(spec)(values, where)  # counts [B, size]
@@ -150,8 +149,13 @@ def _batch_stats(models: tuple, tokens: jax.Array, scored: jax.Array, stored, op
     dp = jnp.exp(-s.cand_ce) - jnp.exp(-s.ref_ce)
     sketches["ce"][label], sketches["kld"][label] = sketch(s.cand_ce), sketch(s.kld)
     sketches["dp"][label] = sketch(dp, DELTA_P_SPEC)
-    for q in MODEL_REFERENCE_QUANTITIES if s.reverse_kld is not None else ():
-      sketches[q][label] = sketch(getattr(s, q))
+    # One rule for every per-token value of the pair: a token whose KLD is not finite (NaN logits, a ruled-out
+    # reference token) is counted apart (NaN in a sketch, outside the moments), never as a miss or a match.
+    defined = finite(s.kld)
+    if s.reverse_kld is not None:
+      sketches["reverse_kld"][label] = sketch(s.reverse_kld)
+      for q in MODEL_REFERENCE_QUANTITIES[1:]:
+        sketches[q][label] = sketch(jnp.where(defined, getattr(s, q), jnp.nan))
     if s.jensen_shannon is not None:
       sketches.setdefault("jensen_shannon", {})[label] = sketch(s.jensen_shannon)
     rose = s.logprob_delta > 0
@@ -161,11 +165,10 @@ def _batch_stats(models: tuple, tokens: jax.Array, scored: jax.Array, stored, op
       inside = (s.ref_top1_prob >= lo) & ((s.ref_top1_prob < hi) | (i == len(bands) - 1))
       sketches[confidence_quantity(lo, hi)][label] = sketch(s.kld, where=scored & inside)
     seq_ce.append(jnp.sum(jnp.where(scored, s.cand_ce, 0.0), axis=1))
-    both = finite(s.ref_ce) & finite(s.cand_ce)
-    a, b = jnp.where(both, s.ref_ce, 0.0), jnp.where(both, s.cand_ce, 0.0)
-    d = jnp.where(finite(dp), dp, 0.0)
-    moments.append(Moments(jnp.sum(both), jnp.sum(s.top1_agreement * mask), jnp.sum(d), jnp.sum(d * d), jnp.sum(a),
-                           jnp.sum(b), jnp.sum(a * a), jnp.sum(b * b), jnp.sum(a * b)))
+    both = defined & finite(s.ref_ce) & finite(s.cand_ce)
+    a, b, d = (jnp.where(both, x, 0.0) for x in (s.ref_ce, s.cand_ce, dp))
+    moments.append(Moments(jnp.sum(both), jnp.sum(jnp.where(both, s.top1_agreement, 0.0)), jnp.sum(d), jnp.sum(d * d),
+                           jnp.sum(a), jnp.sum(b), jnp.sum(a * a), jnp.sum(b * b), jnp.sum(a * b)))
     # NaN sorts above +inf in top_k: non-finite tokens are the worst of all, as they should be.
     top.append(jax.lax.top_k(jnp.where(scored, s.kld, -jnp.inf).ravel(), options.worst))
     if options.dump:

@@ -283,4 +283,24 @@ def test_nan_candidates_rank_last_in_a_real_run(tiny, tmp_path):
   assert sum(v.startswith("no verdict") and "nan has 230 non-finite of 230 values" in v
              for v in comparison["verdicts"]) == 2  # both pairs with nan
   assert any(v.startswith("int8-g16-sym dominates int2-g16-asym") for v in comparison["verdicts"])
+  assert all(math.isnan(v) for v in result["candidates"]["nan"]["top_k"].values())  # n/a, never 0%
+  assert result["candidates"]["nan"]["top1_agreement"] != result["candidates"]["nan"]["top1_agreement"]
   shutil.rmtree(tmp_path / "nan")
+
+
+def test_a_candidate_equal_to_the_reference_but_on_nan_tokens_agrees_on_every_finite_one(tiny, tmp_path):
+  """NaN in one token's embedding row: every later position of a window is NaN (attention mixes it in), every
+  earlier one equals the reference. Overlaps and top-1 agreement describe the finite tokens (100%), the NaN ones
+  are counted apart, as KLD's are."""
+  partial = models.load(tiny / "tiny.gguf")
+  ids = np.asarray(partial.tokenizer.encode((tiny / "corpus.txt").read_text()))
+  token = int(np.argmin(np.abs(np.bincount(ids) / ids.size - 0.03)))  # in about half of the 24-token windows
+  embedding = partial.model.embed.embedding
+  embedding.set_value(embedding.get_value().at[token].set(np.nan))
+  models.save_checkpoint(partial, tmp_path / "partial")
+  result = runner.run_eval(str(tiny / "tiny.gguf"), [f"partial={tmp_path / 'partial'}"], str(tiny / "corpus.txt"),
+                           protocol=PROTOCOL, batch_size=5)
+  cand = result["candidates"]["partial"]
+  assert 0 < cand["kld"]["nonfinite"] < cand["kld"]["n"]
+  assert cand["top_k"] == {"top5_overlap": 1.0, "top10_overlap": 1.0, "top1_in_top5": 1.0}
+  assert cand["top1_agreement"] == 1.0 and cand["delta_p"]["mean"] == 0.0
