@@ -125,6 +125,7 @@ class Windows:
   corpus_tokens: int  # length of that stream
   fingerprint: str  # hash of tokens and scored positions: same fingerprint, same work
   truncated: int = 0  # records cut at the window length, losing scored tokens (span corpora: tailjax.spans)
+  dropped: tuple[str, ...] = ()  # file:line of the records left out with nothing to score (span corpora)
 
   def __len__(self) -> int:
     return len(self.tokens)
@@ -138,7 +139,7 @@ class Windows:
     rows = np.asarray(rows, np.int64)
     tokens, scored = self.tokens[rows], self.scored[rows]
     return Windows(tokens, scored, self.starts[rows], self.corpus_tokens, files.fingerprint(tokens, scored),
-                   self.truncated)
+                   self.truncated, self.dropped)
 
   @classmethod
   def concat(cls, parts: list[Windows]) -> Windows:
@@ -148,7 +149,8 @@ class Windows:
     tokens = np.concatenate([pad(w.tokens, 0) for w in parts])
     scored = np.concatenate([pad(w.scored, 1) for w in parts])
     return cls(tokens, scored, np.concatenate([w.starts for w in parts]), sum(w.corpus_tokens for w in parts),
-               files.fingerprint(*(w.fingerprint for w in parts)), sum(w.truncated for w in parts))
+               files.fingerprint(*(w.fingerprint for w in parts)), sum(w.truncated for w in parts),
+               sum((w.dropped for w in parts), ()))
 
   def shuffled(self, seed: int) -> Windows:
     """The same windows in a random order drawn by ``seed``: any prefix is a random sample (``--until-ci``)."""

@@ -60,12 +60,18 @@ class EvalConfig:
     return configs.from_file(cls, path, **overrides)
 
   def window_protocol(self) -> data.Protocol:
-    """The named protocol with this config's overrides (``num_sequences=0``: every window)."""
+    """The named protocol with this config's overrides (``num_sequences=0``: every window). A corpus of records
+    (prompt/response or chat JSONL, ``tailjax.spans``) scores every record unless ``num_sequences`` is given."""
+    from tailjax import spans
+
     chosen = data.PROTOCOLS[self.protocol or ("ram" if self.reference else "default")]
     overrides: dict[str, Any] = {k: v for k, v in (("seq_len", self.seq_len), ("seed", self.seed),
                                                    ("stride", self.stride)) if v is not None}
+    corpora = [self.corpus] if isinstance(self.corpus, str) else list(self.corpus)
     if self.num_sequences is not None:
       overrides["num_sequences"] = self.num_sequences or None
+    elif corpora and all(spans.span_kind(c) for c in corpora):
+      overrides["num_sequences"] = None
     return dataclasses.replace(chosen, **overrides)
 
   def to_dict(self) -> dict[str, Any]:

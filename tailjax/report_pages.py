@@ -134,6 +134,10 @@ def notes(report: dict[str, Any]) -> list[str]:
 def _title(report: dict[str, Any]) -> str:
   run = report["run"]
   scoring = f", {run['scoring']}" if run.get("scoring") else ""
+  if run.get("dropped_records"):
+    scoring += f"; {len(run['dropped_records'])} records with nothing to score left out"
+  if run.get("truncated_records"):
+    scoring += f"; {run['truncated_records']} records cut at the window length"
   return (f"reference {report['reference']} on {run['corpus']} ({run['protocol']}: {run['windows']} windows of "
           f"{run['seq_len']} tokens, {run['scored_tokens']} scored{scoring})")
 

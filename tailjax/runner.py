@@ -237,6 +237,12 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
     run["scoring"] = " / ".join(sorted({"chat": "assistant messages only", "prompt-response": "responses only",
                                         None: "every token"}[k] for k in kinds))
     run["truncated_records"] = windows.truncated
+    run["dropped_records"] = list(windows.dropped)
+    if windows.dropped:
+      shown = ", ".join(windows.dropped[:5]) + (f" and {len(windows.dropped) - 5} more" if len(windows.dropped) > 5
+                                                 else "")
+      console.print(f"[yellow]warning:[/yellow] {len(windows.dropped)} records have nothing to score (no assistant "
+                    f"turn or an empty response) and are left out: {shown}", highlight=False)
     if windows.truncated:
       console.print(f"[yellow]warning:[/yellow] {windows.truncated} records are longer than {protocol.seq_len} tokens: "
                     "their scored tokens past it are lost (raise --seq-len)")

@@ -9,11 +9,12 @@ Instruct models are judged on what they write. A JSONL corpus whose records hold
   tokenized as rendered (the template writes its own BOS); each assistant message's tokens are scored, from
   the end of the generation prompt to the end of the message as rendered (its end-of-turn marker included),
 
-becomes one window per record (``data.Windows``): a token is scored when its first character lies inside a
-span (a token straddling the start of a span belongs to the prompt). Windows are as long as the longest record
-(at most the protocol's ``seq_len``; shorter records padded, the padding never scored); a longer record is cut
-at ``seq_len`` and counted (``Windows.truncated``), and a record with nothing to score in its first ``seq_len``
-tokens is dropped.
+becomes one window per record (``data.Windows``): a token is scored when its characters overlap a span (a
+token straddling the start of a span, " Oslo" after a prompt that ends in a space, predicts the response's first
+characters, so it is scored). Windows are as long as the longest record (at most the protocol's ``seq_len``;
+shorter records padded, the padding never scored); a longer record is cut at ``seq_len`` and counted
+(``Windows.truncated``), and a record with nothing to score in its first ``seq_len`` tokens (no assistant turn,
+no messages, an empty response) is left out and named (``Windows.dropped``: its ``file:line``).
 """
 
 from __future__ import annotations
@@ -126,15 +127,15 @@ def read_records(spec: str, tokenizer) -> list[Record]:
 
 
 def record_tokens(record: Record, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-  """``ids [n]`` and ``in_span [n]`` (whether each token starts inside a span)."""
+  """``ids [n]`` and ``in_span [n]`` (whether each token's characters overlap a span; a BOS added here has none)."""
   encoding = tokenizer.backend.encode(record.text, add_special_tokens=False)
-  ids, starts = list(encoding.ids), [start for start, _ in encoding.offsets]
+  ids, offsets = list(encoding.ids), list(encoding.offsets)
   if not record.templated and tokenizer.add_bos and tokenizer.bos_id is not None:
-    ids, starts = [tokenizer.bos_id, *ids], [-1, *starts]
-  starts = np.asarray(starts)
+    ids, offsets = [tokenizer.bos_id, *ids], [(0, 0), *offsets]
+  starts, ends = np.asarray(offsets, np.int64).reshape(-1, 2).T
   in_span = np.zeros(len(ids), bool)
   for lo, hi in record.spans:
-    in_span |= (starts >= lo) & (starts < hi)
+    in_span |= (starts < hi) & (np.maximum(ends, starts + 1) > lo) & (ends > 0)
   return np.asarray(ids, np.int32), in_span
 
 
@@ -144,15 +145,18 @@ def span_windows(spec: str, tokenizer, protocol: Protocol) -> Windows:
   if protocol.stride is not None or protocol.score_second_half:
     raise ValueError(f"{spec}: a prompt/response or chat corpus is scored record by record; protocol "
                      f"{protocol.name!r} with a stride or half-window scoring does not apply")
-  encoded = [record_tokens(r, tokenizer) for r in read_records(spec, tokenizer)]
+  records = read_records(spec, tokenizer)
+  encoded = [record_tokens(r, tokenizer) for r in records]
   keep = [i for i, (_, in_span) in enumerate(encoded) if in_span[1:protocol.seq_len].any()]
+  dropped = tuple(records[i].where for i in sorted(set(range(len(records))) - set(keep)))
   if not keep:
-    raise ValueError(f"{spec}: no record has a response or assistant token to score within the first "
-                     f"{protocol.seq_len} tokens")
+    raise ValueError(f"{spec}: none of its {len(records)} records has a response or assistant token to score "
+                     f"within the first {protocol.seq_len} tokens")
   if protocol.num_sequences is not None:
     if protocol.num_sequences > len(keep):
       raise ValueError(f"{spec}: {len(keep)} records with tokens to score, fewer than the {protocol.num_sequences} "
-                       "sequences asked for")
+                       f"windows protocol {protocol.name!r} samples; give num_sequences 0 to score every record, or "
+                       "fewer")
     keep = sorted(np.random.default_rng(protocol.seed).choice(keep, protocol.num_sequences, replace=False).tolist())
   t = min(protocol.seq_len, max(4, *(len(encoded[i][0]) for i in keep)))  # a window holds at least 4 tokens
   tokens, scored = np.zeros((len(keep), t), np.int32), np.zeros((len(keep), t - 1), bool)
@@ -163,7 +167,7 @@ def span_windows(spec: str, tokenizer, protocol: Protocol) -> Windows:
     ids, in_span = ids[:t], in_span[:t]
     tokens[row, :len(ids)], scored[row, :len(ids) - 1] = ids, in_span[1:]
   return Windows(tokens, scored, np.asarray(keep, np.int64), sum(len(encoded[i][0]) for i in keep),
-                 files.fingerprint(tokens, scored), truncated)
+                 files.fingerprint(tokens, scored), truncated, dropped)
 
 
 def pack_records(records: list[Record], tokenizer, seq_len: int, source: str) -> Packed:

@@ -86,3 +86,40 @@ def test_span_corpora_name_what_is_wrong(smollm2, tmp_path):
   last_only = "{% for m in messages %}{% if loop.last %}{{ m.content }}{% endif %}{% endfor %}"
   with pytest.raises(ValueError, match="x:1: the chat template renders message 1 differently"):
     spans.render_chat(CHATS[0]["messages"], last_only, {}, "x:1")
+
+
+def test_a_response_token_that_starts_on_the_prompts_space_is_scored_and_drops_are_named(smollm2, tmp_path):
+  """" Oslo" is one token that starts on the prompt's trailing space: it predicts the response, so it is scored
+  (eval and SFT alike); records with nothing to score are left out, counted and named by file:line."""
+  tok = smollm2.tokenizer
+  records = [{"prompt": "The capital of Norway is ", "response": "Oslo"},
+             {"prompt": "Empty answer:", "response": ""},
+             {"prompt": "Q: 2+2?\nA:", "response": " 4"}]
+  corpus = write_jsonl(tmp_path / "pairs.jsonl", records)
+  windows = data.corpus_windows(corpus, tok, data.Protocol("pairs", seq_len=64, num_sequences=None))
+  assert windows.dropped == (f"{corpus}:2",) and windows.starts.tolist() == [0, 2]
+  first = windows.tokens[0, 1:][windows.scored[0]].tolist()
+  assert first == tok.encode(" Oslo") and len(first) == 1  # the token straddling the prompt's last character
+  assert tok.decode(windows.tokens[1, 1:][windows.scored[1]].tolist()) == " 4"
+  packed = spans.pack_records(spans.read_records(write_jsonl(tmp_path / "sft.jsonl", records[:1]), tok), tok, 32,
+                              "sft.jsonl")
+  assert packed.tokens[0][packed.scored[0]].tolist() == first
+  chats = write_jsonl(tmp_path / "chats.jsonl", CHATS + [{"messages": []}])
+  result = runner.run_eval(runner.default_reference(), ["@int4-g64"], chats, output=tmp_path / "run",
+                           protocol=data.Protocol("chat", seq_len=512, num_sequences=None))
+  assert result["run"]["dropped_records"] == [f"{chats}:3", f"{chats}:4"]
+  assert "2 records with nothing to score left out" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_a_record_corpus_scores_every_record_unless_a_number_is_asked_for(smollm2, tmp_path):
+  from tailjax.eval_config import EvalConfig
+
+  corpus = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+  for protocol in (None, "ram", "default"):  # 128 and 12 windows for plain text; two records here
+    chosen = EvalConfig(reference="x", corpus=corpus, protocol=protocol).window_protocol()
+    assert chosen.num_sequences is None and len(data.corpus_windows(corpus, smollm2.tokenizer, chosen)) == 2
+  assert EvalConfig(corpus="pydoc").window_protocol().num_sequences == 12
+  asked = EvalConfig(reference="x", corpus=corpus, num_sequences=5).window_protocol()
+  with pytest.raises(ValueError, match="2 records with tokens to score, fewer than the 5 windows protocol 'ram' "
+                                       "samples; give num_sequences 0 to score every record"):
+    data.corpus_windows(corpus, smollm2.tokenizer, asked)
