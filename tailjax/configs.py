@@ -9,15 +9,16 @@ comparison between a string and a number.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, TypeVar
 
 Config = TypeVar("Config")
 
 _KINDS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "dict": (dict,),
-          "list": (list, tuple), "None": (type(None),)}
+          "list": (list, tuple), "tuple": (list, tuple), "None": (type(None),)}
 _WANTED = {"str": "text", "int": "a whole number", "float": "a number", "bool": "true or false",
-           "dict": "a mapping", "list": "a list", "None": "null"}
+           "dict": "a mapping", "list": "a list", "tuple": "a list", "None": "null"}
 
 
 def from_file(cls: type[Config], path: str | Path | None = None, **overrides) -> Config:
@@ -46,9 +47,18 @@ def refuse_unknown(cls: type, fields: dict[str, Any], where: str, what: str = "f
     raise ValueError(f"{where}: unknown {what} {sorted(unknown)} (fields: {', '.join(names)})")
 
 
+def items(value: Any) -> Any:
+  """A field that holds a list: a string is one item (``targets: gate`` is ``("gate",)``, never its letters), a
+  list or tuple a tuple; anything else is left for ``type_problems`` to name."""
+  if isinstance(value, str):
+    return (value,)
+  return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
 def type_problems(config) -> list[str]:
   """``field=value must be ...`` for each field of the dataclass ``config`` whose value is not of its annotated
-  type (``int | None``, ``str | dict``, ``list``: a list or tuple)."""
+  type (``int | None``, ``str | dict``, ``list``: a list or tuple), and for each number that is not finite (a
+  YAML ``.inf`` or ``.nan`` trains NaN or never stops)."""
   problems = []
   for field in dataclasses.fields(config):
     value, names = getattr(config, field.name), [n.strip() for n in str(field.type).split("|")]
@@ -56,4 +66,13 @@ def type_problems(config) -> list[str]:
     allowed = tuple(t for n in names for t in _KINDS[n])
     if not isinstance(value, allowed) or (isinstance(value, bool) and "bool" not in names):
       problems.append(f"{field.name}={value!r} must be {' or '.join(_WANTED[n] for n in names)}")
+    elif isinstance(value, float) and not math.isfinite(value):
+      problems.append(f"{field.name}={value!r} must be a finite number")
   return problems
+
+
+def check_types(config, what: str) -> None:
+  """Raises ``ValueError("{what}: ...")`` naming every ``type_problems`` of ``config``."""
+  problems = type_problems(config)
+  if problems:
+    raise ValueError(f"{what}: " + "; ".join(problems))

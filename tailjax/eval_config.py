@@ -45,9 +45,8 @@ class EvalConfig:
   dtype: str = "auto"  # float32, bfloat16, float16, or auto: each checkpoint's own on an accelerator
 
   def __post_init__(self):
-    for name in ("candidates", "spike_thresholds", "until_ci_summaries"):  # YAML lists and CLI tuples alike
-      if isinstance(getattr(self, name), list):
-        object.__setattr__(self, name, tuple(getattr(self, name)))
+    for name in ("candidates", "spike_thresholds", "until_ci_summaries"):  # YAML lists, CLI tuples, one string
+      object.__setattr__(self, name, configs.items(getattr(self, name)))
     problems = configs.type_problems(self)
     if self.protocol is not None and self.protocol not in PROTOCOL_CHOICES:
       problems.append(f"protocol={self.protocol!r} is not one of {', '.join(PROTOCOL_CHOICES)}")

@@ -43,7 +43,8 @@ class TaskConfig:
   batch_size: int = 8
 
   def __post_init__(self):
-    object.__setattr__(self, "stop", tuple(self.stop))
+    object.__setattr__(self, "stop", configs.items(self.stop))
+    configs.check_types(self, "eval_task")
     if self.metric not in METRICS:
       raise ValueError(f"task metric {self.metric!r}: choose one of {METRICS}")
     if self.decoding not in DECODINGS:

@@ -172,14 +172,32 @@ def test_cache_k_zero_and_distill_fields_of_the_wrong_type_are_named(tiny, tmp_p
   code, output = cli(*eval_args(tiny, "--save-reference-cache", tmp_path / "r.npz", "--cache-k", "0"))
   assert code == 1 and "cache K 0" in output and not (tmp_path / "r.npz").exists()
   for text, message in (("steps: three\n", "steps='three' must be a whole number"),
-                        ("learning_rate: .nan\n", "learning_rate=nan must be finite"),
+                        ("learning_rate: .nan\n", "learning_rate=nan must be a finite number"),
                         ("objective: ce\ntemperature: -1\n", "temperature=-1 must be finite and above 0"),
                         ("objective: ce\nkeep: 0\n", "keep=0 must be at least 1"),
-                        ("objective: [ce]\n", "objective=['ce'] must be text")):
+                        ("objective: [ce]\n", "objective=['ce'] must be text"),
+                        ("objective: ce\nt2_scaling: true\n", "t2_scaling multiplies a divergence"),
+                        ("objective: ce\nlora: {alpha: .inf}\n", "alpha=inf must be a finite number"),
+                        ("objective: ce\neval_task: {data: t.jsonl, samples: '4', decoding: sample}\n",
+                         "samples='4' must be a whole number"),
+                        ("objective: ce\nlora: {targets: 7}\n", "targets=7 must be a list"),
+                        ("objective: ce\non_policy: {top_p: .nan}\n", "top_p=nan must be a finite number")):
     (tmp_path / "run.yaml").write_text(text)
     code, output = cli("distill", "--config", tmp_path / "run.yaml", "--output", tmp_path / "never")
     assert code == 1 and message in output, output
     assert not (tmp_path / "never").exists()
+
+
+def test_a_string_where_a_list_is_expected_is_one_item():
+  from tailjax.eval_config import EvalConfig
+  from tailjax.models.lora import LoraConfig
+  from tailjax.tasks import TaskConfig
+
+  assert TaskConfig.from_dict({"data": "t.jsonl", "stop": "END"}).stop == ("END",)  # not ('E', 'N', 'D')
+  assert LoraConfig.from_dict({"targets": "gate"}).targets == ("gate",)
+  assert LoraConfig.from_dict({"targets": "qkv"}).targets == ("qkv",)  # a name the model is then asked for
+  assert LoraConfig.from_dict({"targets": ["q", "v"]}).targets == ("q", "v")
+  assert EvalConfig(candidates="@int4").candidates == ("@int4",)
 
 
 def test_distill_never_adopts_a_directory_that_is_not_its_run(tiny, tmp_path):

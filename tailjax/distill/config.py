@@ -101,6 +101,8 @@ class DistillConfig:
                         f"online and a distillation objective (not {instead})")
     if self.objective not in OBJECTIVES:
       problems.append(f"objective={self.objective!r}: choose one of {OBJECTIVES}")
+    if self.t2_scaling and self.objective == "ce":
+      problems.append("t2_scaling multiplies a divergence from the teacher by temperature^2: objective ce has none")
     if not 0 < self.jsd_beta < 1:
       problems.append(f"jsd_beta={self.jsd_beta} must lie strictly between 0 and 1")
     if self.objective == "topk" and (self.topk is None or self.topk < 1):

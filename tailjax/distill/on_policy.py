@@ -43,6 +43,7 @@ class OnPolicyConfig:
   batch_size: int | None = None
 
   def __post_init__(self):
+    configs.check_types(self, "on_policy")
     if not 0 < self.fraction <= 1:
       raise ValueError(f"on_policy fraction {self.fraction!r}: expected a share of steps in (0, 1]")
     for name in ("max_new_tokens", "prompt_tokens"):

@@ -40,8 +40,9 @@ class LoraConfig:
   dropout: float = 0.0
 
   def __post_init__(self):
-    object.__setattr__(self, "targets", tuple(self.targets))
-    if not isinstance(self.rank, int) or self.rank < 1:
+    object.__setattr__(self, "targets", configs.items(self.targets))
+    configs.check_types(self, "lora")
+    if self.rank < 1:
       raise ValueError(f"lora rank {self.rank!r}: expected a whole number >= 1")
     if not self.alpha > 0:
       raise ValueError(f"lora alpha {self.alpha!r}: expected > 0")
