@@ -1,7 +1,9 @@
 """LoRA: adapters start at the base, train alone, merge into base + (alpha / r) A B, resume exactly, and a
 checkpoint of adapters is a model spec."""
 
+import dataclasses
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ from flax import nnx
 from tailjax import cli, distill, models
 from tailjax.models import Decoder, lora
 from tailjax.models.layers import Linear
+from tailjax.models.load import write_checkpoint_meta
 from test_distill import config, interrupted_and_resumed, tiny  # noqa: F401 (the fixture)
 from test_models import TINY
 
@@ -82,7 +85,8 @@ def test_lora_training_changes_only_adapters_merges_and_resumes(tiny, tmp_path):
               for path, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
   assert adapters and all(k.endswith(("lora_a", "lora_b")) for k in adapters)
   # loaded, it is the base with A B folded in: targets changed by exactly scale * A B, every other tensor as it was
-  base = kernels(models.load(base_spec).model)
+  base_model = models.load(base_spec)
+  base = kernels(base_model.model)
   merged = kernels(models.load(step_dir).model)
   assert merged.keys() == base.keys()
   changed = 0
@@ -101,5 +105,22 @@ def test_lora_training_changes_only_adapters_merges_and_resumes(tiny, tmp_path):
   assert result.exit_code == 0, result.output
   assert "lora" not in json.loads((out / "tailjax_model.json").read_text())
   assert all(np.array_equal(v, merged[k]) for k, v in kernels(models.load(out).model).items())
+  # a checkpoint, of adapters or whole, carries the tokenizer's end-of-sequence id and chat template: generation
+  # stops and chats as the base's does; one written before they were kept takes its base's
+  special = {"eos_id": 63, "chat_template": "{{ messages }}"}
+  templated = dataclasses.replace(base_model, tokenizer=dataclasses.replace(base_model.tokenizer, **special))
+  base_dir = models.save_checkpoint(templated, tmp_path / "templated")
+  adapters_dir = tmp_path / "adapters"
+  shutil.copytree(step_dir / "params", adapters_dir / "params")
+  write_checkpoint_meta(adapters_dir, templated.config, templated.tokenizer, "test", "float32",
+                               lora={**LORA, "base": str(base_dir)})
+  for directory in (base_dir, adapters_dir):
+    tokenizer = models.load(directory).tokenizer
+    assert (tokenizer.eos_id, tokenizer.chat_template) == (63, "{{ messages }}"), directory
+  meta = json.loads((adapters_dir / "tailjax_model.json").read_text())
+  del meta["tokenizer"]["eos_id"], meta["tokenizer"]["chat_template"]
+  (adapters_dir / "tailjax_model.json").write_text(json.dumps(meta))
+  assert (models.load(adapters_dir).tokenizer.eos_id, models.load(adapters_dir).tokenizer.chat_template) == (
+      63, "{{ messages }}")
   with pytest.raises(ValueError, match="LoRA adapts a pretrained model"):
     distill.prepare(config(tiny, objective="ce", teacher=None, tokenizer=base_spec, lora=LORA))

@@ -182,7 +182,8 @@ def write_checkpoint_meta(directory: Path, config: ModelConfig, tokenizer: Token
     meta["lora"] = lora
   if tokenizer is not None:
     tokenizer.backend.save(str(directory / "tokenizer.json"))
-    meta["tokenizer"] = {"file": "tokenizer.json", "add_bos": tokenizer.add_bos, "bos_id": tokenizer.bos_id}
+    meta["tokenizer"] = {"file": "tokenizer.json", "add_bos": tokenizer.add_bos, "bos_id": tokenizer.bos_id,
+                         "eos_id": tokenizer.eos_id, "chat_template": tokenizer.chat_template}
   partial = directory / (CHECKPOINT_FILE + ".partial")
   partial.write_text(json.dumps(meta, indent=1))
   partial.rename(directory / CHECKPOINT_FILE)
@@ -216,7 +217,11 @@ def _from_adapters(directory: Path, meta: dict, dtype, param_dtype, device_mesh)
   lora.adapt(base.model, lora.LoraConfig.from_dict(fields), nnx.Rngs(0))
   checkpoint.restore(directory / "params", base.model, device_mesh, kind=nnx.LoRAParam)
   lora.merge(base.model)
-  return LoadedModel(base.config, base.model, from_checkpoint_meta(directory, meta) or base.tokenizer, str(directory))
+  own = from_checkpoint_meta(directory, meta)
+  if own is not None and base.tokenizer is not None and "eos_id" not in meta["tokenizer"]:
+    # written before checkpoints carried them: the base's end-of-sequence id and chat template (same vocabulary)
+    own = dataclasses.replace(own, eos_id=base.tokenizer.eos_id, chat_template=base.tokenizer.chat_template)
+  return LoadedModel(base.config, base.model, own or base.tokenizer, str(directory))
 
 
 def load_config(spec: str | Path) -> ModelConfig:

@@ -57,11 +57,13 @@ def from_hf_directory(directory: Path) -> Tokenizer | None:
 
 
 def from_checkpoint_meta(directory: Path, meta: dict) -> Tokenizer | None:
-  """The tokenizer a tailjax checkpoint's description names (``{"file", "add_bos", "bos_id"}``), if any."""
+  """The tokenizer a tailjax checkpoint's description names (``{"file", "add_bos", "bos_id", "eos_id",
+  "chat_template"}``; the last two absent from checkpoints written before they were kept), if any."""
   if "tokenizer" not in meta:
     return None
   t = meta["tokenizer"]
-  return from_json(directory / t["file"], t["add_bos"], t["bos_id"])
+  return dataclasses.replace(from_json(directory / t["file"], t["add_bos"], t["bos_id"]), eos_id=t.get("eos_id"),
+                             chat_template=t.get("chat_template"))
 
 
 def from_json(path: Path, add_bos: bool = False, bos_id: int | None = None) -> Tokenizer:
