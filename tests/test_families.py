@@ -505,6 +505,24 @@ def test_gemma4_shared_kv_per_layer_inputs_scales_and_proportional_rope_bite(tmp
 
 
 
+def test_gemma4_per_layer_config_null_means_no_override_as_in_transformers(tmp_path, rng):
+  """``per_layer_config: null`` in config.json: transformers gives the full layers no override (head_dim 16 here,
+  not global_head_dim's default 512); tailjax reads the same and matches it."""
+  config_cls, overrides = FAMILIES["gemma4-wide-global-layers-proportional-rope"]
+  reference = random_hf_model(config_cls, tmp_path, **{**SMALL, **{k: v for k, v in overrides.items()
+                                                                   if k != "global_head_dim"}}, per_layer_config=None)
+  config_path = tmp_path / "config.json"
+  config = json.loads(config_path.read_text())
+  config.pop("global_head_dim", None)
+  config_path.write_text(json.dumps({**config, "per_layer_config": None}))
+  assert reference.model.layers[1].self_attn.head_dim == 16
+  loaded = models.load(tmp_path)
+  assert loaded.config.full_head_dim is None
+  ids = rng.integers(0, SMALL["vocab_size"], (2, SEQ))
+  diff = np.abs(np.asarray(loaded.logprobs(ids), np.float64) - torch_logprobs(reference, ids)).max()
+  assert diff <= 1e-4, diff
+
+
 def test_gemma4_multimodal_checkpoint_loads_its_language_model(tmp_path, rng, caplog):
   """Gemma 4 ships as ``gemma4`` (``Gemma4ForConditionalGeneration``): a vision tower and its embedder beside the
   language model under ``model.language_model``; tailjax loads the language model alone."""

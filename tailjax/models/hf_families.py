@@ -68,7 +68,9 @@ def _gemma4_fields(raw: dict, layer_types: tuple[str, ...] | None, path: Path) -
   full = [i for i in range(raw["num_hidden_layers"]) if layer_types is None or layer_types[i] == "full"]
   values_from_keys = bool(raw.get("attention_k_eq_v", False))
   per_layer = raw.get("per_layer_config")
-  if per_layer is None:
+  if "per_layer_config" in raw and per_layer is None:
+    overrides = {}  # present but null: transformers applies no override, every layer takes head_dim and KV heads
+  elif per_layer is None:
     overrides = {"head_dim": raw.get("global_head_dim", 512)}
     if values_from_keys and raw.get("num_global_key_value_heads") is not None:
       overrides["num_key_value_heads"] = raw["num_global_key_value_heads"]
