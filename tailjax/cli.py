@@ -91,7 +91,10 @@ def select(tables: tuple[Path, ...], by: str, summaries: str, task_scores: Path 
     raise click.ClickException(str(err)) from None
   selection.render(report, console)
   if output:
-    selection.write(report, output)
+    try:
+      selection.write(report, output)
+    except OSError as err:
+      raise click.ClickException(str(err)) from None
     console.print(f"wrote {output / 'selection.json'}, selection.md, selection.html")
 
 
@@ -189,6 +192,9 @@ def eval_command(config_file, output, device_mesh, plan_only, device_memory, can
     result = runner.run(config, output, console=Console(stderr=True))
   except (ValueError, FileNotFoundError) as err:
     raise click.ClickException(str(err)) from None
+  except OSError as err:  # a state that could not be saved (a full disk): the one saved before it is whole
+    raise click.ClickException(f"{err}. The evaluation stopped; {output or 'the run'} resumes from its last saved "
+                               "state: run the same command again once there is room") from None
   except KeyboardInterrupt:
     raise SystemExit(130) from None
   report_pages.render(result, console)
@@ -230,15 +236,15 @@ def generate_command(model_spec: str, prompts: Path, output: Path, max_new_token
     config = gen.GenerateConfig(max_new_tokens, gen.Sampling(temperature, top_k, top_p), samples, seed, stops,
                                 batch_size=batch_size)
     files.input_file(prompts, "prompts")
-    files.output_file(output, "generations")
+    files.new_file(output, "generations", prompts)
     loaded = models.load(model_spec, dtype=dtype)
     if loaded.tokenizer is None:
       raise ValueError(f"{model_spec}: has no tokenizer to encode prompts with")
     read = gen.read_prompts(str(prompts), loaded.tokenizer)
     generations = gen.generate(loaded, read, config)
-  except (ValueError, FileNotFoundError) as err:
+    gen.write_generations(str(output), read, generations)
+  except (ValueError, OSError) as err:
     raise click.ClickException(str(err)) from None
-  gen.write_generations(str(output), read, generations)
   finishes = collections.Counter(g.finish for g in generations)
   console.print(f"wrote {len(generations)} continuations of {len(read)} prompts to {output} "
                 f"({', '.join(f'{n} {k}' for k, n in sorted(finishes.items()))})")
@@ -253,11 +259,11 @@ def merge_command(checkpoint: Path, output: Path) -> None:
   from tailjax.models.load import save_checkpoint
 
   try:
-    files.output_dir(output, "the output directory")
+    files.new_dir(output, "the output directory")
     loaded = models.load(checkpoint)  # adapters restored onto their base and merged
-  except (ValueError, FileNotFoundError) as err:
+    save_checkpoint(loaded, output)
+  except (ValueError, OSError) as err:
     raise click.ClickException(str(err)) from None
-  save_checkpoint(loaded, output)
   Console().print(f"wrote {output} ({loaded.config.num_params / 1e6:.1f}M parameters)")
 
 
@@ -278,7 +284,10 @@ def report_command(runs: tuple[Path, ...], output: Path | None) -> None:
     raise click.ClickException(str(err)) from None
   report_pages.render(result, console)
   if output:
-    report.write(result, output)
+    try:
+      report.write(result, output)
+    except OSError as err:
+      raise click.ClickException(str(err)) from None
     console.print(f"wrote {output / 'report.json'}, report.md, report.html")
 
 
@@ -337,6 +346,9 @@ def distill(config_file, output, force, teacher_cache, **fields) -> None:
     result = training.distill(config, output, force=force, console=Console(stderr=True))
   except (ValueError, FileNotFoundError) as err:
     raise click.ClickException(str(err)) from None
+  except OSError as err:  # a full disk: what the last checkpoint holds is whole; the steps after it are lost
+    raise click.ClickException(f"{err}. Training stopped; {output} resumes from its last checkpoint (the steps "
+                               "after it run again): run the same command again once there is room") from None
   except KeyboardInterrupt:
     raise SystemExit(130) from None
   training.render(result, console)
@@ -360,7 +372,7 @@ def cache_teacher(config_file, output, logprob_dtype, shard_size, **fields) -> N
       task = progress.add_task("cache-teacher", total=None)
       meta = training.cache_teacher(config, output, logprob_dtype=logprob_dtype, shard_size=shard_size,
                                     on_shard=lambda done, total: progress.update(task, completed=done, total=total))
-  except (ValueError, FileNotFoundError) as err:
+  except (ValueError, OSError) as err:  # a full disk: the shards written are whole, the cache resumes
     raise click.ClickException(str(err)) from None
   except KeyboardInterrupt:
     raise SystemExit(130) from None

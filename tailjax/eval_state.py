@@ -193,10 +193,8 @@ def save_state(state: EvalState, path: Path) -> None:
           "specs": {f"{q}/{label}": state.blocks[q][label].spec.to_dict() for q, label in keys},
           "windows_per_block": state.windows_per_block, "last_block_windows": state.last_block_windows,
           "block_budget": state.block_budget, "routing": sorted(state.routing)}
-  tmp = path.with_name(path.name + ".tmp")
-  with tmp.open("wb") as f:
-    np.savez_compressed(f, meta=np.asarray(json.dumps(meta)), **arrays)
-  tmp.replace(path)
+  files.write_atomic(path, lambda f: np.savez_compressed(f, meta=np.asarray(json.dumps(meta)), **arrays),
+                     "the evaluation state")
 
 
 def load_state(path: Path) -> EvalState:

@@ -16,9 +16,9 @@ import json
 import math
 import os
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -76,6 +76,40 @@ def _plain(x: Any) -> Any:
   raise TypeError(f"{type(x).__name__} is not JSON serializable")
 
 
+class WriteError(OSError):
+  """A file that could not be written (a full disk, a quota, a file-size limit): it names the file and what it
+  held; nothing of it was kept (``write_atomic``)."""
+
+  def __str__(self) -> str:
+    return self.strerror or super().__str__()
+
+
+def write_atomic(path: str | Path, content: str | bytes | Callable[[BinaryIO], None], what: str) -> Path:
+  """Writes ``content`` (text, bytes, or a function that writes into a binary file) to ``path`` whole or not at
+  all: into a temporary file beside it, flushed to disk, then renamed over it. When the write fails (a full
+  disk) the temporary file is removed, a file already at ``path`` stays as it was, and ``WriteError`` names
+  ``what`` and ``path``."""
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  try:
+    with tmp.open("wb") as f:
+      if callable(content):
+        content(f)
+      else:
+        f.write(content.encode() if isinstance(content, str) else content)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except OSError as err:
+    tmp.unlink(missing_ok=True)
+    raise WriteError(err.errno, f"{path}: could not write {what} ({err.strerror or err}); nothing of it was "
+                     "kept") from err
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+  return path
+
+
 def input_file(path: str | Path, what: str) -> Path:
   """A file to read: missing -> ``FileNotFoundError``, a directory -> ``ValueError``, both naming ``what``."""
   path = Path(path)
@@ -115,6 +149,27 @@ def output_file(path: str | Path, what: str) -> Path:
   _writable(parent, path, what)
   if path.exists() and not os.access(path, os.W_OK):
     raise ValueError(f"{path}: {what} exists and is not writable")
+  return path
+
+
+def new_file(path: str | Path, what: str, *inputs: str | Path) -> Path:
+  """A file a run creates (``output_file``'s checks): refused if something is there already, or if it is one of
+  the ``inputs`` the run reads (``--output`` equal to ``--prompts``), so no run replaces a file it did not write."""
+  path = output_file(path, what)
+  for source in inputs:
+    if source is not None and Path(source).exists() and path.exists() and path.samefile(source):
+      raise ValueError(f"{path}: {what} would replace the input {source}; give another path")
+  if path.exists():
+    raise ValueError(f"{path}: {what} exists; nothing was overwritten: delete it or give another path")
+  return path
+
+
+def new_dir(path: str | Path, what: str) -> Path:
+  """A directory a run fills from scratch (``output_dir``'s checks): refused unless missing or empty, so another
+  run's files are never mixed with or replaced by these."""
+  path = output_dir(path, what)
+  if path.exists() and any(path.iterdir()):
+    raise ValueError(f"{path}: {what} is not empty; nothing was overwritten: give a new or empty directory")
   return path
 
 

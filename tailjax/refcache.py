@@ -61,11 +61,10 @@ class ReferenceCache:
     path = Path(path)
     meta = {"vocab_size": self.vocab_size, "source": self.source, "tokenizer": self.tokenizer,
             "corpus_tokens": self.windows.corpus_tokens, "fingerprint": self.windows.fingerprint}
-    with path.open("wb") as f:
-      np.savez_compressed(f, meta=np.asarray(json.dumps(meta)), tokens=self.windows.tokens,
-                          scored=self.windows.scored, starts=self.windows.starts, ids=self.ids,
-                          logprobs=self.logprobs, target_logprob=self.target_logprob)
-    return path
+    return files.write_atomic(path, lambda f: np.savez_compressed(
+        f, meta=np.asarray(json.dumps(meta)), tokens=self.windows.tokens, scored=self.windows.scored,
+        starts=self.windows.starts, ids=self.ids, logprobs=self.logprobs, target_logprob=self.target_logprob),
+        "the reference cache")
 
 
 def load(path: str | Path) -> ReferenceCache:

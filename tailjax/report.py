@@ -168,9 +168,9 @@ def write(report: dict[str, Any], output) -> None:
 
   output = Path(output)
   output.mkdir(parents=True, exist_ok=True)
-  (output / "report.json").write_text(files.json_text(report))
-  (output / "report.md").write_text(report_pages.to_markdown(report))
-  (output / "report.html").write_text(report_pages.to_html(report))
+  files.write_atomic(output / "report.json", files.json_text(report), "the report")
+  files.write_atomic(output / "report.md", report_pages.to_markdown(report), "the Markdown report")
+  files.write_atomic(output / "report.html", report_pages.to_html(report), "the HTML report")
 
 
 def routing_report(routing: dict[str, np.ndarray], reference: str, scored_tokens: int) -> dict[str, Any]:

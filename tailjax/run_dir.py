@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from tailjax import files
 from tailjax.eval_state import EvalState, load_state, save_state
 from tailjax.evaluate import evaluate
 
@@ -46,7 +47,7 @@ def prepare(output: Path, identity: dict[str, Any]) -> bool:
     changed = sorted(k for k in identity if not isinstance(saved, dict) or saved.get(k) != identity[k])
     owns_nothing = not (any(output.glob("state*.npz")) or (output / "report.json").exists())
     if changed and owns_nothing:
-      run_file.write_text(json.dumps(identity, indent=1))
+      files.write_atomic(run_file, json.dumps(identity, indent=1), "the run description")
       return False
     if changed:
       raise ValueError(f"{output} holds a different run ({', '.join(changed)} differ); nothing was overwritten. "
@@ -55,7 +56,7 @@ def prepare(output: Path, identity: dict[str, Any]) -> bool:
   if output.exists() and any(output.iterdir()):
     raise ValueError(f"{output} is not empty and holds no tailjax run; nothing was overwritten")
   output.mkdir(parents=True, exist_ok=True)
-  run_file.write_text(json.dumps(identity, indent=1))
+  files.write_atomic(run_file, json.dumps(identity, indent=1), "the run description")
   return False
 
 

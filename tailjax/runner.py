@@ -315,7 +315,7 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
 def _write_dump(dump: TokenDump, labels: Sequence[str], path) -> None:
   import pyarrow.parquet as pq
 
-  pq.write_table(dump.table(labels), path)
+  files.write_atomic(path, lambda f: pq.write_table(dump.table(labels), f), "the token dump")
 
 
 def _check_arguments(*, corpora, batch_size, spike_thresholds, worst, save_every, output, dump_tokens,
@@ -337,7 +337,7 @@ def _check_arguments(*, corpora, batch_size, spike_thresholds, worst, save_every
     raise ValueError(f"save_every {save_every}: give the seconds between saved states, 0 or more")
   if until_ci is not None and not (math.isfinite(until_ci) and until_ci > 0):
     raise ValueError(f"until-ci {until_ci}: give the relative width at which to stop, above 0 (e.g. 0.05: every "
-                     "interval within 5% of its value)")
+                     "interval's full width at most 5% of its value)")
   if not math.isfinite(block_memory_mb) or block_memory_mb <= 0:
     raise ValueError(f"block memory {block_memory_mb} MB: give the MB of per-window sketches to hold before "
                      "neighbouring blocks merge, above 0")
@@ -350,9 +350,10 @@ def _check_arguments(*, corpora, batch_size, spike_thresholds, worst, save_every
       files.input_file(path, what)
   if output is not None:
     files.output_dir(output, "the output directory")
+  corpora = [corpora] if isinstance(corpora, (str, Path)) else list(corpora)
   if dump_tokens is not None:
-    files.output_file(dump_tokens, "the token dump")
+    files.new_file(dump_tokens, "the token dump", *corpora)
   if save_reference_cache is not None:
-    files.output_file(save_reference_cache, "the reference cache to save")
+    files.new_file(save_reference_cache, "the reference cache to save", *corpora)
 
 

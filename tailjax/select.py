@@ -336,6 +336,6 @@ def write(report: SelectionReport, output: str | Path) -> None:
   """``selection.json`` (the contract), ``selection.md`` and a self-contained ``selection.html``."""
   output = Path(output)
   output.mkdir(parents=True, exist_ok=True)
-  (output / "selection.json").write_text(files.json_text(report.to_dict(), indent=2))
-  (output / "selection.md").write_text(to_markdown(report))
-  (output / "selection.html").write_text(to_html(report))
+  files.write_atomic(output / "selection.json", files.json_text(report.to_dict(), indent=2), "the selection")
+  files.write_atomic(output / "selection.md", to_markdown(report), "the Markdown selection")
+  files.write_atomic(output / "selection.html", to_html(report), "the HTML selection")

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from tailjax import head
+from tailjax import files, head
 from tailjax.data import Packed
 from tailjax.frozen import frozen_jit
 from tailjax.models import LoadedModel
@@ -97,7 +97,7 @@ def write(teacher: LoadedModel, name: str, packed: Packed, k: int, directory: st
     raise ValueError(f"{directory} is not empty and holds no teacher cache; nothing was overwritten")
   else:
     directory.mkdir(parents=True, exist_ok=True)
-    meta_path.write_text(json.dumps(dataclasses.asdict(meta), indent=1))
+    files.write_atomic(meta_path, json.dumps(dataclasses.asdict(meta), indent=1), "the teacher cache's description")
   id_dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
   for shard in range(meta.shards):
     final = _shard_dir(directory, shard)

@@ -178,6 +178,14 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny, tmp_pa
   strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in lines]
   assert strip(logs[0]) == strip(logs[1])
   assert resumed.evals[6]["ce"] == whole.evals[6]["ce"]
+  # a run stopped while writing its last checkpoint's files (a full disk): resuming writes back what it lacks, the
+  # evaluation from evals.jsonl, so the checkpoint is a model spec with its eval again (select reads it)
+  last = tmp_path / "whole" / "checkpoints" / "6"
+  saved_eval = json.loads((last / "eval.json").read_text())
+  (last / "eval.json").unlink()
+  (last / "tailjax_model.json").unlink()
+  distill.distill(cfg, tmp_path / "whole")
+  assert json.loads((last / "eval.json").read_text()) == saved_eval and (last / "tailjax_model.json").exists()
   # a changed config is refused, unless forced
   with pytest.raises(ValueError, match=r"learning_rate: 0.003 -> 0.001"):
     distill.distill(dataclasses.replace(cfg, learning_rate=1e-3), tmp_path / "cut")

@@ -2,17 +2,20 @@
 range. Each must end in one clear error naming the file, field or value (exit code 1 from the CLI, never a
 traceback), lose nothing already done, and never leave a figure silently wrong."""
 
+import contextlib
 import dataclasses
 import json
 import math
+import resource
 import shutil
+import signal
 
 import numpy as np
 import pytest
 import transformers
 from click.testing import CliRunner
 
-from tailjax import distill, models, run_dir, runner, teacher_cache
+from tailjax import distill, files, models, run_dir, runner, teacher_cache
 from tailjax.cli import main
 from test_eval import PROTOCOL, write_tiny_model_and_corpus
 from test_hf import random_hf_model, tokenizer_files
@@ -322,3 +325,63 @@ def test_a_candidate_equal_to_the_reference_but_on_nan_tokens_agrees_on_every_fi
   assert 0 < cand["kld"]["nonfinite"] < cand["kld"]["n"]
   assert cand["top_k"] == {"top5_overlap": 1.0, "top10_overlap": 1.0, "top1_in_top5": 1.0}
   assert cand["top1_agreement"] == 1.0 and cand["delta_p"]["mean"] == 0.0
+
+
+@contextlib.contextmanager
+def file_size_limit(size: int):
+  """Every file this process writes stops at ``size`` bytes, as on a full disk (the kernel's RLIMIT_FSIZE: a write
+  past it fails with EFBIG; SIGXFSZ ignored so the process lives on)."""
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+  try:
+    yield
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_a_file_written_whole_or_not_at_all(tmp_path):
+  target = tmp_path / "report.html"
+  target.write_text("the old report")
+  with file_size_limit(1000), pytest.raises(OSError, match=r"report.html: could not write the HTML report \(File "
+                                                             r"too large\); nothing of it was kept"):
+    files.write_atomic(target, "x" * 5000, "the HTML report")
+  assert target.read_text() == "the old report" and sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
+  files.write_atomic(target, "x" * 5000, "the HTML report")
+  assert target.read_text() == "x" * 5000 and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_full_disk_stops_an_eval_with_its_state_whole_and_it_resumes(tiny, tmp_path):
+  out = tmp_path / "run"
+  assert cli("--no-compile-cache", *eval_args(tiny, "--output", tmp_path / "clean"))[0] == 0
+  with file_size_limit(2000):  # room for run.json, not for a state
+    code, output = cli("--no-compile-cache", *eval_args(tiny, "--output", out))
+  assert code == 1 and "could not write the evaluation state" in output and "resumes from its last saved state" in output
+  assert sorted(p.name for p in out.iterdir()) == ["run.json"]  # no temporary, no half file
+  code, output = cli("--no-compile-cache", *eval_args(tiny, "--output", out))
+  assert code == 0, output
+  saved, clean = (json.loads((d / "report.json").read_text()) for d in (out, tmp_path / "clean"))
+  assert saved["candidates"] == clean["candidates"]
+  html = (out / "report.html").read_bytes()
+  with file_size_limit(len(html) // 2):  # the report re-rendered: the HTML cannot be written, the old one stays
+    code, output = cli("--no-compile-cache", "report", out, "--output", out)
+  assert code == 1 and "could not write the HTML report" in output
+  assert (out / "report.html").read_bytes() == html and not list(out.glob(".*.tmp"))
+
+
+def test_no_run_replaces_a_file_it_did_not_write(tiny, tmp_path, monkeypatch):
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text('{"prompt": "the"}\n')
+  code, output = cli("generate", "--model", tiny / "tiny.gguf", "--prompts", prompts, "--output", prompts)
+  assert code == 1 and "would replace the input" in output and prompts.read_text() == '{"prompt": "the"}\n'
+  monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("a model was loaded before the outputs were checked"))
+  (tmp_path / "t.parquet").write_text("another run's dump")
+  code, output = cli(*eval_args(tiny, "--dump-tokens", tmp_path / "t.parquet"))
+  assert code == 1 and "the token dump exists; nothing was overwritten" in output
+  assert (tmp_path / "t.parquet").read_text() == "another run's dump"
+  (tmp_path / "merged").mkdir()
+  (tmp_path / "merged" / "notes.txt").write_text("mine")
+  code, output = cli("merge", tmp_path / "adapters", "--output", tmp_path / "merged")
+  assert code == 1 and "the output directory is not empty; nothing was overwritten" in output
+  assert [p.name for p in (tmp_path / "merged").iterdir()] == ["notes.txt"]

@@ -73,7 +73,15 @@ def truncate_log(path: Path, last_step: int) -> None:
                        "the checkpoints hold the run)") from err
     if step is not None and step <= last_step:
       kept.append(line)
-  path.write_text("".join(line + "\n" for line in kept))
+  files.write_atomic(path, "".join(line + "\n" for line in kept), "a log")
+
+
+def logged_eval(path: Path, step: int) -> dict[str, Any] | None:
+  """The evaluation ``evals.jsonl`` logged at ``step``, if any (a checkpoint's ``eval.json`` holds the same)."""
+  if not path.exists():
+    return None
+  records = (json.loads(line) for line in path.read_text(errors="replace").splitlines() if line.strip())
+  return next((r for r in records if r.get("step") == step), None)
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:
@@ -89,9 +97,7 @@ def _write_sidecars(step_dir: Path, setup: Setup, source: str, evaluation: dict[
                                                "base": model_id(config.student)}
   write_checkpoint_meta(step_dir, setup.student.cfg, setup.tokenizer, source, "float32", lora=adapters)
   if evaluation is not None:
-    partial = step_dir / (EVAL_FILE + ".partial")
-    partial.write_text(json.dumps(evaluation, indent=1))
-    partial.rename(step_dir / EVAL_FILE)
+    files.write_atomic(step_dir / EVAL_FILE, json.dumps(evaluation, indent=1), "the checkpoint's evaluation")
 
 
 def distill(config: DistillConfig, output: str | Path, *, force: bool = False, console=None,
@@ -106,7 +112,7 @@ def distill(config: DistillConfig, output: str | Path, *, force: bool = False, c
   setup = prepare(config)
   if writer:
     output.mkdir(parents=True, exist_ok=True)
-    (output / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    files.write_atomic(output / "config.json", json.dumps(config.to_dict(), indent=1), "the run's config")
   device_mesh = None if config.mesh is None else mesh.parse(config.mesh)
   place = lambda batch: jax.tree.map(jnp.asarray, batch)
   if device_mesh is not None:
@@ -152,10 +158,12 @@ def distill(config: DistillConfig, output: str | Path, *, force: bool = False, c
           train=ocp.args.StandardRestore({"step": state.step, "opt_state": state.opt_state}),
           data=grain.checkpoint.CheckpointRestore(iterator)))
       state = TrainState(restored["train"]["step"], restored["params"], restored["train"]["opt_state"])
-      if writer:
-        _write_sidecars(output / "checkpoints" / str(start), setup, f"{output}@{start}", None)
     for name in ("metrics.jsonl", "evals.jsonl") if writer else ():
       truncate_log(output / name, start)
+    if start and writer:  # a run stopped while writing them (a full disk): the checkpoint gets back what it lacks
+      step_dir = output / "checkpoints" / str(start)
+      _write_sidecars(step_dir, setup, f"{output}@{start}",
+                      None if (step_dir / EVAL_FILE).exists() else logged_eval(output / "evals.jsonl", start))
 
     def evaluate(step: int) -> dict[str, Any]:
       summary = validation_ce(graphdef, state.params, setup.val, batch_size=config.batch_size,

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tailjax import files
 from tailjax.frozen import frozen_jit
 from tailjax.models import checkpoint, gguf, hf, lora, place
 from tailjax.models.config import ModelConfig
@@ -181,12 +182,10 @@ def write_checkpoint_meta(directory: Path, config: ModelConfig, tokenizer: Token
   if lora is not None:
     meta["lora"] = lora
   if tokenizer is not None:
-    tokenizer.backend.save(str(directory / "tokenizer.json"))
+    files.write_atomic(directory / "tokenizer.json", tokenizer.backend.to_str(), "the tokenizer")
     meta["tokenizer"] = {"file": "tokenizer.json", "add_bos": tokenizer.add_bos, "bos_id": tokenizer.bos_id,
                          "eos_id": tokenizer.eos_id, "chat_template": tokenizer.chat_template}
-  partial = directory / (CHECKPOINT_FILE + ".partial")
-  partial.write_text(json.dumps(meta, indent=1))
-  partial.rename(directory / CHECKPOINT_FILE)
+  files.write_atomic(directory / CHECKPOINT_FILE, json.dumps(meta, indent=1), "the checkpoint description")
 
 
 def from_checkpoint(directory: str | Path, dtype=None, param_dtype=None, device_mesh=None) -> LoadedModel:
