@@ -252,6 +252,8 @@ def record_prompt(record: dict, tokenizer, where: str) -> Prompt:
     prompt = encode_prompt(tokenizer, text, templated=True)
   else:
     raise ValueError(f"{where}: a prompt record needs a 'prompt' string or a 'messages' list")
+  if not prompt.ids:  # found when the file is read, not at the first generation (a training run's first eval)
+    raise ValueError(f"{where}: the prompt is empty (no BOS either): a continuation needs a token to follow")
   return prompt._replace(record=record)
 
 

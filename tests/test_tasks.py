@@ -56,3 +56,12 @@ def test_task_accuracy_is_saved_with_every_checkpoint_and_select_correlates_it(t
   task.write_text(json.dumps({"prompt": "x"}) + "\n")
   with pytest.raises(ValueError, match=f"{task}:1: a task record needs an 'answer'"):
     tasks.read_task(str(task), loaded.tokenizer)
+
+
+def test_an_empty_task_prompt_is_refused_before_the_first_step(tiny, tmp_path):  # noqa: F811
+  """Found when the run is set up, by file:line, not at the first evaluation after training steps."""
+  task = tmp_path / "task.jsonl"
+  task.write_text(json.dumps({"prompt": "the cat", "answer": "a"}) + "\n" + json.dumps({"prompt": "", "answer": "a"}))
+  cfg = config(tiny, objective="ce", teacher=None, tokenizer=str(tiny / "teacher.gguf"), eval_task={"data": str(task)})
+  with pytest.raises(ValueError, match=rf"{task}:2: the prompt is empty"):
+    distill.prepare(cfg)
