@@ -188,6 +188,9 @@ def eval_command(config_file, output, device_mesh, plan_only, device_memory, can
                             device_bytes=None if device_memory is None else int(device_memory * 2**30))
       for line in made.lines():
         console.print(line, highlight=False)
+      if made.fits is False:
+        raise ValueError(f"the plan does not fit: lower --batch-size (now {made.batch_size}) or --seq-len (now "
+                         f"{made.seq_len}), or spread the models over a --mesh")
       return
     result = runner.run(config, output, console=Console(stderr=True))
   except (ValueError, FileNotFoundError) as err:

@@ -29,6 +29,8 @@ class Plan:
   weights_bytes: int  # per device, every model together
   temp_bytes: int  # per device, the compiled batch step
   device_bytes: int | None  # what one device holds, when known
+  batch_size: int  # windows per step planned for
+  seq_len: int  # tokens per window planned for
   note: str | None = None  # how the temporaries were estimated, when not by the run's own compile
 
   @property
@@ -39,7 +41,8 @@ class Plan:
     gib = lambda b: f"{b / 2**30:.2f} GiB"
     verdict = ("fits" if self.fits else "does NOT fit") if self.fits is not None else "device memory unknown"
     room = f" of {gib(self.device_bytes)}" if self.device_bytes is not None else ""
-    return [f"plan on {self.devices} x {self.device_kind}, parameters {', '.join(self.dtypes)}:",
+    return [f"plan on {self.devices} x {self.device_kind} for batches of {self.batch_size} windows x {self.seq_len} "
+            f"tokens, parameters {', '.join(self.dtypes)}:",
             f"  weights per device {gib(self.weights_bytes)} + compiled step temporaries {gib(self.temp_bytes)} = "
             f"{gib(self.weights_bytes + self.temp_bytes)}{room}: {verdict}"] + \
         ([f"  ({self.note})"] if self.note else [])
@@ -73,4 +76,4 @@ def plan_eval(reference: str, candidates: Sequence[str], *, batch_size: int, seq
   if device_bytes is None:
     device_bytes = (device.memory_stats() or {}).get("bytes_limit") if device.platform != "cpu" else None
   count = 1 if device_mesh is None else int(np.prod(list(device_mesh.shape.values())))
-  return Plan(count, device.device_kind, dtypes, int(weights), int(temp), device_bytes, note)
+  return Plan(count, device.device_kind, dtypes, int(weights), int(temp), device_bytes, batch_size, seq_len, note)

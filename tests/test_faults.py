@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import re
 import resource
 import shutil
 import signal
@@ -385,3 +386,25 @@ def test_no_run_replaces_a_file_it_did_not_write(tiny, tmp_path, monkeypatch):
   code, output = cli("merge", tmp_path / "adapters", "--output", tmp_path / "merged")
   assert code == 1 and "the output directory is not empty; nothing was overwritten" in output
   assert [p.name for p in (tmp_path / "merged").iterdir()] == ["notes.txt"]
+
+
+def test_an_empty_training_or_validation_file_is_named(tiny, tmp_path):
+  empty, one = tmp_path / "empty.txt", tmp_path / "one.jsonl"
+  empty.write_text("\n  \n")
+  one.write_text(json.dumps({"text": "just one document"}) + "\n")
+  base = dict(objective="ce", tokenizer=str(tiny / "tiny.gguf"), student="tinystories-34m", steps=1)
+  for fields, message in ((dict(data=str(empty)), f"{empty}: holds no text to train on"),
+                          (dict(data=str(empty), val_data=str(tiny / "corpus.txt")), f"{empty}: holds no text to train"),
+                          (dict(data=str(tiny / "corpus.txt"), val_data=str(empty)),
+                           f"{empty}: holds no text to validate on"),
+                          (dict(data=str(one)), f"{one}: 1 document: a validation split needs at least two")):
+    with pytest.raises(ValueError, match=re.escape(message)):
+      distill.prepare(distill.DistillConfig(**base, **fields))
+
+
+def test_a_plan_that_does_not_fit_exits_1_and_says_what_it_planned_for(tiny):
+  code, output = cli("--no-compile-cache", *eval_args(tiny, "--plan", "--device-memory", "0.00001"))
+  assert code == 1 and "does NOT fit" in output and "batches of 3 windows x 24 tokens" in output
+  assert "lower --batch-size (now 3) or --seq-len (now 24)" in output
+  code, output = cli("--no-compile-cache", *eval_args(tiny, "--plan", "--device-memory", "10"))
+  assert code == 0 and ": fits" in output

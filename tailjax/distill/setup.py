@@ -157,10 +157,20 @@ def prepare(config: DistillConfig) -> Setup:
 def _train_and_val(config: DistillConfig, read: Callable[[str], list]) -> tuple[list, list]:
   """(training, validation) documents or records: ``read(data)`` split by ``val_fraction`` and ``seed``, or all of
   it and ``read(val_data)``."""
-  found = read(config.data)
+  def nonempty(spec: str) -> list:
+    found = [x for x in read(spec) if not isinstance(x, str) or x.strip()]
+    if not found:
+      raise ValueError(f"{spec}: holds no text to {'validate' if spec == config.val_data else 'train'} on (no "
+                       "non-blank document or record)")
+    return found
+
+  found = nonempty(config.data)
   if config.val_data is None:
+    if len(found) < 2:
+      raise ValueError(f"{config.data}: {len(found)} document: a validation split needs at least two (or give "
+                       "val_data)")
     return data.split_documents(found, config.val_fraction, config.seed)
-  return found, read(config.val_data)
+  return found, nonempty(config.val_data)
 
 
 def pack(examples: list[str] | list[spans.Record], tokenizer, seq_len: int, source: str) -> data.Packed:
