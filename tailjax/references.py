@@ -140,6 +140,6 @@ def check_compatible(reference: Reference, candidates: Sequence[LoadedModel]) ->
   for cand in candidates:
     if cand.config.vocab_size != vocab_size:
       raise ValueError(f"{cand.name}: vocabulary of {cand.config.vocab_size} tokens, {what} has {vocab_size}")
-    if cand.tokenizer is not None and fingerprint is not None and cand.tokenizer.fingerprint() != fingerprint:
+    if cand.tokenizer is not None and fingerprint is not None and not cand.tokenizer.same_as(fingerprint):
       raise ValueError(f"{cand.name}: its tokenizer differs from that of {what}; per-token comparisons need "
                        "identical tokenization")

@@ -408,3 +408,15 @@ def test_a_plan_that_does_not_fit_exits_1_and_says_what_it_planned_for(tiny):
   assert "lower --batch-size (now 3) or --seq-len (now 24)" in output
   code, output = cli("--no-compile-cache", *eval_args(tiny, "--plan", "--device-memory", "10"))
   assert code == 0 and ": fits" in output
+
+
+def test_tokenizers_that_encode_alike_are_the_same_whatever_their_unused_bos_id(tiny):
+  tokenizer = models.load_tokenizer(tiny / "tiny.gguf")
+  assert not tokenizer.add_bos
+  other = dataclasses.replace(tokenizer, bos_id=3)  # declared, never added
+  assert other.fingerprint() == tokenizer.fingerprint()
+  vocab = sorted(tokenizer.backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+  written_before = files.fingerprint(json.dumps([vocab, False, 3]))  # caches stored the unused BOS id too
+  assert other.same_as(tokenizer.fingerprint()) and other.same_as(written_before)
+  added = dataclasses.replace(tokenizer, add_bos=True, bos_id=3)  # now every encoding starts with it
+  assert added.fingerprint() != tokenizer.fingerprint() and not added.same_as(tokenizer.fingerprint())

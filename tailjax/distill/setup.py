@@ -144,7 +144,8 @@ def prepare(config: DistillConfig) -> Setup:
   cache = None
   if config.teacher_cache is not None:
     cache = teacher_cache.TeacherCache(config.teacher_cache)
-    expected = dict(tokenizer=tokenizer.fingerprint(), temperature=float(config.temperature), vocab_size=vocab,
+    stored = cache.meta.tokenizer
+    expected = dict(tokenizer=stored if tokenizer.same_as(stored) else tokenizer.fingerprint(), temperature=float(config.temperature), vocab_size=vocab,
                     data=train.fingerprint, windows=len(train), seq_len=config.seq_len)
     if config.teacher is not None:
       expected["teacher"] = model_id(config.teacher)

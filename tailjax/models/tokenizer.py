@@ -33,9 +33,18 @@ class Tokenizer:
     return self.backend.get_vocab_size(with_added_tokens=True)
 
   def fingerprint(self) -> str:
-    """Hash of the id <-> token map and the BOS rule: equal fingerprints tokenize alike."""
+    """Hash of what decides the encoded ids: the id <-> token map, and the BOS id when one is added (an unused BOS id
+    changes nothing). Equal fingerprints tokenize alike."""
+    return self._fingerprint(self.bos_id if self.add_bos else None)
+
+  def same_as(self, fingerprint: str) -> bool:
+    """Whether ``fingerprint`` (stored in a cache) is this tokenizer's, as now computed or as caches before the unused
+    BOS id was left out stored it."""
+    return fingerprint in (self.fingerprint(), self._fingerprint(self.bos_id))
+
+  def _fingerprint(self, bos_id: int | None) -> str:
     vocab = sorted(self.backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
-    return files.fingerprint(json.dumps([vocab, self.add_bos, self.bos_id]))
+    return files.fingerprint(json.dumps([vocab, self.add_bos, bos_id]))
 
 
 def from_gguf_reader(reader, path: Path) -> Tokenizer:
