@@ -186,6 +186,11 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny, tmp_pa
   (last / "tailjax_model.json").unlink()
   distill.distill(cfg, tmp_path / "whole")
   assert json.loads((last / "eval.json").read_text()) == saved_eval and (last / "tailjax_model.json").exists()
+  # a damaged checkpoint (the data iterator's state cut short, then a parameter shard) is named with the remedy
+  iterator_state = next((last / "data").rglob("process_0-of-1.json"))
+  iterator_state.write_text(iterator_state.read_text()[:7])
+  with pytest.raises(ValueError, match=r"checkpoints/6: damaged checkpoint, it cannot resume the run .*delete "):
+    distill.distill(cfg, tmp_path / "whole")
   # a changed config is refused, unless forced
   with pytest.raises(ValueError, match=r"learning_rate: 0.003 -> 0.001"):
     distill.distill(dataclasses.replace(cfg, learning_rate=1e-3), tmp_path / "cut")
