@@ -18,9 +18,13 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
   return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
-def html_table(head: list[str], rows: list[list[str]]) -> str:
-  cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-  body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+def html_table(head: list[str], rows: list[list[str]], left: Iterable[int] = ()) -> str:
+  """A table: the first column and those in ``left`` (text, such as decoded tokens) left-aligned, numbers right."""
+  left = set(left)
+  align = lambda i: ' style="text-align:left"' if i in left else ""
+  cells = "".join(f"<th{align(i)}>{html.escape(h)}</th>" for i, h in enumerate(head))
+  body = "".join("<tr>" + "".join(f"<td{align(i)}>{html.escape(c)}</td>" for i, c in enumerate(row)) + "</tr>"
+                 for row in rows)
   return f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
 
 

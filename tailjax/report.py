@@ -156,8 +156,8 @@ def worst_tokens(state: EvalState, windows, tokenizer, context: int = 12) -> dic
     for value, window, position in entries:
       ids = windows.tokens[window]
       rows.append({"kld": value, "window": window, "position": position,
-                   "context": tokenizer.decode(ids[max(0, position + 1 - context):position + 1].tolist()),
-                   "target": tokenizer.decode([int(ids[position + 1])])})
+                   "context": tokenizer.decode(ids[max(0, position + 1 - context):position + 1].tolist(), specials=True),
+                   "target": tokenizer.decode([int(ids[position + 1])], specials=True)})
     out[label] = rows
   return out
 

@@ -11,8 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from tailjax import pages
-from tailjax.stats import HostHistogram
+from tailjax import pages, report_plots
 
 
 
@@ -25,6 +24,37 @@ def _fmt(x, digits: int = 4) -> str:
 
 def _percent(x, digits: int) -> str:
   return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * x:.{digits}f}%"
+
+
+# What every column and figure of the pages means: report.md and report.html print it as "How to read this", the
+# terminal points there.
+GLOSSARY = {
+    "KLD": "KL(reference || candidate) per scored token, in nats: how far the candidate's next-token distribution is "
+           "from the reference's (0: the same). Mean, median and percentiles (p90 ... p99.9) are over tokens; a few "
+           "catastrophic tokens move the mean and the tail percentiles, not the median.",
+    "spike": "share of tokens whose KLD is above the threshold (nats).",
+    "tail share": "share of the total KLD carried by the worst 1% of tokens (1%: spread evenly; near 100%: a few "
+                  "tokens make the mean).",
+    "top-1": "share of tokens on which both models' most likely next token is the same.",
+    "PPL ratio": "candidate perplexity / reference perplexity over all scored tokens (1: the same; llama.cpp's "
+                 "'Mean PPL(Q)/PPL(base)').",
+    "non-finite": "tokens whose KLD is NaN or infinite (NaN logits, a token the candidate rules out): counted "
+                  "apart, never averaged in; every other per-token figure leaves them out too.",
+    "CE, PPL": "cross-entropy of the actual next token per token (nats), and exp(mean CE), the perplexity.",
+    "seq PPL": "perplexity of each window (sequence) on its own: median, P95, P99 over windows; outliers: windows "
+               "above the threshold.",
+    "95% CI": "block-bootstrap interval: windows resampled whole, so the tokens of one window are not taken as "
+              "independent.",
+    "Δp": "candidate's minus reference's probability of the actual next token (mean; RMS).",
+    "Cor(ln PPL)": "correlation of the two models' per-token CE.",
+    "displacement": "KLD on tokens where the candidate made the actual next token more likely (mass moved towards "
+                    "what came) vs less likely.",
+    "verdicts": "A dominates B when its median and p99 KLD are both no higher; otherwise a trade-off. The share of "
+                "paired block resamples in which it holds says whether it is beyond noise.",
+    "figures": "KLD CDF and its tail (1 − CDF, log scale: the rare bad tokens), per-sequence PPL against the "
+               "reference (y = x: as good), CE percentile profile, residual stream error per layer.",
+}
+HOW_TO_READ = "How to read this: report.md and report.html end with a glossary of every column (tailjax report DIR)"
 
 
 def _rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
@@ -83,6 +113,8 @@ def notes(report: dict[str, Any]) -> list[str]:
                  f"mean ln(PPL ratio) {_fmt(c['ln_ppl_ratio']['mean'], 5)} ± {_fmt(c['ln_ppl_ratio']['stderr'], 5)}; "
                  f"Δp mean {_percent(c['delta_p']['mean'], 3)}, RMS {_percent(c['delta_p']['rms'], 3)}")
   for name, c in report["candidates"].items():
+    notes.append(f"{name}: {llamacpp_lines(c)}")
+  for name, c in report["candidates"].items():
     if "top_k" in c:
       t = c["top_k"]
       notes.append(f"{name}: KL(cand || ref) median {_fmt(c['reverse_kld']['median'])}, p99 "
@@ -131,6 +163,18 @@ def notes(report: dict[str, Any]) -> list[str]:
   return notes
 
 
+def llamacpp_lines(candidate: dict[str, Any]) -> str:
+  """The figures llama.cpp's ``--kl-divergence`` prints, to check one tool against the other: the PPL ratio with
+  its uncertainty (exp of the mean per-token log ratio ± its standard error, carried through), KLD max, its
+  quantiles from 99.9% down to 0.1%, and min."""
+  k, ln = candidate["kld"], candidate["ln_ppl_ratio"]
+  ratio = math.exp(ln["mean"]) if ln["mean"] is not None else None
+  spread = None if ratio is None or ln["stderr"] is None else ratio * ln["stderr"]
+  quantiles = ", ".join(f"{q} {_fmt(v)}" for q, v in reversed(list(k.get("quantiles", {}).items())))
+  return (f"as llama.cpp prints it: Mean PPL(Q)/PPL(base) {_fmt(ratio, 5)} ± {_fmt(spread, 2)}; KLD max "
+          f"{_fmt(k['max'])}, {quantiles}, min {_fmt(k['min'])}")
+
+
 def _title(report: dict[str, Any]) -> str:
   run = report["run"]
   scoring = f", {run['scoring']}" if run.get("scoring") else ""
@@ -138,7 +182,8 @@ def _title(report: dict[str, Any]) -> str:
     scoring += f"; {len(run['dropped_records'])} records with nothing to score left out"
   if run.get("truncated_records"):
     scoring += f"; {run['truncated_records']} records cut at the window length"
-  return (f"reference {report['reference']} on {run['corpus']} ({run['protocol']}: {run['windows']} windows of "
+  storage = f" [{run['reference_storage']}]" if run.get("reference_storage") else ""
+  return (f"reference {report['reference']}{storage} on {run['corpus']} ({run['protocol']}: {run['windows']} windows of "
           f"{run['seq_len']} tokens, {run['scored_tokens']} scored{scoring})")
 
 
@@ -159,6 +204,7 @@ def render(report: dict[str, Any], console) -> None:
     console.print(table)
   for note in notes(report):
     console.print(f"• {note}", highlight=False)
+  console.print(HOW_TO_READ, style="dim", highlight=False)
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -173,6 +219,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines += ["", f"## Highest-KLD tokens: {name}", "", *pages.markdown_table(head, [
         [kld, window, position, f"{_quote(context)} → {_quote(target)}"] for kld, window, position, context, target
         in rows])]
+  lines += ["", "## How to read this", "", *(f"- **{term}**: {meaning}" for term, meaning in GLOSSARY.items())]
   return "\n".join(lines) + "\n"
 
 
@@ -187,82 +234,24 @@ def _worst_rows(report: dict[str, Any]) -> dict[str, tuple[list[str], list[list[
           for name, rows in report.get("worst_tokens", {}).items()}
 
 
+def visible(text: str) -> str:
+  """Decoded tokens as a person should see them: newlines as ⏎, tabs as ⇥ (special tokens stay as spelled)."""
+  return text.replace("\n", "⏎").replace("\t", "⇥")
+
+
 def _quote(text: str) -> str:
   """Decoded tokens inside a Markdown table cell: visible whitespace, no column breaks."""
-  return "`" + text.replace("\n", "⏎").replace("|", "\\|").replace("`", "'") + "`"
-
-
-def plots(report: dict[str, Any]) -> dict[str, str]:
-  """Base64 PNGs: KLD CDF (log axis), per-sequence PPL candidate vs reference, CE percentile profile, and (when
-  candidates share the reference's layers) their residual streams' relative error per layer."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  out = {}
-  color = pages.colors(report["models"])  # one colour per model in every plot
-  fig, ax = plt.subplots(figsize=(6.4, 4))
-  for name, c in report["candidates"].items():
-    sketch = HostHistogram.from_dict(c["kld"]["sketch"])
-    values = sketch.spec.representative()
-    keep = (sketch.counts > 0) & (values > 0) & np.isfinite(values)
-    cdf = np.cumsum(sketch.counts) / max(sketch.n - sketch.nan, 1)
-    ax.step(values[keep], cdf[keep], where="post", label=name, color=color[name])
-  ax.set(xscale="log", xlabel="per-token KLD (nats)", ylabel="share of tokens ≤ x", title="KLD CDF")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  out["kld_cdf"] = pages.png(fig)
-  plt.close(fig)
-
-  fig, ax = plt.subplots(figsize=(6.4, 4))
-  ref = np.asarray([np.nan if p is None else p for p in report["models"][report["reference"]]["sequences"]["ppl"]])
-  for name in report["candidates"]:
-    cand = np.asarray([np.nan if p is None else p for p in report["models"][name]["sequences"]["ppl"]])
-    ax.scatter(ref, cand, s=10, label=name, alpha=0.7, color=color[name])
-  finite = ref[np.isfinite(ref)]
-  if finite.size:
-    ax.plot([finite.min(), finite.max()], [finite.min(), finite.max()], color="gray", lw=0.8)
-  ax.set(xscale="log", yscale="log", xlabel="reference PPL per sequence", ylabel="candidate PPL per sequence",
-         title="per-sequence perplexity")
-  ax.legend(fontsize=8)
-  out["sequence_ppl"] = pages.png(fig)
-  plt.close(fig)
-
-  fig, ax = plt.subplots(figsize=(6.4, 4))
-  for name, m in report["models"].items():
-    pct = m["ce"]["percentiles"]
-    ax.plot([float(k[1:]) for k in pct], [np.nan if v is None else v for v in pct.values()], marker=".", label=name,
-            color=color[name])
-  ax.set(yscale="log", xlabel="percentile", ylabel="per-token CE (nats)", title="CE percentile profile")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  out["ce_profile"] = pages.png(fig)
-  plt.close(fig)
-
-  layered = {name: c["layers"] for name, c in report["candidates"].items() if "layers" in c}
-  if layered:
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for name, layers in layered.items():
-      rel = layers["rel_error"]
-      ax.plot(rel["median"], marker=".", label=f"{name} median", color=color[name])
-      ax.plot(rel["p99"], ls="--", label=f"{name} p99", color=color[name], alpha=0.6)
-    ax.set(yscale="log", xlabel="layer", ylabel="||h_cand - h_ref|| / ||h_ref||",
-           title="residual stream vs the reference, per layer")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    out["layers"] = pages.png(fig)
-    plt.close(fig)
-  return out
+  return "`" + visible(text).replace("|", "\\|").replace("`", "'") + "`"
 
 
 def to_html(report: dict[str, Any]) -> str:
   kld_head, kld_rows, ce_head, ce_rows = _rows(report)
   worst = [(f"Highest-KLD tokens: {name}", pages.html_table(head, [
-      [kld, window, position, f"{context} → {target}"] for kld, window, position, context, target in rows]))
-      for name, (head, rows) in _worst_rows(report).items()]
+      [kld, window, position, f"{visible(context)} → {visible(target)}"] for kld, window, position, context, target
+      in rows], left=(3,))) for name, (head, rows) in _worst_rows(report).items()]
   if report.get("corpora"):
     worst.insert(0, ("Per corpus", pages.html_table(*corpus_rows(report))))
+  worst.append(("How to read this", pages.html_table(["term", "meaning"], list(GLOSSARY.items()), left=(1,))))
   return pages.html_page("tailjax eval", _title(report),
                          [pages.html_table(kld_head, kld_rows), pages.html_table(ce_head, ce_rows)], notes(report),
-                         plots(report), sections=worst)
+                         report_plots.plots(report), sections=worst)

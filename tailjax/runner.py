@@ -206,9 +206,11 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
                                                                   device_mesh)
     corpus, sources = str(stored), [str(stored), *(c.name for c in cands)]
     protocol = dataclasses.replace(DEFAULT_PROTOCOL, name=kind, seq_len=windows.tokens.shape[1], num_sequences=None)
+    storage = f"stored log-probabilities ({kind})"
   else:
     ref, labels, cands = _load_models(reference, candidates, dtype, device_mesh)
     compared, tokenizer = references.ModelReference(ref), ref.tokenizer
+    storage = models.storage(ModelSpec.parse(reference or default_reference()).unlabelled)
     parts = [data.corpus_windows(c, tokenizer, protocol, text_field) for c in corpora]
     protocol = dataclasses.replace(protocol, seq_len=max(w.tokens.shape[1] for w in parts))  # spans: longest record
     sources = [m.name for m in (ref, *cands)]
@@ -227,7 +229,8 @@ def run_eval(reference: str | None = None, candidates: Sequence[str] = (), corpu
          "seed": protocol.seed, "stride": protocol.stride, "fingerprint": windows.fingerprint,
          "batch_size": batch_size,
          "spike_thresholds": list(spike_thresholds), "windows": len(windows), "scored_tokens": windows.scored_tokens,
-         "corpus_tokens": windows.corpus_tokens, "block_budget": int(block_memory_mb * 2**20)}
+         "corpus_tokens": windows.corpus_tokens, "block_budget": int(block_memory_mb * 2**20),
+         "reference_storage": storage}
   if until_ci is not None:
     run["until_ci"] = {"relative_width": until_ci, "summaries": list(until_ci_summaries)}
   if jensen_shannon:

@@ -42,13 +42,19 @@ def test_report_matches_exact_quantiles_of_the_token_dump(tiny, tmp_path):
   saved = json.loads((tmp_path / "run" / "report.json").read_text())
   assert saved["candidates"].keys() == result["candidates"].keys() == {"int3-g16-sym", "int2-g16-asym"}
   page = (tmp_path / "run" / "report.html").read_text()
-  assert page.count("data:image/png;base64") == 4  # KLD CDF, sequence PPL, CE profile, residual stream per layer
+  # KLD CDF and its tail (1 - CDF), sequence PPL, CE profile, residual stream per layer
+  assert page.count("data:image/png;base64") == 5 and 'alt="kld_survival"' in page
+  assert "<h2>How to read this</h2>" in page and "## How to read this" in (tmp_path / "run" / "report.md").read_text()
+  assert "[GGUF, F32]" in page  # the reference's own storage in the header
   layers = {label: saved["candidates"][label]["layers"]["rel_error"]["median"] for label in saved["candidates"]}
   assert len(layers["int2-g16-asym"]) == 2 and 0 < layers["int3-g16-sym"][-1] < layers["int2-g16-asym"][-1]
   assert "<h2>Highest-KLD tokens: int2-g16-asym</h2><table>" in page  # not only in report.md
   markdown = (tmp_path / "run" / "report.md").read_text()
   assert "| candidate | KLD mean |" in markdown and "## Highest-KLD tokens: int2-g16-asym" in markdown
   assert "int2-g16-asym residual stream vs the reference's: relative error median" in markdown
+  ratio = result["candidates"]["int2-g16-asym"]["ppl_ratio"]
+  assert f"int2-g16-asym: as llama.cpp prints it: Mean PPL(Q)/PPL(base) {ratio:.5g} ± " in markdown
+  assert "KLD max" in markdown and "99.9% " in markdown and ", 0.1% " in markdown
   dump = pq.read_table(tmp_path / "tokens.parquet").to_pydict()
   scored = 10 * 23
   assert saved["run"]["scored_tokens"] == scored

@@ -108,7 +108,9 @@ def test_a_response_token_that_starts_on_the_prompts_space_is_scored_and_drops_a
   result = runner.run_eval(runner.default_reference(), ["@int4-g64"], chats, output=tmp_path / "run",
                            protocol=data.Protocol("chat", seq_len=512, num_sequences=None))
   assert result["run"]["dropped_records"] == [f"{chats}:3", f"{chats}:4"]
-  assert "2 records with nothing to score left out" in (tmp_path / "run" / "report.md").read_text()
+  page = (tmp_path / "run" / "report.md").read_text()
+  assert "2 records with nothing to score left out" in page
+  assert "[GGUF, Q4_1: quantized weights (dequantized on load), not a float reference]" in page
 
 
 def test_a_record_corpus_scores_every_record_unless_a_number_is_asked_for(smollm2, tmp_path):

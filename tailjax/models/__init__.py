@@ -2,7 +2,8 @@
 
 from tailjax.models.config import PRESETS, ModelConfig, RopeScaling
 from tailjax.models.load import (DTYPES, LoadedModel, from_checkpoint, from_gguf, from_hf, load,
-                                 load_config, load_tokenizer, native_dtype, resolve_dtype, save_checkpoint)
+                                 load_config, load_tokenizer, native_dtype, resolve_dtype, save_checkpoint,
+                                 storage)
 from tailjax.models.quantize import QuantSpec, fake_quantize, quantize_model
 from tailjax.models.spec import ModelSpec
 from tailjax.models.tokenizer import Tokenizer
@@ -11,5 +12,5 @@ from tailjax.models.transformer import Decoder
 __all__ = [
     "DTYPES", "PRESETS", "Decoder", "LoadedModel", "ModelConfig", "ModelSpec", "QuantSpec", "RopeScaling", "Tokenizer",
     "fake_quantize", "from_checkpoint", "from_gguf", "from_hf", "load", "load_config", "load_tokenizer",
-    "native_dtype", "quantize_model", "resolve_dtype", "save_checkpoint",
+    "native_dtype", "quantize_model", "resolve_dtype", "save_checkpoint", "storage",
 ]

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from tailjax import files
@@ -75,6 +76,22 @@ def _checkpoint_meta(directory: Path) -> dict:
   except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
     raise ValueError(f"{meta_path}: not a readable tailjax checkpoint description ({err!r})") from err
   return meta
+
+
+def storage(spec: str | Path) -> str:
+  """How a model spec's checkpoint stores its weights, for a report's header: a GGUF file's main tensor type (by
+  elements; a quantized one is said to be no float reference), else the format and ``native_dtype``."""
+  where = locate(spec)
+  if where.format != "gguf":
+    kind = "Hugging Face" if where.format == "hf" else "tailjax checkpoint"
+    return f"{kind}, {native_dtype(spec)}"
+  sizes: dict[str, int] = {}
+  for t in _gguf_reader(where.path).tensors:
+    sizes[t.tensor_type.name] = sizes.get(t.tensor_type.name, 0) + int(np.prod(t.shape))
+  main = max(sizes, key=sizes.get)
+  if main in ("F32", "F16", "BF16"):
+    return f"GGUF, {main}"
+  return f"GGUF, {main}: quantized weights (dequantized on load), not a float reference"
 
 
 def native_dtype(spec: str | Path) -> str:

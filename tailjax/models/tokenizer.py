@@ -25,8 +25,9 @@ class Tokenizer:
     ids = self.backend.encode(text, add_special_tokens=False).ids
     return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
 
-  def decode(self, ids) -> str:
-    return self.backend.decode(list(ids))
+  def decode(self, ids, specials: bool = False) -> str:
+    """Text of ``ids``; special tokens (``<|im_end|>``) dropped, or with ``specials`` spelled out."""
+    return self.backend.decode(list(ids), skip_special_tokens=not specials)
 
   @property
   def vocab_size(self) -> int:
