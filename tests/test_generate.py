@@ -182,4 +182,8 @@ def test_generate_command_continues_prompts_and_chats(smollm2, tmp_path):
   prompts.write_text(json.dumps({"id": "c", "question": "no prompt"}) + "\n")
   result = CliRunner().invoke(cli.main, ["generate", "--model", str(smollm2_path()), "--prompts", str(prompts),
                                          "--output", str(out)])
+  assert result.exit_code == 1 and f"{out}: generations exists; nothing was overwritten" in result.output
+  out.unlink()
+  result = CliRunner().invoke(cli.main, ["generate", "--model", str(smollm2_path()), "--prompts", str(prompts),
+                                         "--output", str(out)])
   assert result.exit_code != 0 and f"{prompts}:1: a prompt record needs a 'prompt'" in result.output
