@@ -201,12 +201,14 @@ def corpus_windows(spec: str, tokenizer, protocol: Protocol, field: str = "text"
 # Training: documents packed into fixed-length windows.
 
 
-def split_documents(documents: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-  """(train, validation) documents: a ``val_fraction`` share drawn by ``seed``, at least one each."""
+def split_documents(documents: list[str], val_fraction: float, seed: int,
+                    source: str = "corpus") -> tuple[list[str], list[str]]:
+  """(train, validation) documents of ``source``: a ``val_fraction`` share drawn by ``seed``, at least one each."""
   if not 0 < val_fraction < 1:
     raise ValueError(f"val_fraction={val_fraction} must lie strictly between 0 and 1")
   if len(documents) < 2:
-    raise ValueError(f"{len(documents)} document(s): a validation split needs at least two (or give val_data)")
+    raise ValueError(f"{source}: {len(documents)} document(s): a validation split needs at least two (or give "
+                     "val_data)")
   order = np.random.default_rng(seed).permutation(len(documents))
   n_val = min(max(1, round(val_fraction * len(documents))), len(documents) - 1)
   val = set(order[:n_val].tolist())

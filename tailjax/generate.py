@@ -291,4 +291,5 @@ def write_generations(path: str, prompts: Sequence[Prompt], generations: Sequenc
   ``finish`` and ``tokens`` (how many were generated before the end)."""
   lines = [files.json_text({**prompts[g.prompt].record, "sample": g.sample, "completion": g.text,
                             "finish": g.finish, "tokens": len(g.token_ids)}, indent=None) for g in generations]
-  files.write_atomic(files.output_file(path, "generations"), "".join(line + "\n" for line in lines), "the generations")
+  text = "".join(line + "\n" for line in lines)
+  files.write_atomic(files.output_file(path, "generations"), text, "the generations")

@@ -183,8 +183,8 @@ def _title(report: dict[str, Any]) -> str:
   if run.get("truncated_records"):
     scoring += f"; {run['truncated_records']} records cut at the window length"
   storage = f" [{run['reference_storage']}]" if run.get("reference_storage") else ""
-  return (f"reference {report['reference']}{storage} on {run['corpus']} ({run['protocol']}: {run['windows']} windows of "
-          f"{run['seq_len']} tokens, {run['scored_tokens']} scored{scoring})")
+  return (f"reference {report['reference']}{storage} on {run['corpus']} ({run['protocol']}: {run['windows']} "
+          f"windows of {run['seq_len']} tokens, {run['scored_tokens']} scored{scoring})")
 
 
 def render(report: dict[str, Any], console) -> None:

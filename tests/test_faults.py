@@ -359,7 +359,8 @@ def test_a_full_disk_stops_an_eval_with_its_state_whole_and_it_resumes(tiny, tmp
   assert cli("--no-compile-cache", *eval_args(tiny, "--output", tmp_path / "clean"))[0] == 0
   with file_size_limit(2000):  # room for run.json, not for a state
     code, output = cli("--no-compile-cache", *eval_args(tiny, "--output", out))
-  assert code == 1 and "could not write the evaluation state" in output and "resumes from its last saved state" in output
+  assert code == 1 and "could not write the evaluation state" in output
+  assert "resumes from its last saved state" in output
   assert sorted(p.name for p in out.iterdir()) == ["run.json"]  # no temporary, no half file
   code, output = cli("--no-compile-cache", *eval_args(tiny, "--output", out))
   assert code == 0, output
@@ -395,10 +396,11 @@ def test_an_empty_training_or_validation_file_is_named(tiny, tmp_path):
   one.write_text(json.dumps({"text": "just one document"}) + "\n")
   base = dict(objective="ce", tokenizer=str(tiny / "tiny.gguf"), student="tinystories-34m", steps=1)
   for fields, message in ((dict(data=str(empty)), f"{empty}: holds no text to train on"),
-                          (dict(data=str(empty), val_data=str(tiny / "corpus.txt")), f"{empty}: holds no text to train"),
+                          (dict(data=str(empty), val_data=str(tiny / "corpus.txt")),
+                           f"{empty}: holds no text to train"),
                           (dict(data=str(tiny / "corpus.txt"), val_data=str(empty)),
                            f"{empty}: holds no text to validate on"),
-                          (dict(data=str(one)), f"{one}: 1 document: a validation split needs at least two")):
+                          (dict(data=str(one)), f"{one}: 1 document(s): a validation split needs at least two")):
     with pytest.raises(ValueError, match=re.escape(message)):
       distill.prepare(distill.DistillConfig(**base, **fields))
 

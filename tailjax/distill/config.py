@@ -63,9 +63,8 @@ class DistillConfig:
   on_policy: dict | None = None  # OnPolicyConfig fields: a share of steps on the student's samples (GKD)
 
   def __post_init__(self):
-    problems = configs.type_problems(self)
-    if problems:  # the range checks below would compare a string with a number
-      raise ValueError("distill config: " + "; ".join(problems))
+    configs.check_types(self, "distill config")  # the range checks below would compare a string with a number
+    problems = []
     for name, low, high in (("learning_rate", 0, None), ("temperature", 0, None), ("val_fraction", None, 1),
                             ("min_lr_ratio", None, None), ("weight_decay", None, None), ("b1", None, 1),
                             ("b2", None, 1), ("clip_norm", 0, None)):

@@ -145,7 +145,8 @@ def prepare(config: DistillConfig) -> Setup:
   if config.teacher_cache is not None:
     cache = teacher_cache.TeacherCache(config.teacher_cache)
     stored = cache.meta.tokenizer
-    expected = dict(tokenizer=stored if tokenizer.same_as(stored) else tokenizer.fingerprint(), temperature=float(config.temperature), vocab_size=vocab,
+    expected = dict(tokenizer=stored if tokenizer.same_as(stored) else tokenizer.fingerprint(),
+                    temperature=float(config.temperature), vocab_size=vocab,
                     data=train.fingerprint, windows=len(train), seq_len=config.seq_len)
     if config.teacher is not None:
       expected["teacher"] = model_id(config.teacher)
@@ -167,10 +168,7 @@ def _train_and_val(config: DistillConfig, read: Callable[[str], list]) -> tuple[
 
   found = nonempty(config.data)
   if config.val_data is None:
-    if len(found) < 2:
-      raise ValueError(f"{config.data}: {len(found)} document: a validation split needs at least two (or give "
-                       "val_data)")
-    return data.split_documents(found, config.val_fraction, config.seed)
+    return data.split_documents(found, config.val_fraction, config.seed, config.data)
   return found, nonempty(config.val_data)
 
 
