@@ -279,8 +279,8 @@ def report_command(runs: tuple[Path, ...], output: Path | None) -> None:
 
   console = _wide_console()
   try:
-    if output:
-      files.output_dir(output, "the output directory")
+    if output:  # never into a run it reads, nor over another report
+      files.new_dir(output, "the output directory")
     loaded = [report.read(path) for path in runs]
     result = loaded[0] if len(loaded) == 1 else report.combine(loaded, [str(p) for p in runs])
   except (ValueError, FileNotFoundError) as err:

@@ -4,8 +4,9 @@ From the models' configs alone (``tailjax.models.load_config``), abstract parame
 dtype are placed on the mesh by ``tailjax.mesh``'s rules and the eval batch step is compiled for
 them (``tailjax.evaluate.step_temp_bytes``): nothing is allocated or run, so a user sizes
 ``batch_size`` and the mesh before holding the devices. The compiler is the local backend's: on a
-CPU it converts bfloat16 dot operands to float32, so a CPU plan of a bfloat16 run overstates the
-temporaries (an upper bound); plan on the target device kind for its own figure.
+CPU the temporaries of a half-precision run include one 16-bit copy of the stacked layer weights
+(``tailjax.models.transformer.ScanRows``), which accelerators do not make; plan on the target device
+kind for its own figure.
 """
 
 from __future__ import annotations
@@ -68,9 +69,8 @@ def plan_eval(reference: str, candidates: Sequence[str], *, batch_size: int, seq
     weights = sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in
                   zip(jax.tree.leaves(state), jax.tree.leaves(mesh.parameter_shardings(state, device_mesh))))
   note = None
-  if jax.default_backend() == "cpu" and any(d != "float32" for d in dtypes):
-    abstract = nnx.eval_shape(lambda: tuple(models.Decoder(cfg, rngs=nnx.Rngs(0)) for cfg in configs))
-    note = "temporaries of the float32 step: XLA:CPU would add a float32 copy of every half-precision weight"
+  if jax.default_backend() == "cpu" and any(d in ("bfloat16", "float16") for d in dtypes):
+    note = "on a CPU the temporaries hold a 16-bit copy of the layer weights, which accelerators do not"
   temp = evaluate.step_temp_bytes(abstract, batch_size, seq_len, configs[0].vocab_size, device_mesh)
   device = jax.devices()[0]
   if device_bytes is None:

@@ -34,16 +34,31 @@ def identity(run: dict[str, Any]) -> dict[str, Any]:
   return identity
 
 
+def check(output: Path) -> None:
+  """Before any model loads: ``output`` is new, empty, or holds a readable tailjax run (``prepare`` then compares
+  it with this run, which needs the models' fingerprints)."""
+  files.output_dir(output, "the output directory")
+  run_file = output / "run.json"
+  if run_file.exists():
+    read_run(run_file)
+  elif output.exists() and any(output.iterdir()):
+    raise ValueError(f"{output} is not empty and holds no tailjax run; nothing was overwritten")
+
+
+def read_run(run_file: Path) -> Any:
+  try:
+    return json.loads(run_file.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    raise ValueError(f"{run_file}: unreadable run description ({err}); nothing was overwritten: delete the "
+                     "directory to start over") from err
+
+
 def prepare(output: Path, identity: dict[str, Any]) -> bool:
   """Refuse a directory that holds something else; True when it holds this run's saved state. A run that
   never saved a window (it failed its checks, or was killed at once) owns nothing: another run may take over."""
   run_file = output / "run.json"
   if run_file.exists():
-    try:
-      saved = json.loads(run_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-      raise ValueError(f"{run_file}: unreadable run description ({err}); nothing was overwritten: delete the "
-                       "directory to start over") from err
+    saved = read_run(run_file)
     changed = sorted(k for k in identity if not isinstance(saved, dict) or saved.get(k) != identity[k])
     owns_nothing = not (any(output.glob("state*.npz")) or (output / "report.json").exists())
     if changed and owns_nothing:
@@ -53,8 +68,7 @@ def prepare(output: Path, identity: dict[str, Any]) -> bool:
       raise ValueError(f"{output} holds a different run ({', '.join(changed)} differ); nothing was overwritten. "
                        "Choose another --output or delete it.")
     return any(output.glob("state*.npz"))
-  if output.exists() and any(output.iterdir()):
-    raise ValueError(f"{output} is not empty and holds no tailjax run; nothing was overwritten")
+  check(output)
   output.mkdir(parents=True, exist_ok=True)
   files.write_atomic(run_file, json.dumps(identity, indent=1), "the run description")
   return False

@@ -352,7 +352,7 @@ def _check_arguments(*, corpora, batch_size, spike_thresholds, worst, save_every
     if path is not None:
       files.input_file(path, what)
   if output is not None:
-    files.output_dir(output, "the output directory")
+    run_dir.check(Path(output))  # before any model loads: a wrong output costs nothing
   corpora = [corpora] if isinstance(corpora, (str, Path)) else list(corpora)
   if dump_tokens is not None:
     files.new_file(dump_tokens, "the token dump", *corpora)

@@ -145,9 +145,14 @@ def test_interrupted_run_resumes_to_identical_numbers(tiny, tmp_path, monkeypatc
     run(tiny, tmp_path / "whole", protocol=data.Protocol("test", seq_len=16, num_sequences=10, seed=3))
   (tmp_path / "other").mkdir()
   (tmp_path / "other" / "notes.txt").write_text("mine")
+  monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("a model loaded before the output was checked"))
   with pytest.raises(ValueError, match="not empty and holds no tailjax run"):
     run(tiny, tmp_path / "other")
   assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+  (tmp_path / "cut").mkdir()
+  (tmp_path / "cut" / "run.json").write_text('{"models": ')
+  with pytest.raises(ValueError, match="run.json: unreadable run description"):
+    run(tiny, tmp_path / "cut")
 
 
 def test_until_ci_stops_once_intervals_are_narrow_and_equals_a_run_on_the_windows_it_used(tiny, tmp_path):
@@ -311,6 +316,11 @@ def test_cli_eval_and_report(tiny, tmp_path):
   assert shown.exit_code == 0, shown.output
   combined = json.loads((tmp_path / "both" / "report.json").read_text())
   assert len(combined["candidates"]) == 4 and "different windows" in combined["run"]["note"]
+  before = (tmp_path / "a" / "report.json").read_bytes()
+  into_input = cli_runner.invoke(cli.main, ["report", str(tmp_path / "a"), str(tmp_path / "b"), "--output",
+                                            str(tmp_path / "a")])
+  assert into_input.exit_code != 0 and "is not empty; nothing was overwritten" in into_input.output
+  assert (tmp_path / "a" / "report.json").read_bytes() == before
   missing = cli_runner.invoke(cli.main, ["report", str(tmp_path / "nothing")])
   assert missing.exit_code != 0 and "no such report" in missing.output
 

@@ -367,10 +367,12 @@ def test_a_full_disk_stops_an_eval_with_its_state_whole_and_it_resumes(tiny, tmp
   saved, clean = (json.loads((d / "report.json").read_text()) for d in (out, tmp_path / "clean"))
   assert saved["candidates"] == clean["candidates"]
   html = (out / "report.html").read_bytes()
-  with file_size_limit(len(html) // 2):  # the report re-rendered: the HTML cannot be written, the old one stays
-    code, output = cli("--no-compile-cache", "report", out, "--output", out)
+  again = tmp_path / "again"
+  with file_size_limit(len(html) // 2):  # the report re-rendered: the HTML cannot be written, no half file
+    code, output = cli("--no-compile-cache", "report", out, "--output", again)
   assert code == 1 and "could not write the HTML report" in output
-  assert (out / "report.html").read_bytes() == html and not list(out.glob(".*.tmp"))
+  assert not (again / "report.html").exists() and not list(again.glob(".*.tmp"))
+  assert (out / "report.html").read_bytes() == html
 
 
 def test_no_run_replaces_a_file_it_did_not_write(tiny, tmp_path, monkeypatch):

@@ -19,10 +19,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from tailjax.models.config import ModelConfig
-from tailjax.models.transformer import Decoder, DecoderOutput, stack_layout
+from tailjax.models.transformer import Decoder, DecoderOutput, ScanRows, stack_layout
 
 Array = jax.Array
 
@@ -64,12 +63,12 @@ def forward_together(models: Sequence[Decoder], tokens: Array) -> tuple[list[Dec
   rel, dist = [], []  # per stack: [repeats, period, C, B, T]
   for s, stack in enumerate(models[0].layers):
     period, repeats = stack.span.period, stack.span.repeats
-    graphs, rows = zip(*(nnx.split(m.layers[s].blocks) for m in models))
+    splits = [ScanRows.of(m.layers[s].blocks) for m in models]
     per_layer = [m.layers[s].row_inputs(i.per_layer) for m, i in zip(models, inputs)]
 
-    def run(carry, row_inputs, graphs=graphs, period=period):
+    def run(carry, row_inputs, splits=splits, period=period):
       (xs, shared), (rows, per_layer) = carry, row_inputs
-      blocks = [nnx.merge(graph, row) for graph, row in zip(graphs, rows)]
+      blocks = [split.blocks(row) for split, row in zip(splits, rows)]
       xs, shared, chosen, rel, dist = list(xs), list(shared), [[] for _ in xs], [], []
       for j in range(period):
         for i, (block, inp) in enumerate(zip(blocks, inputs)):
@@ -84,7 +83,7 @@ def forward_together(models: Sequence[Decoder], tokens: Array) -> tuple[list[Dec
       return (tuple(xs), tuple(shared)), (tuple(map(tuple, chosen)), jnp.stack(rel), jnp.stack(dist))
 
     (xs, shared), (chosen, r, d) = jax.lax.scan(run, (tuple(xs), tuple(s or {} for s in shared)),
-                                                (rows, per_layer))
+                                                (tuple(split.rows for split in splits), per_layer))
     for i, experts in enumerate(chosen):  # [repeats, B, T, k] per MoE block -> layer order
       routed[i].extend(e[row] for row in range(repeats) for e in experts)
     rel.append(r)

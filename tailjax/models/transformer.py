@@ -154,6 +154,33 @@ def slot(cfg: ModelConfig, layer: int) -> LayerSlot:
   raise IndexError(f"layer {layer} of a {cfg.num_layers}-layer model")
 
 
+class ScanRows(NamedTuple):
+  """A stack's blocks split for ``jax.lax.scan`` over their rows. XLA:CPU computes every half-precision op in
+  float32, the scan's row slicing included, so a stacked bfloat16 parameter would be converted whole before
+  the loop: a float32 copy of the model beside it. On a CPU the rows travel as their 16-bit integers instead
+  (sliced as they are) and ``blocks`` restores one row's dtypes inside the loop."""
+
+  graph: nnx.GraphDef
+  rows: nnx.State  # every parameter with its leading [repeats] axis; half precision as uint16 on a CPU
+  dtypes: nnx.State  # every parameter's own dtype
+
+  @classmethod
+  def of(cls, blocks: nnx.Module) -> ScanRows:
+    graph, rows = nnx.split(blocks)
+    dtypes = jax.tree.map(lambda a: a.dtype, rows)
+    on_cpu = jax.default_backend() == "cpu"
+    bits = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16) if on_cpu and a.dtype in HALF else a
+    return cls(graph, jax.tree.map(bits, rows), dtypes)
+
+  def blocks(self, row: nnx.State) -> nnx.Module:
+    """One row of ``rows`` (inside the scan) -> that row's blocks."""
+    restore = lambda a, dtype: a if a.dtype == dtype else jax.lax.bitcast_convert_type(a, dtype)
+    return nnx.merge(self.graph, jax.tree.map(restore, row, self.dtypes))
+
+
+HALF = (jnp.bfloat16, jnp.float16)
+
+
 class Stack(nnx.Module):
   """``span.repeats`` x ``span.period`` blocks: ``blocks[j]`` holds layers ``first + r * period + j`` as row ``r``
   of every parameter (logical axis None: each device keeps all rows of its shards). One ``jax.lax.scan``
@@ -175,7 +202,7 @@ class Stack(nnx.Module):
                shared: SharedKV | None = None, caches: tuple[LayerCache, ...] | None = None) -> StackOutput:
     """``per_layer: [B, T, L, p]`` every layer's inputs (Gemma 4) or None; ``caches`` per block of the period, with a
     leading ``[repeats]`` axis (decoding: ``Decoder.decode``) -> ``StackOutput``."""
-    graph, rows = nnx.split(self.blocks)
+    split = ScanRows.of(self.blocks)
     repeats = self.span.repeats
     per_layer = self.row_inputs(per_layer)
     caches = (None,) * self.span.period if caches is None else caches
@@ -183,7 +210,7 @@ class Stack(nnx.Module):
     def run(carry, inputs):
       (x, shared), (row, inputs, caches) = carry, inputs
       routed, updated = [], []
-      for j, block in enumerate(nnx.merge(graph, row)):
+      for j, block in enumerate(split.blocks(row)):
         out = block(x, positions, masks, None if inputs is None else inputs[j], shared, caches[j])
         x, shared = out.x, out.shared
         updated.append(out.cache)
@@ -192,7 +219,7 @@ class Stack(nnx.Module):
       return (x, shared), (tuple(routed), tuple(updated))
 
     # routed: [repeats, B, T, k]
-    (x, shared), (routed, caches) = jax.lax.scan(run, (x, shared or {}), (rows, per_layer, caches))
+    (x, shared), (routed, caches) = jax.lax.scan(run, (x, shared or {}), (split.rows, per_layer, caches))
     return StackOutput(x, tuple(experts[r] for r in range(repeats) for experts in routed), shared, caches)
 
   def row_inputs(self, per_layer: Array | None) -> Array | None:
