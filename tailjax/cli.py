@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from pathlib import Path
@@ -31,9 +32,31 @@ def main(compile_cache: bool) -> None:
   from tailjax import compile_cache as cache
   from tailjax import mesh
 
+  _quiet_abandoned_reads()
   if compile_cache:
     cache.enable()
   mesh.initialize()
+
+
+def _quiet_abandoned_reads() -> None:
+  """No tracebacks from the reads orbax abandons when a checkpoint is damaged: TensorStore completes each into
+  the restore's closed event loop ("Event loop is closed"), or its coroutine or task is dropped with its error
+  ("Exception ignored", "exception was never retrieved").
+  The error that matters is said once, by the command."""
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def closed_loop(kind, value, tb):
+    if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+      excepthook(kind, value, tb)
+
+  def abandoned(unraisable):
+    if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed" or
+            "TensorStore" in str(unraisable.exc_value)):
+      unraisablehook(unraisable)
+
+  sys.excepthook, sys.unraisablehook = closed_loop, abandoned
+  # "Task (Future) exception was never retrieved": each abandoned read's own error, when its task is collected
+  logging.getLogger("asyncio").addFilter(lambda record: "exception was never retrieved" not in record.getMessage())
 
 
 @main.command()

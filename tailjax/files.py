@@ -84,6 +84,16 @@ class WriteError(OSError):
     return self.strerror or super().__str__()
 
 
+def reason(err: BaseException) -> str:
+  """One line saying why ``err`` happened: its type and first line, then its first cause's (orbax wraps the
+  TensorStore error that names the file and byte range; the pages of store specs it appends are dropped)."""
+  def line(e: BaseException) -> str:
+    text = str(e).split(" See full TensorStore details")[0].strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+  return line(err) if err.__cause__ is None else f"{line(err)} ({line(err.__cause__)})"
+
+
 def write_atomic(path: str | Path, content: str | bytes | Callable[[BinaryIO], None], what: str) -> Path:
   """Writes ``content`` (text, bytes, or a function that writes into a binary file) to ``path`` whole or not at
   all: into a temporary file beside it, flushed to disk, then renamed over it. When the write fails (a full

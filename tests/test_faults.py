@@ -10,6 +10,8 @@ import re
 import resource
 import shutil
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -102,6 +104,24 @@ def test_safetensors_and_checkpoints_cut_anywhere_are_named(tiny, tmp_path):
   (saved / "tailjax_model.json").write_text('{"config": {"vocab')
   with pytest.raises(ValueError, match="tailjax_model.json: not a readable tailjax checkpoint description"):
     models.load(saved)
+
+
+def test_a_damaged_checkpoint_is_one_line_on_the_command_line(tiny, tmp_path):
+  """orbax abandons its other reads when one fails: each used to print a traceback ("Event loop is closed",
+  "Task exception was never retrieved", pages of TensorStore specs) around the error. Now: one line naming the
+  array, its file and the byte range, and the remedy."""
+  saved = models.save_checkpoint(models.load(tiny / "tiny.gguf"), tmp_path / "ckpt")
+  data = max((p for p in (saved / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  data.write_bytes(data.read_bytes()[:100])  # the arrays' data file, cut
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text('{"prompt": "the"}\n')
+  for args in (["merge", str(saved), "--output", str(tmp_path / "merged")],
+               ["generate", "--model", str(saved), "--prompts", str(prompts), "--output", str(tmp_path / "g.jsonl")]):
+    done = subprocess.run([sys.executable, "-m", "tailjax.cli", "--no-compile-cache", *args], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1
+    assert re.fullmatch(r"Error: \S+params: unreadable parameters \(.*OUT_OF_RANGE: Error reading \"\S+\" .* is not "
+                        r"valid for value of size 100\)\): a damaged .*checkpoint before it\)\n", done.stderr), done.stderr
 
 
 def test_a_damaged_teacher_cache_shard_or_metrics_log_is_named(tmp_path):

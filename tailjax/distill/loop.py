@@ -160,9 +160,8 @@ def distill(config: DistillConfig, output: str | Path, *, force: bool = False, c
             data=grain.checkpoint.CheckpointRestore(iterator)))
       except Exception as err:  # orbax, TensorStore and grain raise bare or JSON errors for damaged files
         where = output / "checkpoints" / str(start)
-        raise ValueError(f"{where}: damaged checkpoint, it cannot resume the run ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}); delete {where} to resume from the "
-                         "checkpoint before it") from err
+        raise ValueError(f"{where}: damaged checkpoint, it cannot resume the run ({files.reason(err)}); "
+                         f"delete {where} to resume from the checkpoint before it") from err
       state = TrainState(restored["train"]["step"], restored["params"], restored["train"]["opt_state"])
     for name in ("metrics.jsonl", "evals.jsonl") if writer else ():
       truncate_log(output / name, start)

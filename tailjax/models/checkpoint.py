@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from tailjax import files
 from tailjax import mesh as meshes
 from tailjax.models.transformer import Decoder, slot
 
@@ -48,7 +49,8 @@ def restore(directory: Path, model: Decoder, device_mesh: jax.sharding.Mesh | No
       target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, placement)
       nnx.update(model, checkpointer.restore(directory, target))
   except Exception as err:  # orbax and TensorStore raise bare Exception for damaged data, among others
-    raise ValueError(f"{directory}: unreadable parameters ({type(err).__name__}: {err})") from err
+    raise ValueError(f"{directory}: unreadable parameters ({files.reason(err)}): a damaged or partly written "
+                     "checkpoint; write it again (or take the checkpoint before it)") from err
 
 
 def is_per_layer(directory: Path) -> bool:
@@ -64,7 +66,7 @@ def _stored_tree(checkpointer, directory: Path) -> dict:
   metadata = checkpointer.metadata(directory)
   tree = getattr(getattr(metadata, "item_metadata", None), "tree", None)
   if not isinstance(tree, dict):
-    raise ValueError("no readable parameter metadata (a damaged or partly written checkpoint)")
+    raise ValueError("no readable parameter metadata")
   return tree
 
 
