@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from tailjax import __version__, files, report_pages, stopping
+from tailjax import __version__, files, pages, report_pages, stopping
 from tailjax.eval_state import EvalState, Moments
 from tailjax.evaluate import CONFIDENCE_BANDS, DIRECTION_QUANTITIES, MODEL_REFERENCE_QUANTITIES, confidence_quantity
 from tailjax.stats import HostHistogram, SequenceSummary, Summary, compare
@@ -289,7 +289,7 @@ def compare_candidates(summaries: dict[str, Summary], shares: PairedShares | Non
       share = None if shares is None or verdict.winner is None else \
           shares.dominates[(verdict.winner, b if verdict.winner == a else a)]
       if share is not None and math.isfinite(share):
-        text += f"; median and p99 no higher in {100 * share:.1f}% of paired block resamples"
+        text += f"; median and p99 no higher in {pages.share(share)} of paired block resamples"
       verdicts.append(text)
   nonfinite = {n: summaries[n].nonfinite for n in names if summaries[n].nonfinite}
   value = lambda x: math.inf if math.isnan(x) else x  # a candidate with no finite KLD
@@ -302,7 +302,7 @@ def compare_candidates(summaries: dict[str, Summary], shares: PairedShares | Non
     split = [(a, b, share) for (a, b), share in (shares.split if shares else {}).items()
              if (by_mean.index(a) < by_mean.index(b)) != (by_median.index(a) < by_median.index(b))]
     if split:
-      note += "; the split persists in " + ", ".join(f"{100 * share:.0f}% of paired block resamples for {a} vs {b}"
+      note += "; the split persists in " + ", ".join(f"{pages.share(share)} of paired block resamples for {a} vs {b}"
                                                      for a, b, share in split)
       note += " (near 100%: beyond noise; near 50% or below: within it)"
   return {"verdicts": verdicts, "rank_by_mean": by_mean, "rank_by_median": by_median, "mean_median_disagree": note,

@@ -12,18 +12,8 @@ from typing import Any
 import numpy as np
 
 from tailjax import pages, report_plots
+from tailjax.pages import error, figure, ratio, share
 
-
-
-def _fmt(x, digits: int = 4) -> str:
-  """A figure for people; ``n/a`` for a missing or NaN one (report.json stores those as null)."""
-  if x is None or (isinstance(x, float) and math.isnan(x)):
-    return "n/a"
-  return f"{x:.{digits}g}"
-
-
-def _percent(x, digits: int) -> str:
-  return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * x:.{digits}f}%"
 
 
 # What every column and figure of the pages means: report.md and report.html print it as "How to read this", the
@@ -51,6 +41,8 @@ GLOSSARY = {
                     "what came) vs less likely.",
     "verdicts": "A dominates B when its median and p99 KLD are both no higher; otherwise a trade-off. The share of "
                 "paired block resamples in which it holds says whether it is beyond noise.",
+    "numbers": "values have 4 significant digits, shares (%) 3, PPL ratio and cosine 5, a ± 2; n/a: not measured "
+               "(no finite token).",
     "figures": "KLD CDF and its tail (1 − CDF, log scale: the rare bad tokens), per-sequence PPL against the "
                "reference (y = x: as good), CE percentile profile, residual stream error per layer.",
 }
@@ -66,15 +58,15 @@ def _rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str]
   kld_rows = []
   for name, c in report["candidates"].items():
     k = c["kld"]
-    kld_rows.append([name, *(_fmt(k[key]) for key in ("mean", "median", "p90", "p95", "p99", "p99.9")),
-                     _percent(k["spike_rate"], 2), _percent(k["tail_share"], 1), _percent(c["top1_agreement"], 2),
-                     _fmt(c["ppl_ratio"], 5), str(k["nonfinite"])])
+    kld_rows.append([name, *(figure(k[key]) for key in ("mean", "median", "p90", "p95", "p99", "p99.9")),
+                     share(k["spike_rate"]), share(k["tail_share"]), share(c["top1_agreement"]),
+                     ratio(c["ppl_ratio"]), str(k["nonfinite"])])
   ce_head = ["model", "CE mean", "median", "p99", "PPL", "seq PPL median", "P95", "P99", "outliers"]
   ce_rows = []
   for name, m in report["models"].items():
     ce, s = m["ce"], m["sequences"]
-    ce_rows.append([f"{name} ({m['role']})", _fmt(ce["mean"]), _fmt(ce["median"]), _fmt(ce["p99"]), _fmt(ce["ppl"], 5),
-                    _fmt(s["median_ppl"], 5), _fmt(s["p95_ppl"], 5), _fmt(s["p99_ppl"], 5),
+    ce_rows.append([f"{name} ({m['role']})", figure(ce["mean"]), figure(ce["median"]), figure(ce["p99"]), figure(ce["ppl"]),
+                    figure(s["median_ppl"]), figure(s["p95_ppl"]), figure(s["p99_ppl"]),
                     f"{s['outliers']} > {s['outlier_threshold']:g}"])
   return kld_head, kld_rows, ce_head, ce_rows
 
@@ -82,8 +74,8 @@ def _rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str]
 def corpus_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
   """With several corpora: per corpus and candidate, its KLD summary there and its PPL ratio."""
   head = ["corpus", "candidate", "windows", "KLD mean", "median", "p99", "top-1", "PPL ratio"]
-  rows = [[corpus, name, str(part["windows"]), _fmt(c["kld"]["mean"]), _fmt(c["kld"]["median"]), _fmt(c["kld"]["p99"]),
-           _percent(c["top1_agreement"], 2), _fmt(c["ppl_ratio"], 5)]
+  rows = [[corpus, name, str(part["windows"]), figure(c["kld"]["mean"]), figure(c["kld"]["median"]), figure(c["kld"]["p99"]),
+           share(c["top1_agreement"]), ratio(c["ppl_ratio"])]
           for corpus, part in report.get("corpora", {}).items() for name, c in part["candidates"].items()]
   return head, rows
 
@@ -96,52 +88,52 @@ def notes(report: dict[str, Any]) -> list[str]:
            if until["met"] else f"never met, all {until['windows_used']} windows scored")
     widths = until.get("widths", {})
     by_corpus = widths if report.get("corpora") else {"": widths}
-    checked = "; ".join(f"{corpus + ' ' if corpus else ''}{name} {summary} {_percent(w, 1)}"
+    checked = "; ".join(f"{corpus + ' ' if corpus else ''}{name} {summary} {share(w)}"
                         for corpus, by_name in by_corpus.items() for name, by_summary in by_name.items()
                         for summary, w in by_summary.items())
     notes.append(f"until-ci: full width (high − low) of the 95% interval of KLD {', '.join(until['summaries'])} "
-                 f"at most {_percent(until['relative_width'], 1)} of the value: {how}"
+                 f"at most {share(until['relative_width'])} of the value: {how}"
                  + (f"; widths at the end: {checked}" if checked else ""))
   for name, c in report["candidates"].items():
     ci = c["kld"]["ci95"]
-    interval = lambda key: f"[{_fmt(ci[key][0])}, {_fmt(ci[key][1])}]"
+    interval = lambda key: f"[{figure(ci[key][0])}, {figure(ci[key][1])}]"
     intervals = (f"KLD mean 95% CI {interval('mean')}, median {interval('median')}, p99 {interval('p99')} (block "
                  "bootstrap)") if ci["mean"][0] is not None and math.isfinite(ci["mean"][0]) else "KLD 95% CI: none"
     if "ci95_note" in c["kld"]:
       intervals += f" ({c['kld']['ci95_note']})"
-    notes.append(f"{name}: {intervals}; Cor(ln PPL) {_percent(c['ce_correlation'], 2)}; "
-                 f"mean ln(PPL ratio) {_fmt(c['ln_ppl_ratio']['mean'], 5)} ± {_fmt(c['ln_ppl_ratio']['stderr'], 5)}; "
-                 f"Δp mean {_percent(c['delta_p']['mean'], 3)}, RMS {_percent(c['delta_p']['rms'], 3)}")
+    notes.append(f"{name}: {intervals}; Cor(ln PPL) {share(c['ce_correlation'])}; "
+                 f"mean ln(PPL ratio) {figure(c['ln_ppl_ratio']['mean'])} ± {error(c['ln_ppl_ratio']['stderr'])}; "
+                 f"Δp mean {share(c['delta_p']['mean'])}, RMS {share(c['delta_p']['rms'])}")
   for name, c in report["candidates"].items():
     notes.append(f"{name}: {llamacpp_lines(c)}")
   for name, c in report["candidates"].items():
     if "top_k" in c:
       t = c["top_k"]
-      notes.append(f"{name}: KL(cand || ref) median {_fmt(c['reverse_kld']['median'])}, p99 "
-                   f"{_fmt(c['reverse_kld']['p99'])}; top-5 overlap {_percent(t['top5_overlap'], 1)}, top-10 "
-                   f"{_percent(t['top10_overlap'], 1)}; the reference's top-1 in its top 5: "
-                   f"{_percent(t['top1_in_top5'], 2)}")
+      notes.append(f"{name}: KL(cand || ref) median {figure(c['reverse_kld']['median'])}, p99 "
+                   f"{figure(c['reverse_kld']['p99'])}; top-5 overlap {share(t['top5_overlap'])}, top-10 "
+                   f"{share(t['top10_overlap'])}; the reference's top-1 in its top 5: "
+                   f"{share(t['top1_in_top5'])}")
     if "jensen_shannon" in c:
       js = c["jensen_shannon"]
-      notes.append(f"{name}: Jensen-Shannon (nats, at most ln 2) mean {_fmt(js['mean'])}, median {_fmt(js['median'])}, "
-                   f"p99 {_fmt(js['p99'])}")
+      notes.append(f"{name}: Jensen-Shannon (nats, at most ln 2) mean {figure(js['mean'])}, median {figure(js['median'])}, "
+                   f"p99 {figure(js['p99'])}")
     if "direction" in c:
       rose, fell = c["direction"]["rose"], c["direction"]["fell"]
-      notes.append(f"{name}: {_percent(rose['kld_share'], 1)} of its KLD mass is displacement on tokens whose target "
-                   f"it made more likely ({_percent(rose['token_share'], 1)} of tokens, median KLD "
-                   f"{_fmt(rose['median'])}); {_percent(fell['kld_share'], 1)} on tokens it made less likely (median "
-                   f"{_fmt(fell['median'])})")
+      notes.append(f"{name}: {share(rose['kld_share'])} of its KLD mass is displacement on tokens whose target "
+                   f"it made more likely ({share(rose['token_share'])} of tokens, median KLD "
+                   f"{figure(rose['median'])}); {share(fell['kld_share'])} on tokens it made less likely (median "
+                   f"{figure(fell['median'])})")
     if "layers" in c:
       layers = c["layers"]
       rel, at = layers["rel_error"], layers["breaks_at"]
-      notes.append(f"{name} residual stream vs the reference's: relative error median {_fmt(rel['median'][0], 3)} "
-                   f"after layer 0, {_fmt(rel['median'][-1], 3)} after layer {len(rel['median']) - 1} (p99 "
-                   f"{_fmt(rel['p99'][-1], 3)}); cosine median {_fmt(layers['cosine']['median'][-1], 6)}; the largest "
+      notes.append(f"{name} residual stream vs the reference's: relative error median {figure(rel['median'][0])} "
+                   f"after layer 0, {figure(rel['median'][-1])} after layer {len(rel['median']) - 1} (p99 "
+                   f"{figure(rel['p99'][-1])}); cosine median {ratio(layers['cosine']['median'][-1])}; the largest "
                    f"rise is at layer {at}" if at is not None else f"{name}: no per-layer figures (no finite value)")
     if "by_confidence" in c:
       worst = max(c["by_confidence"], key=lambda b: b["median"] if b["tokens"] else -math.inf)
-      bands = ", ".join(f"p_ref(top-1) {b['band'][0]:g}-{b['band'][1]:g}: {_percent(b['token_share'], 0)} of tokens, "
-                        f"{_percent(b['kld_share'], 0)} of KLD" for b in c["by_confidence"])
+      bands = ", ".join(f"p_ref(top-1) {b['band'][0]:g}-{b['band'][1]:g}: {share(b['token_share'])} of tokens, "
+                        f"{share(b['kld_share'])} of KLD" for b in c["by_confidence"])
       notes.append(f"{name} by reference confidence: {bands} (highest median KLD where p_ref(top-1) is "
                    f"{worst['band'][0]:g}-{worst['band'][1]:g})")
   nonfinite = {name: m["ce"]["nonfinite"] for name, m in report["models"].items() if m["ce"]["nonfinite"]}
@@ -149,12 +141,12 @@ def notes(report: dict[str, Any]) -> list[str]:
     notes.append(f"non-finite CE values (NaN/Inf logits), counted apart and never averaged in: {nonfinite}")
   for name, r in report.get("routing", {}).items():
     busiest = int(np.argmax(r["max_share"]))
-    note = (f"{name} router: busiest expert takes {100 * r['max_share'][busiest]:.1f}% of assignments in layer "
-            f"{r['layers'][busiest]} (uniform: {100 / r['experts']:.1f}%)")
+    note = (f"{name} router: busiest expert takes {share(r['max_share'][busiest])} of assignments in layer "
+            f"{r['layers'][busiest]} (uniform: {share(1 / r['experts'])})")
     if "overlap_with_reference" in r:
       worst = int(np.argmin(r["overlap_with_reference"]))
-      note += (f"; {100 * r['mean_overlap']:.2f}% of its top-k experts are the reference's (layer "
-               f"{r['layers'][worst]}: {100 * r['overlap_with_reference'][worst]:.2f}%)")
+      note += (f"; {share(r['mean_overlap'])} of its top-k experts are the reference's (layer "
+               f"{r['layers'][worst]}: {share(r['overlap_with_reference'][worst])})")
     notes.append(note)
   comparison = report["comparison"]
   notes.extend(comparison["verdicts"])
@@ -168,11 +160,11 @@ def llamacpp_lines(candidate: dict[str, Any]) -> str:
   its uncertainty (exp of the mean per-token log ratio ± its standard error, carried through), KLD max, its
   quantiles from 99.9% down to 0.1%, and min."""
   k, ln = candidate["kld"], candidate["ln_ppl_ratio"]
-  ratio = math.exp(ln["mean"]) if ln["mean"] is not None else None
-  spread = None if ratio is None or ln["stderr"] is None else ratio * ln["stderr"]
-  quantiles = ", ".join(f"{q} {_fmt(v)}" for q, v in reversed(list(k.get("quantiles", {}).items())))
-  return (f"as llama.cpp prints it: Mean PPL(Q)/PPL(base) {_fmt(ratio, 5)} ± {_fmt(spread, 2)}; KLD max "
-          f"{_fmt(k['max'])}, {quantiles}, min {_fmt(k['min'])}")
+  value = math.exp(ln["mean"]) if ln["mean"] is not None else None
+  spread = None if value is None or ln["stderr"] is None else value * ln["stderr"]
+  quantiles = ", ".join(f"{q} {figure(v)}" for q, v in reversed(list(k.get("quantiles", {}).items())))
+  return (f"as llama.cpp prints it: Mean PPL(Q)/PPL(base) {ratio(value)} ± {error(spread)}; KLD max "
+          f"{figure(k['max'])}, {quantiles}, min {figure(k['min'])}")
 
 
 def _title(report: dict[str, Any]) -> str:
@@ -229,7 +221,7 @@ WORST_SHOWN = 10  # highest-KLD tokens per candidate on the pages (report.json k
 def _worst_rows(report: dict[str, Any]) -> dict[str, tuple[list[str], list[list[str]]]]:
   """Per candidate, the table of its highest-KLD tokens: KLD, window, position, context, target."""
   head = ["KLD", "window", "position", "context → target"]
-  return {name: (head, [[_fmt(r["kld"]), str(r["window"]), str(r["position"]), r["context"], r["target"]]
+  return {name: (head, [[figure(r["kld"]), str(r["window"]), str(r["position"]), r["context"], r["target"]]
                         for r in rows[:WORST_SHOWN]])
           for name, rows in report.get("worst_tokens", {}).items()}
 

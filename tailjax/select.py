@@ -211,9 +211,9 @@ def _rows(report: SelectionReport) -> tuple[list[str], list[list[str]]]:
   head.append("best by")
   rows = []
   for ckpt, row in report.table.items():
-    cells = [ckpt, *(f"{row[n]:.4g}" for n in (*report.summaries, *extra))]
+    cells = [ckpt, *(pages.figure(row[n]) for n in (*report.summaries, *extra))]
     if bands:
-      cells.append(" / ".join(f"{row.get(b, math.nan):.2f}" for b in bands))
+      cells.append(" / ".join(pages.share(row.get(b, math.nan)) for b in bands))
     cells.append(", ".join(rule for rule, pick in s.selected_by.items() if pick == ckpt))
     rows.append(cells)
   return head, rows
@@ -224,14 +224,14 @@ def _notes(report: SelectionReport) -> list[str]:
   notes = [f"selected by {s.rule}: {s.selected}"]
   if report.missing:
     notes.append(f"summaries {', '.join(report.missing)} are not in every row of the table: left out")
-  notes += [f"concordance C({{{key}}}) = {value:.3f}" for key, value in s.concordance.items()]
+  notes += [f"concordance C({{{key}}}) = {pages.figure(value)}" for key, value in s.concordance.items()]
   notes.append(f"regime: {s.verdict}")
   for name, (members, f) in report.families.items():
     notes.append(f"family {name} ({len(members)} checkpoints): C({{mean,median}}) = "
-                 f"{f.concordance['mean,median']:.3f}, regime {f.regime}, selected by {f.rule}: {f.selected}"
+                 f"{pages.figure(f.concordance['mean,median'])}, regime {f.regime}, selected by {f.rule}: {f.selected}"
                  + (f"; mean selects {f.selected_by['mean']}" if f.warning else ""))
   for name, c in (report.correlations or {}).items():
-    notes.append(f"{name} vs task score: Pearson {c['pearson']:.3f}, Spearman {c['spearman']:.3f}")
+    notes.append(f"{name} vs task score: Pearson {pages.figure(c['pearson'])}, Spearman {pages.figure(c['spearman'])}")
   if s.warning:
     notes.append(f"warning: {s.warning}")
   return notes
