@@ -1,7 +1,7 @@
 """Start-up cost of the eval step against model depth, with and without the persistent compilation cache.
 
 For a SmolLM2-shaped random decoder (d=576, 9 heads, 3 KV heads, FFN 1536, V=49152) of 30 and 60
-layers, reference + one candidate, batch 4 x 512: seconds to trace and lower ``tailjax.evaluate``'s
+layers, reference + one candidate, batch 4 x 512: seconds to trace and lower ``tailjax.eval.step``'s
 batch step, and to compile it, first with an empty cache directory and then in a second process
 that finds the first one's executable there (``tailjax.compile_cache``). Each measurement runs in
 its own process, so nothing is cached in memory.
@@ -25,7 +25,8 @@ def measure(depth: int, cache: str, seq_len: int, batch: int) -> dict:
   import jax.numpy as jnp
   from flax import nnx
 
-  from tailjax import compile_cache, evaluate
+  from tailjax import compile_cache
+  from tailjax.eval import step as eval_step
   from tailjax.models import Decoder, ModelConfig
   from tailjax.stats import spec_for
 
@@ -38,8 +39,8 @@ def measure(depth: int, cache: str, seq_len: int, batch: int) -> dict:
   tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
   scored = jax.ShapeDtypeStruct((batch, seq_len - 1), jnp.bool_)
   start = time.perf_counter()
-  options = evaluate.StepOptions(("reference", "candidate"), spec_for(), cfg.vocab_size)
-  lowered = evaluate.batch_step().lower(models, tokens, scored, None, options)
+  options = eval_step.StepOptions(("reference", "candidate"), spec_for(), cfg.vocab_size)
+  lowered = eval_step.batch_step().lower(models, tokens, scored, None, options)
   traced = time.perf_counter() - start
   start = time.perf_counter()
   lowered.compile()

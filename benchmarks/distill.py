@@ -47,17 +47,20 @@ def config(d: int, layers: int, vocab: int) -> ModelConfig:
                      num_kv_heads=d // 64, tie_word_embeddings=True, max_position_embeddings=4096)
 
 
-def materialized_losses(student, batch, *, objective, vocab_size, topk=None, temperature=1.0, teacher=None,
-                        block_size=None):
+class Materialized(distill.Objective):
   """The baseline: the same loss on full logits (``tailjax.losses``), as a training loop usually writes it."""
-  inputs, segments = batch["tokens"][:, :-1], batch["segments"][:, :-1]
-  logits = jnp.einsum("btd,dv->btv", student(inputs, segments), student.unembedding(),
-                      preferred_element_type=jnp.float32)
-  if "topk_ids" in batch:
-    return losses.topk_kl_divergence(student_logits=logits, teacher=TopK(batch["topk_ids"], batch["topk_logprobs"]),
-                                     vocab_size=vocab_size)
-  teacher_logits = jax.lax.stop_gradient(jnp.einsum("btd,dv->btv", teacher(inputs, segments), teacher.unembedding()))
-  return losses.topk_kl_divergence(student_logits=logits, teacher=teacher_logits, k=topk, vocab_size=vocab_size)
+
+  def token_losses(self, student, batch, teacher=None):
+    inputs, segments = batch["tokens"][:, :-1], batch["segments"][:, :-1]
+    logits = jnp.einsum("btd,dv->btv", student(inputs, segments), student.unembedding(),
+                        preferred_element_type=jnp.float32)
+    if "topk_ids" in batch:
+      return losses.topk_kl_divergence(student_logits=logits, vocab_size=self.vocab_size,
+                                       teacher=TopK(batch["topk_ids"], batch["topk_logprobs"]))
+    teacher_logits = jax.lax.stop_gradient(jnp.einsum("btd,dv->btv", teacher(inputs, segments),
+                                                      teacher.unembedding()))
+    return losses.topk_kl_divergence(student_logits=logits, teacher=teacher_logits, k=self.topk,
+                                     vocab_size=self.vocab_size)
 
 
 def make_step(student: Decoder, teacher: Decoder | None, vocab: int, fused: bool = True, objective: str = "topk"):
@@ -67,10 +70,9 @@ def make_step(student: Decoder, teacher: Decoder | None, vocab: int, fused: bool
   graphdef, params, frozen = nnx.split(student, nnx.LoRAParam if lora.adapted(student) else nnx.Param, ...)
   tx, schedule = distill.optimizer(cfg)
   teacher_graphdef, teacher_state = (None, None) if teacher is None else nnx.split(teacher)
-  step = jax.jit(functools.partial(
-      distill.train_step, graphdef=graphdef, teacher_graphdef=teacher_graphdef, tx=tx, schedule=schedule,
-      accum=1, loss_options=dict(objective=objective, vocab_size=vocab, topk=K, block_size=head.DEFAULT_BLOCK_SIZE),
-      loss_fn=distill.token_losses if fused else materialized_losses))
+  loss = (distill.Objective if fused else Materialized)(objective, vocab, K, block_size=head.DEFAULT_BLOCK_SIZE)
+  step = jax.jit(functools.partial(distill.train_step, config=distill.StepConfig(
+      graphdef, teacher_graphdef, tx, schedule, accum=1, objective=loss)))
   return step, distill.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), teacher_state, frozen
 
 

@@ -2,7 +2,7 @@
 
 The usual way (the baseline, measured in the same run): two forwards returning [B, T, V]
 logits, ``log_softmax``, ``F.kl_div(..., reduction="none").sum(-1)`` for per-token KLD, both
-CEs and top-1 agreement. tailjax: ``tailjax.evaluate``'s jitted batch step (two forwards to
+CEs and top-1 agreement. tailjax: ``tailjax.eval.step``'s jitted batch step (two forwards to
 hidden states, the fused head, sketches), the exact code ``tailjax eval`` runs.
 
 Workloads, each implementation in its own process (peak memory is its own):
@@ -124,7 +124,8 @@ CANDIDATES = ("@int4-g64", "@int3-g64", "@int8-g64")
 
 def jax_models(args):
   """(reference, [candidates]): RTN quantizations of the reference, or random models of a named shape."""
-  from tailjax import models, runner
+  from tailjax import eval as evaluation, models
+  from tailjax.eval import runner
 
   if args.workload == "shape":
     import jax.numpy as jnp
@@ -134,7 +135,7 @@ def jax_models(args):
     build = lambda seed: models.LoadedModel(cfg, models.Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(seed)), None,
                                             f"random {args.shape}")
     return build(0), [build(1 + i) for i in range(args.candidates)]
-  ref = models.load(runner.default_reference() if args.workload == "smollm2" else
+  ref = models.load(evaluation.default_reference() if args.workload == "smollm2" else
                     gemma3_path() if args.workload == "gemma3" else args.model_dir)
   return ref, [runner.load_candidate(spec, ref) for spec in CANDIDATES[:args.candidates]]
 
@@ -144,7 +145,7 @@ def run_jax(args) -> dict:
   import jax.numpy as jnp
   from flax import nnx
 
-  from tailjax import evaluate
+  from tailjax.eval import step as eval_step
   from tailjax.stats import spec_for
 
   ref, cands = jax_models(args)
@@ -152,9 +153,9 @@ def run_jax(args) -> dict:
   tokens = jnp.asarray(token_batch(args.batch, args.seq_len, ref.config.vocab_size, encode))
   scored = jnp.ones((args.batch, args.seq_len - 1), bool)
   models = (ref.model, *(cand.model for cand in cands))
-  options = evaluate.StepOptions(tuple(str(i) for i in range(len(models))), spec_for(), ref.config.vocab_size,
+  options = eval_step.StepOptions(tuple(str(i) for i in range(len(models))), spec_for(), ref.config.vocab_size,
                                  jensen_shannon=args.jensen_shannon)
-  step = lambda: jax.block_until_ready(evaluate.batch_step()(models, tokens, scored, None, options))
+  step = lambda: jax.block_until_ready(eval_step.batch_step()(models, tokens, scored, None, options))
   device = jax.local_devices()[0]
   if device.platform == "cpu":
     result = timed(step, args.repeats)
@@ -168,9 +169,9 @@ def run_jax(args) -> dict:
 
 def compiled_temp_bytes(models, tokens, scored, vocab_size: int) -> int:
   """Temporary memory of the eval step compiled for these models and inputs (arrays or abstract shapes)."""
-  from tailjax import evaluate
+  from tailjax.eval import step as eval_step
 
-  return evaluate.step_temp_bytes(models, tokens.shape[0], tokens.shape[1], vocab_size)
+  return eval_step.step_temp_bytes(models, tokens.shape[0], tokens.shape[1], vocab_size)
 
 
 def plan(args) -> list[tuple]:
@@ -208,7 +209,7 @@ def hf_config_dir(args, root: Path) -> Path:
     return Path(args.model_dir)
   import transformers
 
-  from tailjax import runner
+  from tailjax import eval as evaluation
 
   if args.workload == "gemma3":
     path = gemma3_path()
@@ -218,7 +219,7 @@ def hf_config_dir(args, root: Path) -> Path:
 
     import gguf as gguf_lib
 
-    path = Path(runner.default_reference())
+    path = Path(evaluation.default_reference())
     config = torch_config(gguf.read_config(gguf_lib.GGUFReader(path), path))
   config.save_pretrained(root)
   return root

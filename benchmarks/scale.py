@@ -3,7 +3,7 @@
 The CPU is split into N host-platform devices (``--xla_force_host_platform_device_count``),
 so more devices share the same two cores: the table shows what partitioning costs (collectives,
 smaller per-device matmuls), and a change that breaks sharding shows up as a collapse or an
-error. The step is ``tailjax.evaluate``'s (reference + one candidate, fused head, sketches),
+error. The step is ``tailjax.eval.step``'s (reference + one candidate, fused head, sketches),
 on random weights: d=256, 4 layers, V=32768, batch 8 x 512, float32.
 
   python benchmarks/scale.py
@@ -24,7 +24,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from tailjax import evaluate, mesh  # noqa: E402
+from tailjax import mesh  # noqa: E402
+from tailjax.eval import step as eval_step
 from tailjax.models import Decoder, ModelConfig  # noqa: E402
 from tailjax.stats import spec_for  # noqa: E402
 
@@ -51,9 +52,9 @@ def main() -> None:
   for layout in args.meshes:
     device_mesh = mesh.parse(layout, jax.devices()[:_size(layout)])
     models = tuple(mesh.shard_model(Decoder(cfg, rngs=nnx.Rngs(i)), device_mesh) for i in (0, 1))
-    step = evaluate.batch_step(device_mesh)
+    step = eval_step.batch_step(device_mesh)
     inputs = (mesh.global_batch(tokens, device_mesh), mesh.global_batch(scored, device_mesh))
-    options = evaluate.StepOptions(("reference", "candidate"), spec_for(), cfg.vocab_size)
+    options = eval_step.StepOptions(("reference", "candidate"), spec_for(), cfg.vocab_size)
     run = lambda: jax.block_until_ready(step(models, *inputs, None, options))
     run()
     times = []

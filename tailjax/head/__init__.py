@@ -24,10 +24,12 @@ gradient never materializes ``[tokens, vocab]`` either.
 """
 
 from tailjax.head.blocks import DEFAULT_BLOCK_SIZE, STATS_BLOCK_SIZE, EmbeddingRows, OutputHead
-from tailjax.head.divergences import generalized_jensen_shannon, kl_divergence, reverse_kl_divergence
-from tailjax.head.stats import OVERLAP_K, TokenStats, candidates_token_stats, teacher_topk, token_stats
+from tailjax.head.divergences import jensen_shannon, kl_divergence, reverse_kl_divergence
+from tailjax.head.stats import (OVERLAP_K, CandidatesStats, TokenStats, candidates_token_stats, teacher_topk,
+                                token_stats)
 from tailjax.head.targets import cross_entropy, logprobs_and_argmax, topk_kl_divergence
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "OVERLAP_K", "STATS_BLOCK_SIZE", "EmbeddingRows", "OutputHead", "TokenStats",
-           "candidates_token_stats", "cross_entropy", "generalized_jensen_shannon", "kl_divergence",
+__all__ = ["DEFAULT_BLOCK_SIZE", "OVERLAP_K", "STATS_BLOCK_SIZE", "CandidatesStats", "EmbeddingRows", "OutputHead",
+           "TokenStats",
+           "candidates_token_stats", "cross_entropy", "jensen_shannon", "kl_divergence",
            "logprobs_and_argmax", "reverse_kl_divergence", "teacher_topk", "token_stats", "topk_kl_divergence"]

@@ -176,7 +176,7 @@ def reverse_kl_divergence(*, teacher_hidden: Array, teacher_unembedding: Array |
                        vocab_size, block_size, None)
 
 
-def generalized_jensen_shannon(*, teacher_hidden: Array, teacher_unembedding: Array | OutputHead,
+def jensen_shannon(*, teacher_hidden: Array, teacher_unembedding: Array | OutputHead,
                                student_hidden: Array, student_unembedding: Array | OutputHead, beta: float,
                                temperature: float = 1.0, where: Array | None = None, vocab_size: int | None = None,
                                block_size: int = DEFAULT_BLOCK_SIZE) -> Array:

@@ -38,6 +38,14 @@ class TokenStats(NamedTuple):
   jensen_shannon: Array | None = None  # JS(p_ref, p_cand) in nats, when asked: a second pass (online.js_block)
 
 
+class CandidatesStats(NamedTuple):
+  """What one vocabulary pass gives (``candidates_token_stats``): each candidate's ``TokenStats``, in order, and
+  the reference's top-K (``reference_topk``: ids and log-probs, ``[..., T, k]``) when asked, else None."""
+
+  candidates: list[TokenStats]
+  reference_topk: TopK | None = None
+
+
 def token_stats(*, ref_hidden: Array, ref_unembedding: Array | OutputHead, cand_hidden: Array,
                 cand_unembedding: Array | OutputHead, targets: Array, where: Array | None = None,
                 vocab_size: int | None = None, block_size: int = STATS_BLOCK_SIZE,
@@ -46,7 +54,8 @@ def token_stats(*, ref_hidden: Array, ref_unembedding: Array | OutputHead, cand_
   pass over the vocabulary (``candidates_token_stats``)."""
   (stats,) = candidates_token_stats(ref_hidden=ref_hidden, ref_unembedding=ref_unembedding,
                                     candidates=[(cand_hidden, cand_unembedding)], targets=targets, where=where,
-                                    vocab_size=vocab_size, block_size=block_size, jensen_shannon=jensen_shannon)
+                                    vocab_size=vocab_size, block_size=block_size,
+                                    jensen_shannon=jensen_shannon).candidates
   return stats
 
 
@@ -54,12 +63,12 @@ def candidates_token_stats(*, ref_hidden: Array, ref_unembedding: Array | Output
                            candidates: list[tuple[Array, Array | OutputHead]],
                            targets: Array, where: Array | None = None, vocab_size: int | None = None,
                            block_size: int = STATS_BLOCK_SIZE, reference_topk: int | None = None,
-                           jensen_shannon: bool = False):
+                           jensen_shannon: bool = False) -> CandidatesStats:
   """``token_stats`` of each ``(hidden, unembedding)`` candidate, all in one pass over the vocabulary.
 
   Each block of the reference's logits is computed once, however many candidates share it.
-  With ``reference_topk=k`` the same pass also keeps the reference's top-``k`` (what
-  ``teacher_topk`` returns, for ``tailjax.refcache``) and the result is ``(stats, TopK)``.
+  With ``reference_topk=k`` the same pass also keeps the reference's top-``k`` (what ``teacher_topk`` returns, for
+  ``tailjax.eval.reference_cache``) in ``CandidatesStats.reference_topk``.
   ``jensen_shannon``: also JS(p_ref, p_cand), from a second pass (the mixture needs both normalisers first):
   the logits are computed twice.
   """
@@ -120,10 +129,10 @@ def candidates_token_stats(*, ref_hidden: Array, ref_unembedding: Array | Output
               ref_entropy, shared(5), shared(OVERLAP_K), top1_in_top5, js_cand)
     stats.append(TokenStats(*(None if v is None else finish(lead, v, where) for v in values)))
   if not k:
-    return stats
+    return CandidatesStats(stats)
   values, top_ids = top[0][:, :k], top[1][:, :k]
   logprobs = values - ref_lse[:, None]
-  return stats, TopK(jnp.reshape(top_ids, lead + (k,)), jnp.reshape(logprobs, lead + (k,)))
+  return CandidatesStats(stats, TopK(jnp.reshape(top_ids, lead + (k,)), jnp.reshape(logprobs, lead + (k,))))
 
 
 def _topk_block(z: Array, start: Array, k: int) -> tuple[Array, Array]:

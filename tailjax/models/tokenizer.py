@@ -19,7 +19,7 @@ class Tokenizer:
   add_bos: bool = False
   bos_id: int | None = None
   eos_id: int | None = None
-  chat_template: str | None = None  # Jinja, as the checkpoint ships it (tailjax.spans renders it)
+  chat_template: str | None = None  # Jinja, as the checkpoint ships it (tailjax.data.spans renders it)
 
   def encode(self, text: str) -> list[int]:
     ids = self.backend.encode(text, add_special_tokens=False).ids
