@@ -68,7 +68,7 @@ def make_step(student: Decoder, teacher: Decoder | None, vocab: int, fused: bool
   a student with LoRA adapters trains them alone (its base frozen)."""
   cfg = distill.DistillConfig(objective=objective, topk=K, teacher="bench", steps=1000, warmup_steps=10)
   graphdef, params, frozen = nnx.split(student, nnx.LoRAParam if lora.adapted(student) else nnx.Param, ...)
-  tx, schedule = distill.optimizer(cfg)
+  tx, schedule = distill.optimizer(cfg.optimizer_config())
   teacher_graphdef, teacher_state = (None, None) if teacher is None else nnx.split(teacher)
   loss = (distill.Objective if fused else Materialized)(objective, vocab, K, block_size=head.DEFAULT_BLOCK_SIZE)
   step = jax.jit(functools.partial(distill.train_step, config=distill.StepConfig(

@@ -22,6 +22,7 @@ from typing import Any, Iterable, NamedTuple
 
 from tailjax import files, stats
 from tailjax.report import pages
+from tailjax.stats import numbers
 
 DEFAULT_SUMMARIES = ("mean", "median", "p90", "p99")
 
@@ -212,9 +213,9 @@ def _rows(report: SelectionReport) -> tuple[list[str], list[list[str]]]:
   head.append("best by")
   rows = []
   for ckpt, row in report.table.items():
-    cells = [ckpt, *(pages.figure(row[n]) for n in (*report.summaries, *extra))]
+    cells = [ckpt, *(numbers.figure(row[n]) for n in (*report.summaries, *extra))]
     if bands:
-      cells.append(" / ".join(pages.share(row.get(b, math.nan)) for b in bands))
+      cells.append(" / ".join(numbers.share(row.get(b, math.nan)) for b in bands))
     cells.append(", ".join(rule for rule, pick in s.selected_by.items() if pick == ckpt))
     rows.append(cells)
   return head, rows
@@ -225,14 +226,14 @@ def _notes(report: SelectionReport) -> list[str]:
   notes = [f"selected by {s.rule}: {s.selected}"]
   if report.missing:
     notes.append(f"summaries {', '.join(report.missing)} are not in every row of the table: left out")
-  notes += [f"concordance C({{{key}}}) = {pages.figure(value)}" for key, value in s.concordance.items()]
+  notes += [f"concordance C({{{key}}}) = {numbers.figure(value)}" for key, value in s.concordance.items()]
   notes.append(f"regime: {s.verdict}")
   for name, (members, f) in report.families.items():
     notes.append(f"family {name} ({len(members)} checkpoints): C({{mean,median}}) = "
-                 f"{pages.figure(f.concordance['mean,median'])}, regime {f.regime}, selected by {f.rule}: {f.selected}"
+                 f"{numbers.figure(f.concordance['mean,median'])}, regime {f.regime}, selected by {f.rule}: {f.selected}"
                  + (f"; mean selects {f.selected_by['mean']}" if f.warning else ""))
   for name, c in (report.correlations or {}).items():
-    notes.append(f"{name} vs task score: Pearson {pages.figure(c['pearson'])}, Spearman {pages.figure(c['spearman'])}")
+    notes.append(f"{name} vs task score: Pearson {numbers.figure(c['pearson'])}, Spearman {numbers.figure(c['spearman'])}")
   if s.warning:
     notes.append(f"warning: {s.warning}")
   return notes

@@ -28,9 +28,9 @@ from tailjax.distill.objectives import Objective
 from tailjax.distill.on_policy import OnPolicyConfig
 from tailjax.distill.runs import evaluate_checkpoint, read_run, render
 from tailjax.distill.setup import Setup, batches, cache_teacher, model_id, pack, prepare, read_examples
-from tailjax.distill.step import StepConfig, TrainState, optimizer, train_step, validation_ce
+from tailjax.distill.step import OptimizerConfig, StepConfig, TrainState, optimizer, train_step, validation_ce
 
 __all__ = ["DTYPES", "EVAL_FILE", "OBJECTIVES", "OPERATIONAL", "DistillConfig", "DistillResult", "Objective",
-           "OnPolicyConfig", "Setup", "StepConfig", "TrainState", "batches", "cache_teacher", "distill",
+           "OnPolicyConfig", "OptimizerConfig", "Setup", "StepConfig", "TrainState", "batches", "cache_teacher", "distill",
            "evaluate_checkpoint", "model_id", "optimizer", "pack", "prepare", "read_examples", "read_run", "render",
            "train_step", "truncate_log", "validation_ce"]

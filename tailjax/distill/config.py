@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tailjax import configs, head
 from tailjax.distill.objectives import OBJECTIVES, Objective
@@ -18,6 +18,21 @@ DTYPES = {name: MODEL_DTYPES[name] for name in ("float32", "bfloat16")}  # train
 # May change when a run resumes: they decide when to log, evaluate and save, not what is computed.
 OPERATIONAL = ("save_every", "keep", "eval_every", "log_every", "cache_batch_size", "mesh")
 EVAL_FILE = "eval.json"  # a checkpoint's validation CE summary, beside it
+
+
+class OptimizerConfig(NamedTuple):
+  """The optimizer's fields of a ``DistillConfig`` (``DistillConfig.optimizer_config``), grouped: AdamW (``b1``,
+  ``b2``, ``weight_decay``) at ``learning_rate`` after ``warmup_steps`` of linear warmup, decaying along a cosine to
+  ``learning_rate * min_lr_ratio`` at ``steps``, after clipping the gradients' global norm to ``clip_norm``."""
+
+  learning_rate: float
+  steps: int
+  warmup_steps: int
+  min_lr_ratio: float
+  weight_decay: float
+  b1: float
+  b2: float
+  clip_norm: float
 
 
 @dataclasses.dataclass
@@ -119,6 +134,11 @@ class DistillConfig:
         problems.append(f"{name}={getattr(self, name)} must be positive")
     if problems:
       raise ValueError("distill config: " + "; ".join(problems))
+
+  def optimizer_config(self) -> OptimizerConfig:
+    """Its optimizer's fields, grouped (``OptimizerConfig``, for ``tailjax.distill.step.optimizer``)."""
+    return OptimizerConfig(self.learning_rate, self.steps, self.warmup_steps, self.min_lr_ratio, self.weight_decay,
+                           self.b1, self.b2, self.clip_norm)
 
   def training_objective(self, vocab_size: int) -> Objective:
     """The ``Objective`` this config trains on, over a ``vocab_size`` vocabulary."""

@@ -155,7 +155,7 @@ class _Run:
       place = lambda batch: jax.tree.map(lambda x: jax.make_array_from_process_local_data(
           mesh.batch_sharding(device_mesh, x.ndim), x), batch)
     graphdef, params, frozen = nnx.split(setup.student, nnx.LoRAParam if config.lora else nnx.Param, ...)
-    tx, schedule = optimizer(config)
+    tx, schedule = optimizer(config.optimizer_config())
     teacher_graphdef, teacher_state = (None, None) if setup.teacher is None else nnx.split(setup.teacher.model)
     step_config = StepConfig(graphdef, teacher_graphdef, tx, schedule, config.grad_accum,
                              config.training_objective(setup.vocab_size), config.seed)

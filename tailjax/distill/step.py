@@ -13,7 +13,7 @@ import optax
 from flax import nnx
 
 from tailjax import data, head, mesh
-from tailjax.distill.config import DistillConfig
+from tailjax.distill.config import OptimizerConfig
 from tailjax.distill.objectives import Objective
 from tailjax.models import Decoder, lora
 from tailjax.stats import LogHistogram, Summary, spec_for
@@ -25,7 +25,7 @@ class TrainState(NamedTuple):
   opt_state: optax.OptState
 
 
-def optimizer(config: DistillConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def optimizer(config: OptimizerConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with linear warmup and cosine decay, after global-norm clipping; no decay on norms."""
   schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, min(config.warmup_steps, config.steps - 1),
                                                 config.steps, config.learning_rate * config.min_lr_ratio)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from tailjax.report import pages, plots
-from tailjax.report.pages import error, figure, ratio, share
+from tailjax.stats.numbers import error, figure, ratio, share
 
 
 

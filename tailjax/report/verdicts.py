@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from tailjax.report.pages import share as percent
+from tailjax.stats.numbers import share as percent
 from tailjax.stats import Summary, compare
 
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tailjax.stats.numbers import figure
 from tailjax.stats.sketch import BucketSpec, HostHistogram, LogHistogram
 
 HEADLINE_QUANTILES = {"median": 0.5, "p90": 0.9, "p95": 0.95, "p99": 0.99, "p99.9": 0.999}
@@ -207,7 +208,7 @@ def compare(a: Summary, b: Summary, names: tuple[str, str] = ("A", "B")) -> Verd
   (ma, pa), (mb, pb) = (a.median, a.quantile(0.99)), (b.median, b.quantile(0.99))
   figures = {names[0]: (ma, pa), names[1]: (mb, pb)}
   numbers = lambda first, second: "; ".join(
-      f"{name} median {figures[name][0]:.4g}, p99 {figures[name][1]:.4g}" for name in (first, second))
+      f"{name} median {figure(figures[name][0])}, p99 {figure(figures[name][1])}" for name in (first, second))
   if ma == mb and pa == pb:
     return Verdict(None, f"{names[0]} and {names[1]} are equal ({numbers(*names)})")
   if ma <= mb and pa <= pb:

@@ -128,13 +128,3 @@ def test_pages_colour_each_model_once_and_shade_runs_by_step():
   lightness = [sum(to_rgb(shades[f"lr1@{step}"])) for step in (100, 200, 300)]
   assert lightness[0] > lightness[1] > lightness[2]  # later steps darker
   assert shades["lr1@300"] == pages.colors(["lr1", "lr2"])["lr1"] != shades["lr2@100"]  # last step: the run's hue
-
-
-def test_pages_print_each_kind_of_number_by_one_rule():
-  from tailjax.report import pages
-
-  assert [pages.figure(x) for x in (0.0291, 122.0, 0.5, 12345.6, 1.23456e-7, float("inf"))] == \
-      ["0.02910", "122.0", "0.5000", "12346", "1.235e-07", "inf"]  # trailing zeros kept: a column reads alike
-  assert pages.figure(None) == pages.figure(float("nan")) == pages.share(None) == pages.share(float("nan")) == "n/a"
-  assert [pages.share(x) for x in (0.7391, 0.087, 5.23e-4, 1.0, 0.0)] == ["73.9%", "8.70%", "0.0523%", "100%", "0%"]
-  assert pages.ratio(1.000123) == "1.0001" and pages.error(0.001234) == "0.0012"

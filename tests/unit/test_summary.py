@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from tailjax import stats
+from tailjax.stats.numbers import figure
 
 
 def test_summarize_contract(rng):
@@ -72,8 +73,8 @@ def test_compare_rule():
   for pair in ((low, high, ("x:int4", "y:int3")), (high, low, ("y:int3", "x:int4"))):
     text = stats.compare(*pair).text
     assert text.startswith("x:int4 dominates y:int3")
-    assert f"x:int4 median {low.median:.4g}, p99 {low.quantile(0.99):.4g}" in text
-    assert f"y:int3 median {high.median:.4g}, p99 {high.quantile(0.99):.4g}" in text
+    assert f"x:int4 median {figure(low.median)}, p99 {figure(low.quantile(0.99))}" in text  # the pages' number rule
+    assert f"y:int3 median {figure(high.median)}, p99 {figure(high.quantile(0.99))}" in text
     assert text.index("x:int4 median") < text.index("y:int3 median")
   broken = stats.summarize(np.concatenate([np.linspace(0.0, 0.1, 600), [np.nan] * 300, [np.inf] * 100]))
   verdict = stats.compare(broken, high, ("nan", "B"))
@@ -255,3 +256,15 @@ def test_block_resamples_equal_dense_weighted_sums(rng):
     assert got.total == pytest.approx(sum(w * d.total for w, d in zip(row, dense)), rel=1e-12)
   with pytest.raises(ValueError, match="weights for 299 blocks, 300 held"):
     held.resample(weights[:, :299])
+
+
+def test_every_kind_of_number_prints_by_one_rule():
+  """``stats.numbers``: what every page and verdict prints."""
+  from tailjax.stats import numbers
+
+  assert [numbers.figure(x) for x in (0.0291, 122.0, 0.5, 12345.6, 1.23456e-7, float("inf"))] == \
+      ["0.02910", "122.0", "0.5000", "12346", "1.235e-07", "inf"]  # trailing zeros kept: a column reads alike
+  assert numbers.figure(None) == numbers.figure(float("nan")) == numbers.share(None) == "n/a"
+  assert numbers.share(float("nan")) == "n/a"
+  assert [numbers.share(x) for x in (0.7391, 0.087, 5.23e-4, 1.0, 0.0)] == ["73.9%", "8.70%", "0.0523%", "100%", "0%"]
+  assert numbers.ratio(1.000123) == "1.0001" and numbers.error(0.001234) == "0.0012"
