@@ -85,9 +85,10 @@ class EvalConfig:
     if self.until_ci is not None and not self.until_ci > 0:
       yield (f"until-ci {self.until_ci}: give the relative width at which to stop, above 0 (e.g. 0.05: every "
              "interval's full width at most 5% of its value)")
-    unknown = [name for name in self.until_ci_summaries if name not in stopping.STATISTICS]
-    if unknown or not self.until_ci_summaries:
-      yield (f"until-ci summaries {', '.join(unknown) or '(none)'}: choose from {', '.join(stopping.STATISTICS)}")
+    try:
+      stopping.check_summaries(self.until_ci_summaries)
+    except ValueError as err:
+      yield str(err)
     if not self.block_memory_mb > 0:
       yield (f"block memory {self.block_memory_mb} MB: give the MB of per-window sketches to hold before "
              "neighbouring blocks merge, above 0")

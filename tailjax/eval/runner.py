@@ -174,7 +174,8 @@ def describe(config: EvalConfig, compared: Compared, batch_size: int, console) -
   protocol, windows = compared.protocol, _pooled(compared.parts)
   corpora = config.corpora() or [str(config.kl_divergence_base or config.reference_cache)]
   stored = config.stored_kind() is not None
-  for label, loaded in zip(compared.labels[1:] if stored else compared.labels, compared.loaded):
+  loaded_labels = compared.labels[1:] if stored else compared.labels  # a stored reference is no model
+  for label, loaded in zip(loaded_labels, compared.loaded):
     if protocol.seq_len > loaded.config.max_position_embeddings:
       console.print(f"[yellow]warning:[/yellow] {label} was trained on at most "
                     f"{loaded.config.max_position_embeddings} positions; windows have {protocol.seq_len}")
@@ -192,8 +193,8 @@ def describe(config: EvalConfig, compared: Compared, batch_size: int, console) -
   kinds = {None} if stored else {spans.span_kind(c) for c in corpora}
   if kinds != {None}:
     described.update(_span_counts(kinds, windows, protocol, console))
-  described["dtype"] = dict(zip(compared.labels[1:] if stored else compared.labels,
-                                (str(m.model.embed.embedding.get_value().dtype) for m in compared.loaded)))
+  described["dtype"] = dict(zip(loaded_labels, (str(m.model.embed.embedding.get_value().dtype)
+                                                for m in compared.loaded)))
   return described
 
 
@@ -213,12 +214,13 @@ def _span_counts(kinds: set[str | None], windows: data.Windows, protocol: data.P
 
 
 def _say_loaded(config: EvalConfig, compared: Compared, described: dict[str, Any], console, seconds: float) -> None:
-  protocol, windows, parts = compared.protocol, _pooled(compared.parts), len(compared.parts)
+  parts = len(compared.parts)
   how = "as asked" if config.dtype != "auto" else ("float32 on a CPU" if jax.default_backend() == "cpu" else
                                                    "each checkpoint's own")
   console.print(f"loaded {len(compared.labels)} models ({', '.join(sorted(set(described['dtype'].values())))}: "
-                f"{how}) and {len(windows)} windows x {protocol.seq_len} tokens ({windows.scored_tokens} scored"
-                f"{f', {parts} corpora' if parts > 1 else ''}) in {seconds:.1f} s", highlight=False)
+                f"{how}) and {described['windows']} windows x {described['seq_len']} tokens "
+                f"({described['scored_tokens']} scored{f', {parts} corpora' if parts > 1 else ''}) in {seconds:.1f} s",
+                highlight=False)
 
 
 def _pooled(parts: list[data.Windows]) -> data.Windows:

@@ -307,7 +307,7 @@ class Evaluator:
     if len(options.labels) != 1 + len(candidates):
       raise ValueError(f"{len(options.labels)} labels for {1 + len(candidates)} models")
     check_compatible(reference, candidates)
-    what = reference.describe().what
+    what, self.vocab_size, _ = reference.describe()
     if options.jensen_shannon and reference.model is None:
       raise ValueError(f"Jensen-Shannon needs full reference distributions: a reference model, not {what}")
     if options.cache_k and not reference.writes_cache:
@@ -341,7 +341,7 @@ class Evaluator:
     state = state or self.new_state()
     n, t = windows.tokens.shape
     o = self.options
-    options = StepOptions(tuple(state.labels), spec_for(o.spike_thresholds), self.reference.describe().vocab_size,
+    options = StepOptions(tuple(state.labels), spec_for(o.spike_thresholds), self.vocab_size,
                           max(1, min(o.worst, o.batch_size * (t - 1))), o.dump, o.cache_k, o.jensen_shannon)
     for start in range(state.windows_done, n, o.batch_size):
       if stop is not None and stop(state):
